@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine: `make test` and `make demo`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup test demo bench bench-losses bench-lora clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build on CPU-only machines; a GPU box resolves its CUDA build.
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Kernel tests run the Triton path on CPU under TRITON_INTERPRET=1 when no GPU is present
+# (tests/conftest.py sets it), so one command covers CPU and GPU machines.
+test: setup
+	$(PY) -m pytest tests -q
+
+demo: setup
+	$(PY) -m kmtrain.demo
+
+bench-losses: setup
+	$(PY) -m bench.losses
+
+bench-lora: setup
+	$(PY) -m bench.lora
+
+bench: bench-losses bench-lora
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,16 @@
+"""kmkernels: fused kernels for training and serving Knowledge Modules.
+
+Every op has a Triton path (CUDA, or CPU under TRITON_INTERPRET=1) and a PyTorch path;
+``backend="auto"`` picks Triton on CUDA and torch elsewhere.
+"""
+from .dcd import DCDLoss, dcd_loss
+from .fused_linear_kl import FusedLinearKL, KLDivLogits, fused_linear_kl, kl_div_logits
+from .hidden_l1 import HiddenL1, hidden_l1
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DCDLoss", "dcd_loss",
+    "FusedLinearKL", "KLDivLogits", "fused_linear_kl", "kl_div_logits",
+    "HiddenL1", "hidden_l1",
+]

@@ -1,0 +1,81 @@
+"""Deep Context Distillation loss: fused KL on the last hidden state plus layer-normalised L1.
+
+    loss = kl_weight * KL(p_t || p_s) + hidden_weight * hidden_l1
+
+with KL averaged over kept positions (summed over the vocabulary, no T^2 factor) and the L1 term
+averaged over layers (see ``hidden_l1``). See SPEC.md section 1 for the exact semantics.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .fused_linear_kl import fused_linear_kl
+from .hidden_l1 import _as_layer_list, hidden_l1
+
+
+def dcd_loss(
+    student_hiddens: Sequence[torch.Tensor],
+    teacher_hiddens: Union[Sequence[torch.Tensor], torch.Tensor],
+    lm_head_weight: torch.Tensor,
+    *,
+    kl_weight: float = 1.0,
+    hidden_weight: float = 1.0,
+    temperature: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
+    teacher_norms: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """DCD loss on the distillation positions.
+
+    Args:
+        student_hiddens: L tensors [..., H], the decoder layers' outputs of the student
+            (Hugging Face ``output_hidden_states[1:]``); the last is post-norm and feeds the lm_head.
+        teacher_hiddens: the teacher's, same shapes, as a sequence or one [L, ..., H] tensor.
+        lm_head_weight: [V, H], shared by teacher and student (the KM case).
+        kl_weight, hidden_weight: weights of the two terms (1.0 each by default).
+        temperature: softmax temperature of the KL term.
+        mask: bool, leading shape; False positions are ignored by both terms.
+        teacher_norms: optional [L] precomputed per-layer sum|h_t| for the L1 term.
+        backend: 'auto' | 'triton' | 'torch'.
+    Returns:
+        (loss, {"kl": kl, "hidden": hidden}), all fp32 scalars; the dict entries are detached.
+    """
+    hs = _as_layer_list(student_hiddens, "student_hiddens")
+    ht = _as_layer_list(teacher_hiddens, "teacher_hiddens")
+    if len(hs) != len(ht):
+        raise ValueError(f"layer counts differ: {len(hs)} student_hiddens vs {len(ht)} teacher_hiddens")
+    if len(hs) == 0:
+        raise ValueError("student_hiddens is empty: need at least one layer")
+    zero = hs[-1].new_zeros((), dtype=torch.float32)
+    kl = zero
+    if kl_weight != 0:
+        kl = fused_linear_kl(hs[-1], lm_head_weight, ht[-1], None, temperature=temperature, mask=mask,
+                             reduction="mean", backend=backend, chunk_size=chunk_size)
+    hid = zero
+    if hidden_weight != 0:
+        hid = hidden_l1(hs, ht, mask=mask, teacher_norms=teacher_norms, backend=backend)
+    loss = kl_weight * kl + hidden_weight * hid
+    return loss, {"kl": kl.detach(), "hidden": hid.detach()}
+
+
+class DCDLoss(nn.Module):
+    """Module form of :func:`dcd_loss`.
+
+    ``forward(student_hiddens, teacher_hiddens, lm_head_weight, mask=None, teacher_norms=None)``
+    returns ``(loss, {"kl", "hidden"})``.
+    """
+
+    def __init__(self, kl_weight: float = 1.0, hidden_weight: float = 1.0, temperature: float = 1.0,
+                 backend: str = "auto", chunk_size: Optional[int] = None):
+        super().__init__()
+        self.kl_weight, self.hidden_weight, self.temperature = kl_weight, hidden_weight, temperature
+        self.backend, self.chunk_size = backend, chunk_size
+
+    def forward(self, student_hiddens, teacher_hiddens, lm_head_weight, mask=None, teacher_norms=None):
+        return dcd_loss(student_hiddens, teacher_hiddens, lm_head_weight, kl_weight=self.kl_weight,
+                        hidden_weight=self.hidden_weight, temperature=self.temperature, mask=mask,
+                        teacher_norms=teacher_norms, backend=self.backend, chunk_size=self.chunk_size)

@@ -1,0 +1,538 @@
+"""KL(p_teacher || p_student) from hidden states, without the [N, V] logits.
+
+    loss_n = sum_v p_t(v) * (log p_t(v) - log p_s(v)),
+    p_s = softmax(h_s @ W_s^T / T),  p_t = softmax(h_t @ W_t^T / T)
+
+Design (same for both backends, so they differ only in who does the arithmetic):
+  * Positions are processed in chunks of C rows; only [C, V] fp32 logits exist at a time
+    (C*V*4 bytes, about 256 MB at V=128k), never [N, V].
+  * Logits are accumulated and kept in fp32 straight out of the matmul: 16-bit inputs are never
+    rounded to 16 bits before the softmax (the Liger-Kernel JSD bug, see SPEC.md section 4).
+  * One online pass over the vocabulary gives lse_s, lse_t and sum_v p_t (t - s), from which
+    KL = E_pt[t - s] - lse_t + lse_s. The gradient w.r.t. the student logits is
+    (p_s - p_t) / T, written over the chunk's logits and multiplied into W_s / h_s at once.
+  * With a scalar reduction the gradient is computed eagerly in forward (one set of logit
+    matmuls instead of two), and backward only scales it by grad_output. With
+    reduction="none" the per-position grad_output is only known in backward, so backward
+    recomputes the chunk logits.
+
+The Triton path uses Triton kernels for the fp32-output logit GEMM and the row-wise
+softmax/KL/gradient passes; the gradient GEMMs (dh = G W, dW = G^T h) go to torch.mm (cuBLAS).
+The torch path upcasts to fp32 and uses plain torch ops on the same chunks.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .utils import HAS_TRITON, check_reduction, flatten_mask, is_16bit, resolve_backend
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _logits_fp32_kernel(
+        X, W, OUT,
+        M, V, K,
+        stride_xm, stride_wv, stride_om,
+        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """OUT[m, v] = sum_k X[m, k] * W[v, k], accumulated and stored in fp32.
+
+        Grid: (cdiv(M, BLOCK_M) * cdiv(V, BLOCK_V),). Row blocks vary fastest so that the
+        programs that share one W tile run together and the tile is read from L2 once.
+        UPCAST: fp32 inputs (or mixed dtypes) multiply in full fp32 ("ieee"), not tf32.
+        """
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        pid_m = pid % num_m
+        pid_v = pid // num_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            x = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :],
+                        mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
+            w = tl.load(W + offs_v[:, None] * stride_wv + kk[None, :],
+                        mask=(offs_v[:, None] < V) & (kk[None, :] < K), other=0.0)
+            if UPCAST:
+                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        tl.store(OUT + offs_m[:, None] * stride_om + offs_v[None, :], acc,
+                 mask=(offs_m[:, None] < M) & (offs_v[None, :] < V))
+
+    @triton.jit
+    def _kl_rows_fwd_kernel(
+        S, T, LOSS, LSE_S, LSE_T,
+        V, stride_s, stride_t, inv_temp,
+        BLOCK_V: tl.constexpr,
+    ):
+        """One program per row: online softmax statistics of both logit rows in one pass.
+
+        Keeps running max/sum for student and teacher and a = sum exp(t - m_t) * (t - s),
+        rescaled like the sum. KL = a / z_t - lse_t + lse_s. Positions where the teacher
+        logit is -inf have p_t = 0 and contribute nothing (0 * log 0 = 0).
+        """
+        row = tl.program_id(0).to(tl.int64)
+        s_ptr = S + row * stride_s
+        t_ptr = T + row * stride_t
+        m_s = float("-inf")
+        z_s = 0.0
+        m_t = float("-inf")
+        z_t = 0.0
+        a = 0.0
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            valid = offs < V
+            # Out-of-range lanes: s = 0 (kept finite so t - s never forms inf - inf), t = -inf.
+            s = tl.load(s_ptr + offs, mask=valid, other=0.0).to(tl.float32) * inv_temp
+            t = tl.load(t_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
+            s_m = tl.where(valid, s, float("-inf"))
+            m_s_new = tl.maximum(m_s, tl.max(s_m, axis=0))
+            z_s = z_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(s_m - m_s_new), axis=0)
+            m_s = m_s_new
+            m_t_new = tl.maximum(m_t, tl.max(t, axis=0))
+            alpha = tl.exp(m_t - m_t_new)
+            e_t = tl.exp(t - m_t_new)
+            d = tl.where(t > float("-inf"), t - s, 0.0)
+            a = a * alpha + tl.sum(e_t * d, axis=0)
+            z_t = z_t * alpha + tl.sum(e_t, axis=0)
+            m_t = m_t_new
+        lse_s = m_s + tl.log(z_s)
+        lse_t = m_t + tl.log(z_t)
+        tl.store(LOSS + row, a / z_t - lse_t + lse_s)
+        tl.store(LSE_S + row, lse_s)
+        tl.store(LSE_T + row, lse_t)
+
+    @triton.jit
+    def _kl_rows_grad_kernel(
+        S, T, G, LSE_S, LSE_T, ROW_SCALE,
+        V, stride_s, stride_t, stride_g, inv_temp,
+        BLOCK_V: tl.constexpr,
+    ):
+        """G[n, v] = (p_s(v) - p_t(v)) * ROW_SCALE[n]. Grid: (rows, cdiv(V, BLOCK_V)).
+
+        G may alias S (in-place over the chunk's fp32 logits): each element is read before
+        it is written, by the same program.
+        """
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        valid = offs < V
+        s = tl.load(S + row * stride_s + offs, mask=valid, other=0.0).to(tl.float32) * inv_temp
+        t = tl.load(T + row * stride_t + offs, mask=valid, other=0.0).to(tl.float32) * inv_temp
+        scale = tl.load(ROW_SCALE + row)
+        g = (tl.exp(s - tl.load(LSE_S + row)) - tl.exp(t - tl.load(LSE_T + row))) * scale
+        tl.store(G + row * stride_g + offs, g.to(G.dtype.element_ty), mask=valid)
+
+
+def _pick_block(n: int, lo: int, hi: int) -> int:
+    b = lo
+    while b < n and b < hi:
+        b *= 2
+    return b
+
+
+def _logits_fp32_triton(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[M, K] x [V, K] -> [M, V] fp32 logits, never rounded to 16 bits."""
+    M, K = x.shape
+    V = w.shape[0]
+    out = torch.empty((M, V), device=x.device, dtype=torch.float32)
+    if M == 0:
+        return out
+    upcast = (x.dtype != w.dtype) or x.dtype == torch.float32
+    block_m = _pick_block(M, 16, 64)
+    block_v = 64 if upcast else 128
+    block_k = _pick_block(K, 16, 64 if upcast else 64)
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(V, block_v),)
+    _logits_fp32_kernel[grid](
+        x, w, out, M, V, K, x.stride(0), w.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, UPCAST=upcast,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Row-level core shared by fused_linear_kl and kl_div_logits (both backends)
+# ----------------------------------------------------------------------------------------------
+def _kl_rows_forward(s: torch.Tensor, t: torch.Tensor, inv_temp: float, backend: str):
+    """Per-row KL, lse_s and lse_t (all fp32 [R]) for logit rows s, t of shape [R, V]."""
+    R, V = s.shape
+    if backend == "triton" and R > 0:
+        loss = torch.empty(R, device=s.device, dtype=torch.float32)
+        lse_s = torch.empty_like(loss)
+        lse_t = torch.empty_like(loss)
+        _kl_rows_fwd_kernel[(R,)](
+            s, t, loss, lse_s, lse_t, V, s.stride(0), t.stride(0), inv_temp,
+            BLOCK_V=_pick_block(V, 16, 4096),
+        )
+        return loss, lse_s, lse_t
+    s32 = s.float() * inv_temp
+    t32 = t.float() * inv_temp
+    lse_s = torch.logsumexp(s32, dim=-1)
+    lse_t = torch.logsumexp(t32, dim=-1)
+    log_pt = t32 - lse_t[:, None]
+    pt = log_pt.exp()
+    # p_t * (log p_t - log p_s); where p_t == 0 the term is 0 (also for t = -inf).
+    terms = torch.where(pt > 0, pt * (log_pt - (s32 - lse_s[:, None])), torch.zeros((), device=s.device))
+    return terms.sum(-1), lse_s, lse_t
+
+
+def _kl_rows_grad(s, t, lse_s, lse_t, row_scale, inv_temp: float, backend: str, out: torch.Tensor) -> torch.Tensor:
+    """out[R, V] = (softmax(s/T) - softmax(t/T)) * row_scale[:, None]. ``out`` may alias ``s``."""
+    R, V = s.shape
+    if R == 0:
+        return out
+    if backend == "triton":
+        block_v = _pick_block(V, 16, 2048)
+        _kl_rows_grad_kernel[(R, triton.cdiv(V, block_v))](
+            s, t, out, lse_s, lse_t, row_scale, V, s.stride(0), t.stride(0), out.stride(0), inv_temp,
+            BLOCK_V=block_v,
+        )
+        return out
+    g = ((s.float() * inv_temp - lse_s[:, None]).exp() - (t.float() * inv_temp - lse_t[:, None]).exp())
+    g.mul_(row_scale[:, None])
+    out.copy_(g)
+    return out
+
+
+def default_chunk_size(vocab: int) -> int:
+    """Rows per chunk so that one [C, V] fp32 buffer stays near 256 MiB (C in [16, 1024], a power of 2)."""
+    c = 1 << max(4, min(10, int(math.log2(max(1, (1 << 26) // max(vocab, 1))))))
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused linear + KL
+# ----------------------------------------------------------------------------------------------
+def _mm_fp32_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result. 16-bit CUDA operands use cuBLAS with fp32 output (no rounding)."""
+    if a.dtype == b.dtype and is_16bit(a.dtype) and a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # older torch without mm(out_dtype=)
+            pass
+    return torch.mm(a.float(), b.float())
+
+
+def _linear_kl_chunks(hs, ws, ht, wt, inv_temp, backend, chunk_size, row_scale, need_dh, need_dw):
+    """Loop over row chunks. Returns (loss_rows fp32 [N], dh [N, Hs] or None, dw fp32 [V, Hs] or None).
+
+    row_scale: fp32 [N] (gradient weight per row, already including 1/N for 'mean') or None
+    for a forward without gradient.
+    """
+    N = hs.shape[0]
+    V = ws.shape[0]
+    loss = torch.empty(N, device=hs.device, dtype=torch.float32)
+    dh = torch.empty_like(hs) if (need_dh and row_scale is not None) else None
+    dw = torch.zeros(ws.shape, device=ws.device, dtype=torch.float32) if (need_dw and row_scale is not None) else None
+    if backend == "torch":
+        # Upcast once per call: the CPU path multiplies in fp32 so logits keep fp32 precision.
+        ws32 = ws.float()
+        wt32 = ws32 if wt is ws else wt.float()
+    for c0 in range(0, N, chunk_size):
+        c1 = min(N, c0 + chunk_size)
+        hs_c, ht_c = hs[c0:c1], ht[c0:c1]
+        if backend == "triton":
+            s = _logits_fp32_triton(hs_c, ws)
+            t = _logits_fp32_triton(ht_c, wt)
+        else:
+            s = hs_c.float() @ ws32.T
+            t = ht_c.float() @ wt32.T
+        loss_c, lse_s, lse_t = _kl_rows_forward(s, t, inv_temp, backend)
+        loss[c0:c1] = loss_c
+        if row_scale is None or not (need_dh or need_dw):
+            continue
+        scale_c = (row_scale[c0:c1] * inv_temp).contiguous()
+        if backend == "triton" and is_16bit(ws.dtype):
+            g = _kl_rows_grad(s, t, lse_s, lse_t, scale_c, inv_temp, backend, torch.empty(s.shape, device=s.device, dtype=ws.dtype))
+        else:
+            g = _kl_rows_grad(s, t, lse_s, lse_t, scale_c, inv_temp, backend, s)  # in place over fp32 logits
+        del t
+        if dh is not None:
+            if backend == "torch":
+                dh[c0:c1] = (g @ ws32).to(hs.dtype)
+            elif g.dtype == ws.dtype and g.is_cuda:
+                dh[c0:c1] = torch.mm(g, ws).to(hs.dtype)  # cuBLAS accumulates in fp32
+            else:
+                dh[c0:c1] = _mm_fp32_acc(g, ws).to(hs.dtype)
+        if dw is not None:
+            dw += _mm_fp32_acc(g.T, hs_c.to(g.dtype) if g.dtype != torch.float32 else hs_c)
+    return loss, dh, dw
+
+
+class FusedLinearKLFunction(torch.autograd.Function):
+    """Autograd for fused_linear_kl on already-flattened, already-masked rows.
+
+    Inputs: hs [N, Hs], ws [V, Hs], ht [N, Ht], wt [V, Ht] (or ws itself).
+    Output: fp32 scalar for 'mean'/'sum', fp32 [N] for 'none'.
+    """
+
+    @staticmethod
+    def forward(ctx, hs, ws, ht, wt, inv_temp: float, reduction: str, chunk_size: int, backend: str):
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        shared = wt is None
+        wt_ = ws if shared else wt
+        N = hs.shape[0]
+        ctx.eager = reduction != "none" and (need_dh or need_dw)
+        row_scale = None
+        if ctx.eager:
+            row_scale = torch.full((N,), 1.0 / max(N, 1) if reduction == "mean" else 1.0,
+                                   device=hs.device, dtype=torch.float32)
+        loss, dh, dw = _linear_kl_chunks(hs, ws, ht, wt_, inv_temp, backend, chunk_size, row_scale, need_dh, need_dw)
+        ctx.inv_temp, ctx.backend, ctx.chunk_size, ctx.shared = inv_temp, backend, chunk_size, shared
+        ctx.ws_dtype = ws.dtype
+        if ctx.eager:
+            ctx.save_for_backward(dh, dw)
+        else:
+            ctx.save_for_backward(hs, ws, ht, wt_)
+        if reduction == "none":
+            return loss
+        total = loss.sum()
+        return total / max(N, 1) if reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.eager:
+            dh, dw = ctx.saved_tensors
+            g = grad_out.to(torch.float32)
+            dh_out = (dh * g.to(dh.dtype)) if (need_dh and dh is not None) else None
+            dw_out = (dw * g).to(ctx.ws_dtype) if (need_dw and dw is not None) else None
+        else:
+            hs, ws, ht, wt = ctx.saved_tensors
+            _, dh_out, dw = _linear_kl_chunks(
+                hs, ws, ht, wt, ctx.inv_temp, ctx.backend, ctx.chunk_size,
+                grad_out.to(torch.float32).contiguous(), need_dh, need_dw,
+            )
+            dw_out = dw.to(ws.dtype) if dw is not None else None
+        return dh_out, dw_out, None, None, None, None, None, None
+
+
+def _check_kl_hidden_args(student_hidden, student_weight, teacher_hidden, teacher_weight, temperature):
+    for name, t in (("student_hidden", student_hidden), ("student_weight", student_weight),
+                    ("teacher_hidden", teacher_hidden)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if student_weight.dim() != 2:
+        raise ValueError(f"student_weight must be [V, H], got shape {tuple(student_weight.shape)}")
+    if student_hidden.dim() < 1 or student_hidden.shape[-1] != student_weight.shape[1]:
+        raise ValueError(
+            f"student_hidden's last dim must match student_weight [V, H]: "
+            f"student_hidden {tuple(student_hidden.shape)}, student_weight {tuple(student_weight.shape)}"
+        )
+    tw = student_weight if teacher_weight is None else teacher_weight
+    if teacher_weight is not None:
+        if not isinstance(teacher_weight, torch.Tensor) or teacher_weight.dim() != 2:
+            raise ValueError(f"teacher_weight must be a [V, H_teacher] tensor, got {getattr(teacher_weight, 'shape', teacher_weight)}")
+        if teacher_weight.shape[0] != student_weight.shape[0]:
+            raise ValueError(
+                f"vocab mismatch: student_weight {tuple(student_weight.shape)} vs teacher_weight {tuple(teacher_weight.shape)}"
+            )
+    if teacher_hidden.dim() < 1 or teacher_hidden.shape[-1] != tw.shape[1]:
+        raise ValueError(
+            f"teacher_hidden's last dim must match the teacher weight: teacher_hidden {tuple(teacher_hidden.shape)}, "
+            f"{'teacher_weight' if teacher_weight is not None else 'student_weight (shared)'} {tuple(tw.shape)}"
+        )
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            f"student_hidden and teacher_hidden must have the same leading shape (N positions): "
+            f"student_hidden {tuple(student_hidden.shape)}, teacher_hidden {tuple(teacher_hidden.shape)}"
+        )
+    if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+
+
+def _scatter_rows(values: torch.Tensor, keep: Optional[torch.Tensor], n: int, lead_shape) -> torch.Tensor:
+    if keep is None:
+        return values.reshape(lead_shape)
+    full = values.new_zeros(n)
+    full = full.index_put((keep,), values)  # out of place, so autograd routes grad to kept rows only
+    return full.reshape(lead_shape)
+
+
+def fused_linear_kl(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """KL(softmax(h_t W_t^T / T) || softmax(h_s W_s^T / T)), summed over the vocabulary.
+
+    Args:
+        student_hidden: [..., Hs], any float dtype; receives gradient.
+        student_weight: [V, Hs] lm_head of the student; receives gradient if it requires grad.
+        teacher_hidden: [..., Ht], same leading shape as ``student_hidden``; never receives gradient.
+        teacher_weight: [V, Ht] or None to share ``student_weight`` (the KM case).
+        temperature: T > 0 applied to both logit sets (no T^2 factor).
+        mask: bool, leading shape; False positions are dropped from loss and gradient.
+        reduction: 'mean' over kept positions, 'sum', or 'none' (fp32 [...] per position, 0 where masked).
+        backend: 'auto' (Triton on CUDA, torch elsewhere), 'triton' or 'torch'.
+        chunk_size: rows per chunk (default: [C, V] fp32 ~ 256 MiB).
+    Returns:
+        fp32 scalar, or fp32 tensor of the leading shape for reduction='none'.
+    """
+    check_reduction(reduction)
+    _check_kl_hidden_args(student_hidden, student_weight, teacher_hidden, teacher_weight, temperature)
+    be = resolve_backend(backend, student_hidden.device)
+    lead_shape = student_hidden.shape[:-1]
+    keep_mask = flatten_mask(mask, lead_shape)
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    n = hs.shape[0]
+    keep = None
+    if keep_mask is not None:
+        keep = keep_mask.to(hs.device).nonzero().squeeze(1)
+        hs, ht = hs.index_select(0, keep), ht.index_select(0, keep)
+    hs, ht = hs.contiguous(), ht.contiguous()
+    ws = student_weight if student_weight.stride(-1) == 1 else student_weight.contiguous()
+    wt = None
+    if teacher_weight is not None and teacher_weight is not student_weight:
+        wt = teacher_weight.detach().contiguous()
+    cs = int(chunk_size) if chunk_size else default_chunk_size(ws.shape[0])
+    if cs < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    out = FusedLinearKLFunction.apply(hs, ws, ht, wt, 1.0 / float(temperature), reduction, cs, be)
+    if reduction == "none":
+        return _scatter_rows(out, keep, n, lead_shape)
+    return out
+
+
+class FusedLinearKL(nn.Module):
+    """Module form of :func:`fused_linear_kl`; ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight=None, mask=None)``."""
+
+    def __init__(self, temperature: float = 1.0, reduction: str = "mean", backend: str = "auto",
+                 chunk_size: Optional[int] = None):
+        super().__init__()
+        check_reduction(reduction)
+        self.temperature, self.reduction, self.backend, self.chunk_size = temperature, reduction, backend, chunk_size
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight=None, mask=None):
+        return fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                               temperature=self.temperature, mask=mask, reduction=self.reduction,
+                               backend=self.backend, chunk_size=self.chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# KL from logits
+# ----------------------------------------------------------------------------------------------
+class KLDivLogitsFunction(torch.autograd.Function):
+    """Rows already flattened and masked: s, t [N, V]. Saves lse per row; backward is one pass."""
+
+    @staticmethod
+    def forward(ctx, s, t, inv_temp: float, reduction: str, chunk_size: int, backend: str):
+        N = s.shape[0]
+        loss = torch.empty(N, device=s.device, dtype=torch.float32)
+        lse_s = torch.empty_like(loss)
+        lse_t = torch.empty_like(loss)
+        for c0 in range(0, N, chunk_size):
+            c1 = min(N, c0 + chunk_size)
+            loss[c0:c1], lse_s[c0:c1], lse_t[c0:c1] = _kl_rows_forward(s[c0:c1], t[c0:c1], inv_temp, backend)
+        ctx.save_for_backward(s, t, lse_s, lse_t)
+        ctx.inv_temp, ctx.reduction, ctx.chunk_size, ctx.backend = inv_temp, reduction, chunk_size, backend
+        if reduction == "none":
+            return loss
+        total = loss.sum()
+        return total / max(N, 1) if reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        s, t, lse_s, lse_t = ctx.saved_tensors
+        N = s.shape[0]
+        if ctx.reduction == "none":
+            row_scale = grad_out.to(torch.float32) * ctx.inv_temp
+        else:
+            g = grad_out.to(torch.float32) * ctx.inv_temp / (max(N, 1) if ctx.reduction == "mean" else 1)
+            row_scale = g.expand(N)
+        row_scale = row_scale.contiguous()
+        grad = torch.empty_like(s)
+        for c0 in range(0, N, ctx.chunk_size):
+            c1 = min(N, c0 + ctx.chunk_size)
+            _kl_rows_grad(s[c0:c1], t[c0:c1], lse_s[c0:c1], lse_t[c0:c1], row_scale[c0:c1],
+                          ctx.inv_temp, ctx.backend, grad[c0:c1])
+        return grad, None, None, None, None, None
+
+
+def kl_div_logits(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """KL(softmax(teacher_logits / T) || softmax(student_logits / T)) summed over the last dim.
+
+    Args:
+        student_logits, teacher_logits: [..., V], same shape, any float dtype (statistics in fp32).
+        temperature, mask, reduction, backend: as in :func:`fused_linear_kl`.
+    Returns:
+        fp32 scalar, or fp32 tensor of the leading shape for reduction='none'.
+        Gradient flows to ``student_logits`` only, in its dtype.
+    """
+    check_reduction(reduction)
+    for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(t, torch.Tensor) or t.dim() < 1:
+            raise ValueError(f"{name} must be a tensor [..., V], got {getattr(t, 'shape', type(t).__name__)}")
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(
+            f"vocab mismatch: student_logits {tuple(student_logits.shape)} vs teacher_logits {tuple(teacher_logits.shape)}"
+        )
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same leading shape (N positions): "
+            f"{tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
+        )
+    if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    be = resolve_backend(backend, student_logits.device)
+    lead_shape = student_logits.shape[:-1]
+    V = student_logits.shape[-1]
+    keep_mask = flatten_mask(mask, lead_shape)
+    s = student_logits.reshape(-1, V)
+    t = teacher_logits.detach().reshape(-1, V)
+    n = s.shape[0]
+    keep = None
+    if keep_mask is not None:
+        keep = keep_mask.to(s.device).nonzero().squeeze(1)
+        s, t = s.index_select(0, keep), t.index_select(0, keep)
+    s, t = s.contiguous(), t.contiguous()
+    cs = int(chunk_size) if chunk_size else default_chunk_size(V)
+    out = KLDivLogitsFunction.apply(s, t, 1.0 / float(temperature), reduction, cs, be)
+    if reduction == "none":
+        return _scatter_rows(out, keep, n, lead_shape)
+    return out
+
+
+class KLDivLogits(nn.Module):
+    """Module form of :func:`kl_div_logits`."""
+
+    def __init__(self, temperature: float = 1.0, reduction: str = "mean", backend: str = "auto",
+                 chunk_size: Optional[int] = None):
+        super().__init__()
+        check_reduction(reduction)
+        self.temperature, self.reduction, self.backend, self.chunk_size = temperature, reduction, backend, chunk_size
+
+    def forward(self, student_logits, teacher_logits, mask=None):
+        return kl_div_logits(student_logits, teacher_logits, temperature=self.temperature, mask=mask,
+                             reduction=self.reduction, backend=self.backend, chunk_size=self.chunk_size)

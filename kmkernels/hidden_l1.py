@@ -1,0 +1,218 @@
+"""Layer-normalised L1 distance between student and teacher hidden states.
+
+    hidden = (1/L) * sum_l  sum_{n,d} |h_s^l - h_t^l| / sum_{n,d} |h_t^l|
+
+One scalar per layer (mean|h_s - h_t| / mean|h_t| over the kept positions, not a per-token
+normalisation), averaged over layers. The embedding output, which the reference code also
+averaged in, is identically zero under LoRA and is left out (a constant factor L/(L+1)).
+A layer whose teacher norm is 0 (e.g. no kept position) contributes 0 and no gradient.
+
+The Triton path reads each layer's h_s and h_t once in forward (per-block partial sums, reduced
+deterministically, no atomics) and once more in backward to write sign(h_s - h_t) * g / (L Z_l):
+5 tensor passes in all, the floor for a backward that does not keep a sign buffer alive.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .utils import HAS_TRITON, flatten_mask, resolve_backend
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _l1_partial_kernel(
+        HS, HT, ROW_KEEP, DIFF, NORM,
+        N, H, stride_s, stride_t,
+        BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, HAS_MASK: tl.constexpr,
+    ):
+        """Per row block: sum|hs - ht| and sum|ht| over BLOCK_N rows x all of H, in fp32."""
+        pid = tl.program_id(0)
+        rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        row_ok = rows < N
+        if HAS_MASK:
+            row_ok = row_ok & (tl.load(ROW_KEEP + rows, mask=rows < N, other=0) != 0)
+        acc_d = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
+        acc_n = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            m = row_ok[:, None] & (cols[None, :] < H)
+            s = tl.load(HS + rows[:, None] * stride_s + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            t = tl.load(HT + rows[:, None] * stride_t + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            acc_d += tl.abs(s - t)
+            acc_n += tl.abs(t)
+        tl.store(DIFF + pid, tl.sum(tl.sum(acc_d, axis=1), axis=0))
+        tl.store(NORM + pid, tl.sum(tl.sum(acc_n, axis=1), axis=0))
+
+    @triton.jit
+    def _l1_grad_kernel(
+        HS, HT, ROW_KEEP, G, SCALE,
+        N, H, stride_s, stride_t, stride_g,
+        BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, HAS_MASK: tl.constexpr,
+    ):
+        """G = sign(hs - ht) * SCALE[0] on kept rows, 0 elsewhere. Grid: (cdiv(N,BN), cdiv(H,BH))."""
+        rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        inb = (rows[:, None] < N) & (cols[None, :] < H)
+        s = tl.load(HS + rows[:, None] * stride_s + cols[None, :], mask=inb, other=0.0).to(tl.float32)
+        t = tl.load(HT + rows[:, None] * stride_t + cols[None, :], mask=inb, other=0.0).to(tl.float32)
+        d = s - t
+        g = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)) * tl.load(SCALE)
+        if HAS_MASK:
+            keep = tl.load(ROW_KEEP + rows, mask=rows < N, other=0) != 0
+            g = tl.where(keep[:, None], g, 0.0)
+        tl.store(G + rows[:, None] * stride_g + cols[None, :], g.to(G.dtype.element_ty), mask=inb)
+
+
+_BLOCK_N, _BLOCK_H = 16, 256
+
+
+def _blocks(H: int):
+    bh = 16
+    while bh < H and bh < _BLOCK_H:
+        bh *= 2
+    return _BLOCK_N, bh
+
+
+class HiddenL1Function(torch.autograd.Function):
+    """Triton forward/backward. Inputs: row_keep (int8 [N] or None), teacher_norms (fp32 [L] or None),
+    L, then L student tensors [N, Hl] and L teacher tensors [N, Hl]. Output: fp32 scalar."""
+
+    @staticmethod
+    def forward(ctx, row_keep, teacher_norms, L: int, *hiddens):
+        hs, ht = hiddens[:L], hiddens[L:]
+        dev = hs[0].device
+        diffs, norms = [], []
+        for s, t in zip(hs, ht):
+            N, H = s.shape
+            bn, bh = _blocks(H)
+            nblk = triton.cdiv(N, bn) if N > 0 else 0
+            d = torch.zeros(max(nblk, 1), device=dev, dtype=torch.float32)
+            z = torch.zeros_like(d)
+            if nblk > 0:
+                _l1_partial_kernel[(nblk,)](
+                    s, t, row_keep if row_keep is not None else s, d, z, N, H, s.stride(0), t.stride(0),
+                    BLOCK_N=bn, BLOCK_H=bh, HAS_MASK=row_keep is not None,
+                )
+            diffs.append(d.sum())
+            norms.append(z.sum())
+        diff = torch.stack(diffs)
+        norm = teacher_norms.to(device=dev, dtype=torch.float32) if teacher_norms is not None else torch.stack(norms)
+        per_layer = torch.where(norm > 0, diff / torch.where(norm > 0, norm, 1.0), 0.0)
+        ctx.save_for_backward(row_keep if row_keep is not None else torch.empty(0), norm, *hiddens)
+        ctx.L, ctx.has_mask = L, row_keep is not None
+        return per_layer.mean()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        row_keep, norm, *hiddens = ctx.saved_tensors
+        L = ctx.L
+        hs, ht = hiddens[:L], hiddens[L:]
+        # d loss / d h_s^l = sign(h_s - h_t) * g / (L * Z_l); zero where Z_l == 0.
+        scales = torch.where(norm > 0, grad_out.float() / (L * torch.where(norm > 0, norm, 1.0)), 0.0)
+        grads = []
+        for l, (s, t) in enumerate(zip(hs, ht)):
+            if not ctx.needs_input_grad[3 + l]:
+                grads.append(None)
+                continue
+            N, H = s.shape
+            g = torch.empty_like(s)
+            if N > 0:
+                bn, bh = _blocks(H)
+                _l1_grad_kernel[(triton.cdiv(N, bn), triton.cdiv(H, bh))](
+                    s, t, row_keep if ctx.has_mask else s, g, scales[l:l + 1].contiguous(),
+                    N, H, s.stride(0), t.stride(0), g.stride(0),
+                    BLOCK_N=bn, BLOCK_H=bh, HAS_MASK=ctx.has_mask,
+                )
+            grads.append(g)
+        return (None, None, None, *grads, *([None] * L))
+
+
+def _hidden_l1_torch(hs, ht, keep, teacher_norms):
+    """Plain differentiable torch ops, one layer at a time (fp32 math)."""
+    terms = []
+    for l, (s, t) in enumerate(zip(hs, ht)):
+        d = (s.float() - t.float()).abs()
+        if keep is not None:
+            d = d * keep[:, None]
+        diff = d.sum()
+        if teacher_norms is not None:
+            z = teacher_norms[l].to(device=s.device, dtype=torch.float32)
+        else:
+            a = t.float().abs()
+            z = (a * keep[:, None]).sum() if keep is not None else a.sum()
+        terms.append(torch.where(z > 0, diff / torch.where(z > 0, z, 1.0), 0.0))
+    return torch.stack(terms).mean()
+
+
+def _as_layer_list(x, name: str):
+    if isinstance(x, torch.Tensor):
+        if x.dim() < 2:
+            raise ValueError(f"{name} as a tensor must be [L, ..., H], got shape {tuple(x.shape)}")
+        return list(x.unbind(0))
+    if not isinstance(x, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in x):
+        raise ValueError(f"{name} must be a sequence of tensors [..., H] or one [L, ..., H] tensor")
+    return list(x)
+
+
+def hidden_l1(
+    student_hiddens: Sequence[torch.Tensor],
+    teacher_hiddens: Union[Sequence[torch.Tensor], torch.Tensor],
+    *,
+    mask: Optional[torch.Tensor] = None,
+    teacher_norms: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Mean over layers of sum|h_s - h_t| / sum|h_t| (sums over kept positions and hidden dims).
+
+    Args:
+        student_hiddens: L tensors [..., H_l] (H may differ per layer; leading shapes equal).
+        teacher_hiddens: L tensors of the same shapes, or one [L, ..., H] tensor. No gradient.
+        mask: bool, leading shape; False positions are left out of both sums.
+        teacher_norms: optional fp32 [L] precomputed sum|h_t| over the kept positions
+            (the teacher cache stores them), used instead of recomputing.
+        backend: 'auto' | 'triton' | 'torch'.
+    Returns:
+        fp32 scalar. Gradients go to the student hiddens only.
+    """
+    hs = _as_layer_list(student_hiddens, "student_hiddens")
+    ht = _as_layer_list(teacher_hiddens, "teacher_hiddens")
+    if len(hs) == 0:
+        raise ValueError("student_hiddens is empty: need at least one layer")
+    if len(hs) != len(ht):
+        raise ValueError(f"layer counts differ: {len(hs)} student_hiddens vs {len(ht)} teacher_hiddens")
+    lead = hs[0].shape[:-1]
+    for l, (s, t) in enumerate(zip(hs, ht)):
+        if s.shape != t.shape:
+            raise ValueError(f"layer {l}: student_hiddens shape {tuple(s.shape)} != teacher_hiddens shape {tuple(t.shape)}")
+        if s.shape[:-1] != lead:
+            raise ValueError(f"layer {l}: leading shape {tuple(s.shape[:-1])} differs from layer 0's {tuple(lead)}")
+    if teacher_norms is not None:
+        if not isinstance(teacher_norms, torch.Tensor) or tuple(teacher_norms.shape) != (len(hs),):
+            raise ValueError(f"teacher_norms must be a [L]={len(hs)} tensor, got {getattr(teacher_norms, 'shape', teacher_norms)}")
+    be = resolve_backend(backend, hs[0].device)
+    keep = flatten_mask(mask, lead)
+    hs2 = [s.reshape(-1, s.shape[-1]) for s in hs]
+    ht2 = [t.detach().reshape(-1, t.shape[-1]) for t in ht]
+    if be == "torch":
+        kf = keep.to(device=hs2[0].device, dtype=torch.float32) if keep is not None else None
+        return _hidden_l1_torch(hs2, ht2, kf, teacher_norms)
+    hs2 = [s if s.stride(-1) == 1 else s.contiguous() for s in hs2]
+    ht2 = [t if t.stride(-1) == 1 else t.contiguous() for t in ht2]
+    row_keep = keep.to(device=hs2[0].device, dtype=torch.int8).contiguous() if keep is not None else None
+    return HiddenL1Function.apply(row_keep, teacher_norms, len(hs2), *hs2, *ht2)
+
+
+class HiddenL1(nn.Module):
+    """Module form of :func:`hidden_l1`."""
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, student_hiddens, teacher_hiddens, mask=None, teacher_norms=None):
+        return hidden_l1(student_hiddens, teacher_hiddens, mask=mask, teacher_norms=teacher_norms, backend=self.backend)

@@ -1,0 +1,65 @@
+"""Small helpers shared by every op: backend choice, argument checks, Triton availability."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+try:  # Triton is a hard dependency on Linux, but keep import errors readable elsewhere.
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - exercised only on platforms without a Triton wheel
+    HAS_TRITON = False
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run on CPU tensors through ``TRITON_INTERPRET=1``."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``auto`` to ``triton`` on CUDA and ``torch`` elsewhere; validate explicit choices."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if (device.type == "cuda" and HAS_TRITON) else "torch"
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise ValueError("backend='triton' was asked for but triton is not installed")
+        if device.type != "cuda" and not triton_interpreting():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got device {device}); "
+                "set TRITON_INTERPRET=1 to run the Triton kernels on CPU, or use backend='torch'"
+            )
+    return backend
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def flatten_mask(mask: torch.Tensor | None, lead_shape: Sequence[int], name: str = "mask") -> torch.Tensor | None:
+    """Check that ``mask`` has the leading shape of the hidden states and return it flattened to [N] bool."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape {tuple(lead_shape)}, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(lead_shape):
+        raise ValueError(
+            f"{name} must have the leading shape of the hidden states {tuple(lead_shape)}, got {tuple(mask.shape)}"
+        )
+    return mask.reshape(-1).to(torch.bool)
+
+
+def is_16bit(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
