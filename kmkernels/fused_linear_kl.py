@@ -208,6 +208,24 @@ def _kl_rows_grad(s, t, lse_s, lse_t, row_scale, inv_temp: float, backend: str, 
     return out
 
 
+def _kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, inv_temp: float, row_scale: Optional[torch.Tensor]):
+    """Torch path for one chunk, in place over the fp32 scratch logits s, t [R, V].
+
+    Returns (loss [R], grad [R, V] written over s, or None). Few full passes: this is the CPU path.
+    """
+    if inv_temp != 1.0:
+        s.mul_(inv_temp)
+        t.mul_(inv_temp)
+    s.sub_(torch.logsumexp(s, -1, keepdim=True))  # log p_s
+    t.sub_(torch.logsumexp(t, -1, keepdim=True))  # log p_t
+    pt = t.exp()
+    t.sub_(s).mul_(pt).masked_fill_(pt == 0, 0.0)  # p_t (log p_t - log p_s), with 0 log 0 = 0
+    loss = t.sum(-1)
+    if row_scale is None:
+        return loss, None
+    return loss, s.exp_().sub_(pt).mul_(row_scale[:, None])
+
+
 def default_chunk_size(vocab: int) -> int:
     """Rows per chunk so that one [C, V] fp32 buffer stays near 256 MiB (C in [16, 1024], a power of 2)."""
     c = 1 << max(4, min(10, int(math.log2(max(1, (1 << 26) // max(vocab, 1))))))
@@ -242,24 +260,26 @@ def _linear_kl_chunks(hs, ws, ht, wt, inv_temp, backend, chunk_size, row_scale, 
         # Upcast once per call: the CPU path multiplies in fp32 so logits keep fp32 precision.
         ws32 = ws.float()
         wt32 = ws32 if wt is ws else wt.float()
+    want_grad = row_scale is not None and (need_dh or need_dw)
     for c0 in range(0, N, chunk_size):
         c1 = min(N, c0 + chunk_size)
         hs_c, ht_c = hs[c0:c1], ht[c0:c1]
+        scale_c = (row_scale[c0:c1] * inv_temp).contiguous() if want_grad else None
         if backend == "triton":
             s = _logits_fp32_triton(hs_c, ws)
             t = _logits_fp32_triton(ht_c, wt)
+            loss[c0:c1], lse_s, lse_t = _kl_rows_forward(s, t, inv_temp, backend)
+            if not want_grad:
+                continue
+            # 16-bit weights: the gradient is written once, in the weight dtype, for the tensor-core GEMMs.
+            g_out = torch.empty(s.shape, device=s.device, dtype=ws.dtype) if is_16bit(ws.dtype) else s
+            g = _kl_rows_grad(s, t, lse_s, lse_t, scale_c, inv_temp, backend, g_out)
         else:
             s = hs_c.float() @ ws32.T
             t = ht_c.float() @ wt32.T
-        loss_c, lse_s, lse_t = _kl_rows_forward(s, t, inv_temp, backend)
-        loss[c0:c1] = loss_c
-        if row_scale is None or not (need_dh or need_dw):
-            continue
-        scale_c = (row_scale[c0:c1] * inv_temp).contiguous()
-        if backend == "triton" and is_16bit(ws.dtype):
-            g = _kl_rows_grad(s, t, lse_s, lse_t, scale_c, inv_temp, backend, torch.empty(s.shape, device=s.device, dtype=ws.dtype))
-        else:
-            g = _kl_rows_grad(s, t, lse_s, lse_t, scale_c, inv_temp, backend, s)  # in place over fp32 logits
+            loss[c0:c1], g = _kl_chunk_torch(s, t, inv_temp, scale_c)
+            if not want_grad:
+                continue
         del t
         if dh is not None:
             if backend == "torch":

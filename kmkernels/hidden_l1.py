@@ -78,75 +78,81 @@ def _blocks(H: int):
     return _BLOCK_N, bh
 
 
+def _layer_sums(s, t, row_keep, backend):
+    """(sum|s - t|, sum|t|) over kept rows of one layer, fp32 scalars."""
+    N, H = s.shape
+    if backend == "torch":
+        d = (s.float() - t.float()).abs().sum(-1)
+        z = t.float().abs().sum(-1)
+        if row_keep is not None:
+            k = row_keep.to(torch.float32)
+            d, z = d * k, z * k
+        return d.sum(), z.sum()
+    bn, bh = _blocks(H)
+    nblk = triton.cdiv(N, bn) if N > 0 else 0
+    d = torch.zeros(max(nblk, 1), device=s.device, dtype=torch.float32)
+    z = torch.zeros_like(d)
+    if nblk > 0:
+        _l1_partial_kernel[(nblk,)](
+            s, t, row_keep if row_keep is not None else s, d, z, N, H, s.stride(0), t.stride(0),
+            BLOCK_N=bn, BLOCK_H=bh, HAS_MASK=row_keep is not None,
+        )
+    return d.sum(), z.sum()  # deterministic: fixed-order reduction of per-block partials
+
+
+def _layer_grad(s, t, row_keep, scale, backend):
+    """sign(s - t) * scale on kept rows, 0 elsewhere, in s's dtype. ``scale``: fp32 [1] tensor."""
+    N, H = s.shape
+    if backend == "torch":
+        g = torch.sub(s.float(), t.float()).sign_().mul_(scale)
+        if row_keep is not None:
+            g.mul_(row_keep.to(torch.float32)[:, None])
+        return g.to(s.dtype)
+    g = torch.empty_like(s)
+    if N > 0:
+        bn, bh = _blocks(H)
+        _l1_grad_kernel[(triton.cdiv(N, bn), triton.cdiv(H, bh))](
+            s, t, row_keep if row_keep is not None else s, g, scale, N, H, s.stride(0), t.stride(0), g.stride(0),
+            BLOCK_N=bn, BLOCK_H=bh, HAS_MASK=row_keep is not None,
+        )
+    return g
+
+
 class HiddenL1Function(torch.autograd.Function):
-    """Triton forward/backward. Inputs: row_keep (int8 [N] or None), teacher_norms (fp32 [L] or None),
-    L, then L student tensors [N, Hl] and L teacher tensors [N, Hl]. Output: fp32 scalar."""
+    """Inputs: row_keep (int8 [N] or None), teacher_norms (fp32 [L] or None), L, backend, then L student
+    tensors [N, H_l] and L teacher tensors [N, H_l]. Output: fp32 scalar.
+
+    Saves only the inputs (no per-layer |h_s - h_t| temporaries, unlike plain autograd) and
+    recomputes sign(h_s - h_t) in backward.
+    """
 
     @staticmethod
-    def forward(ctx, row_keep, teacher_norms, L: int, *hiddens):
+    def forward(ctx, row_keep, teacher_norms, L: int, backend: str, *hiddens):
         hs, ht = hiddens[:L], hiddens[L:]
-        dev = hs[0].device
-        diffs, norms = [], []
-        for s, t in zip(hs, ht):
-            N, H = s.shape
-            bn, bh = _blocks(H)
-            nblk = triton.cdiv(N, bn) if N > 0 else 0
-            d = torch.zeros(max(nblk, 1), device=dev, dtype=torch.float32)
-            z = torch.zeros_like(d)
-            if nblk > 0:
-                _l1_partial_kernel[(nblk,)](
-                    s, t, row_keep if row_keep is not None else s, d, z, N, H, s.stride(0), t.stride(0),
-                    BLOCK_N=bn, BLOCK_H=bh, HAS_MASK=row_keep is not None,
-                )
-            diffs.append(d.sum())
-            norms.append(z.sum())
-        diff = torch.stack(diffs)
-        norm = teacher_norms.to(device=dev, dtype=torch.float32) if teacher_norms is not None else torch.stack(norms)
+        sums = [_layer_sums(s, t, row_keep, backend) for s, t in zip(hs, ht)]
+        diff = torch.stack([d for d, _ in sums])
+        if teacher_norms is not None:
+            norm = teacher_norms.to(device=diff.device, dtype=torch.float32)
+        else:
+            norm = torch.stack([z for _, z in sums])
         per_layer = torch.where(norm > 0, diff / torch.where(norm > 0, norm, 1.0), 0.0)
         ctx.save_for_backward(row_keep if row_keep is not None else torch.empty(0), norm, *hiddens)
-        ctx.L, ctx.has_mask = L, row_keep is not None
+        ctx.L, ctx.backend, ctx.has_mask = L, backend, row_keep is not None
         return per_layer.mean()
 
     @staticmethod
     def backward(ctx, grad_out):
         row_keep, norm, *hiddens = ctx.saved_tensors
+        row_keep = row_keep if ctx.has_mask else None
         L = ctx.L
         hs, ht = hiddens[:L], hiddens[L:]
         # d loss / d h_s^l = sign(h_s - h_t) * g / (L * Z_l); zero where Z_l == 0.
         scales = torch.where(norm > 0, grad_out.float() / (L * torch.where(norm > 0, norm, 1.0)), 0.0)
-        grads = []
-        for l, (s, t) in enumerate(zip(hs, ht)):
-            if not ctx.needs_input_grad[3 + l]:
-                grads.append(None)
-                continue
-            N, H = s.shape
-            g = torch.empty_like(s)
-            if N > 0:
-                bn, bh = _blocks(H)
-                _l1_grad_kernel[(triton.cdiv(N, bn), triton.cdiv(H, bh))](
-                    s, t, row_keep if ctx.has_mask else s, g, scales[l:l + 1].contiguous(),
-                    N, H, s.stride(0), t.stride(0), g.stride(0),
-                    BLOCK_N=bn, BLOCK_H=bh, HAS_MASK=ctx.has_mask,
-                )
-            grads.append(g)
-        return (None, None, None, *grads, *([None] * L))
-
-
-def _hidden_l1_torch(hs, ht, keep, teacher_norms):
-    """Plain differentiable torch ops, one layer at a time (fp32 math)."""
-    terms = []
-    for l, (s, t) in enumerate(zip(hs, ht)):
-        d = (s.float() - t.float()).abs()
-        if keep is not None:
-            d = d * keep[:, None]
-        diff = d.sum()
-        if teacher_norms is not None:
-            z = teacher_norms[l].to(device=s.device, dtype=torch.float32)
-        else:
-            a = t.float().abs()
-            z = (a * keep[:, None]).sum() if keep is not None else a.sum()
-        terms.append(torch.where(z > 0, diff / torch.where(z > 0, z, 1.0), 0.0))
-    return torch.stack(terms).mean()
+        grads = [
+            _layer_grad(s, t, row_keep, scales[l:l + 1].contiguous(), ctx.backend) if ctx.needs_input_grad[4 + l] else None
+            for l, (s, t) in enumerate(zip(hs, ht))
+        ]
+        return (None, None, None, None, *grads, *([None] * L))
 
 
 def _as_layer_list(x, name: str):
@@ -198,13 +204,10 @@ def hidden_l1(
     keep = flatten_mask(mask, lead)
     hs2 = [s.reshape(-1, s.shape[-1]) for s in hs]
     ht2 = [t.detach().reshape(-1, t.shape[-1]) for t in ht]
-    if be == "torch":
-        kf = keep.to(device=hs2[0].device, dtype=torch.float32) if keep is not None else None
-        return _hidden_l1_torch(hs2, ht2, kf, teacher_norms)
-    hs2 = [s if s.stride(-1) == 1 else s.contiguous() for s in hs2]
-    ht2 = [t if t.stride(-1) == 1 else t.contiguous() for t in ht2]
+    hs2 = [x if x.stride(-1) == 1 else x.contiguous() for x in hs2]
+    ht2 = [x if x.stride(-1) == 1 else x.contiguous() for x in ht2]
     row_keep = keep.to(device=hs2[0].device, dtype=torch.int8).contiguous() if keep is not None else None
-    return HiddenL1Function.apply(row_keep, teacher_norms, len(hs2), *hs2, *ht2)
+    return HiddenL1Function.apply(row_keep, teacher_norms, len(hs2), be, *hs2, *ht2)
 
 
 class HiddenL1(nn.Module):

@@ -1,0 +1,140 @@
+"""Timing, memory and environment helpers shared by the benchmark tables."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+
+def environment() -> Dict[str, str]:
+    """Device, versions and date: every results table carries them."""
+    import transformers
+
+    try:
+        import triton
+
+        triton_v = triton.__version__
+    except Exception:
+        triton_v = "not installed"
+    if torch.cuda.is_available():
+        dev = torch.cuda.get_device_name(0)
+    else:
+        dev = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return {
+        "device": dev,
+        "torch": torch.__version__,
+        "triton": triton_v,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 2, reps: int = 7, min_time_s: float = 0.0) -> float:
+    """Median wall time in ms. On CUDA uses triton.testing.do_bench (events, median)."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times: List[float] = []
+    t_end = time.perf_counter() + min_time_s
+    while len(times) < reps or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def matmul_rate_flops(dtype: torch.dtype, device: str, n: int = 2048) -> float:
+    """Measured dense matmul rate (FLOP/s) in ``dtype`` on random data."""
+    if device == "cuda":
+        n = 8192
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    ms = time_ms(lambda: torch.mm(a, b), warmup=1, reps=3)
+    return 2 * n**3 / (ms * 1e-3)
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 28) -> float:
+    """Measured device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    if device == "cpu":
+        nbytes = 1 << 27
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), warmup=2, reps=5)
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def peak_rss_child(module: str, spec: Dict) -> Dict:
+    """Run ``python -m module --child JSON`` in a fresh process and return the JSON it prints.
+
+    On CPU the only honest peak-memory figure is the process's peak RSS: the child records
+    ru_maxrss after building its inputs and again after one fwd+bwd, and reports the difference.
+    """
+    out = subprocess.run([sys.executable, "-m", module, "--child", json.dumps(spec)], capture_output=True, text=True,
+                         check=False)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1][:120]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Return freed heap to the OS, reset the kernel's peak-RSS mark, return the current RSS in bytes.
+
+    Without malloc_trim, memory freed while building inputs is reused silently and the peak
+    under-counts; clear_refs=5 resets VmHWM (Linux >= 4.0).
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status_kib("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    return _proc_status_kib("VmHWM") * 1024
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def markdown_table(header: List[str], rows: List[List[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def env_block(env: Dict[str, str]) -> str:
+    return "\n".join(f"- {k}: {v}" for k, v in env.items())
