@@ -1,0 +1,607 @@
+"""Grouped per-document LoRA: every row of a batch goes through its own adapter, with autograd.
+
+    y[n] = scaling[d] * (x[n] @ A_d^T) @ B_d^T,   d = adapter_ids[n]   (d = -1: y[n] = 0)
+
+which is exactly PEFT's LoRA delta. Shapes: x [N, in], A [D, r, in], B [D, out, r].
+
+Kernels (Triton; the same ones serve training and no-grad serving):
+  * Rows are grouped by adapter through a sorted index (``order``), never by copying x
+    (the vLLM/Punica design). A tile table maps each program to (segment, first row, last row);
+    it is built on the device with no host sync and a fixed upper bound on the number of tiles.
+    Rows with id -1 form one extra "zero" segment whose tiles just write zeros.
+  * ``_seg_gemm_kernel``: Y[row] = scale[d] * X[row] @ W_d^T, gathering rows through ``order``.
+    With W = A it is the shrink (x -> h, K = in), with W = B the expand (h -> y, K = r); with
+    transposed strides it gives dH = s * dy @ B and dX = dH @ A in backward.
+  * ``_seg_outer_kernel``: OUT_d = scale[d] * sum_{rows of d} L[row]^T R[row], the per-adapter
+    reductions dA = dH^T x and dB = s * dy^T h, accumulated in fp32 in registers, one program
+    per output tile, so they are deterministic (no atomics).
+The torch path loops over the adapters present (fp32 math) and is the oracle's neighbour.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .utils import HAS_TRITON, resolve_backend
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _seg_gemm_kernel(
+        X, W, Y, ORDER, TILE_SEG, TILE_R0, TILE_R1, SCALE,
+        N_OUT, K, ZERO_SEG,
+        stride_xm, stride_xk, stride_wd, stride_wn, stride_wk, stride_ym, stride_yn,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """Grid: (max_tiles, cdiv(N_OUT, BLOCK_N)). Programs past the real tile count exit."""
+        tile = tl.program_id(0)
+        seg = tl.load(TILE_SEG + tile)
+        if seg < 0:
+            return
+        r0 = tl.load(TILE_R0 + tile)
+        r1 = tl.load(TILE_R1 + tile)
+        offs_r = r0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_r < r1
+        rows = tl.load(ORDER + offs_r, mask=row_ok, other=0).to(tl.int64)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        out_mask = row_ok[:, None] & (offs_n[None, :] < N_OUT)
+        y_ptrs = Y + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        if seg == ZERO_SEG:  # rows without an adapter
+            tl.store(y_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=Y.dtype.element_ty), mask=out_mask)
+            return
+        offs_k = tl.arange(0, BLOCK_K)
+        w_base = W + seg.to(tl.int64) * stride_wd
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            x = tl.load(X + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
+                        mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
+            w = tl.load(w_base + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                        mask=(kk[:, None] < K) & (offs_n[None, :] < N_OUT), other=0.0)
+            if UPCAST:
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(x, w)
+        if HAS_SCALE:
+            acc = acc * tl.load(SCALE + seg)
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _seg_outer_kernel(
+        L, R, OUT, ORDER, SEG_START, SEG_COUNT, SCALE,
+        P, Q,
+        stride_lm, stride_lp, stride_rm, stride_rq, stride_od, stride_op, stride_oq,
+        BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+        HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """OUT[d, p, q] = scale[d] * sum over rows of segment d of L[row, p] * R[row, q].
+
+        Grid: (D, cdiv(P, BLOCK_P), cdiv(Q, BLOCK_Q)). fp32 accumulation; empty segments write 0.
+        """
+        d = tl.program_id(0)
+        offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        start = tl.load(SEG_START + d)
+        count = tl.load(SEG_COUNT + d)
+        acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+        for m0 in range(0, count, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < count
+            rows = tl.load(ORDER + start + offs_m, mask=m_ok, other=0).to(tl.int64)
+            lt = tl.load(L + rows[None, :] * stride_lm + offs_p[:, None] * stride_lp,
+                         mask=m_ok[None, :] & (offs_p[:, None] < P), other=0.0)  # [BP, BM]
+            r = tl.load(R + rows[:, None] * stride_rm + offs_q[None, :] * stride_rq,
+                        mask=m_ok[:, None] & (offs_q[None, :] < Q), other=0.0)  # [BM, BQ]
+            if UPCAST:
+                acc += tl.dot(lt.to(tl.float32), r.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(lt, r)
+        if HAS_SCALE:
+            acc = acc * tl.load(SCALE + d)
+        tl.store(OUT + d.to(tl.int64) * stride_od + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq,
+                 acc.to(OUT.dtype.element_ty), mask=(offs_p[:, None] < P) & (offs_q[None, :] < Q))
+
+
+def _block(n: int, lo: int = 16, hi: int = 64) -> int:
+    b = lo
+    while b < n and b < hi:
+        b *= 2
+    return b
+
+
+# ----------------------------------------------------------------------------------------------
+# Segment table: rows sorted by adapter, tiles of BLOCK_M rows within each adapter
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Segments:
+    """Rows grouped by adapter. Built once per batch and shared by every LoRA layer.
+
+    order: int32 [N] row indices sorted by adapter (id -1 rows last, as segment D).
+    seg_start, seg_count: int32 [D + 1] (segment D holds the rows without adapter).
+    tile_seg, tile_r0, tile_r1: int32 [max_tiles]; tile_seg = -1 marks unused programs.
+    """
+    num_adapters: int
+    block_m: int
+    order: torch.Tensor
+    seg_start: torch.Tensor
+    seg_count: torch.Tensor
+    tile_seg: torch.Tensor
+    tile_r0: torch.Tensor
+    tile_r1: torch.Tensor
+
+
+SEG_BLOCK_M = 32
+
+
+def build_segments(adapter_ids: torch.Tensor, num_adapters: int, block_m: int = SEG_BLOCK_M) -> Segments:
+    """Sort rows by adapter and cut each adapter's rows into tiles, on device, without a host sync."""
+    ids = adapter_ids.reshape(-1).to(torch.int64)
+    N, D = ids.numel(), num_adapters
+    dev = ids.device
+    key = torch.where(ids < 0, torch.full_like(ids, D), ids)
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(D + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    seg_start = torch.cumsum(counts, 0) - counts
+    tiles = (counts + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles, 0)
+    tile_start = tile_end - tiles
+    max_tiles = max(1, (N + block_m - 1) // block_m + min(D + 1, N))  # each segment wastes < 1 tile
+    p = torch.arange(max_tiles, device=dev)
+    seg = torch.searchsorted(tile_end, p, right=True)
+    valid = seg <= D
+    seg_c = seg.clamp(max=D)
+    r0 = seg_start[seg_c] + (p - tile_start[seg_c]) * block_m
+    r1 = torch.minimum(r0 + block_m, seg_start[seg_c] + counts[seg_c])
+    i32 = torch.int32
+    return Segments(D, block_m, order.to(i32), seg_start.to(i32), counts.to(i32),
+                    torch.where(valid, seg_c, -1).to(i32), r0.to(i32), r1.to(i32))
+
+
+def _seg_gemm(x, w, w_strides, n_out, k, seg: Segments, scale: Optional[torch.Tensor], out: torch.Tensor):
+    """out[row] = scale[d] * x[row] @ W_d^T, W_d[n, k] at w + d*sd + n*sn + k*sk (strides given)."""
+    N = x.shape[0]
+    if N == 0 or n_out == 0:
+        return out
+    sd, sn, sk = w_strides
+    upcast = x.dtype != w.dtype or x.dtype == torch.float32
+    bn = _block(n_out, 16, 64 if upcast else 128)
+    bk = _block(k, 16, 64)
+    grid = (seg.tile_seg.numel(), triton.cdiv(n_out, bn))
+    _seg_gemm_kernel[grid](
+        x, w, out, seg.order, seg.tile_seg, seg.tile_r0, seg.tile_r1, scale if scale is not None else x,
+        n_out, k, seg.num_adapters,
+        x.stride(0), x.stride(1), sd, sn, sk, out.stride(0), out.stride(1),
+        BLOCK_M=seg.block_m, BLOCK_N=bn, BLOCK_K=bk, HAS_SCALE=scale is not None, UPCAST=upcast,
+    )
+    return out
+
+
+def _seg_outer(lmat, rmat, seg: Segments, scale: Optional[torch.Tensor], out: torch.Tensor):
+    """out[d] = scale[d] * lmat[rows_d]^T @ rmat[rows_d]; out [D, P, Q]."""
+    D, P, Q = out.shape
+    if D == 0 or P == 0 or Q == 0:
+        return out
+    upcast = lmat.dtype != rmat.dtype or lmat.dtype == torch.float32
+    bp, bq = _block(P, 16, 64), _block(Q, 16, 64)
+    _seg_outer_kernel[(D, triton.cdiv(P, bp), triton.cdiv(Q, bq))](
+        lmat, rmat, out, seg.order, seg.seg_start, seg.seg_count, scale if scale is not None else lmat,
+        P, Q, lmat.stride(0), lmat.stride(1), rmat.stride(0), rmat.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        BLOCK_M=32, BLOCK_P=bp, BLOCK_Q=bq, HAS_SCALE=scale is not None, UPCAST=upcast,
+    )
+    return out
+
+
+class GroupedLoRAFunction(torch.autograd.Function):
+    """Triton grouped LoRA. x [N, in], A [D, r, in], B [D, out, r] (same dtype), scaling fp32 [D]."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, scaling, seg: Segments):
+        N = x.shape[0]
+        D, r, din = lora_a.shape
+        dout = lora_b.shape[1]
+        # shrink: h = x @ A_d^T, kept in x's dtype (as PEFT does between lora_A and lora_B)
+        h = torch.empty((N, r), device=x.device, dtype=x.dtype)
+        _seg_gemm(x, lora_a, (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)), r, din, seg, None, h)
+        # expand: y = scaling_d * h @ B_d^T; rows with id -1 get zeros
+        y = torch.empty((N, dout), device=x.device, dtype=x.dtype)
+        _seg_gemm(h, lora_b, (lora_b.stride(0), lora_b.stride(1), lora_b.stride(2)), dout, r, seg, scaling, y)
+        ctx.save_for_backward(x, lora_a, lora_b, scaling, h)
+        ctx.seg = seg
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, lora_a, lora_b, scaling, h = ctx.saved_tensors
+        seg = ctx.seg
+        dy = dy.contiguous()
+        N, din = x.shape
+        D, r, _ = lora_a.shape
+        dout = lora_b.shape[1]
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        dx = da = db = None
+        if need_x or need_a:
+            # dH = s_d * dy @ B_d: W_d[n=r, k=out] = B[d, k, n]
+            dh = torch.zeros((N, r), device=x.device, dtype=x.dtype)
+            _seg_gemm(dy, lora_b, (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)), r, dout, seg, scaling, dh)
+            if need_x:
+                # dX = dH @ A_d: W_d[n=in, k=r] = A[d, k, n]; id -1 rows get zeros
+                dx = torch.empty_like(x)
+                _seg_gemm(dh, lora_a, (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), din, r, seg, None, dx)
+            if need_a:
+                da = _seg_outer(dh, x, seg, None, torch.empty_like(lora_a))
+        if need_b:
+            db = _seg_outer(dy, h, seg, scaling, torch.empty_like(lora_b))
+        return dx, da, db, None, None
+
+
+def _grouped_lora_torch(x, lora_a, lora_b, adapter_ids, scaling):
+    """Loop over the adapters present; fp32 math, autograd does the rest."""
+    ids = adapter_ids.reshape(-1)
+    y = x.new_zeros((x.shape[0], lora_b.shape[1]), dtype=torch.float32)
+    present = torch.unique(ids[ids >= 0]).tolist()
+    # With no adapter present, one empty selection keeps the output in the graph (zero grads, not errors).
+    for d in present or [0]:
+        rows = (ids == d).nonzero().squeeze(1)
+        xd = x.index_select(0, rows).float()
+        yd = (xd @ lora_a[d].float().T) @ lora_b[d].float().T * scaling[d]
+        y = y.index_add(0, rows, yd)
+    return y.to(x.dtype)
+
+
+def _check_lora_args(x, lora_a, lora_b, adapter_ids, scaling):
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be [N, in], got {getattr(x, 'shape', type(x).__name__)}")
+    if lora_a.dim() != 3 or lora_b.dim() != 3:
+        raise ValueError(f"lora_a must be [D, r, in] and lora_b [D, out, r], got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    D, r, din = lora_a.shape
+    if lora_b.shape[0] != D or lora_b.shape[2] != r:
+        raise ValueError(f"lora_b must be [D={D}, out, r={r}], got {tuple(lora_b.shape)}")
+    if x.shape[1] != din:
+        raise ValueError(f"x [N, in] has in={x.shape[1]} but lora_a [D, r, in] has in={din}")
+    if adapter_ids.shape != (x.shape[0],):
+        raise ValueError(f"adapter_ids must be [N]={x.shape[0]}, got {tuple(adapter_ids.shape)}")
+    if adapter_ids.dtype.is_floating_point or adapter_ids.dtype == torch.bool:
+        raise ValueError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
+    if isinstance(scaling, torch.Tensor) and scaling.shape not in ((D,), ()):
+        raise ValueError(f"scaling must be a float or a [D]={D} tensor, got shape {tuple(scaling.shape)}")
+
+
+def _scaling_vector(scaling, D, device) -> torch.Tensor:
+    if isinstance(scaling, torch.Tensor):
+        return scaling.to(device=device, dtype=torch.float32).expand(D).contiguous()
+    return torch.full((D,), float(scaling), device=device, dtype=torch.float32)
+
+
+def grouped_lora(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    scaling: Union[float, torch.Tensor] = 1.0,
+    *,
+    backend: str = "auto",
+    segments: Optional[Segments] = None,
+    check_ids: bool = True,
+) -> torch.Tensor:
+    """Per-row LoRA delta ``scaling[d] * (x @ A_d^T) @ B_d^T`` with d = adapter_ids[row].
+
+    Args:
+        x: [N, in], fp32/fp16/bf16. lora_a: [D, r, in]; lora_b: [D, out, r] (cast to x's dtype).
+        adapter_ids: int [N]; -1 means no adapter (the row gets zeros).
+        scaling: float or fp32 [D] (PEFT's alpha / r per slot).
+        backend: 'auto' | 'triton' | 'torch'.
+        segments: a precomputed :func:`build_segments` for these ids (shared across layers).
+        check_ids: validate that ids lie in [-1, D) (one host sync; the layers skip it).
+    Returns:
+        [N, out] in x's dtype. Gradients flow to x, lora_a and lora_b (dA, dB accumulated in fp32).
+    """
+    _check_lora_args(x, lora_a, lora_b, adapter_ids, scaling)
+    D = lora_a.shape[0]
+    if check_ids and adapter_ids.numel() > 0:
+        lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
+        if lo < -1 or hi >= D:
+            raise ValueError(f"adapter_ids must lie in [-1, {D - 1}] for D={D} adapters, got values in [{lo}, {hi}]")
+    be = resolve_backend(backend, x.device)
+    scale = _scaling_vector(scaling, D, x.device)
+    if be == "torch":
+        return _grouped_lora_torch(x, lora_a, lora_b, adapter_ids, scale)
+    a = lora_a.to(x.dtype)
+    b = lora_b.to(x.dtype)
+    seg = segments if segments is not None else build_segments(adapter_ids.to(x.device), D)
+    return GroupedLoRAFunction.apply(x.contiguous() if x.stride(-1) != 1 else x, a, b, scale, seg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Module, model surgery, PEFT interop
+# ----------------------------------------------------------------------------------------------
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class AdapterIds:
+    """Per-model state shared by every GroupedLoRALinear: the current per-sequence ids and the
+    segment table for the row layout last seen (built once per forward, not once per layer)."""
+
+    def __init__(self, num_adapters: int, backend: str):
+        self.num_adapters = num_adapters
+        self.backend = backend
+        self.seq_ids: Optional[torch.Tensor] = None
+        self._cache: Dict[Tuple, Tuple[torch.Tensor, Optional[Segments]]] = {}
+
+    def set(self, ids: Optional[torch.Tensor]):
+        if ids is not None:
+            ids = torch.as_tensor(ids)
+            if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+                raise ValueError(f"adapter ids must be an integer tensor [B] (one per sequence), got {ids.dtype} {tuple(ids.shape)}")
+            if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.num_adapters):
+                raise ValueError(f"adapter ids must lie in [-1, {self.num_adapters - 1}], got {ids.tolist()}")
+        self.seq_ids = ids
+        self._cache.clear()
+
+    def rows(self, lead_shape: torch.Size, device, backend: str) -> Tuple[torch.Tensor, Optional[Segments]]:
+        """Row ids [prod(lead_shape)] for an input of leading shape [B, T] (or [B]), plus segments."""
+        key = (tuple(lead_shape), str(device), backend)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        if self.seq_ids is None:
+            raise ValueError("no adapter ids set: call set_adapter_ids(model, ids) before the forward pass")
+        B = lead_shape[0] if len(lead_shape) else 1
+        if self.seq_ids.numel() != B:
+            raise ValueError(f"adapter ids were set for {self.seq_ids.numel()} sequences but the batch has {B}")
+        per_seq = int(math.prod(lead_shape[1:])) if len(lead_shape) > 1 else 1
+        row_ids = self.seq_ids.to(device).repeat_interleave(per_seq)
+        seg = build_segments(row_ids, self.num_adapters) if backend == "triton" else None
+        self._cache[key] = (row_ids, seg)
+        return row_ids, seg
+
+
+class GroupedLoRALinear(nn.Module):
+    """An ``nn.Linear`` (frozen) plus D LoRA slots; each sequence uses the slot set in ``ids``.
+
+    Parameters: lora_A [D, r, in], lora_B [D, out, r]; buffer ``scaling`` fp32 [D] (alpha / r of
+    each slot; slots holding a smaller rank are zero-padded and keep their own alpha / r).
+    """
+
+    def __init__(self, base: nn.Linear, num_adapters: int, rank: int, alpha: float, ids: AdapterIds):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"GroupedLoRALinear wraps nn.Linear, got {type(base).__name__}")
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.num_adapters, self.rank, self.alpha = num_adapters, rank, alpha
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Parameter(torch.zeros(num_adapters, rank, self.in_features, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.zeros(num_adapters, self.out_features, rank, device=dev, dtype=dt))
+        self.register_buffer("scaling", torch.full((num_adapters,), alpha / rank, dtype=torch.float32, device=dev))
+        self._ids = ids
+
+    @torch.no_grad()
+    def reset_slot(self, slot: int, generator: torch.Generator):
+        """PEFT init: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        a = torch.rand(self.rank, self.in_features, generator=generator, dtype=torch.float32) * (2 * bound) - bound
+        self.lora_A[slot].copy_(a)
+        self.lora_B[slot].zero_()
+        self.scaling[slot] = self.alpha / self.rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        backend = resolve_backend(self._ids.backend, x.device)
+        row_ids, seg = self._ids.rows(x.shape[:-1], x.device, backend)
+        x2 = x.reshape(-1, self.in_features)
+        delta = grouped_lora(x2, self.lora_A, self.lora_B, row_ids, self.scaling, backend=backend,
+                             segments=seg, check_ids=False)
+        return out + delta.reshape(out.shape).to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, adapters={self.num_adapters}, rank={self.rank}"
+
+
+def _module_seed(seed: int, slot_key: str) -> int:
+    # A fixed hash (not Python's salted hash()) so that an init is reproducible across processes.
+    h = 1469598103934665603
+    for ch in f"{seed}:{slot_key}".encode():
+        h = ((h ^ ch) * 1099511628211) % (1 << 63)
+    return h
+
+
+def attach_grouped_lora(
+    model: nn.Module,
+    num_adapters: int,
+    rank: int = 16,
+    alpha: float = 16,
+    target_modules: Sequence[str] = DEFAULT_TARGETS,
+    *,
+    seed: int = 0,
+    backend: str = "auto",
+) -> nn.Module:
+    """Wrap the model's linear layers named in ``target_modules`` (by last name component) in place.
+
+    All base parameters are frozen; every slot is initialised as PEFT does, reproducibly from
+    ``seed`` (slot s of module m gets its own stream, independent of the other slots).
+    Returns the model. Use :func:`set_adapter_ids` before each forward.
+    """
+    if num_adapters < 1:
+        raise ValueError(f"num_adapters must be >= 1, got {num_adapters}")
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if getattr(model, "_grouped_lora", None) is not None:
+        raise ValueError("this model already has grouped LoRA attached")
+    ids = AdapterIds(num_adapters, backend)
+    targets = set(target_modules)
+    found = []
+    for name, module in list(model.named_modules()):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in targets and isinstance(module, nn.Linear):
+            found.append((name, module))
+    if not found:
+        raise ValueError(f"no nn.Linear named any of {sorted(targets)} in {type(model).__name__}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in found:
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, name.rsplit(".", 1)[-1], GroupedLoRALinear(module, num_adapters, rank, alpha, ids))
+    model._grouped_lora = {"ids": ids, "rank": rank, "alpha": alpha, "targets": sorted({n.rsplit('.', 1)[-1] for n, _ in found}),
+                           "slot_rank": [rank] * num_adapters, "slot_alpha": [alpha] * num_adapters}
+    for slot in range(num_adapters):
+        reset_slot(model, slot, seed)
+    return model
+
+
+def _state(model) -> dict:
+    st = getattr(model, "_grouped_lora", None)
+    if st is None:
+        raise ValueError("call attach_grouped_lora(model, ...) first")
+    return st
+
+
+def grouped_lora_modules(model: nn.Module) -> Dict[str, GroupedLoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, GroupedLoRALinear)}
+
+
+def reset_slot(model: nn.Module, slot: int, seed: int) -> None:
+    """Re-initialise one slot in every layer (PEFT init) from ``seed`` alone: the result does not
+    depend on the slot index or on the other slots, so a document's KM does not depend on its batch."""
+    st = _state(model)
+    _check_slot(model, slot)
+    for name, m in grouped_lora_modules(model).items():
+        m.reset_slot(slot, torch.Generator().manual_seed(_module_seed(seed, name)))
+    st["slot_rank"][slot] = st["rank"]
+    st["slot_alpha"][slot] = st["alpha"]
+
+
+def _check_slot(model, slot):
+    n = _state(model)["ids"].num_adapters
+    if not (0 <= int(slot) < n):
+        raise ValueError(f"slot must be in [0, {n - 1}], got {slot}")
+
+
+def set_adapter_ids(model: nn.Module, ids: Optional[Union[torch.Tensor, Sequence[int]]]) -> None:
+    """Set the slot of each sequence [B] for the next forward passes (-1 = base model only)."""
+    _state(model)["ids"].set(torch.as_tensor(ids) if ids is not None else None)
+
+
+def slot_parameters(model: nn.Module) -> List[nn.Parameter]:
+    return [p for m in grouped_lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
+
+
+def _peft_key(module_name: str, which: str) -> str:
+    return f"base_model.model.{module_name}.{which}.weight"
+
+
+def export_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike], *,
+                base_model_name_or_path: Optional[str] = None) -> None:
+    """Write slot ``slot`` as a standard PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).
+
+    The folder is written to a temporary sibling and renamed into place, so a crash never
+    leaves a half-written adapter.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    st = _state(model)
+    _check_slot(model, slot)
+    r, alpha = st["slot_rank"][slot], st["slot_alpha"][slot]
+    tensors = {}
+    for name, m in grouped_lora_modules(model).items():
+        tensors[_peft_key(name, "lora_A")] = m.lora_A[slot, :r].detach().to("cpu").contiguous().clone()
+        tensors[_peft_key(name, "lora_B")] = m.lora_B[slot, :, :r].detach().to("cpu").contiguous().clone()
+    base_name = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(st["targets"]), lora_dropout=0.0, bias="none",
+                     task_type="CAUSAL_LM", base_model_name_or_path=base_name)
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    try:
+        cfg.save_pretrained(tmp)
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+            os.rename(path, os.path.join(old, "x"))
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+
+
+def load_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike]) -> None:
+    """Load a PEFT LoRA folder into ``slot``. Smaller ranks are zero-padded; the slot keeps the
+    adapter's own alpha / r. Mismatched rank, targets or base model raise ValueError; on error the
+    slot is left as it was."""
+    from safetensors.torch import load_file
+
+    st = _state(model)
+    _check_slot(model, slot)
+    path = os.fspath(path)
+    cfg_path = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"{path} is not a PEFT adapter folder: no adapter_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    for unsupported in ("use_dora", "use_rslora"):
+        if cfg.get(unsupported):
+            raise ValueError(f"{path}: {unsupported}=True adapters are not supported")
+    r = int(cfg["r"])
+    alpha = float(cfg.get("lora_alpha", r))
+    if r > st["rank"]:
+        raise ValueError(f"{path}: adapter rank r={r} exceeds the attached rank {st['rank']}")
+    weights_path = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(weights_path):
+        raise ValueError(f"{path}: no adapter_model.safetensors")
+    tensors = load_file(weights_path)
+    modules = grouped_lora_modules(model)
+    staged: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY_RE.match(key)
+        if m is None:
+            raise ValueError(f"{path}: unexpected tensor {key!r} (not a LoRA A/B weight)")
+        mod_name = m.group("module")
+        if mod_name not in modules:
+            leaf = mod_name.rsplit(".", 1)[-1]
+            raise ValueError(f"{path}: adapter targets module {mod_name!r} ({leaf}), which this model "
+                             f"does not have or did not wrap (wrapped targets: {st['targets']}); different base model or targets?")
+        staged.setdefault(mod_name, {})[m.group("which")] = t
+    if not staged:
+        raise ValueError(f"{path}: the adapter holds no LoRA weights")
+    for mod_name, ab in staged.items():
+        mod = modules[mod_name]
+        a, b = ab.get("lora_A"), ab.get("lora_B")
+        if a is None or b is None:
+            raise ValueError(f"{path}: module {mod_name} has only one of lora_A / lora_B")
+        if tuple(a.shape) != (r, mod.in_features) or tuple(b.shape) != (mod.out_features, r):
+            raise ValueError(f"{path}: {mod_name} expects lora_A ({r}, {mod.in_features}) and lora_B "
+                             f"({mod.out_features}, {r}) for r={r}, got {tuple(a.shape)} and {tuple(b.shape)}: different base model?")
+    with torch.no_grad():
+        for mod_name, mod in modules.items():
+            mod.lora_A[slot].zero_()
+            mod.lora_B[slot].zero_()
+            if mod_name in staged:  # modules the adapter does not target keep a zero delta
+                mod.lora_A[slot, :r].copy_(staged[mod_name]["lora_A"])
+                mod.lora_B[slot, :, :r].copy_(staged[mod_name]["lora_B"])
+            mod.scaling[slot] = alpha / r
+    st["slot_rank"][slot] = r
+    st["slot_alpha"][slot] = alpha

@@ -1,0 +1,326 @@
+"""grouped_lora against a float64 per-adapter loop, and the model-level API against PEFT."""
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import DEVICE, KERNEL_DTYPES
+from kmkernels.lora import (GroupedLoRALinear, attach_grouped_lora, build_segments, export_peft, grouped_lora,
+                            load_peft, reset_slot, set_adapter_ids, slot_parameters)
+from reference import rel_err
+
+BACKENDS = ["torch", "triton"]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def loop_ref(x, A, B, ids, scaling):
+    """float64 per-adapter loop: y[n] = s_d * B_d A_d x_n."""
+    y = torch.zeros(x.shape[0], B.shape[1], dtype=torch.float64)
+    for d in range(A.shape[0]):
+        rows = (ids == d).nonzero().squeeze(1)
+        if rows.numel():
+            y = y.index_add(0, rows, scaling[d] * (x[rows].double() @ A[d].double().T) @ B[d].double().T)
+    return y
+
+
+def id_pattern(kind, n, d, g):
+    if kind == "sorted":
+        return torch.sort(torch.randint(0, d, (n,), generator=g)).values
+    if kind == "interleaved":
+        return torch.arange(n) % d
+    if kind == "all_none":
+        return torch.full((n,), -1)
+    if kind == "one_adapter":
+        return torch.full((n,), d - 1)
+    if kind == "empty_slots":  # only even slots used, with some -1 rows mixed in
+        ids = 2 * torch.randint(0, (d + 1) // 2, (n,), generator=g)
+        ids[torch.rand(n, generator=g) < 0.2] = -1
+        return ids
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("kind", ["sorted", "interleaved", "all_none", "one_adapter", "empty_slots"])
+def test_grouped_lora_matches_loop(backend, dtype, kind):
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    N, din, dout, r, D = 53, 40, 72, 8, 5
+    x = torch.randn(N, din, generator=g).to(DEVICE, dtype).requires_grad_()
+    A = (torch.randn(D, r, din, generator=g) * 0.2).to(DEVICE, dtype).requires_grad_()
+    B = (torch.randn(D, dout, r, generator=g) * 0.2).to(DEVICE, dtype).requires_grad_()
+    ids = id_pattern(kind, N, D, g)
+    scaling = torch.rand(D, generator=g) + 0.5
+    y = grouped_lora(x, A, B, ids.to(DEVICE), scaling, backend=backend)
+    dy = torch.randn(N, dout, generator=g)
+    grads = torch.autograd.grad(y, (x, A, B), dy.to(DEVICE, dtype))
+    x64, A64, B64 = (t.detach().double().cpu().requires_grad_() for t in (x, A, B))
+    ref = loop_ref(x64, A64, B64, ids, scaling.double())
+    rgrads = (torch.autograd.grad(ref, (x64, A64, B64), dy.double(), allow_unused=True) if ref.requires_grad
+              else (None, None, None))  # no row has an adapter: every true gradient is zero
+    assert y.dtype == dtype and y.shape == ref.shape
+    assert rel_err(y, ref) < TOL[dtype]
+    for name, gr, rg in zip(("dx", "dA", "dB"), grads, rgrads):
+        rg = torch.zeros_like(gr, dtype=torch.float64, device="cpu") if rg is None else rg
+        assert rel_err(gr, rg) < TOL[dtype], name
+    # Rows without an adapter: exact zeros in y and dx; unused slots: exact zero dA, dB.
+    none = ids < 0
+    assert (y.detach().cpu()[none] == 0).all() and (grads[0].cpu()[none] == 0).all()
+    unused = [d for d in range(D) if not (ids == d).any()]
+    for d in unused:
+        assert (grads[1][d] == 0).all() and (grads[2][d] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scalar_scaling_rank_not_multiple_of_16_and_n0(backend):
+    N, din, dout, r, D = 7, 9, 11, 3, 2
+    x = torch.randn(N, din, device=DEVICE, requires_grad=True)
+    A = torch.randn(D, r, din, device=DEVICE, requires_grad=True)
+    B = torch.randn(D, dout, r, device=DEVICE, requires_grad=True)
+    ids = torch.tensor([1, 0, 1, -1, 0, 0, 1])
+    y = grouped_lora(x, A, B, ids.to(DEVICE), 0.75, backend=backend)
+    ref = loop_ref(x.detach().cpu(), A.detach().cpu(), B.detach().cpu(), ids, torch.full((D,), 0.75, dtype=torch.float64))
+    assert rel_err(y, ref) < 1e-5
+    # N = 0
+    x0 = torch.randn(0, din, device=DEVICE, requires_grad=True)
+    y0 = grouped_lora(x0, A, B, torch.zeros(0, dtype=torch.long, device=DEVICE), 1.0, backend=backend)
+    assert y0.shape == (0, dout)
+    gA, gB = torch.autograd.grad(y0.sum(), (A, B), allow_unused=True)
+    for gr in (gA, gB):
+        assert gr is None or (gr == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_adapters(backend):
+    """D = 1024 slots, most empty."""
+    N, din, dout, r, D = 40, 16, 16, 4, 1024
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(N, din, generator=g).to(DEVICE).requires_grad_()
+    A = torch.randn(D, r, din, generator=g).to(DEVICE).requires_grad_()
+    B = torch.randn(D, dout, r, generator=g).to(DEVICE).requires_grad_()
+    ids = torch.randint(0, D, (N,), generator=g)
+    ids[:5] = 1023
+    y = grouped_lora(x, A, B, ids.to(DEVICE), 2.0, backend=backend)
+    dA, = torch.autograd.grad(y.square().sum(), (A,))
+    x64, A64 = x.detach().double().cpu(), A.detach().double().cpu().requires_grad_()
+    ref = loop_ref(x64, A64, B.detach().cpu(), ids, torch.full((D,), 2.0, dtype=torch.float64))
+    rdA, = torch.autograd.grad(ref.square().sum(), (A64,))
+    assert rel_err(y, ref) < 1e-5 and rel_err(dA, rdA) < 1e-5
+
+
+def test_segments_cover_each_row_once():
+    ids = torch.tensor([3, -1, 0, 3, 3, 1, -1, 0] * 9)
+    seg = build_segments(ids, 4, block_m=4)
+    covered = []
+    for s, r0, r1 in zip(seg.tile_seg.tolist(), seg.tile_r0.tolist(), seg.tile_r1.tolist()):
+        if s < 0:
+            continue
+        rows = seg.order[r0:r1].tolist()
+        assert all((ids[row].item() if ids[row] >= 0 else 4) == s for row in rows)
+        covered += rows
+    assert sorted(covered) == list(range(ids.numel()))
+
+
+def test_deterministic_triton():
+    x = torch.randn(64, 32, device=DEVICE, requires_grad=True)
+    A = torch.randn(3, 8, 32, device=DEVICE, requires_grad=True)
+    B = torch.randn(3, 24, 8, device=DEVICE, requires_grad=True)
+    ids = torch.randint(-1, 3, (64,), device=DEVICE)
+    runs = []
+    for _ in range(2):
+        y = grouped_lora(x, A, B, ids, 1.0, backend="triton")
+        runs.append((y, *torch.autograd.grad(y.sum(), (x, A, B))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(ids=torch.tensor([0, 5, 1])), r"adapter_ids must lie in \[-1, 2\]"),
+    (dict(ids=torch.tensor([0, 1])), r"adapter_ids must be \[N\]=3"),
+    (dict(ids=torch.tensor([0.0, 1.0, 1.0])), "integer"),
+    (dict(x=torch.randn(3, 5)), "in=5"),
+    (dict(scaling=torch.ones(4)), "scaling"),
+    (dict(backend="gpu"), "backend"),
+])
+def test_bad_input(kwargs, match):
+    args = dict(x=torch.randn(3, 4), A=torch.randn(3, 2, 4), B=torch.randn(3, 6, 2), ids=torch.tensor([0, 1, 2]),
+                scaling=1.0, backend="torch")
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        grouped_lora(args["x"], args["A"], args["B"], args["ids"], args["scaling"], backend=args["backend"])
+
+
+# ------------------------------------------------------------------------------ model level vs PEFT
+def tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).float().eval()
+
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def peft_model(base, seed, r=4, alpha=8):
+    from peft import LoraConfig, get_peft_model
+
+    m = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=list(TARGETS)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return m
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attach_matches_separate_peft_models(backend, tmp_path):
+    base = tiny_llama()
+    D = 3
+    peft_models = [peft_model(base, seed=10 + d) for d in range(D)]
+    grouped = attach_grouped_lora(copy.deepcopy(base), D, rank=4, alpha=8, backend=backend)
+    for d, pm in enumerate(peft_models):
+        pm.save_pretrained(tmp_path / f"a{d}")
+        load_peft(grouped, d, tmp_path / f"a{d}")
+    ids = torch.tensor([2, 0, -1, 1, 2])
+    input_ids = torch.randint(0, 97, (5, 7))
+    set_adapter_ids(grouped, ids)
+    with torch.no_grad():
+        out = grouped(input_ids=input_ids).logits
+        for b, d in enumerate(ids.tolist()):
+            ref = (base if d < 0 else peft_models[d])(input_ids=input_ids[b:b + 1]).logits
+            assert rel_err(out[b:b + 1], ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adamw_step_on_mixed_batch_equals_peft_alone(backend, tmp_path):
+    base = tiny_llama(1)
+    D = 3
+    grouped = attach_grouped_lora(copy.deepcopy(base), D, rank=4, alpha=8, backend=backend)
+    peft_models = [peft_model(base, seed=20 + d) for d in range(D)]
+    for d, pm in enumerate(peft_models):
+        pm.save_pretrained(tmp_path / f"a{d}")
+        load_peft(grouped, d, tmp_path / f"a{d}")
+    input_ids = torch.randint(0, 97, (6, 8))
+    ids = torch.tensor([1, 0, 1, 2, 0, 1])  # interleaved documents
+
+    def per_doc_loss(logits, logit_rows, doc_rows):
+        """Next-token loss of document rows ``doc_rows`` whose logits sit at ``logit_rows``."""
+        return torch.nn.functional.cross_entropy(logits[logit_rows, :-1].reshape(-1, 97),
+                                                 input_ids[doc_rows, 1:].reshape(-1))
+
+    # Mixed batch: the sum over documents of each document's own mean loss (separable per slot).
+    opt = torch.optim.AdamW(slot_parameters(grouped), lr=1e-2, weight_decay=0.0)
+    before = {n: m.lora_A.detach().clone() for n, m in grouped.named_modules() if isinstance(m, GroupedLoRALinear)}
+    set_adapter_ids(grouped, ids)
+    logits = grouped(input_ids=input_ids).logits
+    loss = sum(per_doc_loss(logits, (ids == d).nonzero().squeeze(1), (ids == d).nonzero().squeeze(1)) for d in range(D))
+    loss.backward()
+    opt.step()
+    for d, pm in enumerate(peft_models):
+        rows = (ids == d).nonzero().squeeze(1)
+        params = [p for p in pm.parameters() if p.requires_grad]
+        popt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+        per_doc_loss(pm(input_ids=input_ids[rows]).logits, torch.arange(rows.numel()), rows).backward()
+        popt.step()
+        sd = dict(pm.named_parameters())
+        for name, m in grouped.named_modules():
+            if not isinstance(m, GroupedLoRALinear):
+                continue
+            pa = sd[f"base_model.model.{name}.lora_A.default.weight"]
+            pb = sd[f"base_model.model.{name}.lora_B.default.weight"]
+            assert rel_err(m.lora_A[d], pa) < 1e-5 and rel_err(m.lora_B[d], pb) < 1e-5
+            assert not torch.equal(m.lora_A[d], before[name][d])  # it did move
+
+
+def test_export_peft_round_trip(tmp_path):
+    from peft import PeftModel
+
+    base = tiny_llama(2)
+    grouped = attach_grouped_lora(copy.deepcopy(base), 2, rank=4, alpha=16, seed=3, backend="torch")
+    with torch.no_grad():  # give B non-zero values so the adapter changes outputs
+        for p in slot_parameters(grouped):
+            p.add_(torch.randn_like(p) * 0.05)
+    export_peft(grouped, 1, tmp_path / "km")
+    cfg = json.loads((tmp_path / "km" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 16 and sorted(cfg["target_modules"]) == sorted(TARGETS)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "km")
+    input_ids = torch.randint(0, 97, (2, 6))
+    set_adapter_ids(grouped, [1, 1])
+    with torch.no_grad():
+        ours = grouped(input_ids=input_ids).logits
+        theirs = loaded(input_ids=input_ids).logits
+        plain = base(input_ids=input_ids).logits
+    assert rel_err(theirs, ours) < 1e-5
+    assert rel_err(plain, ours) > 1e-3  # the adapter matters
+
+
+def test_smaller_rank_slot_and_errors(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama(3)
+    small = peft_model(base, seed=4, r=2, alpha=4)
+    small.save_pretrained(tmp_path / "r2")
+    grouped = attach_grouped_lora(copy.deepcopy(base), 2, rank=4, alpha=8, backend="torch")
+    load_peft(grouped, 0, tmp_path / "r2")
+    input_ids = torch.randint(0, 97, (1, 5))
+    set_adapter_ids(grouped, [0])
+    with torch.no_grad():
+        assert rel_err(grouped(input_ids=input_ids).logits, small(input_ids=input_ids).logits) < 1e-5
+    # round trip keeps the smaller rank
+    export_peft(grouped, 0, tmp_path / "r2_again")
+    assert json.loads((tmp_path / "r2_again" / "adapter_config.json").read_text())["r"] == 2
+
+    big = peft_model(base, seed=5, r=8, alpha=8)
+    big.save_pretrained(tmp_path / "r8")
+    with pytest.raises(ValueError, match="rank r=8 exceeds"):
+        load_peft(grouped, 1, tmp_path / "r8")
+    other = get_peft_model(tiny_llama(4), LoraConfig(r=4, target_modules=["lm_head"]))
+    other.save_pretrained(tmp_path / "lm_head")
+    with pytest.raises(ValueError, match="lm_head"):
+        load_peft(grouped, 1, tmp_path / "lm_head")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    wider = get_peft_model(LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=48,
+                                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)),
+                           LoraConfig(r=4, target_modules=list(TARGETS)))
+    wider.save_pretrained(tmp_path / "wider")
+    with pytest.raises(ValueError, match="different base model"):
+        load_peft(grouped, 1, tmp_path / "wider")
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        load_peft(grouped, 1, tmp_path)
+    with pytest.raises(ValueError, match="slot"):
+        load_peft(grouped, 7, tmp_path / "r2")
+
+
+def test_seeded_init_is_reproducible_and_slot_independent():
+    base = tiny_llama(5)
+    a = attach_grouped_lora(copy.deepcopy(base), 3, rank=4, seed=11, backend="torch")
+    b = attach_grouped_lora(copy.deepcopy(base), 3, rank=4, seed=11, backend="torch")
+    for pa, pb in zip(slot_parameters(a), slot_parameters(b)):
+        assert torch.equal(pa, pb)
+    # reset_slot(seed) gives the same values whatever the slot index
+    reset_slot(a, 0, seed=99)
+    reset_slot(a, 2, seed=99)
+    for name, m in a.named_modules():
+        if isinstance(m, GroupedLoRALinear):
+            assert torch.equal(m.lora_A[0], m.lora_A[2])
+            assert (m.lora_B[0] == 0).all()
+            bound = 1 / m.in_features**0.5
+            assert m.lora_A[0].abs().max() <= bound and m.lora_A[0].std() > bound / 3
+    # only LoRA parameters train
+    assert all(("lora_" in n) == p.requires_grad for n, p in a.named_parameters())
+
+
+def test_ids_errors():
+    m = attach_grouped_lora(tiny_llama(), 2, rank=2, backend="torch")
+    with pytest.raises(ValueError, match="no adapter ids set"):
+        m(input_ids=torch.randint(0, 97, (1, 3)))
+    with pytest.raises(ValueError, match=r"lie in \[-1, 1\]"):
+        set_adapter_ids(m, [0, 2])
+    set_adapter_ids(m, [0, 1])
+    with pytest.raises(ValueError, match="set for 2 sequences but the batch has 3"):
+        m(input_ids=torch.randint(0, 97, (3, 3)))
+    with pytest.raises(ValueError, match="already has grouped LoRA"):
+        attach_grouped_lora(m, 2)
