@@ -1,0 +1,167 @@
+"""Grouped LoRA benchmark table: ``python -m bench.lora [--out bench/results/lora_<device>.md]``.
+
+Delta only (y = s_d * x A_d^T B_d^T): our Triton path, a per-adapter Python loop (our torch
+path), and ``torch._grouped_mm`` (rows physically sorted first, as it requires) where it runs.
+Layer forward (base matmul + delta), for serving: ours against PEFT's mixed-batch forward
+(``adapter_names=``), one adapter per sequence of 128 tokens.
+Memory floor: forward reads x and A, B once and writes the delta once; backward reads dy, x,
+A, B once and writes dx, dA, dB once. Fraction = floor time at the measured copy bandwidth
+over measured time.
+GPU shapes: N in {2048, 8192}, in->out in {4096->4096, 4096->14336}, r in {16, 64},
+D in {1, 8, 32, 128}, bf16. CPU: N in {512, 2048}, 576->576 and 576->1536 (SmolLM2-135M),
+r=16, D in {1, 8, 32}, fp32, torch paths only (the Triton interpreter is a test tool).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import sys
+
+import torch
+from torch import nn
+
+from bench.common import copy_bandwidth, env_block, environment, markdown_table, time_ms
+
+GPU = torch.cuda.is_available()
+DEV = "cuda" if GPU else "cpu"
+SEQ = 128  # tokens per sequence: adapter ids are per sequence
+
+
+def make(N, din, dout, r, D, dtype, grad):
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.randn(N, din, device=DEV, generator=g).to(dtype).requires_grad_(grad)
+    A = (torch.randn(D, r, din, device=DEV, generator=g) / din**0.5).to(dtype).requires_grad_(grad)
+    B = (torch.randn(D, dout, r, device=DEV, generator=g) * 0.01).to(dtype).requires_grad_(grad)
+    seq_ids = torch.randint(0, D, (max(1, N // SEQ),), device=DEV, generator=g)
+    ids = seq_ids.repeat_interleave(SEQ)[:N]
+    if ids.numel() < N:
+        ids = torch.cat([ids, ids.new_zeros(N - ids.numel())])
+    return x, A, B, ids, seq_ids
+
+
+def grouped_mm_delta(x, A, B, ids, scaling):
+    """torch._grouped_mm needs rows physically grouped: gather, two grouped GEMMs, scatter back."""
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=A.shape[0])
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    xs = x.index_select(0, order)
+    h = torch._grouped_mm(xs, A.transpose(1, 2), offs=offs)
+    ys = torch._grouped_mm(h, B.transpose(1, 2), offs=offs) * scaling
+    return torch.empty_like(ys).index_copy(0, order, ys)
+
+
+def delta_fn(method, x, A, B, ids):
+    from kmkernels import grouped_lora
+
+    if method == "kmkernels-triton":
+        return lambda: grouped_lora(x, A, B, ids, 1.0, backend="triton", check_ids=False)
+    if method == "loop (torch path)":
+        return lambda: grouped_lora(x, A, B, ids, 1.0, backend="torch", check_ids=False)
+    if method == "torch._grouped_mm":
+        return lambda: grouped_mm_delta(x, A, B, ids, 1.0)
+    raise ValueError(method)
+
+
+class OneLayer(nn.Module):
+    def __init__(self, din, dout):
+        super().__init__()
+        self.proj = nn.Linear(din, dout, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def layer_fns(N, din, dout, r, D, dtype):
+    """(ours, peft) forward of base linear + per-sequence LoRA, no grad (serving)."""
+    from peft import LoraConfig, get_peft_model
+
+    from kmkernels import attach_grouped_lora, set_adapter_ids
+
+    x, A, B, ids, seq_ids = make(N, din, dout, r, D, dtype, False)
+    base = OneLayer(din, dout).to(DEV, dtype)
+    ours = attach_grouped_lora(copy.deepcopy(base), D, rank=r, alpha=r, target_modules=("proj",))
+    set_adapter_ids(ours, seq_ids)
+    xb = x.reshape(-1, SEQ, din) if N % SEQ == 0 else x.reshape(1, N, din)
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=r, target_modules=["proj"]),
+                          adapter_name="a0")
+    for d in range(1, D):
+        peft.add_adapter(f"a{d}", LoraConfig(r=r, lora_alpha=r, target_modules=["proj"]))
+    peft.eval()  # mixed-batch adapter_names is inference only in PEFT
+    names = [f"a{d}" for d in seq_ids.tolist()][: xb.shape[0]]
+
+    def ours_fn():
+        with torch.no_grad():
+            return ours(xb)
+
+    def peft_fn():
+        with torch.no_grad():
+            return peft(xb, adapter_names=names)
+
+    return ours_fn, peft_fn
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    env = environment()
+    if GPU:
+        dtype, Ns, dims, ranks, Ds = torch.bfloat16, [2048, 8192], [(4096, 4096), (4096, 14336)], [16, 64], [1, 8, 32, 128]
+        methods = ["kmkernels-triton", "loop (torch path)", "torch._grouped_mm"]
+        ours_backend = "kmkernels-triton"
+    else:
+        dtype, Ns, dims, ranks, Ds = torch.float32, [512, 2048], [(576, 576), (576, 1536)], [16], [1, 8, 32]
+        methods = ["loop (torch path)", "torch._grouped_mm"]
+        ours_backend = "loop (torch path)"
+    if args.quick:
+        Ns, dims, Ds = Ns[:1], dims[:1], Ds[:2]
+    bw = copy_bandwidth(DEV)
+    esize = torch.tensor([], dtype=dtype).element_size()
+    print(f"copy bandwidth (read+write): {bw / 1e9:.1f} GB/s", flush=True)
+    rows = []
+    for N, (din, dout), r, D in itertools.product(Ns, dims, ranks, Ds):
+        ab = D * r * (din + dout) * esize
+        fwd_floor = (N * din * esize + N * dout * esize + ab) / bw * 1e3
+        bwd_floor = (N * dout + 2 * N * din) * esize / bw * 1e3 + 2 * ab / bw * 1e3
+        shape = f"N={N} {din}->{dout} r={r} D={D}"
+        for method in methods:
+            try:
+                x, A, B, ids, _ = make(N, din, dout, r, D, dtype, True)
+                f = delta_fn(method, x, A, B, ids)
+                with torch.no_grad():
+                    fwd = time_ms(f)
+                fb = time_ms(lambda: torch.autograd.grad(f(), (x, A, B), torch.ones(N, dout, device=DEV, dtype=dtype)))
+                row = [shape, "delta", method, f"{fwd:.3f}", f"{fwd_floor / fwd:.0%}", f"{fb:.3f}",
+                       f"{(fwd_floor + bwd_floor) / fb:.0%}"]
+            except Exception as e:
+                row = [shape, "delta", method, "n/a", "", "n/a", f"{type(e).__name__}: {str(e)[:50]}"]
+            print(" | ".join(row), flush=True)
+            rows.append(row)
+        if D in (Ds[0], Ds[-1]) and r == ranks[0]:  # serving rows: base + delta, forward only
+            try:
+                ours_fn, peft_fn = layer_fns(N, din, dout, r, D, dtype)
+                base_bytes = din * dout * esize
+                floor = (N * din * esize + N * dout * esize + ab + base_bytes) / bw * 1e3
+                for name, f in ((f"{ours_backend} (base+delta)", ours_fn), ("peft adapter_names= (base+delta)", peft_fn)):
+                    t = time_ms(f)
+                    row = [shape, "layer fwd", name, f"{t:.3f}", f"{floor / t:.0%}", "", ""]
+                    print(" | ".join(row), flush=True)
+                    rows.append(row)
+            except Exception as e:
+                rows.append([shape, "layer fwd", "peft", "n/a", f"{type(e).__name__}: {str(e)[:50]}", "", ""])
+    table = markdown_table(["shape", "what", "method", "fwd ms", "fwd of mem floor", "fwd+bwd ms",
+                            "fwd+bwd of mem floor"], rows)
+    text = (f"# Grouped LoRA benchmarks\n\n{env_block(env)}\n- dtype: {str(dtype).split('.')[-1]}\n"
+            f"- measured copy bandwidth (read+write): {bw / 1e9:.1f} GB/s\n"
+            f"- adapters are assigned per sequence of {SEQ} tokens, uniformly at random over D slots\n\n{table}\n")
+    print()
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
