@@ -257,7 +257,7 @@ def _grouped_lora_torch(x, lora_a, lora_b, adapter_ids, scaling):
         rows = (ids == d).nonzero().squeeze(1)
         xd = x.index_select(0, rows).float()
         yd = (xd @ lora_a[d].float().T) @ lora_b[d].float().T * scaling[d]
-        y = y.index_add(0, rows, yd)
+        y = y.index_add(0, rows, yd.to(y.dtype))  # under autocast the matmuls may return bf16
     return y.to(x.dtype)
 
 
@@ -505,11 +505,11 @@ def _peft_key(module_name: str, which: str) -> str:
 
 
 def export_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike], *,
-                base_model_name_or_path: Optional[str] = None) -> None:
+                base_model_name_or_path: Optional[str] = None, extra_files: Optional[Dict[str, str]] = None) -> None:
     """Write slot ``slot`` as a standard PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).
 
     The folder is written to a temporary sibling and renamed into place, so a crash never
-    leaves a half-written adapter.
+    leaves a half-written adapter. ``extra_files`` (name -> text) are written inside it first.
     """
     from peft import LoraConfig
     from safetensors.torch import save_file
@@ -531,6 +531,9 @@ def export_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike], *,
     try:
         cfg.save_pretrained(tmp)
         save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        for fname, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, fname), "w") as f:
+                f.write(text)
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=".old-", dir=parent)
             os.rename(path, os.path.join(old, "x"))

@@ -1,0 +1,108 @@
+"""Command line: `kmtrain index DOCS --out DIR ...` and `kmtrain ask --km DIR/ID "question" ...`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import List, Optional
+
+from .config import OBJECTIVES, PRESETS, IndexConfig
+from .data import DocumentError
+
+
+def _index_parser(sub):
+    p = sub.add_parser("index", help="train one Knowledge Module per document")
+    p.add_argument("docs", help="folder of .txt/.md files, a .jsonl of {id, text}, or a Hugging Face dataset name")
+    p.add_argument("--out", required=True, help="output folder: one PEFT adapter folder per document")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="'paper': 2048-token chunks, 16 targets, 1500 steps, batch 8")
+    d = IndexConfig()
+    p.add_argument("--model", default=d.model, help="alias (smollm2-135m), local folder or Hub name")
+    p.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--docs-per-step", type=int, default=d.docs_per_step)
+    p.add_argument("--examples-per-doc", type=int, default=d.examples_per_doc, help="examples of each document per step")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument("--chunk-tokens", type=int, default=d.chunk_tokens)
+    p.add_argument("--chunk-overlap", type=float, default=d.chunk_overlap)
+    p.add_argument("--summaries-per-chunk", type=int, default=d.summaries_per_chunk)
+    p.add_argument("--qa-per-chunk", type=int, default=d.qa_per_chunk)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--generator", choices=("hf", "vllm"), default=d.generator)
+    p.add_argument("--no-teacher-cache", action="store_true", help="re-run the teacher every step (reference recipe)")
+    p.add_argument("--cache-dtype", choices=("bf16", "fp8", "fp32"), default=d.cache_dtype)
+    p.add_argument("--cache-layers", help="comma-separated decoder layers to cache (the last is always kept)")
+    p.add_argument("--backend", choices=("auto", "triton", "torch"), default=d.backend)
+    p.add_argument("--amp", choices=("auto", "bf16", "off"), default=d.amp)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--retrain", action="store_true", help="retrain documents whose KM already exists")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _config_from_args(a) -> IndexConfig:
+    cfg = IndexConfig(out=a.out)
+    if a.preset:
+        cfg = cfg.replace(**PRESETS[a.preset])
+    explicit = {
+        "model": a.model, "objective": a.objective, "lr": a.lr, "rank": a.rank, "alpha": a.alpha,
+        "chunk_overlap": a.chunk_overlap, "generator": a.generator, "cache_dtype": a.cache_dtype,
+        "backend": a.backend, "amp": a.amp, "device": a.device, "seed": a.seed,
+    }
+    defaults = IndexConfig()
+    for name in ("steps", "docs_per_step", "examples_per_doc", "chunk_tokens", "summaries_per_chunk", "qa_per_chunk",
+                 "max_new_tokens"):
+        v = getattr(a, name)
+        if not a.preset or v != getattr(defaults, name):  # flags given explicitly win over the preset
+            explicit[name] = v
+    cfg = cfg.replace(**explicit, teacher_cache=not a.no_teacher_cache, retrain=a.retrain, progress=not a.no_progress,
+                      cache_layers=tuple(int(x) for x in a.cache_layers.split(",")) if a.cache_layers else None)
+    return cfg.validate()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="kmtrain", description="Knowledge Modules: index documents, ask questions")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    _index_parser(sub)
+    q = sub.add_parser("ask", help="answer questions closed book with KMs")
+    q.add_argument("items", nargs="+", metavar="[--km DIR/ID] QUESTION",
+                   help="questions, each optionally preceded by --km KM_FOLDER")
+    q.add_argument("--model", help="base model (default: the one each KM was trained on)")
+    q.add_argument("--max-new-tokens", type=int, default=64)
+    a, rest = ap.parse_known_args(argv)
+    try:
+        if a.cmd == "index":
+            from .index import index
+
+            index(a.docs, _config_from_args(a))
+            return 0
+        # ask: pair each question with the --km before it (or none: the base model)
+        tokens = list(a.items) + rest
+        pairs, km = [], None
+        i = 0
+        while i < len(tokens):
+            if tokens[i] == "--km":
+                if i + 1 >= len(tokens):
+                    raise ValueError("--km needs a KM folder")
+                km = tokens[i + 1]
+                i += 2
+                continue
+            pairs.append((km, tokens[i]))
+            km = None
+            i += 1
+        if not pairs:
+            raise ValueError("no question given")
+        from .index import ask
+
+        for (k, question), answer in zip(pairs, ask(pairs, model=a.model, max_new_tokens=a.max_new_tokens)):
+            print(f"[{k or 'base'}] {question}\n  {answer}")
+        return 0
+    except (ValueError, DocumentError) as e:
+        print(f"kmtrain: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

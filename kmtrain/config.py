@@ -1,0 +1,84 @@
+"""Configuration of an indexing run: one dataclass, CPU-sized defaults, a paper preset for GPUs."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Tuple
+
+OBJECTIVES = ("sdcd", "ddcd", "lm", "pit")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class IndexConfig:
+    """Everything `kmtrain index` does. Defaults fit a 2-core CPU with SmolLM2-135M (`make demo`)."""
+    out: str = "kms"
+    model: str = "smollm2-135m"
+    objective: str = "sdcd"
+    # data
+    chunk_tokens: int = 2048
+    chunk_overlap: float = 0.1
+    summaries_per_chunk: int = 4
+    qa_per_chunk: int = 4
+    max_new_tokens: int = 128
+    top_p: float = 0.8
+    temperature: float = 1.0
+    generator: str = "hf"  # or "vllm" when installed
+    gen_batch_size: int = 16
+    # DDCD: windows of the document; the student sees the last `ddcd_student_frac` of each
+    ddcd_window_tokens: int = 512
+    ddcd_windows_per_chunk: int = 8
+    ddcd_student_frac: float = 0.23
+    lm_seq_tokens: int = 512
+    # teacher cache
+    teacher_cache: bool = True
+    cache_dtype: str = "bf16"  # bf16 | fp8 | fp32
+    cache_layers: Optional[Tuple[int, ...]] = None  # None = every decoder layer; the last is always kept
+    # training (paper defaults: AdamW lr 1e-3, warm-up + cosine, clip 1.0, r=16, alpha=16, all projections)
+    steps: int = 24
+    docs_per_step: int = 8
+    examples_per_doc: int = 2
+    lr: float = 1e-3
+    warmup_frac: float = 0.1
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    rank: int = 16
+    alpha: float = 16.0
+    target_modules: Tuple[str, ...] = TARGETS
+    kl_weight: float = 1.0
+    hidden_weight: float = 1.0
+    backend: str = "auto"
+    amp: str = "auto"  # auto: bf16 autocast where the device supports it; "off" to disable
+    device: str = "auto"
+    seed: int = 0
+    retrain: bool = False
+    progress: bool = True
+
+    def validate(self) -> "IndexConfig":
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        for name in ("steps", "docs_per_step", "examples_per_doc", "rank", "chunk_tokens", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.summaries_per_chunk < 0 or self.qa_per_chunk < 0 or self.summaries_per_chunk + self.qa_per_chunk < 1:
+            raise ValueError("need at least one synthetic target per chunk (summaries_per_chunk + qa_per_chunk >= 1)")
+        if self.cache_dtype not in ("bf16", "fp8", "fp32"):
+            raise ValueError(f"cache_dtype must be bf16, fp8 or fp32, got {self.cache_dtype!r}")
+        if self.generator not in ("hf", "vllm"):
+            raise ValueError(f"generator must be 'hf' or 'vllm', got {self.generator!r}")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
+        if not 0 < self.ddcd_student_frac < 1:
+            raise ValueError(f"ddcd_student_frac must be in (0, 1), got {self.ddcd_student_frac}")
+        return self
+
+    def replace(self, **kw) -> "IndexConfig":
+        return dataclasses.replace(self, **kw)
+
+
+PRESETS = {
+    # The paper's recipe (SPEC.md section 2), for GPUs.
+    "paper": dict(chunk_tokens=2048, chunk_overlap=0.1, summaries_per_chunk=8, qa_per_chunk=8, max_new_tokens=768,
+                  steps=1500, examples_per_doc=8, docs_per_step=8),
+    "cpu": {},
+}

@@ -1,0 +1,182 @@
+"""Documents, chunks, prompts and the token layout of distillation examples (SPEC.md sections 1-2)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+SUMMARY_PROMPT = "Summarize the preceding passage."
+QA_PROMPT = "Generate a question-answer pair given the preceding passage."
+
+
+class DocumentError(ValueError):
+    """Bad input documents: the message names the file or record."""
+
+
+@dataclass
+class Document:
+    id: str
+    text: str
+    source: str  # file path or "file.jsonl:line" or "dataset[split][index]", for error messages
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def sanitize_id(raw: str) -> str:
+    """A document id usable as a folder name on any OS: [A-Za-z0-9._-], no leading dot, <= 100 chars."""
+    s = _SAFE.sub("_", str(raw).strip()).strip("._")
+    if len(s) > 100:  # keep it unique: a short hash of the full id
+        s = s[:88] + "_" + hashlib.sha1(str(raw).encode()).hexdigest()[:11]
+    return s
+
+
+def _add(docs: Dict[str, Document], raw_id, text, source: str):
+    if not isinstance(text, str):
+        raise DocumentError(f"{source}: document text must be a string, got {type(text).__name__}")
+    doc_id = sanitize_id(raw_id)
+    if not doc_id:
+        raise DocumentError(f"{source}: document id {raw_id!r} is empty after sanitising")
+    if not text.strip():
+        raise DocumentError(f"{source}: document {raw_id!r} is empty")
+    if doc_id in docs:
+        raise DocumentError(f"{source}: duplicate document id {doc_id!r} (also in {docs[doc_id].source})")
+    docs[doc_id] = Document(doc_id, text, source)
+
+
+def load_documents(source: str, *, split: str = "train", id_field: str = "id", text_field: str = "text",
+                   limit: Optional[int] = None) -> List[Document]:
+    """Documents from a folder of .txt/.md files (id = file stem), a .jsonl of {"id", "text"},
+    or a Hugging Face dataset name (``datasets.load_dataset(source, split=split)``).
+
+    Every problem (duplicate id, empty document, non-UTF-8 file, bad JSON line) raises
+    DocumentError naming the file; nothing is written before the whole input is checked.
+    """
+    docs: Dict[str, Document] = {}
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".txt", ".md") and p.is_file())
+        if not files:
+            raise DocumentError(f"{source}: no .txt or .md files in this folder")
+        for p in files:
+            try:
+                text = p.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DocumentError(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            _add(docs, p.stem, text, str(p))
+    elif path.is_file() and path.suffix.lower() == ".jsonl":
+        try:
+            lines = path.read_bytes().decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise DocumentError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{i}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DocumentError(f"{where}: invalid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or id_field not in rec or text_field not in rec:
+                raise DocumentError(f"{where}: each line needs {id_field!r} and {text_field!r} fields")
+            _add(docs, rec[id_field], rec[text_field], where)
+    elif path.exists():
+        raise DocumentError(f"{source}: expected a folder of .txt/.md files or a .jsonl file")
+    else:
+        try:
+            import datasets
+        except ImportError:
+            raise DocumentError(f"{source}: no such file or folder (and `datasets` is not installed for Hub names)") from None
+        try:
+            ds = datasets.load_dataset(source, split=split)
+        except Exception as e:  # network or name problems: say what was asked for
+            raise DocumentError(f"{source}: not a local path, and loading it as a dataset failed: {e}") from None
+        for field in (id_field, text_field):
+            if field not in ds.column_names:
+                raise DocumentError(f"{source}[{split}]: no field {field!r} (fields: {ds.column_names})")
+        for i, rec in enumerate(ds):
+            if limit is not None and len(docs) >= limit:
+                break
+            _add(docs, rec[id_field], rec[text_field], f"{source}[{split}][{i}]")
+    out = list(docs.values())
+    return out[:limit] if limit is not None else out
+
+
+def chunk_tokens(ids: Sequence[int], chunk_tokens: int, overlap: float) -> List[List[int]]:
+    """Windows of ``chunk_tokens`` tokens with ``overlap`` (a fraction) shared between neighbours."""
+    if chunk_tokens < 8:
+        raise ValueError(f"chunk_tokens must be >= 8, got {chunk_tokens}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    ids = list(ids)
+    if len(ids) <= chunk_tokens:
+        return [ids]
+    stride = max(1, int(round(chunk_tokens * (1 - overlap))))
+    chunks = []
+    for start in range(0, len(ids), stride):
+        chunks.append(ids[start:start + chunk_tokens])
+        if start + chunk_tokens >= len(ids):
+            break
+    return chunks
+
+
+_QA = re.compile(r"Question\s*[:：]\s*(?P<q>.+?)\s*(?:\n|\s)+Answer\s*[:：]\s*(?P<a>.+?)(?=\n\s*(?:\d+[.)]\s*)?Question\s*[:：]|\Z)",
+                 re.S | re.I)
+
+
+def parse_qa(text: str) -> List[Tuple[str, str]]:
+    """All (question, answer) pairs in a generation; [] when none parses."""
+    pairs = []
+    for m in _QA.finditer(text.replace("**", "")):
+        q = " ".join(m.group("q").split())
+        a = " ".join(m.group("a").split())
+        if q and a and len(q) < 500 and len(a) < 800:
+            pairs.append((q, a))
+    return pairs
+
+
+def qa_target(q: str, a: str) -> str:
+    return f"\nQuestion: {q}\nAnswer: {a}"
+
+
+def chat_prompt_ids(tokenizer, user_text: str) -> List[int]:
+    """Token ids of the chat template with one user turn and the assistant generation prompt."""
+    msgs = [{"role": "user", "content": user_text}]
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return list(out)
+    return tokenizer(f"User: {user_text}\nAssistant:", add_special_tokens=False)["input_ids"]
+
+
+def target_ids(tokenizer, text: str) -> List[int]:
+    """Target tokens followed by the end-of-turn token, so a KM also learns where answers end."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    return ids
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

