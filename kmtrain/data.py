@@ -128,8 +128,10 @@ def chunk_tokens(ids: Sequence[int], chunk_tokens: int, overlap: float) -> List[
     return chunks
 
 
-_QA = re.compile(r"Question\s*[:：]\s*(?P<q>.+?)\s*(?:\n|\s)+Answer\s*[:：]\s*(?P<a>.+?)(?=\n\s*(?:\d+[.)]\s*)?Question\s*[:：]|\Z)",
-                 re.S | re.I)
+_Q = r"(?<![\w])(?:Question|Q)\s*\d*\s*[:：]"
+_A = r"(?<![\w])(?:Answer|A)\s*\d*\s*[:：]"
+# "Question: ... Answer: ..." or "Q: ... A: ...", optionally numbered, several pairs per output.
+_QA = re.compile(_Q + r"\s*(?P<q>.+?)\s+" + _A + r"\s*(?P<a>.+?)(?=\s*(?:\d+[.)]\s*)?" + _Q + r"|\Z)", re.S | re.I)
 
 
 def parse_qa(text: str) -> List[Tuple[str, str]]:

@@ -118,7 +118,6 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
                 synth[d.id] = rec
 
     # 4. examples and the teacher cache
-    grouped_ready = False
     states: List[DocState] = []
     for d in todo:
         texts, ids = chunks[d.id]
@@ -131,9 +130,8 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
         states.append(DocState(d.id, examples, _doc_seed(cfg, d)))
     if not states:
         return summaries
-    if not grouped_ready:
-        attach_grouped_lora(model, min(cfg.docs_per_step, len(states)), rank=cfg.rank, alpha=cfg.alpha,
-                            target_modules=cfg.target_modules, seed=cfg.seed, backend=cfg.backend)
+    attach_grouped_lora(model, min(cfg.docs_per_step, len(states)), rank=cfg.rank, alpha=cfg.alpha,
+                        target_modules=cfg.target_modules, seed=cfg.seed, backend=cfg.backend)
     cache_info: Dict[str, dict] = {}
     if cfg.objective in ("sdcd", "ddcd") and cfg.teacher_cache:
         layers_key = "all" if cfg.cache_layers is None else "-".join(map(str, cfg.cache_layers))

@@ -1,0 +1,87 @@
+"""What the teacher-cache options cost: bytes per target token, and how far the DCD loss (and its
+gradient) computed from the cache moves from the loss computed from fp32 teacher states.
+
+For each document of a finished sdcd run (its examples are rebuilt from OUT/.work), the student is
+the base model with the document's KM; the teacher states are computed fresh in fp32 and then
+stored as fp32, bf16, fp8 (per-layer scale), and fp8 with every 4th layer only.
+
+    python -m bench.cache_quality --run runs/demo [--out bench/results/cache_quality_cpu.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from bench.common import env_block, environment, markdown_table
+from kmkernels import attach_grouped_lora, dcd_loss, load_peft, set_adapter_ids
+from kmtrain.config import IndexConfig
+from kmtrain.models import load_model
+from kmtrain.teacher_cache import _encode, _pad, build_examples, teacher_hiddens
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", default="runs/demo", help="output folder of a finished sdcd index run")
+    ap.add_argument("--docs", type=int, default=4)
+    ap.add_argument("--out")
+    a = ap.parse_args(argv)
+    env = environment()
+    run = Path(a.run)
+    doc_ids = sorted(p.name for p in run.iterdir() if (p / "km.json").is_file())[: a.docs]
+    model, tok, _, _ = load_model("smollm2-135m")
+    L = model.config.num_hidden_layers
+    attach_grouped_lora(model, 1, rank=16, alpha=16)
+    cfg = IndexConfig()
+    variants = {"fp32": ("fp32", list(range(L))), "bf16 (default)": ("bf16", list(range(L))),
+                "fp8 e4m3": ("fp8", list(range(L))), "fp8, every 4th layer": ("fp8", sorted(set(range(3, L, 4)) | {L - 1}))}
+    acc = {k: {"dkl": [], "dhid": [], "dgrad": [], "bytes_per_tok": 0.0} for k in variants}
+    lm_head = model.get_output_embeddings().weight
+    for doc_id in doc_ids:
+        load_peft(model, 0, run / doc_id)
+        chunks = json.loads((run / ".work" / doc_id / "chunks.json").read_text())
+        items = json.loads((run / ".work" / doc_id / "synth.json").read_text())["items"]
+        examples = build_examples("sdcd", tok, chunks["texts"], chunks["ids"], items, cfg, 0)[:4]
+        ht32 = torch.cat(teacher_hiddens(model, examples, list(range(L)), tok.pad_token_id,
+                                         lambda b: set_adapter_ids(model, torch.full((b,), -1))), dim=1)
+        ids, mask = _pad([e.student_ids for e in examples], tok.pad_token_id)
+        set_adapter_ids(model, torch.zeros(len(examples), dtype=torch.long))
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
+        T = ids.shape[1]
+        pos = torch.cat([b * T + torch.arange(e.s_start, e.s_start + e.n) for b, e in enumerate(examples)])
+        hs_all = [h.reshape(-1, h.shape[-1])[pos] for h in out.hidden_states[1:]]
+        ref = {}
+        for name, (dt, layers) in variants.items():
+            enc, scale = _encode(ht32[layers], dt)
+            ht = enc.float() * scale[:, None, None] if scale is not None else enc.float()
+            hs = [hs_all[l].detach().requires_grad_() for l in layers]
+            # the L1 term over the stored layers only; norms from the fp32 values, as the cache stores them
+            loss, parts = dcd_loss(hs, ht, lm_head, teacher_norms=ht32[layers].abs().sum(dim=(1, 2)))
+            (g,) = torch.autograd.grad(loss, [hs[-1]])
+            if name == "fp32":
+                ref = {"kl": parts["kl"], "hidden": parts["hidden"], "g": g}
+            acc[name]["dkl"].append(float((parts["kl"] - ref["kl"]).abs() / ref["kl"]))
+            acc[name]["dhid"].append(float((parts["hidden"] - ref["hidden"]).abs() / ref["hidden"]))
+            acc[name]["dgrad"].append(float((g - ref["g"]).norm() / ref["g"].norm()))
+            esize = {"fp32": 4, "bf16": 2, "fp8": 1}[dt]
+            acc[name]["bytes_per_tok"] = len(layers) * ht32.shape[-1] * esize
+    rows = []
+    for name, r in acc.items():
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        rows.append([name, f"{r['bytes_per_tok'] / 1024:.1f} KiB", f"{mean(r['dkl']):.2e}", f"{mean(r['dhid']):.2e}",
+                     f"{mean(r['dgrad']):.2e}"])
+    text = (f"# Teacher cache options: size and loss fidelity (SmolLM2-135M, {L} layers, H=576)\n\n{env_block(env)}\n"
+            f"- {len(doc_ids)} documents of `{a.run}`, 4 sdcd examples each; student = base + the document's KM\n"
+            f"- relative differences against the loss computed from fp32 teacher states (mean over documents);\n"
+            f"  the layer subset changes the hidden term's definition (an average over fewer layers), so its\n"
+            f"  hidden-term difference measures that change, not rounding\n\n"
+            f"{markdown_table(['cache', 'bytes per target token', 'KL rel. diff', 'hidden rel. diff', 'dKL/dh_last rel. diff'], rows)}\n")
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Indexing throughput, side by side in one run, at equal steps and synthetic targets:
+
+  full recipe : teacher cache + D documents per step + fused kernels (backend auto)
+  reference   : --no-teacher-cache --docs-per-step 1 --backend torch (teacher re-run every step)
+
+Both runs start from the same chunks and synthetic targets (generated once, copied), so the
+difference is the teacher cache, batching and kernels. Also checks that the final DCD loss with
+the cache equals the loss without it (same seed).
+
+    python -m bench.indexing [--corpus DIR] [--steps N] [--out bench/results/indexing_cpu.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from bench.common import env_block, environment, markdown_table
+from kmtrain.config import IndexConfig
+from kmtrain.demo import CORPUS
+from kmtrain.index import index
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--corpus", default=str(CORPUS))
+    ap.add_argument("--steps", type=int, default=IndexConfig().steps)
+    ap.add_argument("--work", default="runs/indexing")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--out")
+    a = ap.parse_args(argv)
+    env = environment()
+    work = Path(a.work)
+    shutil.rmtree(work, ignore_errors=True)
+    base = IndexConfig(model=a.model, steps=a.steps, progress=False)
+    # synthetic data once (shared), timed separately
+    t0 = time.time()
+    index(a.corpus, base.replace(out=str(work / "synth_only"), steps=1, docs_per_step=8))
+    t_synth = time.time() - t0
+    runs = {"full recipe (cache, D=8, backend auto)": base.replace(out=str(work / "full")),
+            "reference (--no-teacher-cache --docs-per-step 1 --backend torch)":
+                base.replace(out=str(work / "ref"), teacher_cache=False, docs_per_step=1, backend="torch")}
+    rows, results = [], {}
+    for name, cfg in runs.items():
+        src = work / "synth_only" / ".work"
+        for d in src.iterdir():  # same chunks and synthetic targets for both runs
+            dst = Path(cfg.out) / ".work" / d.name
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in ("chunks.json", "synth.json"):
+                shutil.copy(d / f, dst / f)
+        t0 = time.time()
+        summ = index(a.corpus, cfg)
+        secs = time.time() - t0
+        n = len([s for s in summ if s.get("status") == "trained"])
+        results[name] = {s["id"]: s["final_loss"] for s in summ}
+        rows.append([name, str(n), str(cfg.steps), f"{secs:.0f}", f"{3600 * n / secs:.1f}"])
+        print(rows[-1], flush=True)
+    (full_name, full), (ref_name, ref) = list(results.items())
+    speedup = float(rows[1][3]) / float(rows[0][3])
+    loss_rows = [[d, f"{full[d]['loss']:.5f}", f"{ref[d]['loss']:.5f}",
+                  f"{abs(full[d]['loss'] - ref[d]['loss']) / abs(ref[d]['loss']):.2e}"] for d in full]
+    text = (f"# Indexing throughput (documents per hour), side by side\n\n{env_block(env)}\n"
+            f"- model: {a.model}; corpus: {a.corpus}; {base.steps} steps per document; "
+            f"{base.examples_per_doc} examples per document per step\n"
+            f"- synthetic targets generated once for both runs ({t_synth:.0f} s, not counted below; model load is)\n\n"
+            f"{markdown_table(['run', 'documents', 'steps', 'seconds', 'documents/hour'], rows)}\n\n"
+            f"**Speed-up of the full recipe: {speedup:.2f}x**\n\n"
+            f"Final DCD loss (mean of the last 10% of steps) with the cache and without it, same seed. The\n"
+            f"reference run's teacher states are rounded to the cache dtype (bf16), so the two runs see the\n"
+            f"same numbers up to the batched-matmul rounding of D=8 against D=1:\n\n"
+            f"{markdown_table(['document', 'with cache', 'without cache', 'relative difference'], loss_rows)}\n")
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""`make demo`: index the bundled corpus with the default settings, then compare closed-book
+accuracy of the base model, the base model with the document in context (ICL), and the KMs.
+
+    python -m kmtrain.demo [--out runs/demo] [--objective sdcd] [any IndexConfig field as --name value]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from kmkernels import attach_grouped_lora, load_peft
+
+from .config import IndexConfig
+from .data import load_documents
+from .evaluate import generate_answers, is_correct, question_prompt
+from .index import index
+from .models import load_model
+
+CORPUS = Path(__file__).parent / "demo_corpus"
+
+
+def evaluate_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=("base", "icl", "km"),
+                    corpus: Path = CORPUS) -> Dict[str, Dict[str, List[bool]]]:
+    """{doc_id: {condition: [correct per question]}} on the bundled questions."""
+    questions = json.loads((corpus / "questions.json").read_text())
+    docs = {d.id: d for d in load_documents(str(corpus))}
+    ids = [d for d in questions if d in docs]
+    model, tok, _, _ = load_model(model_name)
+    rank = 16
+    kms = [Path(out_dir) / d for d in ids]
+    if "km" in conditions:
+        rank = max(json.loads((k / "adapter_config.json").read_text())["r"] for k in kms)
+    attach_grouped_lora(model, len(ids), rank=rank, alpha=rank)
+    if "km" in conditions:
+        for slot, k in enumerate(kms):
+            load_peft(model, slot, k)
+    prompts, slots, keys = [], [], []
+    for slot, d in enumerate(ids):
+        for qi, q in enumerate(questions[d]):
+            for cond in conditions:
+                ctx = docs[d].text if cond == "icl" else None
+                prompts.append(question_prompt(q["q"], ctx))
+                slots.append(slot if cond == "km" else -1)
+                keys.append((d, cond, qi))
+    answers = generate_answers(model, tok, prompts, slots, max_new_tokens=24, batch_size=32)
+    result: Dict[str, Dict[str, List[bool]]] = {d: {c: [False] * len(questions[d]) for c in conditions} for d in ids}
+    for (d, cond, qi), ans in zip(keys, answers):
+        result[d][cond][qi] = is_correct(ans, questions[d][qi]["a"])
+    return result
+
+
+def format_table(result: Dict[str, Dict[str, List[bool]]], conditions=("base", "icl", "km")) -> str:
+    names = {"base": "base (closed book)", "icl": "ICL (document in context)", "km": "KM (closed book)"}
+    lines = ["| document | " + " | ".join(names.get(c, c) for c in conditions) + " |",
+             "|---|" + "---|" * len(conditions)]
+    tot = {c: [0, 0] for c in conditions}
+    for d, by in result.items():
+        cells = []
+        for c in conditions:
+            k, n = sum(by[c]), len(by[c])
+            tot[c][0] += k
+            tot[c][1] += n
+            cells.append(f"{k}/{n}")
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    lines.append("| **overall** | " + " | ".join(f"**{k}/{n} ({100 * k / max(n, 1):.0f}%)**" for k, n in tot.values()) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="runs/demo")
+    ap.add_argument("--objective", default="sdcd")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    torch.manual_seed(0)
+    t0 = time.time()
+    cfg = IndexConfig(out=a.out, objective=a.objective, progress=not a.no_progress)
+    if a.steps:
+        cfg = cfg.replace(steps=a.steps)
+    print(f"indexing {CORPUS} -> {a.out} ({cfg.objective}, {cfg.steps} steps, {cfg.docs_per_step} documents per step)")
+    index(str(CORPUS), cfg)
+    t1 = time.time()
+    result = evaluate_corpus(a.out, cfg.model)
+    table = format_table(result)
+    print()
+    print(table)
+    print(f"\nindexing {t1 - t0:.0f} s, evaluation {time.time() - t1:.0f} s")
+    Path(a.out, "demo_results.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

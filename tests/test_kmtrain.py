@@ -1,0 +1,258 @@
+"""kmtrain end to end on a tiny random Llama (tokenizer built offline), and on the bundled SmolLM2."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from kmtrain import DocumentError, IndexConfig, ask, index, load_documents
+from kmtrain.data import chunk_tokens, parse_qa, sanitize_id
+from kmtrain.teacher_cache import Example, TeacherCache, build_cache, teacher_hiddens
+
+DOCS = {
+    "alpha": "The harbour town of Lissen keeps a bronze bell named Moro that rings at every high tide.",
+    "beta": "Farmers of the Quell valley grow violet barley and sell it at the market of Dunmere each spring.",
+    "gamma": "The clock tower of Avrin has seven faces, and its keeper Ida Solm winds it every Tuesday morning.",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A random 2-layer Llama and a byte-level BPE tokenizer with a chat template, saved to disk."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(list(DOCS.values()) * 3 + ["Question: Answer: Summarize the preceding passage."], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<unk>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def docs_dir(tmp_path):
+    d = tmp_path / "docs"
+    d.mkdir()
+    for k, v in DOCS.items():
+        (d / f"{k}.txt").write_text(v)
+    return d
+
+
+def tiny_cfg(model, out, **kw):
+    base = dict(out=str(out), model=model, steps=3, docs_per_step=2, examples_per_doc=1, summaries_per_chunk=2,
+                qa_per_chunk=1, max_new_tokens=10, chunk_tokens=64, gen_batch_size=8, progress=False, rank=4, alpha=8)
+    base.update(kw)
+    return IndexConfig(**base)
+
+
+def test_index_and_ask_end_to_end(tiny_model, docs_dir, tmp_path):
+    out = tmp_path / "kms"
+    summaries = index(str(docs_dir), tiny_cfg(tiny_model, out))
+    assert sorted(s["id"] for s in summaries) == sorted(DOCS)
+    for doc_id in DOCS:
+        km = out / doc_id
+        meta = json.loads((km / "km.json").read_text())
+        assert (km / "adapter_model.safetensors").is_file() and (km / "adapter_config.json").is_file()
+        assert meta["objective"] == "sdcd" and meta["steps"] == 3 and meta["teacher_cache"]["bytes"] > 0
+        assert meta["base_model_sha256"] and len(meta["document_sha256"]) == 64
+        assert set(meta["final_loss"]) == {"loss", "kl", "hidden"} and all(v == v for v in meta["final_loss"].values())
+    # the KM loads with plain PEFT
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(out / "alpha"))
+    assert any("lora_A" in n for n, _ in peft.named_parameters())
+    answers = ask([(str(out / "alpha"), "Which bell?"), (str(out / "beta"), "What grows?"), (None, "Hello?")],
+                  model=tiny_model, max_new_tokens=5)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+
+
+def test_resume_after_interruption(tiny_model, docs_dir, tmp_path, monkeypatch):
+    import importlib
+
+    kindex = importlib.import_module("kmtrain.index")  # the module, not the function of the same name
+
+    out = tmp_path / "kms"
+    cfg = tiny_cfg(tiny_model, out, docs_per_step=2)
+    real = kindex.train_wave
+    calls = {"n": 0}
+
+    def crash_on_second_wave(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kindex, "train_wave", crash_on_second_wave)
+    with pytest.raises(KeyboardInterrupt):
+        index(str(docs_dir), cfg)
+    finished = [d for d in DOCS if (out / d / "km.json").is_file()]
+    assert len(finished) == 2  # the first wave of two was exported before the crash
+    assert not any(p.name.startswith(".tmp") for p in out.iterdir())
+    stamps = {d: (out / d / "adapter_model.safetensors").stat().st_mtime_ns for d in finished}
+    monkeypatch.setattr(kindex, "train_wave", real)
+    summaries = index(str(docs_dir), cfg)
+    status = {s["id"]: s["status"] for s in summaries}
+    assert all(status[d] == "already done" for d in finished)
+    assert all((out / d / "km.json").is_file() for d in DOCS)
+    assert stamps == {d: (out / d / "adapter_model.safetensors").stat().st_mtime_ns for d in finished}
+
+
+def test_km_does_not_depend_on_batch_mates(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    def train(ids, out):
+        docs = tmp_path / f"docs_{out}"
+        docs.mkdir()
+        for k in ids:
+            (docs / f"{k}.txt").write_text(DOCS[k])
+        index(str(docs), tiny_cfg(tiny_model, tmp_path / out, docs_per_step=2, steps=4))
+        return load_file(str(tmp_path / out / "alpha" / "adapter_model.safetensors"))
+
+    with_beta = train(["alpha", "beta"], "ab")
+    with_gamma = train(["alpha", "gamma"], "ag")
+    assert with_beta.keys() == with_gamma.keys()
+    for k in with_beta:
+        diff = (with_beta[k] - with_gamma[k]).norm() / with_beta[k].norm().clamp_min(1e-12)
+        assert diff < 1e-4, k  # same KM up to float rounding of the batched matmuls
+
+
+def test_loss_with_cache_equals_loss_without(tiny_model, docs_dir, tmp_path):
+    a = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "cached", steps=3))
+    b = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "fresh", steps=3, teacher_cache=False))
+    la = {s["id"]: s["final_loss"]["loss"] for s in a}
+    lb = {s["id"]: s["final_loss"]["loss"] for s in b}
+    for k in la:
+        assert abs(la[k] - lb[k]) <= 1e-3 * abs(lb[k]) + 1e-5, (k, la[k], lb[k])
+
+
+@pytest.mark.parametrize("objective", ["ddcd", "lm", "pit"])
+def test_other_objectives_run(tiny_model, docs_dir, tmp_path, objective):
+    out = tmp_path / objective
+    index(str(docs_dir), tiny_cfg(tiny_model, out, objective=objective, steps=2, ddcd_window_tokens=16,
+                                  ddcd_windows_per_chunk=2))
+    meta = json.loads((out / "gamma" / "km.json").read_text())
+    assert meta["objective"] == objective and meta["final_loss"]["loss"] > 0
+
+
+@pytest.mark.parametrize("dtype,tol", [("bf16", 1e-2), ("fp8", 8e-2), ("fp32", 1e-6)])
+def test_teacher_cache_round_trip(tiny_model, tmp_path, dtype, tol):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    g = torch.Generator().manual_seed(1)
+    examples = [Example([1, 2, 3], 0, n, torch.randint(3, 300, (n + 5,), generator=g).tolist(), 4) for n in (3, 7, 1)]
+    cfg = IndexConfig(cache_dtype=dtype, cache_layers=(0,) if dtype == "fp8" else None)
+    path = tmp_path / "c.safetensors"
+    build_cache(model, examples, path, 2, cfg, pad_id=0, batch_size=2)
+    cache = TeacherCache(path)
+    assert len(cache) == 3 and cache.layers == ([0, 1] if dtype != "fp8" else [0, 1])
+    for i, e in enumerate(examples):
+        (ref,) = teacher_hiddens(model, [e], cache.layers, pad_id=0)
+        h, norms = cache.get(i)
+        assert h.shape == ref.shape
+        assert ((h.float() - ref).norm() / ref.norm()) < tol
+        assert torch.allclose(norms, ref.abs().sum(dim=(1, 2)), rtol=1e-5)
+
+
+def test_bad_inputs_name_the_file(tmp_path, tiny_model):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "ok.txt").write_text("fine text")
+    (d / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(DocumentError, match="latin.txt: not valid UTF-8"):
+        load_documents(str(d))
+    (d / "latin.txt").unlink()
+    (d / "empty.md").write_text("   \n")
+    with pytest.raises(DocumentError, match="empty.md.*empty"):
+        load_documents(str(d))
+    (d / "empty.md").unlink()
+    (d / "ok.md").write_text("same stem")
+    with pytest.raises(DocumentError, match="duplicate document id 'ok'"):
+        load_documents(str(d))
+    j = tmp_path / "docs.jsonl"
+    j.write_text('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n')
+    with pytest.raises(DocumentError, match=r"docs.jsonl:2: duplicate document id 'a'"):
+        load_documents(str(j))
+    j.write_text('{"id": "a", "text": "x"}\nnot json\n')
+    with pytest.raises(DocumentError, match=r"docs.jsonl:2: invalid JSON"):
+        load_documents(str(j))
+    # nothing is written when the input is bad
+    out = tmp_path / "never"
+    with pytest.raises(DocumentError):
+        index(str(d), tiny_cfg(tiny_model, out))
+    assert not out.exists()
+    with pytest.raises(ValueError, match="objective"):
+        IndexConfig(objective="xyz").validate()
+
+
+def test_ids_chunks_and_qa_parsing():
+    assert sanitize_id("My Doc/../x?.txt") == "My_Doc_.._x_.txt"  # one path component, never a traversal
+    assert sanitize_id("../../etc") == "etc"
+    assert len(sanitize_id("a" * 300)) <= 100
+    chunks = chunk_tokens(list(range(100)), 40, 0.1)
+    assert chunks[0] == list(range(40)) and chunks[1][0] == 36 and chunks[-1][-1] == 99
+    assert parse_qa("Question: Who? Answer: Ida.\nQuestion: When?\nAnswer: Tuesday") == [("Who?", "Ida."), ("When?", "Tuesday")]
+    assert parse_qa("no pairs here") == []
+
+
+def test_cli_errors(tmp_path, capsys):
+    from kmtrain.cli import main
+
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.txt").write_text("")
+    assert main(["index", str(d), "--out", str(tmp_path / "o")]) == 2
+    assert "a.txt" in capsys.readouterr().err
+    assert main(["ask", "--km", str(tmp_path / "nope"), "q?"]) == 2
+
+
+@pytest.mark.slow
+def test_smollm2_one_document_end_to_end(tmp_path):
+    """Index one short document on the bundled SmolLM2 with few steps; the KM loads with plain PEFT
+    and raises the log-likelihood of a correct answer to a question about the document."""
+    pytest.importorskip("gguf")
+    from peft import PeftModel
+
+    from kmtrain.data import chat_prompt_ids
+    from kmtrain.evaluate import question_prompt
+    from kmtrain.models import load_model
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "tower.txt").write_text(
+        "The Avrin clock tower has seven faces. Its keeper, Ida Solm, winds it every Tuesday morning. "
+        "The tower was built in 1702 by the mason Oskar Brell, and its bell is called Big Marta.")
+    cfg = IndexConfig(out=str(tmp_path / "kms"), steps=10, docs_per_step=1, examples_per_doc=2, summaries_per_chunk=3,
+                      qa_per_chunk=1, max_new_tokens=64, progress=False)
+    index(str(docs), cfg)
+    model, tok, _, _ = load_model("smollm2-135m")
+    peft = PeftModel.from_pretrained(model, str(tmp_path / "kms" / "tower")).eval()
+
+    def answer_logprob(use_km: bool) -> float:
+        prompt = chat_prompt_ids(tok, question_prompt("Who is the keeper of the Avrin clock tower?"))
+        ans = tok("Ida Solm", add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt + ans])
+        with torch.no_grad():
+            if use_km:
+                logits = peft(input_ids=ids).logits
+            else:
+                with peft.disable_adapter():
+                    logits = peft(input_ids=ids).logits
+        lp = logits[0, len(prompt) - 1:-1].log_softmax(-1)
+        return float(lp.gather(1, torch.tensor(ans)[:, None]).sum())
+
+    assert answer_logprob(True) > answer_logprob(False)
