@@ -155,7 +155,7 @@ def _logits_fp32_triton(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     upcast = (x.dtype != w.dtype) or x.dtype == torch.float32
     block_m = _pick_block(M, 16, 64)
     block_v = 64 if upcast else 128
-    block_k = _pick_block(K, 16, 64 if upcast else 64)
+    block_k = _pick_block(K, 16, 64)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(V, block_v),)
     _logits_fp32_kernel[grid](
         x, w, out, M, V, K, x.stride(0), w.stride(0), out.stride(0),
@@ -371,8 +371,21 @@ def _check_kl_hidden_args(student_hidden, student_weight, teacher_hidden, teache
             f"student_hidden and teacher_hidden must have the same leading shape (N positions): "
             f"student_hidden {tuple(student_hidden.shape)}, teacher_hidden {tuple(teacher_hidden.shape)}"
         )
+    _check_temperature(temperature)
+
+
+def _check_temperature(temperature) -> None:
     if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+
+
+def _kept_rows(keep_mask: Optional[torch.Tensor], *rows: torch.Tensor):
+    """Drop masked rows (a gather, differentiable). Returns (kept row indices or None, contiguous rows...)."""
+    keep = None
+    if keep_mask is not None:
+        keep = keep_mask.to(rows[0].device).nonzero().squeeze(1)
+        rows = tuple(r.index_select(0, keep) for r in rows)
+    return (keep, *(r.contiguous() for r in rows))
 
 
 def _scatter_rows(values: torch.Tensor, keep: Optional[torch.Tensor], n: int, lead_shape) -> torch.Tensor:
@@ -418,11 +431,7 @@ def fused_linear_kl(
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     n = hs.shape[0]
-    keep = None
-    if keep_mask is not None:
-        keep = keep_mask.to(hs.device).nonzero().squeeze(1)
-        hs, ht = hs.index_select(0, keep), ht.index_select(0, keep)
-    hs, ht = hs.contiguous(), ht.contiguous()
+    keep, hs, ht = _kept_rows(keep_mask, hs, ht)
     ws = student_weight if student_weight.stride(-1) == 1 else student_weight.contiguous()
     wt = None
     if teacher_weight is not None and teacher_weight is not student_weight:
@@ -523,8 +532,7 @@ def kl_div_logits(
             f"student_logits and teacher_logits must have the same leading shape (N positions): "
             f"{tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
         )
-    if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    _check_temperature(temperature)
     be = resolve_backend(backend, student_logits.device)
     lead_shape = student_logits.shape[:-1]
     V = student_logits.shape[-1]
@@ -532,11 +540,7 @@ def kl_div_logits(
     s = student_logits.reshape(-1, V)
     t = teacher_logits.detach().reshape(-1, V)
     n = s.shape[0]
-    keep = None
-    if keep_mask is not None:
-        keep = keep_mask.to(s.device).nonzero().squeeze(1)
-        s, t = s.index_select(0, keep), t.index_select(0, keep)
-    s, t = s.contiguous(), t.contiguous()
+    keep, s, t = _kept_rows(keep_mask, s, t)
     cs = int(chunk_size) if chunk_size else default_chunk_size(V)
     out = KLDivLogitsFunction.apply(s, t, 1.0 / float(temperature), reduction, cs, be)
     if reduction == "none":

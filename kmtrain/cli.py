@@ -14,6 +14,10 @@ def _index_parser(sub):
     p = sub.add_parser("index", help="train one Knowledge Module per document")
     p.add_argument("docs", help="folder of .txt/.md files, a .jsonl of {id, text}, or a Hugging Face dataset name")
     p.add_argument("--out", required=True, help="output folder: one PEFT adapter folder per document")
+    p.add_argument("--split", default="train", help="dataset split (Hugging Face dataset input)")
+    p.add_argument("--id-field", default="id", help="id field (.jsonl or dataset input)")
+    p.add_argument("--text-field", default="text", help="text field (.jsonl or dataset input)")
+    p.add_argument("--limit", type=int, help="index at most this many documents")
     p.add_argument("--preset", choices=sorted(PRESETS), help="'paper': 2048-token chunks, 16 targets, 1500 steps, batch 8")
     d = IndexConfig()
     p.add_argument("--model", default=d.model, help="alias (smollm2-135m), local folder or Hub name")
@@ -74,9 +78,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     a, rest = ap.parse_known_args(argv)
     try:
         if a.cmd == "index":
+            from .data import load_documents
             from .index import index
 
-            index(a.docs, _config_from_args(a))
+            cfg = _config_from_args(a)
+            docs = load_documents(a.docs, split=a.split, id_field=a.id_field, text_field=a.text_field, limit=a.limit)
+            index(docs, cfg)
             return 0
         # ask: pair each question with the --km before it (or none: the base model)
         tokens = list(a.items) + rest
