@@ -26,6 +26,8 @@ class IndexConfig:
     # corpus: misspelt names); 0.5 keeps the targets closer to the chunk. The paper preset uses 1.0.
     temperature: float = 0.5
     generator: str = "hf"  # or "vllm" when installed
+    # sdcd: how a Q/A pair is distilled: "pair" (as generated), "chat" (as a KM is asked), "both"
+    qa_format: str = "pair"
     gen_batch_size: int = 16
     # DDCD: windows of the document; the student sees the last `ddcd_student_frac` of each
     ddcd_window_tokens: int = 512
@@ -68,6 +70,8 @@ class IndexConfig:
             raise ValueError(f"cache_dtype must be bf16, fp8 or fp32, got {self.cache_dtype!r}")
         if self.generator not in ("hf", "vllm"):
             raise ValueError(f"generator must be 'hf' or 'vllm', got {self.generator!r}")
+        if self.qa_format not in ("pair", "chat", "both"):
+            raise ValueError(f"qa_format must be pair, chat or both, got {self.qa_format!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
         if not 0 < self.ddcd_student_frac < 1:

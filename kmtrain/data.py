@@ -11,6 +11,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 SUMMARY_PROMPT = "Summarize the preceding passage."
 QA_PROMPT = "Generate a question-answer pair given the preceding passage."
+# How a KM is asked (kmtrain ask, the demo, the evaluations); Q/A targets can be distilled in this form.
+ANSWER_PROMPT = ("Answer the following question. Give only the answer, and no extra commentary, formatting, "
+                 "or chattiness. Question: {question}")
 
 
 class DocumentError(ValueError):

@@ -9,10 +9,7 @@ import torch
 
 from kmkernels import set_adapter_ids
 
-from .data import chat_prompt_ids
-
-ANSWER_PROMPT = ("Answer the following question. Give only the answer, and no extra commentary, formatting, "
-                 "or chattiness. Question: {question}")
+from .data import ANSWER_PROMPT, chat_prompt_ids
 
 
 def question_prompt(question: str, context: Optional[str] = None) -> str:

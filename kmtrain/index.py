@@ -72,10 +72,13 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
     todo = []
     for d in documents:
         done = _read_json(out / d.id / "km.json")
-        if done is not None and not cfg.retrain:
+        if done is not None and not cfg.retrain and done.get("document_sha256") == d.sha256:
             summaries.append({**done, "status": "already done"})
-            print(f"{d.id}: already done ({done.get('objective')}, {done.get('steps')} steps), skipped", flush=True)
+            print(f"{d.id}: already done ({done.get('objective')}, {done.get('steps')} steps), skipped "
+                  f"(retrain=True / --retrain redoes it)", flush=True)
         else:
+            if done is not None and not cfg.retrain:
+                print(f"{d.id}: the document changed since its KM was trained, retraining", flush=True)
             todo.append(d)
     if not todo:
         return summaries
@@ -135,13 +138,19 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
     cache_info: Dict[str, dict] = {}
     if cfg.objective in ("sdcd", "ddcd") and cfg.teacher_cache:
         layers_key = "all" if cfg.cache_layers is None else "-".join(map(str, cfg.cache_layers))
-        key = hashlib.sha256(json.dumps([synth_setting, cfg.objective, cfg.cache_dtype, layers_key,
+        key = hashlib.sha256(json.dumps([synth_setting, cfg.objective, cfg.qa_format, cfg.cache_dtype, layers_key,
                                          cfg.ddcd_window_tokens, cfg.ddcd_windows_per_chunk,
                                          cfg.ddcd_student_frac]).encode()).hexdigest()[:16]
         bar = _bar(cfg, total=len(states), desc="teacher cache")
         no_adapter = lambda b: set_adapter_ids(model, torch.full((b,), -1, dtype=torch.long))  # noqa: E731
         for st in states:
-            path = work / st.id / f"teacher_{cfg.objective}_{key}.safetensors"
+            # keyed by the examples' token ids too: a changed document or new synthetic data never
+            # meets a stale cache
+            ex_key = hashlib.sha256(json.dumps([key] + [e.to_json() for e in st.examples]).encode()).hexdigest()[:16]
+            path = work / st.id / f"teacher_{cfg.objective}_{ex_key}.safetensors"
+            for old in (work / st.id).glob(f"teacher_{cfg.objective}_*.safetensors"):
+                if old != path:  # superseded caches only take disk
+                    old.unlink()
             if not path.is_file():
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     build_cache(model, st.examples, path, num_layers, cfg, tok.pad_token_id, no_adapter)

@@ -81,7 +81,8 @@ def synthesize(model, tokenizer, chunks_by_doc: Dict[str, List[str]], cfg, model
         else:
             pairs = parse_qa(text)
             if pairs:  # every parsed pair becomes its own target, as in the reference
-                r["items"] += [{"chunk": c, "prompt": QA_PROMPT, "target": qa_target(q, a)} for q, a in pairs]
+                r["items"] += [{"chunk": c, "prompt": QA_PROMPT, "target": qa_target(q, a), "question": q, "answer": a}
+                               for q, a in pairs]
                 r["qa_pairs"] += len(pairs)
             else:
                 r["dropped"] += 1

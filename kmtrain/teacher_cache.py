@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .data import chat_prompt_ids, target_ids
+from .data import ANSWER_PROMPT, QA_PROMPT, chat_prompt_ids, parse_qa, target_ids
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -46,6 +46,26 @@ class Example:
         return Example(*x)
 
 
+def _sdcd_turns(item: dict, qa_format: str) -> List[Tuple[str, str]]:
+    """(user prompt, distilled reply) pairs of one synthetic item.
+
+    A Q/A pair is distilled as the generator wrote it ("pair": the Q/A prompt, then
+    "Question: ... Answer: ..."), as the question a KM is later asked ("chat": the answer prompt
+    with the question as the user turn, the answer as the reply), or both.
+    """
+    if item["prompt"] != QA_PROMPT or qa_format == "pair":
+        return [(item["prompt"], item["target"])]
+    if "question" in item:
+        q, a = item["question"], item["answer"]
+    else:  # synth.json written before the fields existed
+        parsed = parse_qa(item["target"])
+        if not parsed:
+            return [(item["prompt"], item["target"])]
+        q, a = parsed[0]
+    chat = (ANSWER_PROMPT.format(question=q), a)
+    return [chat] if qa_format == "chat" else [(item["prompt"], item["target"]), chat]
+
+
 def build_examples(objective: str, tokenizer, chunks: List[str], chunk_ids: List[List[int]], items: List[dict],
                    cfg, seed: int) -> List[Example]:
     """Token layout of every example of one document (SPEC.md section 1)."""
@@ -53,18 +73,24 @@ def build_examples(objective: str, tokenizer, chunks: List[str], chunk_ids: List
     out: List[Example] = []
     if objective == "sdcd":
         for it in items:
-            tgt = target_ids(tokenizer, it["target"])
-            s_prompt = chat_prompt_ids(tokenizer, it["prompt"])
-            t_prompt = chat_prompt_ids(tokenizer, chunks[it["chunk"]] + "\n\n" + it["prompt"])
-            # positions from the last prompt position to the second-to-last target position
-            out.append(Example(s_prompt + tgt, len(s_prompt) - 1, len(tgt), t_prompt + tgt, len(t_prompt) - 1))
+            for prompt, target in _sdcd_turns(it, cfg.qa_format):
+                tgt = target_ids(tokenizer, target)
+                s_prompt = chat_prompt_ids(tokenizer, prompt)
+                t_prompt = chat_prompt_ids(tokenizer, chunks[it["chunk"]] + "\n\n" + prompt)
+                # positions from the last prompt position to the second-to-last target position
+                out.append(Example(s_prompt + tgt, len(s_prompt) - 1, len(tgt), t_prompt + tgt, len(t_prompt) - 1))
     elif objective == "ddcd":
         for ids in chunk_ids:
-            W = min(cfg.ddcd_window_tokens, len(ids))
-            m = max(2, int(round(W * cfg.ddcd_student_frac)))
-            if W < 4:
+            if len(ids) < 4:
                 continue
             for _ in range(cfg.ddcd_windows_per_chunk):
+                if len(ids) > cfg.ddcd_window_tokens:
+                    W = cfg.ddcd_window_tokens
+                else:
+                    # A chunk no longer than the window: a fixed W = len(ids) would give the same window
+                    # every time and distil only the chunk's tail. A random length ends windows anywhere.
+                    W = rng.randint(max(4, len(ids) // 4), len(ids))
+                m = max(2, int(round(W * cfg.ddcd_student_frac)))
                 off = rng.randint(0, len(ids) - W)
                 win = ids[off:off + W]
                 # the student sees the last m tokens; position j predicts token j + 1

@@ -8,7 +8,8 @@ import torch
 
 from kmtrain import DocumentError, IndexConfig, ask, index, load_documents
 from kmtrain.data import chunk_tokens, parse_qa, sanitize_id
-from kmtrain.teacher_cache import Example, TeacherCache, build_cache, teacher_hiddens
+from kmtrain.data import ANSWER_PROMPT, QA_PROMPT, SUMMARY_PROMPT, qa_target
+from kmtrain.teacher_cache import Example, TeacherCache, build_cache, build_examples, teacher_hiddens
 
 DOCS = {
     "alpha": "The harbour town of Lissen keeps a bronze bell named Moro that rings at every high tide.",
@@ -111,6 +112,23 @@ def test_resume_after_interruption(tiny_model, docs_dir, tmp_path, monkeypatch):
     assert stamps == {d: (out / d / "adapter_model.safetensors").stat().st_mtime_ns for d in finished}
 
 
+def test_changed_document_is_retrained_others_kept(tiny_model, docs_dir, tmp_path):
+    out = tmp_path / "kms"
+    cfg = tiny_cfg(tiny_model, out, steps=2)
+    index(str(docs_dir), cfg)
+    stamps = {d: (out / d / "adapter_model.safetensors").stat().st_mtime_ns for d in DOCS}
+    changed = next(iter(DOCS))
+    path = docs_dir / f"{changed}.txt"
+    path.write_text(path.read_text() + " One more sentence about the harbour.")
+    status = {s["id"]: s["status"] for s in index(str(docs_dir), cfg)}
+    assert status[changed] == "trained" and all(status[d] == "already done" for d in DOCS if d != changed)
+    meta = json.loads((out / changed / "km.json").read_text())
+    assert meta["document_sha256"] == {d.id: d.sha256 for d in load_documents(str(docs_dir))}[changed]
+    for d in DOCS:
+        now = (out / d / "adapter_model.safetensors").stat().st_mtime_ns
+        assert (now != stamps[d]) == (d == changed)
+
+
 def test_km_does_not_depend_on_batch_mates(tiny_model, tmp_path):
     from safetensors.torch import load_file
 
@@ -146,6 +164,45 @@ def test_other_objectives_run(tiny_model, docs_dir, tmp_path, objective):
                                   ddcd_windows_per_chunk=2))
     meta = json.loads((out / "gamma" / "km.json").read_text())
     assert meta["objective"] == objective and meta["final_loss"]["loss"] > 0
+
+
+def test_ddcd_windows_on_a_short_chunk_differ():
+    """A chunk shorter than the window must still give distinct windows whose distilled tails cover
+    more than the chunk's last tokens (a fixed full-chunk window made every DDCD example the same)."""
+    ids = list(range(100, 300))
+    cfg = IndexConfig(ddcd_window_tokens=512, ddcd_windows_per_chunk=16)
+    ex = build_examples("ddcd", None, ["x"], [ids], [], cfg, seed=3)
+    assert len(ex) == 16
+    tails = {tuple(e.student_ids) for e in ex}
+    assert len(tails) > 8
+    ends = {ids.index(e.student_ids[-1]) for e in ex}
+    assert min(ends) < len(ids) - 50
+    for e in ex:  # the teacher window ends with the student's tokens, which it sees after its context
+        assert e.teacher_ids[e.t_start:] == e.student_ids and e.n == len(e.student_ids) - 1
+        assert e.teacher_ids == ids[ids.index(e.teacher_ids[0]):ids.index(e.teacher_ids[0]) + len(e.teacher_ids)]
+
+
+@pytest.mark.parametrize("qa_format", ["pair", "chat", "both"])
+def test_sdcd_qa_formats(tiny_model, qa_format):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    items = [{"chunk": 0, "prompt": SUMMARY_PROMPT, "target": "a summary"},
+             {"chunk": 0, "prompt": QA_PROMPT, "target": qa_target("who rows", "the crew"),
+              "question": "who rows", "answer": "the crew"},
+             {"chunk": 0, "prompt": QA_PROMPT, "target": qa_target("when built", "in 1901")}]  # no fields: parsed
+    ex = build_examples("sdcd", tok, ["the chunk text"], [[1, 2]], items, IndexConfig(qa_format=qa_format), seed=0)
+    decoded = [tok.decode(e.student_ids[e.s_start + 1:]) for e in ex]
+    pair = [d for d in decoded if "Question:" in d and "Answer:" in d]
+    chat = [d for d in decoded if "Answer:" not in d and ("the crew" in d or "in 1901" in d)]
+    assert len(ex) == {"pair": 3, "chat": 3, "both": 5}[qa_format]
+    assert len(pair) == (0 if qa_format == "chat" else 2) and len(chat) == (0 if qa_format == "pair" else 2)
+    for e in ex:  # teacher = chunk + the same user turn + the same reply; only the prompt differs
+        assert e.teacher_ids[e.t_start + 1:] == e.student_ids[e.s_start + 1:]
+        assert "the chunk text" in tok.decode(e.teacher_ids[:e.t_start])
+    if qa_format != "pair":
+        prompts = [tok.decode(e.student_ids[:e.s_start + 1]) for e in ex]
+        assert sum(ANSWER_PROMPT.format(question="who rows") in p for p in prompts) == 1
 
 
 @pytest.mark.parametrize("dtype,tol", [("bf16", 1e-2), ("fp8", 8e-2), ("fp32", 1e-6)])
