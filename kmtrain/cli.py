@@ -33,6 +33,9 @@ def _index_parser(sub):
     p.add_argument("--summaries-per-chunk", type=int, default=d.summaries_per_chunk)
     p.add_argument("--qa-per-chunk", type=int, default=d.qa_per_chunk)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature of the generator")
+    p.add_argument("--qa-format", choices=("pair", "chat", "both"), default=d.qa_format,
+                   help="sdcd: distil Q/A pairs as generated (pair), as the question a KM is asked (chat), or both")
     p.add_argument("--generator", choices=("hf", "vllm"), default=d.generator)
     p.add_argument("--no-teacher-cache", action="store_true", help="re-run the teacher every step (reference recipe)")
     p.add_argument("--cache-dtype", choices=("bf16", "fp8", "fp32"), default=d.cache_dtype)
@@ -53,11 +56,11 @@ def _config_from_args(a) -> IndexConfig:
     explicit = {
         "model": a.model, "objective": a.objective, "lr": a.lr, "rank": a.rank, "alpha": a.alpha,
         "chunk_overlap": a.chunk_overlap, "generator": a.generator, "cache_dtype": a.cache_dtype,
-        "backend": a.backend, "amp": a.amp, "device": a.device, "seed": a.seed,
+        "backend": a.backend, "amp": a.amp, "device": a.device, "seed": a.seed, "qa_format": a.qa_format,
     }
     defaults = IndexConfig()
     for name in ("steps", "docs_per_step", "examples_per_doc", "chunk_tokens", "summaries_per_chunk", "qa_per_chunk",
-                 "max_new_tokens"):
+                 "max_new_tokens", "temperature"):
         v = getattr(a, name)
         if not a.preset or v != getattr(defaults, name):  # flags given explicitly win over the preset
             explicit[name] = v
@@ -66,7 +69,7 @@ def _config_from_args(a) -> IndexConfig:
     return cfg.validate()
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kmtrain", description="Knowledge Modules: index documents, ask questions")
     sub = ap.add_subparsers(dest="cmd", required=True)
     _index_parser(sub)
@@ -75,7 +78,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="questions, each optionally preceded by --km KM_FOLDER")
     q.add_argument("--model", help="base model (default: the one each KM was trained on)")
     q.add_argument("--max-new-tokens", type=int, default=64)
-    a, rest = ap.parse_known_args(argv)
+    return ap
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    a, rest = build_parser().parse_known_args(argv)
     try:
         if a.cmd == "index":
             from .data import load_documents

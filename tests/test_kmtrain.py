@@ -277,6 +277,18 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["ask", "--km", str(tmp_path / "nope"), "q?"]) == 2
 
 
+def test_cli_flags_to_config():
+    from kmtrain.cli import _config_from_args, build_parser
+
+    parse = lambda *argv: _config_from_args(build_parser().parse_args(["index", "docs", "--out", "o", *argv]))  # noqa: E731
+    cfg = parse()
+    assert cfg == IndexConfig(out="o").validate()  # no flags: exactly the library defaults
+    paper = parse("--preset", "paper")
+    assert (paper.steps, paper.temperature, paper.summaries_per_chunk) == (1500, 1.0, 8)
+    mixed = parse("--preset", "paper", "--steps", "40", "--temperature", "0.7", "--qa-format", "chat")
+    assert (mixed.steps, mixed.temperature, mixed.qa_format, mixed.max_new_tokens) == (40, 0.7, "chat", 768)
+
+
 @pytest.mark.slow
 def test_smollm2_one_document_end_to_end(tmp_path):
     """Index one short document on the bundled SmolLM2 with few steps; the KM loads with plain PEFT
