@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from .config import OBJECTIVES, PRESETS, IndexConfig
 from .data import DocumentError
@@ -74,15 +74,47 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     _index_parser(sub)
     q = sub.add_parser("ask", help="answer questions closed book with KMs")
-    q.add_argument("items", nargs="+", metavar="[--km DIR/ID] QUESTION",
-                   help="questions, each optionally preceded by --km KM_FOLDER")
+    q.add_argument("items", nargs="*", metavar="[--km DIR/ID] QUESTION",
+                   help="questions, each optionally preceded by --km KM_FOLDER (its KM answers it)")
+    q.add_argument("--km", action="append", metavar="DIR/ID", help="KM folder for the question that follows")
     q.add_argument("--model", help="base model (default: the one each KM was trained on)")
     q.add_argument("--max-new-tokens", type=int, default=64)
     return ap
 
 
+def _ask_pairs(argv: List[str]) -> List[Tuple[Optional[str], str]]:
+    """(KM folder or None, question) in command-line order: each question goes with the --km just
+    before it, or with the base model. argparse cannot keep the order of an option interleaved with
+    positionals, so the raw arguments are read here."""
+    tokens = argv[argv.index("ask") + 1:]
+    pairs: List[Tuple[Optional[str], str]] = []
+    km: Optional[str] = None
+    i = 0
+    while i < len(tokens):
+        t = tokens[i]
+        name, eq, value = t.partition("=")
+        if name in ("--km", "--model", "--max-new-tokens"):
+            if not eq:
+                if i + 1 >= len(tokens):
+                    raise ValueError(f"{name} needs a value")
+                value, i = tokens[i + 1], i + 1
+            if name == "--km":
+                km = value
+        elif t.startswith("--") and t != "--":
+            raise ValueError(f"unknown option {t!r} for ask (options: --km, --model, --max-new-tokens)")
+        elif t != "--":
+            pairs.append((km, t))
+            km = None
+        i += 1
+    if km is not None:
+        raise ValueError(f"--km {km} has no question after it")
+    return pairs
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     a, rest = build_parser().parse_known_args(argv)
+    if a.cmd == "index" and rest:
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if a.cmd == "index":
             from .data import load_documents
@@ -92,20 +124,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             docs = load_documents(a.docs, split=a.split, id_field=a.id_field, text_field=a.text_field, limit=a.limit)
             index(docs, cfg)
             return 0
-        # ask: pair each question with the --km before it (or none: the base model)
-        tokens = list(a.items) + rest
-        pairs, km = [], None
-        i = 0
-        while i < len(tokens):
-            if tokens[i] == "--km":
-                if i + 1 >= len(tokens):
-                    raise ValueError("--km needs a KM folder")
-                km = tokens[i + 1]
-                i += 2
-                continue
-            pairs.append((km, tokens[i]))
-            km = None
-            i += 1
+        pairs = _ask_pairs(list(sys.argv[1:] if argv is None else argv))
         if not pairs:
             raise ValueError("no question given")
         from .index import ask

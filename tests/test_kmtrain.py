@@ -59,7 +59,7 @@ def tiny_cfg(model, out, **kw):
     return IndexConfig(**base)
 
 
-def test_index_and_ask_end_to_end(tiny_model, docs_dir, tmp_path):
+def test_index_and_ask_end_to_end(tiny_model, docs_dir, tmp_path, capsys):
     out = tmp_path / "kms"
     summaries = index(str(docs_dir), tiny_cfg(tiny_model, out))
     assert sorted(s["id"] for s in summaries) == sorted(DOCS)
@@ -79,6 +79,17 @@ def test_index_and_ask_end_to_end(tiny_model, docs_dir, tmp_path):
     answers = ask([(str(out / "alpha"), "Which bell?"), (str(out / "beta"), "What grows?"), (None, "Hello?")],
                   model=tiny_model, max_new_tokens=5)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    # the CLI pairs each question with the --km before it, in command-line order, in one batch
+    from kmtrain.cli import _ask_pairs, main
+
+    argv = ["ask", "--km", str(out / "alpha"), "Which bell?", "--max-new-tokens", "5", "--km", str(out / "beta"),
+            "What grows?", "--model", tiny_model, "Hello?"]
+    assert _ask_pairs(argv) == [(str(out / "alpha"), "Which bell?"), (str(out / "beta"), "What grows?"), (None, "Hello?")]
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for (km, q), a in zip(_ask_pairs(argv), answers):
+        assert f"[{km or 'base'}] {q}\n  {a}" in printed
 
 
 def test_resume_after_interruption(tiny_model, docs_dir, tmp_path, monkeypatch):
@@ -275,6 +286,10 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["index", str(d), "--out", str(tmp_path / "o")]) == 2
     assert "a.txt" in capsys.readouterr().err
     assert main(["ask", "--km", str(tmp_path / "nope"), "q?"]) == 2
+    assert main(["ask", "q?", "--km", str(tmp_path / "x")]) == 2
+    assert "has no question after it" in capsys.readouterr().err
+    assert main(["ask", "--kms", "x", "q?"]) == 2
+    assert "unknown option '--kms'" in capsys.readouterr().err
 
 
 def test_cli_flags_to_config():
