@@ -16,8 +16,10 @@ Design (same for both backends, so they differ only in who does the arithmetic):
     reduction="none" the per-position grad_output is only known in backward, so backward
     recomputes the chunk logits.
 
-The Triton path uses Triton kernels for the fp32-output logit GEMM and the row-wise
-softmax/KL/gradient passes; the gradient GEMMs (dh = G W, dW = G^T h) go to torch.mm (cuBLAS).
+The Triton path uses Triton kernels for the row-wise softmax/KL/gradient passes. The logit
+GEMMs go to cuBLAS with fp32 output (torch.mm(out_dtype=float32)) where torch has it for 16-bit
+CUDA operands, else to a Triton fp32-output GEMM; the gradient GEMMs (dh = G W, dW = G^T h) go to
+torch.mm (cuBLAS).
 The torch path upcasts to fp32 and uses plain torch ops on the same chunks.
 """
 from __future__ import annotations
@@ -235,14 +237,49 @@ def default_chunk_size(vocab: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # Fused linear + KL
 # ----------------------------------------------------------------------------------------------
+_CUBLAS_FP32_OUT: Optional[bool] = None  # does this torch have mm(out_dtype=float32) for 16-bit CUDA operands?
+
+
+def _cublas_fp32_out(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
+    """a @ b with an fp32 result from cuBLAS (16-bit operands, fp32 accumulate and output, never
+    rounded to 16 bits), or None where that is not available (CPU, fp32, older torch)."""
+    global _CUBLAS_FP32_OUT
+    if _CUBLAS_FP32_OUT is False or not (a.is_cuda and a.dtype == b.dtype and is_16bit(a.dtype)):
+        return None
+    try:
+        out = torch.mm(a, b, out_dtype=torch.float32)
+    except (RuntimeError, TypeError):  # older torch without mm(out_dtype=)
+        _CUBLAS_FP32_OUT = False
+        return None
+    _CUBLAS_FP32_OUT = True
+    return out
+
+
 def _mm_fp32_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with an fp32 result. 16-bit CUDA operands use cuBLAS with fp32 output (no rounding)."""
-    if a.dtype == b.dtype and is_16bit(a.dtype) and a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # older torch without mm(out_dtype=)
-            pass
-    return torch.mm(a.float(), b.float())
+    out = _cublas_fp32_out(a, b)
+    return out if out is not None else torch.mm(a.float(), b.float())
+
+
+def _logits_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[M, K] x [V, K] -> fp32 [M, V] logits. cuBLAS with fp32 output where torch offers it (16-bit
+    CUDA operands: about twice the rate of the Triton GEMM on an H100), else the Triton kernel
+    (fp32 operands, mixed dtypes, the CPU interpreter)."""
+    out = _cublas_fp32_out(x, w.T) if x.shape[0] > 0 else None
+    return out if out is not None else _logits_fp32_triton(x, w)
+
+
+DW_SLICE_ELEMS = 1 << 26  # fp32 elements of one dW slice product (256 MiB)
+
+
+def _add_dw(dw: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """dw (fp32 [V, H]) += g^T @ h, g [C, V], h [C, H]. Done in vocabulary slices of about
+    256 MiB of fp32 so that the product never needs a second [V, H] fp32 buffer."""
+    V, H = dw.shape
+    step = max(1, DW_SLICE_ELEMS // max(H, 1))
+    for v0 in range(0, V, step):
+        v1 = min(V, v0 + step)
+        dw[v0:v1] += _mm_fp32_acc(g[:, v0:v1].T, h)
 
 
 def _linear_kl_chunks(hs, ws, ht, wt, inv_temp, backend, chunk_size, row_scale, need_dh, need_dw):
@@ -266,8 +303,8 @@ def _linear_kl_chunks(hs, ws, ht, wt, inv_temp, backend, chunk_size, row_scale, 
         hs_c, ht_c = hs[c0:c1], ht[c0:c1]
         scale_c = (row_scale[c0:c1] * inv_temp).contiguous() if want_grad else None
         if backend == "triton":
-            s = _logits_fp32_triton(hs_c, ws)
-            t = _logits_fp32_triton(ht_c, wt)
+            s = _logits_fp32(hs_c, ws)
+            t = _logits_fp32(ht_c, wt)
             loss[c0:c1], lse_s, lse_t = _kl_rows_forward(s, t, inv_temp, backend)
             if not want_grad:
                 continue
@@ -289,8 +326,17 @@ def _linear_kl_chunks(hs, ws, ht, wt, inv_temp, backend, chunk_size, row_scale, 
             else:
                 dh[c0:c1] = _mm_fp32_acc(g, ws).to(hs.dtype)
         if dw is not None:
-            dw += _mm_fp32_acc(g.T, hs_c.to(g.dtype) if g.dtype != torch.float32 else hs_c)
+            _add_dw(dw, g, hs_c.to(g.dtype) if g.dtype != torch.float32 else hs_c)
     return loss, dh, dw
+
+
+def _scaled_cast(dw: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(dw * g).to(dtype) in the same vocabulary slices as _add_dw: no second [V, H] fp32 buffer."""
+    out = torch.empty(dw.shape, device=dw.device, dtype=dtype)
+    step = max(1, DW_SLICE_ELEMS // max(dw.shape[1], 1))
+    for v0 in range(0, dw.shape[0], step):
+        out[v0:v0 + step] = dw[v0:v0 + step] * g
+    return out
 
 
 class FusedLinearKLFunction(torch.autograd.Function):
@@ -330,7 +376,7 @@ class FusedLinearKLFunction(torch.autograd.Function):
             dh, dw = ctx.saved_tensors
             g = grad_out.to(torch.float32)
             dh_out = (dh * g.to(dh.dtype)) if (need_dh and dh is not None) else None
-            dw_out = (dw * g).to(ctx.ws_dtype) if (need_dw and dw is not None) else None
+            dw_out = _scaled_cast(dw, g, ctx.ws_dtype) if (need_dw and dw is not None) else None
         else:
             hs, ws, ht, wt = ctx.saved_tensors
             _, dh_out, dw = _linear_kl_chunks(
