@@ -142,7 +142,7 @@ class Segments:
     tile_r1: torch.Tensor
 
 
-SEG_BLOCK_M = 32
+SEG_BLOCK_M = 64  # rows per tile of the shrink / expand kernels (H100 sweep, bench/tune_blocks.py)
 
 
 def build_segments(adapter_ids: torch.Tensor, num_adapters: int, block_m: int = SEG_BLOCK_M) -> Segments:
@@ -151,7 +151,8 @@ def build_segments(adapter_ids: torch.Tensor, num_adapters: int, block_m: int = 
     N, D = ids.numel(), num_adapters
     dev = ids.device
     key = torch.where(ids < 0, torch.full_like(ids, D), ids)
-    order = torch.argsort(key, stable=True)
+    # narrow keys: the radix sort makes one pass per key byte (8 for int64, 2 for int16)
+    order = torch.argsort(key.to(torch.int16) if D < 2**15 - 1 else key, stable=True)
     counts = torch.zeros(D + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
     seg_start = torch.cumsum(counts, 0) - counts
     tiles = (counts + block_m - 1) // block_m
@@ -177,13 +178,22 @@ def _seg_gemm(x, w, w_strides, n_out, k, seg: Segments, scale: Optional[torch.Te
     sd, sn, sk = w_strides
     upcast = x.dtype != w.dtype or x.dtype == torch.float32
     bn = _block(n_out, 16, 64 if upcast else 128)
-    bk = _block(k, 16, 64)
+    if upcast:  # fp32 operands: smaller tiles keep the ieee dot within registers / shared memory
+        bk, warps, stages = _block(k, 16, 64), 4, 2
+    elif n_out <= 64:
+        # shrink (n_out = r): a long K loop over x; deep K tiles and 3 stages keep enough bytes in
+        # flight (H100 sweep, bench/tune_blocks.py: 1.78 TB/s at N=8192, 4096->16, D=32)
+        bk, warps, stages = _block(k, 16, 256 if bn <= 32 else 128), 4, 3
+    else:
+        # expand (K = r): one K step, wide output tiles, 8 warps to store them (1.98 TB/s)
+        bk, warps, stages = _block(k, 16, 64), 8, 1
     grid = (seg.tile_seg.numel(), triton.cdiv(n_out, bn))
     _seg_gemm_kernel[grid](
         x, w, out, seg.order, seg.tile_seg, seg.tile_r0, seg.tile_r1, scale if scale is not None else x,
         n_out, k, seg.num_adapters,
         x.stride(0), x.stride(1), sd, sn, sk, out.stride(0), out.stride(1),
         BLOCK_M=seg.block_m, BLOCK_N=bn, BLOCK_K=bk, HAS_SCALE=scale is not None, UPCAST=upcast,
+        num_warps=warps, num_stages=stages,
     )
     return out
 
@@ -194,12 +204,15 @@ def _seg_outer(lmat, rmat, seg: Segments, scale: Optional[torch.Tensor], out: to
     if D == 0 or P == 0 or Q == 0:
         return out
     upcast = lmat.dtype != rmat.dtype or lmat.dtype == torch.float32
-    bp, bq = _block(P, 16, 64), _block(Q, 16, 64)
+    # 16-bit: 128-row steps and 128-wide tiles (H100 sweep: 1.75 TB/s for dA and dB at D=32)
+    hi, bm = (64, 32) if upcast else (128, 128)
+    bp, bq = _block(P, 16, hi), _block(Q, 16, hi)
     _seg_outer_kernel[(D, triton.cdiv(P, bp), triton.cdiv(Q, bq))](
         lmat, rmat, out, seg.order, seg.seg_start, seg.seg_count, scale if scale is not None else lmat,
         P, Q, lmat.stride(0), lmat.stride(1), rmat.stride(0), rmat.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_M=32, BLOCK_P=bp, BLOCK_Q=bq, HAS_SCALE=scale is not None, UPCAST=upcast,
+        BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq, HAS_SCALE=scale is not None, UPCAST=upcast,
+        num_warps=4, num_stages=2,
     )
     return out
 
