@@ -140,7 +140,7 @@ def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device
                 total = total + loss_d
         else:
             logits = out.logits.float().reshape(-1, out.logits.shape[-1])
-            tgt = ids.reshape(-1)[pos + 1].to(device)
+            tgt = ids.to(device).reshape(-1)[pos + 1]
             ce = torch.nn.functional.cross_entropy(logits[pos], tgt, reduction="none")
             for slot, doc in enumerate(wave):
                 loss_d = ce[(doc_of_pos == slot).to(device)].mean()

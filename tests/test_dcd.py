@@ -63,13 +63,13 @@ def test_dcd_in_hf_llama_with_peft_step(backend):
         return model
 
     g = torch.Generator().manual_seed(7)
-    ctx_ids = torch.randint(0, 131, (2, 6), generator=g)
-    tgt_ids = torch.randint(0, 131, (2, 9), generator=g)
-    mask = torch.ones(2, 9, dtype=torch.bool)
+    ctx_ids = torch.randint(0, 131, (2, 6), generator=g).to(DEVICE)
+    tgt_ids = torch.randint(0, 131, (2, 9), generator=g).to(DEVICE)
+    mask = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
     mask[1, 6:] = False  # padded tail of the second target
     updates, grads = [], []
     for which in ("ours", "ref"):
-        model = build()
+        model = build().to(DEVICE)
         with torch.no_grad(), model.disable_adapter():  # teacher: frozen base with context
             t_out = model(input_ids=torch.cat([ctx_ids, tgt_ids], 1), output_hidden_states=True)
             ht = [h[:, 6:] for h in t_out.hidden_states[1:]]

@@ -177,15 +177,15 @@ def peft_model(base, seed, r=4, alpha=8):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attach_matches_separate_peft_models(backend, tmp_path):
-    base = tiny_llama()
+    base = tiny_llama().to(DEVICE)
     D = 3
     peft_models = [peft_model(base, seed=10 + d) for d in range(D)]
     grouped = attach_grouped_lora(copy.deepcopy(base), D, rank=4, alpha=8, backend=backend)
     for d, pm in enumerate(peft_models):
         pm.save_pretrained(tmp_path / f"a{d}")
         load_peft(grouped, d, tmp_path / f"a{d}")
-    ids = torch.tensor([2, 0, -1, 1, 2])
-    input_ids = torch.randint(0, 97, (5, 7))
+    ids = torch.tensor([2, 0, -1, 1, 2], device=DEVICE)
+    input_ids = torch.randint(0, 97, (5, 7)).to(DEVICE)
     set_adapter_ids(grouped, ids)
     with torch.no_grad():
         out = grouped(input_ids=input_ids).logits
@@ -196,15 +196,15 @@ def test_attach_matches_separate_peft_models(backend, tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_adamw_step_on_mixed_batch_equals_peft_alone(backend, tmp_path):
-    base = tiny_llama(1)
+    base = tiny_llama(1).to(DEVICE)
     D = 3
     grouped = attach_grouped_lora(copy.deepcopy(base), D, rank=4, alpha=8, backend=backend)
     peft_models = [peft_model(base, seed=20 + d) for d in range(D)]
     for d, pm in enumerate(peft_models):
         pm.save_pretrained(tmp_path / f"a{d}")
         load_peft(grouped, d, tmp_path / f"a{d}")
-    input_ids = torch.randint(0, 97, (6, 8))
-    ids = torch.tensor([1, 0, 1, 2, 0, 1])  # interleaved documents
+    input_ids = torch.randint(0, 97, (6, 8)).to(DEVICE)
+    ids = torch.tensor([1, 0, 1, 2, 0, 1], device=DEVICE)  # interleaved documents
 
     def per_doc_loss(logits, logit_rows, doc_rows):
         """Next-token loss of document rows ``doc_rows`` whose logits sit at ``logit_rows``."""
@@ -223,7 +223,7 @@ def test_adamw_step_on_mixed_batch_equals_peft_alone(backend, tmp_path):
         rows = (ids == d).nonzero().squeeze(1)
         params = [p for p in pm.parameters() if p.requires_grad]
         popt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
-        per_doc_loss(pm(input_ids=input_ids[rows]).logits, torch.arange(rows.numel()), rows).backward()
+        per_doc_loss(pm(input_ids=input_ids[rows]).logits, torch.arange(rows.numel(), device=DEVICE), rows).backward()
         popt.step()
         sd = dict(pm.named_parameters())
         for name, m in grouped.named_modules():
