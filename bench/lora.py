@@ -1,7 +1,9 @@
 """Grouped LoRA benchmark table: ``python -m bench.lora [--out bench/results/lora_<device>.md]``.
 
 Delta only (y = s_d * x A_d^T B_d^T): our Triton path, a per-adapter Python loop (our torch
-path), and ``torch._grouped_mm`` (rows physically sorted first, as it requires) where it runs.
+path), and ``torch._grouped_mm`` (rows physically sorted first, as it requires) where it runs;
+each once with the batch's row layout computed per call and once with it given (as inside a
+model, where one layout serves every LoRA layer).
 Layer forward (base matmul + delta), for serving: ours against PEFT's mixed-batch forward
 (``adapter_names=``), one adapter per sequence of 128 tokens.
 Memory floor: forward reads x and A, B once and writes the delta once; backward reads dy, x,
@@ -40,11 +42,15 @@ def make(N, din, dout, r, D, dtype, grad):
     return x, A, B, ids, seq_ids
 
 
-def grouped_mm_delta(x, A, B, ids, scaling):
-    """torch._grouped_mm needs rows physically grouped: gather, two grouped GEMMs, scatter back."""
+def grouped_mm_layout(ids, D):
     order = torch.argsort(ids, stable=True)
-    counts = torch.bincount(ids, minlength=A.shape[0])
-    offs = torch.cumsum(counts, 0).to(torch.int32)
+    counts = torch.bincount(ids, minlength=D)
+    return order, torch.cumsum(counts, 0).to(torch.int32)
+
+
+def grouped_mm_delta(x, A, B, ids, scaling, layout=None):
+    """torch._grouped_mm needs rows physically grouped: gather, two grouped GEMMs, scatter back."""
+    order, offs = layout if layout is not None else grouped_mm_layout(ids, A.shape[0])
     xs = x.index_select(0, order)
     h = torch._grouped_mm(xs, A.transpose(1, 2), offs=offs)
     ys = torch._grouped_mm(h, B.transpose(1, 2), offs=offs) * scaling
@@ -60,6 +66,16 @@ def delta_fn(method, x, A, B, ids):
         return lambda: grouped_lora(x, A, B, ids, 1.0, backend="torch", check_ids=False)
     if method == "torch._grouped_mm":
         return lambda: grouped_mm_delta(x, A, B, ids, 1.0)
+    # Inside a model the row layout of a batch is computed once and shared by every LoRA layer
+    # (7 per decoder layer): these two rows time the per-layer cost with the layout given.
+    if method == "kmkernels-triton, batch layout":
+        from kmkernels.lora import build_segments
+
+        seg = build_segments(ids, A.shape[0])
+        return lambda: grouped_lora(x, A, B, ids, 1.0, backend="triton", segments=seg, check_ids=False)
+    if method == "torch._grouped_mm, batch layout":
+        layout = grouped_mm_layout(ids, A.shape[0])
+        return lambda: grouped_mm_delta(x, A, B, ids, 1.0, layout)
     raise ValueError(method)
 
 
@@ -109,7 +125,8 @@ def main(argv=None):
     env = environment()
     if GPU:
         dtype, Ns, dims, ranks, Ds = torch.bfloat16, [2048, 8192], [(4096, 4096), (4096, 14336)], [16, 64], [1, 8, 32, 128]
-        methods = ["kmkernels-triton", "loop (torch path)", "torch._grouped_mm"]
+        methods = ["kmkernels-triton", "loop (torch path)", "torch._grouped_mm", "kmkernels-triton, batch layout",
+                   "torch._grouped_mm, batch layout"]
         ours_backend = "kmkernels-triton"
     else:
         dtype, Ns, dims, ranks, Ds = torch.float32, [512, 2048], [(576, 576), (576, 1536)], [16], [1, 8, 32]
@@ -132,7 +149,8 @@ def main(argv=None):
                 f = delta_fn(method, x, A, B, ids)
                 with torch.no_grad():
                     fwd = time_ms(f)
-                fb = time_ms(lambda: torch.autograd.grad(f(), (x, A, B), torch.ones(N, dout, device=DEV, dtype=dtype)))
+                dy = torch.ones(N, dout, device=DEV, dtype=dtype)
+                fb = time_ms(lambda: torch.autograd.grad(f(), (x, A, B), dy))
                 row = [shape, "delta", method, f"{fwd:.3f}", f"{fwd_floor / fwd:.0%}", f"{fb:.3f}",
                        f"{(fwd_floor + bwd_floor) / fb:.0%}"]
             except Exception as e:

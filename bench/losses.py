@@ -47,7 +47,7 @@ def make_kl_fn(method: str, hs, ws, ht):
         from liger_kernel.transformers import LigerFusedLinearJSD
 
         m = LigerFusedLinearJSD(jsd_beta=0.0)
-        return lambda: m(hs, ws, ht, ws.detach())
+        return lambda: m(hs, ws, ht, ws.detach(), None)  # no shift_labels: every position counts
     if method == "liger-chunked-jsd":
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
