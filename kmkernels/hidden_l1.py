@@ -13,7 +13,7 @@ deterministically, no atomics) and once more in backward to write sign(h_s - h_t
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -26,12 +26,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _l1_partial_kernel(
-        HS, HT, ROW_KEEP, DIFF, NORM,
-        N, H, stride_s, stride_t,
+        HS_PTRS, HT_PTRS, HS0, HT0, ROW_KEEP, PART,
+        N, H, stride_s, stride_t, NBLK, L_TOTAL, LAYER0,
         BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, HAS_MASK: tl.constexpr,
     ):
-        """Per row block: sum|hs - ht| and sum|ht| over BLOCK_N rows x all of H, in fp32."""
+        """Grid (row blocks, layers of the group). Per row block and layer: sum|hs - ht| and sum|ht|
+        over BLOCK_N rows x all of H in fp32, stored at PART[0 or 1, LAYER0 + layer, block].
+        HS_PTRS / HT_PTRS hold each layer's data address; HS0 / HT0 (layer 0) give the dtypes."""
         pid = tl.program_id(0)
+        j = tl.program_id(1)
+        hs = tl.load(HS_PTRS + j).to(tl.pointer_type(HS0.dtype.element_ty))
+        ht = tl.load(HT_PTRS + j).to(tl.pointer_type(HT0.dtype.element_ty))
         rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         row_ok = rows < N
         if HAS_MASK:
@@ -41,31 +46,37 @@ if HAS_TRITON:
         for h0 in range(0, H, BLOCK_H):
             cols = h0 + tl.arange(0, BLOCK_H)
             m = row_ok[:, None] & (cols[None, :] < H)
-            s = tl.load(HS + rows[:, None] * stride_s + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            t = tl.load(HT + rows[:, None] * stride_t + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            s = tl.load(hs + rows[:, None] * stride_s + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            t = tl.load(ht + rows[:, None] * stride_t + cols[None, :], mask=m, other=0.0).to(tl.float32)
             acc_d += tl.abs(s - t)
             acc_n += tl.abs(t)
-        tl.store(DIFF + pid, tl.sum(tl.sum(acc_d, axis=1), axis=0))
-        tl.store(NORM + pid, tl.sum(tl.sum(acc_n, axis=1), axis=0))
+        slot = (LAYER0 + j).to(tl.int64) * NBLK + pid
+        tl.store(PART + slot, tl.sum(tl.sum(acc_d, axis=1), axis=0))
+        tl.store(PART + L_TOTAL * NBLK + slot, tl.sum(tl.sum(acc_n, axis=1), axis=0))
 
     @triton.jit
     def _l1_grad_kernel(
-        HS, HT, ROW_KEEP, G, SCALE,
-        N, H, stride_s, stride_t, stride_g,
+        HS_PTRS, HT_PTRS, HS0, HT0, ROW_KEEP, G, SCALE,
+        N, H, stride_s, stride_t, stride_gl, stride_g,
         BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, HAS_MASK: tl.constexpr,
     ):
-        """G = sign(hs - ht) * SCALE[0] on kept rows, 0 elsewhere. Grid: (cdiv(N,BN), cdiv(H,BH))."""
+        """Grid (row blocks, column blocks, layers of the group). G[j] = sign(hs - ht) * SCALE[j] on
+        kept rows, 0 elsewhere; G is [layers, N, H] in the student dtype."""
+        j = tl.program_id(2)
+        hs = tl.load(HS_PTRS + j).to(tl.pointer_type(HS0.dtype.element_ty))
+        ht = tl.load(HT_PTRS + j).to(tl.pointer_type(HT0.dtype.element_ty))
         rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         inb = (rows[:, None] < N) & (cols[None, :] < H)
-        s = tl.load(HS + rows[:, None] * stride_s + cols[None, :], mask=inb, other=0.0).to(tl.float32)
-        t = tl.load(HT + rows[:, None] * stride_t + cols[None, :], mask=inb, other=0.0).to(tl.float32)
+        s = tl.load(hs + rows[:, None] * stride_s + cols[None, :], mask=inb, other=0.0).to(tl.float32)
+        t = tl.load(ht + rows[:, None] * stride_t + cols[None, :], mask=inb, other=0.0).to(tl.float32)
         d = s - t
-        g = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)) * tl.load(SCALE)
+        g = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)) * tl.load(SCALE + j)
         if HAS_MASK:
             keep = tl.load(ROW_KEEP + rows, mask=rows < N, other=0) != 0
             g = tl.where(keep[:, None], g, 0.0)
-        tl.store(G + rows[:, None] * stride_g + cols[None, :], g.to(G.dtype.element_ty), mask=inb)
+        g_base = G + j.to(tl.int64) * stride_gl
+        tl.store(g_base + rows[:, None] * stride_g + cols[None, :], g.to(G.dtype.element_ty), mask=inb)
 
 
 def _blocks(H: int, backward: bool) -> Tuple[int, int, int]:
@@ -77,6 +88,29 @@ def _blocks(H: int, backward: bool) -> Tuple[int, int, int]:
         bh *= 2
     bn = 1 if not backward else max(1, min(8, 16384 // bh))
     return bn, bh, 8 if bh >= 1024 else 4
+
+
+def _runs(hs, ht) -> List[List[int]]:
+    """Runs of consecutive layers that one launch can serve: same H, dtypes and row strides
+    (all layers in one run, usually; mixed hidden sizes split them)."""
+    runs: List[List[int]] = []
+    key = None
+    for l, (s, t) in enumerate(zip(hs, ht)):
+        k = (s.shape[1], s.dtype, t.dtype, s.stride(0), t.stride(0))
+        if runs and k == key:
+            runs[-1].append(l)
+        else:
+            runs.append([l])
+            key = k
+    return runs
+
+
+def _ptr_table(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """int64 data addresses on the tensors' device. Pinned + non_blocking on CUDA: a pageable
+    host-to-device copy would make the host wait for the GPU."""
+    dev = tensors[0].device
+    table = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, pin_memory=dev.type == "cuda")
+    return table.to(dev, non_blocking=True)
 
 
 def _layer_sums(hs, ht, row_keep, backend) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -96,37 +130,57 @@ def _layer_sums(hs, ht, row_keep, backend) -> Tuple[torch.Tensor, torch.Tensor]:
     L = len(hs)
     bn = _blocks(hs[0].shape[1], False)[0]  # the row block does not depend on H
     nblk = triton.cdiv(N, bn) if N > 0 else 0
-    # One buffer of per-block partials for all layers: a launch per layer and one reduction, not
-    # four small ops per layer (at 32 layers those launches cost more than the reads).
+    # One buffer of per-block partials for all layers and one launch per group of alike layers
+    # (one in all, usually): at 32 layers, per-layer launches cost as much as the reads.
     part = torch.zeros((2, L, max(nblk, 1)), device=hs[0].device, dtype=torch.float32)
     if nblk > 0:
-        for l, (s, t) in enumerate(zip(hs, ht)):
-            _, bh, warps = _blocks(s.shape[1], False)
-            _l1_partial_kernel[(nblk,)](
-                s, t, row_keep if row_keep is not None else s, part[0, l], part[1, l], N, s.shape[1],
-                s.stride(0), t.stride(0), BLOCK_N=bn, BLOCK_H=bh, HAS_MASK=row_keep is not None,
-                num_warps=warps,
+        for run in _runs(hs, ht):
+            s0, t0 = hs[run[0]], ht[run[0]]
+            _, bh, warps = _blocks(s0.shape[1], False)
+            _l1_partial_kernel[(nblk, len(run))](
+                _ptr_table([hs[l] for l in run]), _ptr_table([ht[l] for l in run]), s0, t0,
+                row_keep if row_keep is not None else s0, part, N, s0.shape[1], s0.stride(0), t0.stride(0),
+                nblk, L, run[0], BLOCK_N=bn, BLOCK_H=bh, HAS_MASK=row_keep is not None, num_warps=warps,
             )
     sums = part.sum(-1)  # deterministic: fixed-order reduction of per-block partials
     return sums[0], sums[1]
 
 
-def _layer_grad(s, t, row_keep, scale, backend):
-    """sign(s - t) * scale on kept rows, 0 elsewhere, in s's dtype. ``scale``: fp32 [1] tensor."""
-    N, H = s.shape
+def _layer_grads(hs, ht, row_keep, scales, backend, needed) -> List[Optional[torch.Tensor]]:
+    """sign(h_s - h_t) * scales[l] on kept rows, 0 elsewhere, per layer in h_s's dtype (None where
+    not needed). ``scales``: fp32 [L]."""
+    L = len(hs)
+    grads: List[Optional[torch.Tensor]] = [None] * L
     if backend == "torch":
-        g = torch.sub(s.float(), t.float()).sign_().mul_(scale)
-        if row_keep is not None:
-            g.mul_(row_keep.to(torch.float32)[:, None])
-        return g.to(s.dtype)
-    g = torch.empty_like(s)
-    if N > 0:
-        bn, bh, warps = _blocks(H, True)
-        _l1_grad_kernel[(triton.cdiv(N, bn), triton.cdiv(H, bh))](
-            s, t, row_keep if row_keep is not None else s, g, scale, N, H, s.stride(0), t.stride(0), g.stride(0),
-            BLOCK_N=bn, BLOCK_H=bh, HAS_MASK=row_keep is not None, num_warps=warps,
-        )
-    return g
+        for l in range(L):
+            if not needed[l]:
+                continue
+            g = torch.sub(hs[l].float(), ht[l].float()).sign_().mul_(scales[l])
+            if row_keep is not None:
+                g.mul_(row_keep.to(torch.float32)[:, None])
+            grads[l] = g.to(hs[l].dtype)
+        return grads
+    N = hs[0].shape[0]
+    for run in _runs(hs, ht):
+        if not all(needed[l] for l in run):  # a layer without gradient splits the run (rare)
+            split = [[l] for l in run if needed[l]]
+        else:
+            split = [run]
+        for part in split:
+            s0, t0 = hs[part[0]], ht[part[0]]
+            H = s0.shape[1]
+            g = torch.empty((len(part), N, H), device=s0.device, dtype=s0.dtype)  # one allocation per run
+            if N > 0:
+                bn, bh, warps = _blocks(H, True)
+                _l1_grad_kernel[(triton.cdiv(N, bn), triton.cdiv(H, bh), len(part))](
+                    _ptr_table([hs[l] for l in part]), _ptr_table([ht[l] for l in part]), s0, t0,
+                    row_keep if row_keep is not None else s0, g, scales[part[0]:part[-1] + 1],
+                    N, H, s0.stride(0), t0.stride(0), g.stride(0), g.stride(1),
+                    BLOCK_N=bn, BLOCK_H=bh, HAS_MASK=row_keep is not None, num_warps=warps,
+                )
+            for j, l in enumerate(part):
+                grads[l] = g[j]
+    return grads
 
 
 class HiddenL1Function(torch.autograd.Function):
@@ -156,10 +210,7 @@ class HiddenL1Function(torch.autograd.Function):
         hs, ht = hiddens[:L], hiddens[L:]
         # d loss / d h_s^l = sign(h_s - h_t) * g / (L * Z_l); zero where Z_l == 0.
         scales = torch.where(norm > 0, grad_out.float() / (L * torch.where(norm > 0, norm, 1.0)), 0.0)
-        grads = [
-            _layer_grad(s, t, row_keep, scales[l:l + 1].contiguous(), ctx.backend) if ctx.needs_input_grad[4 + l] else None
-            for l, (s, t) in enumerate(zip(hs, ht))
-        ]
+        grads = _layer_grads(hs, ht, row_keep, scales, ctx.backend, ctx.needs_input_grad[4:4 + L])
         return (None, None, None, None, *grads, *([None] * L))
 
 

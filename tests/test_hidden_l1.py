@@ -47,6 +47,29 @@ def test_hidden_l1(backend, dtype, L, lead, H, mask_kind, stacked, grad_scale):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_mixed_layers_strides_and_frozen_layers(backend, dtype):
+    """Layers of different hidden sizes and row strides (each run of alike layers is one launch),
+    and layers without gradient in the middle of a run, against the float64 reference."""
+    N, sizes = 13, [24, 24, 40, 24, 24, 24]
+    hs, ht = [], []
+    for l, H in enumerate(sizes):
+        wide = torch.randn(N, 2 * H).to(DEVICE, dtype)
+        s = wide[:, :H] if l == 4 else torch.randn(N, H).to(DEVICE, dtype)  # layer 4: row stride 2H
+        hs.append(s.requires_grad_(l != 1))  # layer 1 is frozen
+        ht.append(torch.randn(N, H).to(DEVICE, dtype))
+    out = hidden_l1(hs, ht, backend=backend)
+    hs64 = [s.detach().double().cpu().requires_grad_() for s in hs]
+    ref = hidden_l1_ref(hs64, [t.cpu() for t in ht])
+    assert rel_err(out, ref) < 1e-5
+    trainable = [l for l in range(len(sizes)) if l != 1]
+    grads = torch.autograd.grad(out, [hs[l] for l in trainable])
+    rgrads = torch.autograd.grad(ref, [hs64[l] for l in trainable])
+    for g, rg in zip(grads, rgrads):
+        assert g.dtype == dtype and rel_err(g, rg) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_teacher_norms_used(backend):
     hs, ht = _layers(3, (6,), 10, torch.float32)
     norms = torch.stack([t.abs().sum() for t in ht])
