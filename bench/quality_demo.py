@@ -2,6 +2,7 @@
 base, ICL (document in context), and KMs trained with each objective for the same steps.
 
     python -m bench.quality_demo [--objectives sdcd lm ...] [--steps N] [--out bench/results/quality_demo_cpu.md]
+    python -m bench.quality_demo --objectives sdcd --set qa_format=chat --work runs/quality_chat   # an ablation
 """
 from __future__ import annotations
 
@@ -21,8 +22,17 @@ def main(argv=None):
     ap.add_argument("--objectives", nargs="+", default=["sdcd", "lm", "ddcd", "pit"])
     ap.add_argument("--steps", type=int, default=IndexConfig().steps)
     ap.add_argument("--work", default="runs/quality")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="IndexConfig override for every KM run (e.g. qa_format=chat, hidden_weight=0)")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
+    overrides = {}
+    for item in a.set:
+        field, _, value = item.partition("=")
+        if field not in IndexConfig.__dataclass_fields__:
+            ap.error(f"--set {item}: IndexConfig has no field {field!r}")
+        kind = type(getattr(IndexConfig(), field))
+        overrides[field] = kind(value) if kind in (int, float, str) else json.loads(value)
     env = environment()
     rows, per_doc = [], {}
     base_icl = None
@@ -39,7 +49,8 @@ def main(argv=None):
         first = first or out
         # A KM already finished in `out` with these settings is reused (index() resumes), so the
         # training time comes from its km.json, not from this call's wall clock.
-        summary = index(str(CORPUS), IndexConfig(out=str(out), objective=obj, steps=a.steps, progress=False))
+        summary = index(str(CORPUS), IndexConfig(out=str(out), objective=obj, steps=a.steps, progress=False,
+                                                       **overrides))
         t_train = max(json.loads((out / s["id"] / "km.json").read_text())["train_seconds_wave"]
                       for s in summary if (out / s["id"] / "km.json").is_file())
         conds = ("km",) if base_icl is not None else ("base", "icl", "km")
@@ -59,8 +70,10 @@ def main(argv=None):
     table = markdown_table(["condition", "steps", "correct", "accuracy %", "training s (one wave of 8 documents, from km.json)"], rows)
     docs = list(next(iter(per_doc.values())))
     doc_table = markdown_table(["document"] + list(per_doc), [[d] + [str(per_doc[c][d]) for c in per_doc] for d in docs])
-    cfg = IndexConfig()
+    cfg = IndexConfig(**overrides)
+    changed = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "none"
     text = (f"# Closed-book accuracy on the demo corpus (SmolLM2-135M-Instruct)\n\n{env_block(env)}\n"
+            f"- overrides of the defaults for every KM here: {changed}\n"
             f"- corpus: kmtrain/demo_corpus, 8 fictional documents, 8 short-answer questions each (64)\n"
             f"- defaults: {cfg.summaries_per_chunk} summaries + {cfg.qa_per_chunk} Q/A generations per chunk, "
             f"{cfg.docs_per_step} documents per step, {cfg.examples_per_doc} examples per document per step, "
