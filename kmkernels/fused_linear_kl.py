@@ -272,14 +272,17 @@ def _logits_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 DW_SLICE_ELEMS = 1 << 26  # fp32 elements of one dW slice product (256 MiB)
 
 
-def _add_dw(dw: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
-    """dw (fp32 [V, H]) += g^T @ h, g [C, V], h [C, H]. Done in vocabulary slices of about
-    256 MiB of fp32 so that the product never needs a second [V, H] fp32 buffer."""
-    V, H = dw.shape
+def _vocab_slices(V: int, H: int):
+    """Slices of the vocabulary whose [rows, H] fp32 block is about DW_SLICE_ELEMS elements, so that
+    work on dW never needs a second [V, H] fp32 buffer."""
     step = max(1, DW_SLICE_ELEMS // max(H, 1))
-    for v0 in range(0, V, step):
-        v1 = min(V, v0 + step)
-        dw[v0:v1] += _mm_fp32_acc(g[:, v0:v1].T, h)
+    return [slice(v0, min(V, v0 + step)) for v0 in range(0, V, step)]
+
+
+def _add_dw(dw: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """dw (fp32 [V, H]) += g^T @ h, g [C, V], h [C, H], one vocabulary slice at a time."""
+    for sl in _vocab_slices(*dw.shape):
+        dw[sl] += _mm_fp32_acc(g[:, sl].T, h)
 
 
 def _linear_kl_chunks(hs, ws, ht, wt, inv_temp, backend, chunk_size, row_scale, need_dh, need_dw):
@@ -331,11 +334,10 @@ def _linear_kl_chunks(hs, ws, ht, wt, inv_temp, backend, chunk_size, row_scale, 
 
 
 def _scaled_cast(dw: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(dw * g).to(dtype) in the same vocabulary slices as _add_dw: no second [V, H] fp32 buffer."""
+    """(dw * g).to(dtype), one vocabulary slice at a time."""
     out = torch.empty(dw.shape, device=dw.device, dtype=dtype)
-    step = max(1, DW_SLICE_ELEMS // max(dw.shape[1], 1))
-    for v0 in range(0, dw.shape[0], step):
-        out[v0:v0 + step] = dw[v0:v0 + step] * g
+    for sl in _vocab_slices(*dw.shape):
+        out[sl] = dw[sl] * g
     return out
 
 
