@@ -138,16 +138,15 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
     cache_info: Dict[str, dict] = {}
     if cfg.objective in ("sdcd", "ddcd") and cfg.teacher_cache:
         layers_key = "all" if cfg.cache_layers is None else "-".join(map(str, cfg.cache_layers))
-        key = hashlib.sha256(json.dumps([synth_setting, cfg.objective, cfg.qa_format, cfg.cache_dtype, layers_key,
-                                         cfg.ddcd_window_tokens, cfg.ddcd_windows_per_chunk,
-                                         cfg.ddcd_student_frac]).encode()).hexdigest()[:16]
         bar = _bar(cfg, total=len(states), desc="teacher cache")
         no_adapter = lambda b: set_adapter_ids(model, torch.full((b,), -1, dtype=torch.long))  # noqa: E731
         for st in states:
-            # keyed by the examples' token ids too: a changed document or new synthetic data never
-            # meets a stale cache
-            ex_key = hashlib.sha256(json.dumps([key] + [e.to_json() for e in st.examples]).encode()).hexdigest()[:16]
-            path = work / st.id / f"teacher_{cfg.objective}_{ex_key}.safetensors"
+            # The cache is a function of the teacher weights, what is stored, and the examples' tokens
+            # (which carry the document, the synthetic data and the example layout): a change in any
+            # of them never meets a stale cache.
+            key = hashlib.sha256(json.dumps([model_hash, cfg.cache_dtype, layers_key]
+                                            + [e.to_json() for e in st.examples]).encode()).hexdigest()[:16]
+            path = work / st.id / f"teacher_{cfg.objective}_{key}.safetensors"
             for old in (work / st.id).glob(f"teacher_{cfg.objective}_*.safetensors"):
                 if old != path:  # superseded caches only take disk
                     old.unlink()
