@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import env_block, environment, markdown_table
+from bench.common import env_block, environment, markdown_table, write_report
 from kmkernels import attach_grouped_lora, dcd_loss, load_peft, set_adapter_ids
 from kmtrain.config import IndexConfig
 from kmtrain.models import load_model
@@ -78,9 +78,7 @@ def main(argv=None):
             f"  the layer subset changes the hidden term's definition (an average over fewer layers), so its\n"
             f"  hidden-term difference measures that change, not rounding\n\n"
             f"{markdown_table(['cache', 'bytes per target token', 'KL rel. diff', 'hidden rel. diff', 'dKL/dh_last rel. diff'], rows)}\n")
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    write_report(text, a.out)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -138,3 +139,10 @@ def markdown_table(header: List[str], rows: List[List[str]]) -> str:
 
 def env_block(env: Dict[str, str]) -> str:
     return "\n".join(f"- {k}: {v}" for k, v in env.items())
+
+
+def write_report(text: str, out: Optional[str]) -> None:
+    """Print a benchmark's markdown report and, with --out, write it there."""
+    print(text)
+    if out:
+        Path(out).write_text(text)

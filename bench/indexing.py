@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from bench.common import env_block, environment, markdown_table
+from bench.common import env_block, environment, markdown_table, write_report
 from kmtrain.config import IndexConfig
 from kmtrain.demo import CORPUS
 from kmtrain.index import index
@@ -84,9 +84,7 @@ def main(argv=None):
             f"reference run's teacher states are rounded to the cache dtype (bf16), so the two runs see the\n"
             f"same numbers up to the batched-matmul rounding of D=8 against D=1:\n\n"
             f"{markdown_table(['document', 'with cache', 'without cache', 'relative difference'], loss_rows)}\n")
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    write_report(text, a.out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import sys
 import torch
 from torch import nn
 
-from bench.common import copy_bandwidth, env_block, environment, markdown_table, time_ms
+from bench.common import copy_bandwidth, env_block, environment, markdown_table, time_ms, write_report
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
@@ -175,10 +175,7 @@ def main(argv=None):
             f"- measured copy bandwidth (read+write): {bw / 1e9:.1f} GB/s\n"
             f"- adapters are assigned per sequence of {SEQ} tokens, uniformly at random over D slots\n\n{table}\n")
     print()
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    write_report(text, args.out)
 
 
 if __name__ == "__main__":

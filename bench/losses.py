@@ -19,7 +19,7 @@ import sys
 import torch
 
 from bench.common import (copy_bandwidth, env_block, environment, fmt_bytes, markdown_table, matmul_rate_flops,
-                          peak_rss_bytes, peak_rss_child, reset_peak_rss, sync, time_ms)
+                          peak_rss_bytes, peak_rss_child, reset_peak_rss, sync, time_ms, write_report)
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
@@ -183,10 +183,7 @@ def main(argv=None):
             f"- memory: {'torch.cuda.max_memory_allocated' if GPU else 'peak RSS growth of a fresh process'} over one fwd+bwd, minus the gradients returned\n\n"
             f"{table}\n")
     print()
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    write_report(text, args.out)
 
 
 if __name__ == "__main__":

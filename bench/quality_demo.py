@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from bench.common import env_block, environment, markdown_table
+from bench.common import env_block, environment, markdown_table, write_report
 from kmtrain.config import IndexConfig
 from kmtrain.demo import CORPUS, evaluate_corpus
 from kmtrain.index import index
@@ -80,9 +80,7 @@ def main(argv=None):
             f"lr {cfg.lr}, r={cfg.rank}, alpha={cfg.alpha}\n"
             f"- scoring: greedy answer (24 new tokens) contains an accepted answer as whole words\n\n"
             f"{table}\n\nPer document (correct of 8):\n\n{doc_table}\n")
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    write_report(text, a.out)
 
 
 if __name__ == "__main__":
