@@ -2,10 +2,12 @@
 
     python -m bench.tune_blocks [--what all|l1|lora|host] [--profile]
 
-Times each kernel alone (triton.testing.do_bench) over a grid of tile shapes, warps and stages,
+Times each kernel through its production launch helper (triton.testing.do_bench; the helper's tile
+choice is swapped for each candidate) over a grid of tile shapes, warps and stages,
 and prints the best configurations with their effective bandwidth, at the shapes of the issue
 targets: grouped LoRA at N=8192, 4096->4096, r=16, D=32, bf16; hidden_l1 on [8192, 4096] bf16.
-``--profile`` also prints the CUDA kernels of one grouped_lora fwd+bwd call.
+``--profile`` also prints the CUDA kernels of one grouped_lora fwd+bwd call. The hidden_l1 rows time
+one layer, so the helper's small host ops (partials buffer, address tables) weigh more than at 32 layers.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ def _sweep(name, bytes_moved, configs, launch, top=4):
     res = []
     for cfg in configs:
         try:
-            ms = do_bench(lambda: launch(**cfg), warmup=10, rep=40)
+            ms = do_bench(lambda: launch(cfg), warmup=10, rep=40)
         except Exception as e:  # a tile shape the compiler rejects (too many registers / smem)
             print(f"  {name} {cfg}: {type(e).__name__}")
             continue
@@ -33,10 +35,28 @@ def _sweep(name, bytes_moved, configs, launch, top=4):
     return res
 
 
-def lora(profile: bool):
-    from kmkernels import grouped_lora
-    from kmkernels import lora as L
+def _patched(module, name, value):
+    """Context manager: module.<name> = value for the duration (the production launch helpers
+    read their tile choice from these functions, so the sweep times the real launch path)."""
+    import contextlib
 
+    @contextlib.contextmanager
+    def cm():
+        old = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            yield
+        finally:
+            setattr(module, name, old)
+    return cm()
+
+
+def lora(profile: bool):
+    import importlib
+
+    from kmkernels import grouped_lora
+
+    L = importlib.import_module("kmkernels.lora")
     N, din, dout, r, D = 8192, 4096, 4096, 16, 32
     dt = torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -47,48 +67,35 @@ def lora(profile: bool):
     scale = torch.ones(D, device="cuda")
     h = torch.empty(N, r, device="cuda", dtype=dt)
     y = torch.empty(N, dout, device="cuda", dtype=dt)
-    segs = {bm: L.build_segments(ids, D, bm) for bm in (16, 32, 64, 128)}
+    segs = {bm: L.build_segments(ids, D, bm) for bm in (32, 64, 128)}
 
-    def gemm(xx, w, strides, n_out, k, out, sc, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages):
-        seg = segs[BLOCK_M]
-        grid = (seg.tile_seg.numel(), (n_out + BLOCK_N - 1) // BLOCK_N)
-        L._seg_gemm_kernel[grid](xx, w, out, seg.order, seg.tile_seg, seg.tile_r0, seg.tile_r1,
-                                 sc if sc is not None else xx, n_out, k, D, xx.stride(0), xx.stride(1), *strides,
-                                 out.stride(0), out.stride(1), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                                 HAS_SCALE=sc is not None, UPCAST=False, num_warps=num_warps, num_stages=num_stages)
+    def gemm(xx, w, strides, n_out, k, out, sc):
+        def launch(c):  # c = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+            with _patched(L, "_gemm_config", lambda *_: c[1:]):
+                L._seg_gemm(xx, w, strides, n_out, k, segs[c[0]], sc, out)
+        return launch
 
     a_str = (A.stride(0), A.stride(1), A.stride(2))
-    shrink = [dict(BLOCK_M=bm, BLOCK_N=16, BLOCK_K=bk, num_warps=w, num_stages=s)
-              for bm, bk, w, s in itertools.product((32, 64, 128), (128, 256), (4, 8), (2, 3))]
-    _sweep("shrink x@A^T", x.numel() * 2 + h.numel() * 2,
-           shrink, lambda **c: gemm(x, A, a_str, r, din, h, None, **c))
+    _sweep("shrink x@A^T (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)", x.numel() * 2 + h.numel() * 2,
+           list(itertools.product((32, 64, 128), (16,), (128, 256), (4, 8), (2, 3))),
+           gemm(x, A, a_str, r, din, h, None))
     b_str = (B.stride(0), B.stride(1), B.stride(2))
-    expand = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=16, num_warps=w, num_stages=s)
-              for bm, bn, w, s in itertools.product((32, 64, 128), (128, 256), (4, 8), (1,))]
-    _sweep("expand h@B^T", y.numel() * 2 + h.numel() * 2,
-           expand, lambda **c: gemm(h, B, b_str, dout, r, y, scale, **c))
+    _sweep("expand h@B^T (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)", y.numel() * 2 + h.numel() * 2,
+           list(itertools.product((32, 64, 128), (128, 256), (16,), (4, 8), (1,))),
+           gemm(h, B, b_str, dout, r, y, scale))
 
-    dA = torch.empty_like(A)
-    dB = torch.empty_like(B)
+    dA, dB = torch.empty_like(A), torch.empty_like(B)
 
-    def outer(lm, rm, out, sc, BLOCK_M, BLOCK_P, BLOCK_Q, num_warps, num_stages):
-        seg = segs[32]
-        Dd, P, Q = out.shape
-        grid = (Dd, (P + BLOCK_P - 1) // BLOCK_P, (Q + BLOCK_Q - 1) // BLOCK_Q)
-        L._seg_outer_kernel[grid](lm, rm, out, seg.order, seg.seg_start, seg.seg_count, sc if sc is not None else lm,
-                                  P, Q, lm.stride(0), lm.stride(1), rm.stride(0), rm.stride(1),
-                                  out.stride(0), out.stride(1), out.stride(2), BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P,
-                                  BLOCK_Q=BLOCK_Q, HAS_SCALE=sc is not None, UPCAST=False,
-                                  num_warps=num_warps, num_stages=num_stages)
+    def outer(lm, rm, out, sc):
+        def launch(c):  # c = (BLOCK_M, BLOCK_P, BLOCK_Q)
+            with _patched(L, "_outer_config", lambda *_: c):
+                L._seg_outer(lm, rm, segs[64], sc, out)
+        return launch
 
-    da_cfg = [dict(BLOCK_M=bm, BLOCK_P=16, BLOCK_Q=bq, num_warps=w, num_stages=s)
-              for bm, bq, w, s in itertools.product((64, 128), (128, 256), (4, 8), (2,))]
-    _sweep("dA = dh^T x", x.numel() * 2 + h.numel() * 2 + dA.numel() * 2,
-           da_cfg, lambda **c: outer(h, x, dA, None, **c))
-    db_cfg = [dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=16, num_warps=w, num_stages=s)
-              for bm, bp, w, s in itertools.product((64, 128), (128, 256), (4, 8), (2,))]
-    _sweep("dB = dy^T h", y.numel() * 2 + h.numel() * 2 + dB.numel() * 2,
-           db_cfg, lambda **c: outer(y, h, dB, scale, **c))
+    _sweep("dA = dh^T x (BLOCK_M, BLOCK_P, BLOCK_Q)", x.numel() * 2 + h.numel() * 2 + dA.numel() * 2,
+           list(itertools.product((64, 128), (16,), (128, 256))), outer(h, x, dA, None))
+    _sweep("dB = dy^T h (BLOCK_M, BLOCK_P, BLOCK_Q)", y.numel() * 2 + h.numel() * 2 + dB.numel() * 2,
+           list(itertools.product((64, 128), (128, 256), (16,))), outer(y, h, dB, scale))
 
     if profile:
         xg = x.clone().requires_grad_()
@@ -109,30 +116,22 @@ def l1():
     import importlib
 
     M = importlib.import_module("kmkernels.hidden_l1")  # the module; the package exports a function of that name
-
     N, H = 8192, 4096
     s = torch.randn(N, H, device="cuda").to(torch.bfloat16)
     t = torch.randn(N, H, device="cuda").to(torch.bfloat16)
-    gbuf = torch.empty_like(s)
-    sc = torch.ones(1, device="cuda")
+    scales = torch.ones(1, device="cuda")
+    grid = [c for c in itertools.product((1, 2, 4, 8, 16), (512, 1024, 2048), (4, 8)) if c[0] * c[1] <= 32768]
 
-    def fwd(BLOCK_N, BLOCK_H, num_warps):
-        nblk = (N + BLOCK_N - 1) // BLOCK_N
-        d = torch.empty(nblk, device="cuda")
-        z = torch.empty(nblk, device="cuda")
-        M._l1_partial_kernel[(nblk,)](s, t, s, d, z, N, H, s.stride(0), t.stride(0), BLOCK_N=BLOCK_N,
-                                      BLOCK_H=BLOCK_H, HAS_MASK=False, num_warps=num_warps)
+    def fwd(c):  # c = (BLOCK_N, BLOCK_H, num_warps)
+        with _patched(M, "_blocks", lambda *_: c):
+            M._layer_sums([s], [t], None, "triton")
 
-    def bwd(BLOCK_N, BLOCK_H, num_warps):
-        M._l1_grad_kernel[((N + BLOCK_N - 1) // BLOCK_N, (H + BLOCK_H - 1) // BLOCK_H)](
-            s, t, s, gbuf, sc, N, H, s.stride(0), t.stride(0), gbuf.stride(0), BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H,
-            HAS_MASK=False, num_warps=num_warps)
+    def bwd(c):
+        with _patched(M, "_blocks", lambda *_: c):
+            M._layer_grads([s], [t], None, scales, "triton", [True])
 
-    grid = [dict(BLOCK_N=bn, BLOCK_H=bh, num_warps=w)
-            for bn, bh, w in itertools.product((1, 2, 4, 8, 16), (512, 1024, 2048), (4, 8))
-            if bn * bh <= 32768]
-    _sweep("hidden_l1 fwd (one layer)", 2 * s.numel() * 2, grid, fwd)
-    _sweep("hidden_l1 bwd (one layer)", 3 * s.numel() * 2, grid, bwd)
+    _sweep("hidden_l1 fwd, one layer (BLOCK_N, BLOCK_H, warps)", 2 * s.numel() * 2, grid, fwd)
+    _sweep("hidden_l1 bwd, one layer (BLOCK_N, BLOCK_H, warps)", 3 * s.numel() * 2, grid, bwd)
 
 
 def host():

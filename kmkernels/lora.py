@@ -170,6 +170,27 @@ def build_segments(adapter_ids: torch.Tensor, num_adapters: int, block_m: int = 
                     torch.where(valid, seg_c, -1).to(i32), r0.to(i32), r1.to(i32))
 
 
+def _gemm_config(n_out: int, k: int, upcast: bool) -> Tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) of _seg_gemm_kernel; rows per tile come from the
+    segment table (SEG_BLOCK_M)."""
+    bn = _block(n_out, 16, 64 if upcast else 128)
+    if upcast:  # fp32 operands: smaller tiles keep the ieee dot within registers / shared memory
+        return bn, _block(k, 16, 64), 4, 2
+    if n_out <= 64:
+        # shrink (n_out = r): a long K loop over x; deep K tiles and 3 stages keep enough bytes in
+        # flight (H100 sweep, bench/tune_blocks.py: 1.78 TB/s at N=8192, 4096->16, D=32)
+        return bn, _block(k, 16, 256 if bn <= 32 else 128), 4, 3
+    # expand (K = r): one K step, wide output tiles, 8 warps to store them (1.98 TB/s)
+    return bn, _block(k, 16, 64), 8, 1
+
+
+def _outer_config(P: int, Q: int, upcast: bool) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_P, BLOCK_Q) of _seg_outer_kernel. 16-bit: 128-row steps and 128-wide tiles
+    (H100 sweep: 1.75 TB/s for dA and dB at D=32)."""
+    hi, bm = (64, 32) if upcast else (128, 128)
+    return bm, _block(P, 16, hi), _block(Q, 16, hi)
+
+
 def _seg_gemm(x, w, w_strides, n_out, k, seg: Segments, scale: Optional[torch.Tensor], out: torch.Tensor):
     """out[row] = scale[d] * x[row] @ W_d^T, W_d[n, k] at w + d*sd + n*sn + k*sk (strides given)."""
     N = x.shape[0]
@@ -177,16 +198,7 @@ def _seg_gemm(x, w, w_strides, n_out, k, seg: Segments, scale: Optional[torch.Te
         return out
     sd, sn, sk = w_strides
     upcast = x.dtype != w.dtype or x.dtype == torch.float32
-    bn = _block(n_out, 16, 64 if upcast else 128)
-    if upcast:  # fp32 operands: smaller tiles keep the ieee dot within registers / shared memory
-        bk, warps, stages = _block(k, 16, 64), 4, 2
-    elif n_out <= 64:
-        # shrink (n_out = r): a long K loop over x; deep K tiles and 3 stages keep enough bytes in
-        # flight (H100 sweep, bench/tune_blocks.py: 1.78 TB/s at N=8192, 4096->16, D=32)
-        bk, warps, stages = _block(k, 16, 256 if bn <= 32 else 128), 4, 3
-    else:
-        # expand (K = r): one K step, wide output tiles, 8 warps to store them (1.98 TB/s)
-        bk, warps, stages = _block(k, 16, 64), 8, 1
+    bn, bk, warps, stages = _gemm_config(n_out, k, upcast)
     grid = (seg.tile_seg.numel(), triton.cdiv(n_out, bn))
     _seg_gemm_kernel[grid](
         x, w, out, seg.order, seg.tile_seg, seg.tile_r0, seg.tile_r1, scale if scale is not None else x,
@@ -204,9 +216,7 @@ def _seg_outer(lmat, rmat, seg: Segments, scale: Optional[torch.Tensor], out: to
     if D == 0 or P == 0 or Q == 0:
         return out
     upcast = lmat.dtype != rmat.dtype or lmat.dtype == torch.float32
-    # 16-bit: 128-row steps and 128-wide tiles (H100 sweep: 1.75 TB/s for dA and dB at D=32)
-    hi, bm = (64, 32) if upcast else (128, 128)
-    bp, bq = _block(P, 16, hi), _block(Q, 16, hi)
+    bm, bp, bq = _outer_config(P, Q, upcast)
     _seg_outer_kernel[(D, triton.cdiv(P, bp), triton.cdiv(Q, bq))](
         lmat, rmat, out, seg.order, seg.seg_start, seg.seg_count, scale if scale is not None else lmat,
         P, Q, lmat.stride(0), lmat.stride(1), rmat.stride(0), rmat.stride(1),
