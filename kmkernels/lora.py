@@ -394,7 +394,8 @@ class AdapterIds:
 class GroupedLoRALinear(nn.Module):
     """An ``nn.Linear`` (frozen) plus D LoRA slots; each sequence uses the slot set in ``ids``.
 
-    Parameters: lora_A [D, r, in], lora_B [D, out, r]; buffer ``scaling`` fp32 [D] (alpha / r of
+    Parameters: lora_A [D, r, in], lora_B [D, out, r], fp32 (fp64 on an fp64 base) whatever the
+    base dtype; buffer ``scaling`` fp32 [D] (alpha / r of
     each slot; slots holding a smaller rank are zero-padded and keep their own alpha / r).
     """
 
@@ -407,7 +408,9 @@ class GroupedLoRALinear(nn.Module):
             p.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.num_adapters, self.rank, self.alpha = num_adapters, rank, alpha
-        dev, dt = base.weight.device, base.weight.dtype
+        # Adapter weights in at least fp32 whatever the base dtype (PEFT's autocast_adapter_dtype):
+        # AdamW updates of ~lr * 1e-3 vanish in bf16. The kernels cast them to the activations' dtype.
+        dev, dt = base.weight.device, torch.promote_types(base.weight.dtype, torch.float32)
         self.lora_A = nn.Parameter(torch.zeros(num_adapters, rank, self.in_features, device=dev, dtype=dt))
         self.lora_B = nn.Parameter(torch.zeros(num_adapters, self.out_features, rank, device=dev, dtype=dt))
         self.register_buffer("scaling", torch.full((num_adapters,), alpha / rank, dtype=torch.float32, device=dev))

@@ -42,6 +42,8 @@ def _index_parser(sub):
     p.add_argument("--cache-layers", help="comma-separated decoder layers to cache (the last is always kept)")
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default=d.backend)
     p.add_argument("--amp", choices=("auto", "bf16", "off"), default=d.amp)
+    p.add_argument("--base-dtype", choices=("auto", "fp32", "bf16"), default=d.base_dtype,
+                   help="base weights in memory (auto: bf16 under bf16 autocast on a GPU, else fp32)")
     p.add_argument("--device", default=d.device)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--retrain", action="store_true", help="retrain documents whose KM already exists")
@@ -56,7 +58,7 @@ def _config_from_args(a) -> IndexConfig:
     explicit = {
         "model": a.model, "objective": a.objective, "lr": a.lr, "rank": a.rank, "alpha": a.alpha,
         "chunk_overlap": a.chunk_overlap, "generator": a.generator, "cache_dtype": a.cache_dtype,
-        "backend": a.backend, "amp": a.amp, "device": a.device, "seed": a.seed, "qa_format": a.qa_format,
+        "backend": a.backend, "amp": a.amp, "base_dtype": a.base_dtype, "device": a.device, "seed": a.seed, "qa_format": a.qa_format,
     }
     defaults = IndexConfig()
     for name in ("steps", "docs_per_step", "examples_per_doc", "chunk_tokens", "summaries_per_chunk", "qa_per_chunk",

@@ -53,6 +53,10 @@ class IndexConfig:
     hidden_weight: float = 1.0
     backend: str = "auto"
     amp: str = "auto"  # auto: bf16 autocast where the device supports it; "off" to disable
+    # Base weights in memory. auto: bf16 where training runs under bf16 autocast on a GPU (every
+    # matmul runs in bf16 there anyway; fp32 weights would double the memory and add a cast per
+    # matmul), else fp32. The KM's own weights are always fp32 (as PEFT keeps them).
+    base_dtype: str = "auto"  # auto | fp32 | bf16
     device: str = "auto"
     seed: int = 0
     retrain: bool = False
@@ -74,6 +78,8 @@ class IndexConfig:
             raise ValueError(f"qa_format must be pair, chat or both, got {self.qa_format!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
+        if self.base_dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"base_dtype must be auto, fp32 or bf16, got {self.base_dtype!r}")
         if not 0 < self.ddcd_student_frac < 1:
             raise ValueError(f"ddcd_student_frac must be in (0, 1), got {self.ddcd_student_frac}")
         return self

@@ -47,6 +47,13 @@ def _amp_dtype(cfg, device: torch.device):
     return torch.bfloat16 if cfg.amp == "bf16" else None  # auto on CPU: fp32 (see README: bf16 is opt-in there)
 
 
+def _base_dtype(cfg, device: torch.device, amp) -> torch.dtype:
+    """Base weights: bf16 when asked, or (auto) when a GPU trains under bf16 autocast; else fp32."""
+    if cfg.base_dtype == "bf16" or (cfg.base_dtype == "auto" and device.type == "cuda" and amp == torch.bfloat16):
+        return torch.bfloat16
+    return torch.float32
+
+
 def _doc_seed(cfg, doc: Document) -> int:
     return int(hashlib.sha256(f"{cfg.seed}:{doc.id}".encode()).hexdigest()[:12], 16)
 
@@ -83,7 +90,8 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
     if not todo:
         return summaries
 
-    model, tok, model_name, model_hash = load_model(cfg.model, str(device))
+    base_dtype = _base_dtype(cfg, device, amp)
+    model, tok, model_name, model_hash = load_model(cfg.model, str(device), dtype=base_dtype)
     num_layers = model.config.num_hidden_layers
     setting = {"model": model_hash, "chunk_tokens": cfg.chunk_tokens, "chunk_overlap": cfg.chunk_overlap}
 
@@ -144,7 +152,7 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
             # The cache is a function of the teacher weights, what is stored, and the examples' tokens
             # (which carry the document, the synthetic data and the example layout): a change in any
             # of them never meets a stale cache.
-            key = hashlib.sha256(json.dumps([model_hash, cfg.cache_dtype, layers_key]
+            key = hashlib.sha256(json.dumps([model_hash, str(base_dtype), cfg.cache_dtype, layers_key]
                                             + [e.to_json() for e in st.examples]).encode()).hexdigest()[:16]
             path = work / st.id / f"teacher_{cfg.objective}_{key}.safetensors"
             for old in (work / st.id).glob(f"teacher_{cfg.objective}_*.safetensors"):
@@ -212,7 +220,9 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
             raise ValueError(f"KMs were trained on different base models ({base} vs {km_base}); ask them separately")
     base = base or "smollm2-135m"
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    m, tok, _, _ = load_model(base, str(dev))
+    # On a GPU the base runs in bf16 (as it trained there); the KMs' fp32 weights are cast per matmul.
+    bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+    m, tok, _, _ = load_model(base, str(dev), dtype=torch.bfloat16 if bf16 else torch.float32)
     slot_of = {}
     if kms:
         cfg = json.loads((Path(kms[0]) / "adapter_config.json").read_text())

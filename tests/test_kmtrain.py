@@ -302,6 +302,20 @@ def test_cli_flags_to_config():
     assert (paper.steps, paper.temperature, paper.summaries_per_chunk) == (1500, 1.0, 8)
     mixed = parse("--preset", "paper", "--steps", "40", "--temperature", "0.7", "--qa-format", "chat")
     assert (mixed.steps, mixed.temperature, mixed.qa_format, mixed.max_new_tokens) == (40, 0.7, "chat", 768)
+    assert parse("--base-dtype", "bf16").base_dtype == "bf16"
+
+
+def test_base_dtype_resolution():
+    from kmtrain.index import _base_dtype
+
+    cpu, gpu, bf16 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16
+    assert _base_dtype(IndexConfig(), cpu, None) == torch.float32  # a CPU trains in fp32
+    assert _base_dtype(IndexConfig(), gpu, bf16) == bf16  # a GPU under bf16 autocast: bf16 weights
+    assert _base_dtype(IndexConfig(), gpu, None) == torch.float32  # --amp off keeps fp32
+    assert _base_dtype(IndexConfig(base_dtype="fp32"), gpu, bf16) == torch.float32
+    assert _base_dtype(IndexConfig(base_dtype="bf16"), cpu, None) == bf16
+    with pytest.raises(ValueError, match="base_dtype"):
+        IndexConfig(base_dtype="fp16").validate()
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import torch
 
 from conftest import DEVICE, KERNEL_DTYPES
 from kmkernels.lora import (GroupedLoRALinear, attach_grouped_lora, build_segments, export_peft, grouped_lora,
-                            load_peft, reset_slot, set_adapter_ids, slot_parameters)
+                            grouped_lora_modules, load_peft, reset_slot, set_adapter_ids, slot_parameters)
 from reference import rel_err
 
 BACKENDS = ["torch", "triton"]
@@ -233,6 +233,28 @@ def test_adamw_step_on_mixed_batch_equals_peft_alone(backend, tmp_path):
             pb = sd[f"base_model.model.{name}.lora_B.default.weight"]
             assert rel_err(m.lora_A[d], pa) < 1e-5 and rel_err(m.lora_B[d], pb) < 1e-5
             assert not torch.equal(m.lora_A[d], before[name][d])  # it did move
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_16bit_base_keeps_fp32_adapters_as_peft_does(backend, tmp_path):
+    """A 16-bit base gets fp32 adapter weights and grads (PEFT's autocast_adapter_dtype), and the
+    same logits as PEFT on that base, to fp16 rounding."""
+    base = tiny_llama(2).to(DEVICE, torch.float16)
+    pm = peft_model(base, seed=30)
+    assert {p.dtype for n, p in pm.named_parameters() if "lora_" in n} == {torch.float32}
+    grouped = attach_grouped_lora(copy.deepcopy(base), 2, rank=4, alpha=8, backend=backend)
+    pm.save_pretrained(tmp_path / "a")
+    load_peft(grouped, 1, tmp_path / "a")
+    mods = grouped_lora_modules(grouped).values()
+    assert {m.lora_A.dtype for m in mods} | {m.lora_B.dtype for m in mods} == {torch.float32}
+    input_ids = torch.randint(0, 97, (2, 6)).to(DEVICE)
+    set_adapter_ids(grouped, torch.tensor([1, 1], device=DEVICE))
+    out = grouped(input_ids=input_ids).logits
+    with torch.no_grad():
+        ref = pm(input_ids=input_ids).logits
+    assert out.dtype == torch.float16 and rel_err(out, ref) < 1e-2
+    out.float().square().mean().backward()
+    assert all(m.lora_A.grad.dtype == torch.float32 and m.lora_B.grad.abs().sum() > 0 for m in mods)
 
 
 def test_export_peft_round_trip(tmp_path):
