@@ -61,6 +61,24 @@ def time_ms(fn: Callable[[], object], warmup: int = 2, reps: int = 7, min_time_s
     return statistics.median(times)
 
 
+def time_cuda_graph_ms(fn: Callable[[], object]) -> float:
+    """Median time of ``fn`` replayed from a CUDA graph: the GPU time of its kernels without the
+    host's per-launch cost, which is how a captured training step or a serving engine runs it
+    (inside a model, the host launches layer l+1 while the GPU runs layer l). CUDA only."""
+    import triton.testing
+
+    side = torch.cuda.Stream()  # warm up (Triton compiles, the allocator settles) off the capture stream
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return float(triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median"))
+
+
 def matmul_rate_flops(dtype: torch.dtype, device: str, n: int = 2048) -> float:
     """Measured dense matmul rate (FLOP/s) in ``dtype`` on random data."""
     if device == "cuda":

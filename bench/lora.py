@@ -3,7 +3,9 @@
 Delta only (y = s_d * x A_d^T B_d^T): our Triton path, a per-adapter Python loop (our torch
 path), and ``torch._grouped_mm`` (rows physically sorted first, as it requires) where it runs;
 each once with the batch's row layout computed per call and once with it given (as inside a
-model, where one layout serves every LoRA layer).
+model, where one layout serves every LoRA layer). On a GPU the batch-layout rows are also timed
+replayed from a CUDA graph (", CUDA graph"): the kernels' own time, without the host's launch
+cost, which a model hides (the host runs ahead of the GPU) or a captured step removes.
 Layer forward (base matmul + delta), for serving: ours against PEFT's mixed-batch forward
 (``adapter_names=``), one adapter per sequence of 128 tokens.
 Memory floor: forward reads x and A, B once and writes the delta once; backward reads dy, x,
@@ -23,11 +25,15 @@ import sys
 import torch
 from torch import nn
 
-from bench.common import copy_bandwidth, env_block, environment, markdown_table, time_ms, write_report
+from bench.common import (copy_bandwidth, env_block, environment, markdown_table, time_cuda_graph_ms, time_ms,
+                          write_report)
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
 SEQ = 128  # tokens per sequence: adapter ids are per sequence
+# Rows with this suffix replay the op from a CUDA graph: the GPU time of its kernels without the
+# host's launch cost (in a model the host runs ahead of the GPU, or the step is captured).
+GRAPHED = ", CUDA graph"
 
 
 def make(N, din, dout, r, D, dtype, grad):
@@ -126,7 +132,8 @@ def main(argv=None):
     if GPU:
         dtype, Ns, dims, ranks, Ds = torch.bfloat16, [2048, 8192], [(4096, 4096), (4096, 14336)], [16, 64], [1, 8, 32, 128]
         methods = ["kmkernels-triton", "loop (torch path)", "torch._grouped_mm", "kmkernels-triton, batch layout",
-                   "torch._grouped_mm, batch layout"]
+                   "torch._grouped_mm, batch layout", "kmkernels-triton, batch layout" + GRAPHED,
+                   "torch._grouped_mm, batch layout" + GRAPHED]
         ours_backend = "kmkernels-triton"
     else:
         dtype, Ns, dims, ranks, Ds = torch.float32, [512, 2048], [(576, 576), (576, 1536)], [16], [1, 8, 32]
@@ -146,11 +153,16 @@ def main(argv=None):
         for method in methods:
             try:
                 x, A, B, ids, _ = make(N, din, dout, r, D, dtype, True)
-                f = delta_fn(method, x, A, B, ids)
-                with torch.no_grad():
-                    fwd = time_ms(f)
+                f = delta_fn(method.removesuffix(GRAPHED), x, A, B, ids)
+                timer = time_cuda_graph_ms if method.endswith(GRAPHED) else time_ms
                 dy = torch.ones(N, dout, device=DEV, dtype=dtype)
-                fb = time_ms(lambda: torch.autograd.grad(f(), (x, A, B), dy))
+
+                def fwd_only():
+                    with torch.no_grad():
+                        return f()
+
+                fwd = timer(fwd_only)
+                fb = timer(lambda: torch.autograd.grad(f(), (x, A, B), dy))
                 row = [shape, "delta", method, f"{fwd:.3f}", f"{fwd_floor / fwd:.0%}", f"{fb:.3f}",
                        f"{(fwd_floor + bwd_floor) / fb:.0%}"]
             except Exception as e:

@@ -89,7 +89,7 @@ def lora(profile: bool):
     def outer(lm, rm, out, sc):
         def launch(c):  # c = (BLOCK_M, BLOCK_P, BLOCK_Q)
             with _patched(L, "_outer_config", lambda *_: c):
-                L._seg_outer(lm, rm, segs[64], sc, out)
+                L._seg_outer([(lm, rm, sc, out)], segs[64])
         return launch
 
     _sweep("dA = dh^T x (BLOCK_M, BLOCK_P, BLOCK_Q)", x.numel() * 2 + h.numel() * 2 + dA.numel() * 2,

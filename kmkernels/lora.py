@@ -13,8 +13,11 @@ Kernels (Triton; the same ones serve training and no-grad serving):
     With W = A it is the shrink (x -> h, K = in), with W = B the expand (h -> y, K = r); with
     transposed strides it gives dH = s * dy @ B and dX = dH @ A in backward.
   * ``_seg_outer_kernel``: OUT_d = scale[d] * sum_{rows of d} L[row]^T R[row], the per-adapter
-    reductions dA = dH^T x and dB = s * dy^T h, accumulated in fp32 in registers, one program
-    per output tile, so they are deterministic (no atomics).
+    reductions dA = dH^T x and dB = s * dy^T h, both in one launch, accumulated in fp32 in
+    registers, one program per output tile, so they are deterministic (no atomics).
+  * A and B may be fp32 master weights under 16-bit activations (what training holds): the
+    kernels round them to the activations' dtype in registers, as autocast would, and write dA,
+    dB in fp32, with no cast kernels per layer.
 The torch path loops over the adapters present (fp32 math) and is the oracle's neighbour.
 """
 from __future__ import annotations
@@ -73,28 +76,23 @@ if HAS_TRITON:
             if UPCAST:
                 acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
             else:
-                acc += tl.dot(x, w)
+                # fp32 master weights are rounded to the activations' dtype here, in registers,
+                # which is what autocast does to them, without a cast kernel per layer and call
+                acc += tl.dot(x, w.to(x.dtype))
         if HAS_SCALE:
             acc = acc * tl.load(SCALE + seg)
         tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=out_mask)
 
     @triton.jit
-    def _seg_outer_kernel(
-        L, R, OUT, ORDER, SEG_START, SEG_COUNT, SCALE,
-        P, Q,
+    def _outer_tile(
+        L, R, OUT, ORDER, start, count, SCALE, d, P, Q, tile, TILES_Q,
         stride_lm, stride_lp, stride_rm, stride_rq, stride_od, stride_op, stride_oq,
         BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
         HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        """OUT[d, p, q] = scale[d] * sum over rows of segment d of L[row, p] * R[row, q].
-
-        Grid: (D, cdiv(P, BLOCK_P), cdiv(Q, BLOCK_Q)). fp32 accumulation; empty segments write 0.
-        """
-        d = tl.program_id(0)
-        offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-        offs_q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        start = tl.load(SEG_START + d)
-        count = tl.load(SEG_COUNT + d)
+        """One [BLOCK_P, BLOCK_Q] tile of OUT[d] = scale[d] * sum over the segment's rows of L[row]^T R[row]."""
+        offs_p = (tile // TILES_Q) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_q = (tile % TILES_Q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
         acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
         for m0 in range(0, count, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -112,6 +110,33 @@ if HAS_TRITON:
             acc = acc * tl.load(SCALE + d)
         tl.store(OUT + d.to(tl.int64) * stride_od + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq,
                  acc.to(OUT.dtype.element_ty), mask=(offs_p[:, None] < P) & (offs_q[None, :] < Q))
+
+    @triton.jit
+    def _seg_outer_kernel(
+        ORDER, SEG_START, SEG_COUNT,
+        L1, R1, OUT1, SCALE1, P1, Q1, TILES_Q1, NUM_TILES1,
+        s1_lm, s1_lp, s1_rm, s1_rq, s1_od, s1_op, s1_oq,
+        L2, R2, OUT2, SCALE2, P2, Q2, TILES_Q2,
+        s2_lm, s2_lp, s2_rm, s2_rq, s2_od, s2_op, s2_oq,
+        BM1: tl.constexpr, BP1: tl.constexpr, BQ1: tl.constexpr, HAS_SCALE1: tl.constexpr, UPCAST1: tl.constexpr,
+        BM2: tl.constexpr, BP2: tl.constexpr, BQ2: tl.constexpr, HAS_SCALE2: tl.constexpr, UPCAST2: tl.constexpr,
+        TWO: tl.constexpr,
+    ):
+        """Per-adapter reductions, up to two problems (dA and dB) in one launch.
+
+        Grid: (D, NUM_TILES1 + tiles of problem 2). fp32 accumulation in registers, one program per
+        output tile (deterministic, no atomics); empty segments write 0.
+        """
+        d = tl.program_id(0)
+        t = tl.program_id(1)
+        start = tl.load(SEG_START + d)
+        count = tl.load(SEG_COUNT + d)
+        if t < NUM_TILES1:
+            _outer_tile(L1, R1, OUT1, ORDER, start, count, SCALE1, d, P1, Q1, t, TILES_Q1,
+                        s1_lm, s1_lp, s1_rm, s1_rq, s1_od, s1_op, s1_oq, BM1, BP1, BQ1, HAS_SCALE1, UPCAST1)
+        elif TWO:
+            _outer_tile(L2, R2, OUT2, ORDER, start, count, SCALE2, d, P2, Q2, t - NUM_TILES1, TILES_Q2,
+                        s2_lm, s2_lp, s2_rm, s2_rq, s2_od, s2_op, s2_oq, BM2, BP2, BQ2, HAS_SCALE2, UPCAST2)
 
 
 def _block(n: int, lo: int = 16, hi: int = 64) -> int:
@@ -197,7 +222,7 @@ def _seg_gemm(x, w, w_strides, n_out, k, seg: Segments, scale: Optional[torch.Te
     if N == 0 or n_out == 0:
         return out
     sd, sn, sk = w_strides
-    upcast = x.dtype != w.dtype or x.dtype == torch.float32
+    upcast = x.dtype == torch.float32  # 16-bit x: W (its dtype or fp32) is rounded to x's dtype in the kernel
     bn, bk, warps, stages = _gemm_config(n_out, k, upcast)
     grid = (seg.tile_seg.numel(), triton.cdiv(n_out, bn))
     _seg_gemm_kernel[grid](
@@ -210,25 +235,41 @@ def _seg_gemm(x, w, w_strides, n_out, k, seg: Segments, scale: Optional[torch.Te
     return out
 
 
-def _seg_outer(lmat, rmat, seg: Segments, scale: Optional[torch.Tensor], out: torch.Tensor):
-    """out[d] = scale[d] * lmat[rows_d]^T @ rmat[rows_d]; out [D, P, Q]."""
-    D, P, Q = out.shape
-    if D == 0 or P == 0 or Q == 0:
-        return out
-    upcast = lmat.dtype != rmat.dtype or lmat.dtype == torch.float32
-    bm, bp, bq = _outer_config(P, Q, upcast)
-    _seg_outer_kernel[(D, triton.cdiv(P, bp), triton.cdiv(Q, bq))](
-        lmat, rmat, out, seg.order, seg.seg_start, seg.seg_count, scale if scale is not None else lmat,
-        P, Q, lmat.stride(0), lmat.stride(1), rmat.stride(0), rmat.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq, HAS_SCALE=scale is not None, UPCAST=upcast,
-        num_warps=4, num_stages=2,
+def _seg_outer(problems, seg: Segments):
+    """For each (lmat, rmat, scale, out) in ``problems`` (one or two, one launch):
+    out[d] = scale[d] * lmat[rows_d]^T @ rmat[rows_d]; out [D, P, Q] (fp32 masters stay fp32)."""
+    problems = [pb for pb in problems if pb[3].numel() > 0]
+    if not problems:
+        return
+    D = problems[0][3].shape[0]
+    args, consts, tiles = [], [], []
+    for lmat, rmat, scale, out in problems:
+        _, P, Q = out.shape
+        upcast = lmat.dtype != rmat.dtype or lmat.dtype == torch.float32
+        bm, bp, bq = _outer_config(P, Q, upcast)
+        tq = triton.cdiv(Q, bq)
+        tiles.append(triton.cdiv(P, bp) * tq)
+        args.append([lmat, rmat, out, scale if scale is not None else lmat, P, Q, tq])
+        args[-1] += [lmat.stride(0), lmat.stride(1), rmat.stride(0), rmat.stride(1),
+                     out.stride(0), out.stride(1), out.stride(2)]
+        consts.append(dict(BM=bm, BP=bp, BQ=bq, HAS_SCALE=scale is not None, UPCAST=upcast))
+    two = len(problems) == 2
+    if not two:  # the second problem's slots are never read
+        args.append(args[0])
+        consts.append(consts[0])
+    a1, a2 = args
+    _seg_outer_kernel[(D, sum(tiles))](
+        seg.order, seg.seg_start, seg.seg_count,
+        *a1[:7], tiles[0], *a1[7:], *a2,
+        **{f"{k}{i}": v for i, c in ((1, consts[0]), (2, consts[1])) for k, v in c.items()},
+        TWO=two, num_warps=4, num_stages=2,
     )
-    return out
 
 
 class GroupedLoRAFunction(torch.autograd.Function):
-    """Triton grouped LoRA. x [N, in], A [D, r, in], B [D, out, r] (same dtype), scaling fp32 [D]."""
+    """Triton grouped LoRA. x [N, in] (fp32/fp16/bf16); A [D, r, in], B [D, out, r] in x's dtype or
+    fp32 (master weights: rounded to x's dtype inside the kernels, their grads written in fp32);
+    scaling fp32 [D]."""
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, scaling, seg: Segments):
@@ -255,18 +296,22 @@ class GroupedLoRAFunction(torch.autograd.Function):
         dout = lora_b.shape[1]
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         dx = da = db = None
+        outer = []
         if need_x or need_a:
-            # dH = s_d * dy @ B_d: W_d[n=r, k=out] = B[d, k, n]
-            dh = torch.zeros((N, r), device=x.device, dtype=x.dtype)
+            # dH = s_d * dy @ B_d: W_d[n=r, k=out] = B[d, k, n]; every row is written (id -1: zeros)
+            dh = torch.empty((N, r), device=x.device, dtype=x.dtype)
             _seg_gemm(dy, lora_b, (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)), r, dout, seg, scaling, dh)
             if need_x:
                 # dX = dH @ A_d: W_d[n=in, k=r] = A[d, k, n]; id -1 rows get zeros
                 dx = torch.empty_like(x)
                 _seg_gemm(dh, lora_a, (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), din, r, seg, None, dx)
             if need_a:
-                da = _seg_outer(dh, x, seg, None, torch.empty_like(lora_a))
+                da = torch.empty_like(lora_a)
+                outer.append((dh, x, None, da))
         if need_b:
-            db = _seg_outer(dy, h, seg, scaling, torch.empty_like(lora_b))
+            db = torch.empty_like(lora_b)
+            outer.append((dy, h, scaling, db))
+        _seg_outer(outer, seg)  # dA = dH^T x and dB = s * dy^T h in one launch
         return dx, da, db, None, None
 
 
@@ -341,8 +386,9 @@ def grouped_lora(
     scale = _scaling_vector(scaling, D, x.device)
     if be == "torch":
         return _grouped_lora_torch(x, lora_a, lora_b, adapter_ids, scale)
-    a = lora_a.to(x.dtype)
-    b = lora_b.to(x.dtype)
+    # fp32 master weights go to the kernels as they are (rounded in registers, grads in fp32)
+    a = lora_a if lora_a.dtype in (x.dtype, torch.float32) else lora_a.to(x.dtype)
+    b = lora_b if lora_b.dtype in (x.dtype, torch.float32) else lora_b.to(x.dtype)
     seg = segments if segments is not None else build_segments(adapter_ids.to(x.device), D)
     return GroupedLoRAFunction.apply(x.contiguous() if x.stride(-1) != 1 else x, a, b, scale, seg)
 

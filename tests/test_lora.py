@@ -72,6 +72,30 @@ def test_grouped_lora_matches_loop(backend, dtype, kind):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [t for t in KERNEL_DTYPES if t != torch.float32])
+def test_fp32_master_weights_under_16bit_activations(backend, dtype):
+    """Training holds fp32 A, B and 16-bit activations: the delta is in x's dtype, dA and dB come
+    back in fp32, all within 16-bit rounding of the float64 loop."""
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    N, din, dout, r, D = 45, 40, 72, 8, 4
+    x = torch.randn(N, din, generator=g).to(DEVICE, dtype).requires_grad_()
+    A = (torch.randn(D, r, din, generator=g) * 0.2).to(DEVICE).requires_grad_()
+    B = (torch.randn(D, dout, r, generator=g) * 0.2).to(DEVICE).requires_grad_()
+    ids = id_pattern("empty_slots", N, D, g)
+    scaling = torch.rand(D, generator=g) + 0.5
+    y = grouped_lora(x, A, B, ids.to(DEVICE), scaling, backend=backend)
+    dy = torch.randn(N, dout, generator=g)
+    grads = torch.autograd.grad(y, (x, A, B), dy.to(DEVICE, dtype))
+    assert y.dtype == dtype and [t.dtype for t in grads] == [dtype, torch.float32, torch.float32]
+    x64, A64, B64 = (t.detach().double().cpu().requires_grad_() for t in (x, A, B))
+    ref = loop_ref(x64, A64, B64, ids, scaling.double())
+    rgrads = torch.autograd.grad(ref, (x64, A64, B64), dy.double())
+    assert rel_err(y, ref) < TOL[dtype]
+    for name, gr, rg in zip(("dx", "dA", "dB"), grads, rgrads):
+        assert rel_err(gr, rg) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_scalar_scaling_rank_not_multiple_of_16_and_n0(backend):
     N, din, dout, r, D = 7, 9, 11, 3, 2
     x = torch.randn(N, din, device=DEVICE, requires_grad=True)
