@@ -56,13 +56,13 @@ def _config_from_args(a) -> IndexConfig:
     if a.preset:
         cfg = cfg.replace(**PRESETS[a.preset])
     explicit = {
-        "model": a.model, "objective": a.objective, "lr": a.lr, "rank": a.rank, "alpha": a.alpha,
+        "model": a.model, "objective": a.objective, "rank": a.rank, "alpha": a.alpha,
         "chunk_overlap": a.chunk_overlap, "generator": a.generator, "cache_dtype": a.cache_dtype,
         "backend": a.backend, "amp": a.amp, "base_dtype": a.base_dtype, "device": a.device, "seed": a.seed, "qa_format": a.qa_format,
     }
     defaults = IndexConfig()
     for name in ("steps", "docs_per_step", "examples_per_doc", "chunk_tokens", "summaries_per_chunk", "qa_per_chunk",
-                 "max_new_tokens", "temperature"):
+                 "max_new_tokens", "temperature", "lr"):
         v = getattr(a, name)
         if not a.preset or v != getattr(defaults, name):  # flags given explicitly win over the preset
             explicit[name] = v

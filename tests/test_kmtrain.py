@@ -299,7 +299,8 @@ def test_cli_flags_to_config():
     cfg = parse()
     assert cfg == IndexConfig(out="o").validate()  # no flags: exactly the library defaults
     paper = parse("--preset", "paper")
-    assert (paper.steps, paper.temperature, paper.summaries_per_chunk) == (1500, 1.0, 8)
+    assert (paper.steps, paper.temperature, paper.summaries_per_chunk, paper.lr) == (1500, 1.0, 8, 1e-3)
+    assert parse("--preset", "paper", "--lr", "2e-3").lr == 2e-3
     mixed = parse("--preset", "paper", "--steps", "40", "--temperature", "0.7", "--qa-format", "chat")
     assert (mixed.steps, mixed.temperature, mixed.qa_format, mixed.max_new_tokens) == (40, 0.7, "chat", 768)
     assert parse("--base-dtype", "bf16").base_dtype == "bf16"
