@@ -19,7 +19,7 @@ from .config import IndexConfig
 from .data import load_documents
 from .evaluate import generate_answers, is_correct, question_prompt
 from .index import index
-from .models import load_model
+from .models import load_model, native_bf16
 
 CORPUS = Path(__file__).parent / "demo_corpus"
 
@@ -30,7 +30,8 @@ def evaluate_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=(
     questions = json.loads((corpus / "questions.json").read_text())
     docs = {d.id: d for d in load_documents(str(corpus))}
     ids = [d for d in questions if d in docs]
-    model, tok, _, _ = load_model(model_name)
+    # As `kmtrain ask` does: the base in bf16 where the CPU multiplies bf16 natively (as it trained).
+    model, tok, _, _ = load_model(model_name, dtype=torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32)
     rank = 16
     kms = [Path(out_dir) / d for d in ids]
     if "km" in conditions:

@@ -140,23 +140,42 @@ def test_changed_document_is_retrained_others_kept(tiny_model, docs_dir, tmp_pat
         assert (now != stamps[d]) == (d == changed)
 
 
-def test_km_does_not_depend_on_batch_mates(tiny_model, tmp_path):
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_km_does_not_depend_on_batch_mates(tiny_model, tmp_path, amp):
+    """Same seeds and data order whoever shares the batch. In fp32 the KMs agree to float rounding
+    of the batched matmuls. Under bf16 a batch mate changes the padded width and so the rounding of
+    bf16 activations, which AdamW carries into the weights; there the check is that this noise
+    stays far below what a real dependency (another seed) does to the same KM."""
     from safetensors.torch import load_file
 
-    def train(ids, out):
+    def train(ids, out, seed=0):
         docs = tmp_path / f"docs_{out}"
         docs.mkdir()
         for k in ids:
             (docs / f"{k}.txt").write_text(DOCS[k])
-        index(str(docs), tiny_cfg(tiny_model, tmp_path / out, docs_per_step=2, steps=4))
+        index(str(docs), tiny_cfg(tiny_model, tmp_path / out, docs_per_step=2, steps=4, amp=amp, seed=seed))
         return load_file(str(tmp_path / out / "alpha" / "adapter_model.safetensors"))
+
+    def worst_delta_diff(x, y):
+        """Largest relative difference, over modules, of what the KM adds to a layer (B @ A)."""
+        worst = 0.0
+        for k in x:
+            if "lora_A" in k:
+                kb = k.replace("lora_A", "lora_B")
+                dx, dy = x[kb] @ x[k], y[kb] @ y[k]
+                worst = max(worst, float((dx - dy).norm() / dx.norm().clamp_min(1e-12)))
+        return worst
 
     with_beta = train(["alpha", "beta"], "ab")
     with_gamma = train(["alpha", "gamma"], "ag")
     assert with_beta.keys() == with_gamma.keys()
-    for k in with_beta:
-        diff = (with_beta[k] - with_gamma[k]).norm() / with_beta[k].norm().clamp_min(1e-12)
-        assert diff < 1e-4, k  # same KM up to float rounding of the batched matmuls
+    mates = worst_delta_diff(with_beta, with_gamma)
+    if amp == "off":
+        assert mates < 1e-4, mates
+    else:
+        # measured: batch-mate noise 4e-2 at worst (median 2e-2) against O(1) for another seed
+        other_seed = worst_delta_diff(with_beta, train(["alpha", "beta"], "ab_seed1", seed=1))
+        assert mates < 0.1 and other_seed > 10 * mates, (mates, other_seed)
 
 
 def test_loss_with_cache_equals_loss_without(tiny_model, docs_dir, tmp_path):
@@ -310,13 +329,39 @@ def test_base_dtype_resolution():
     from kmtrain.index import _base_dtype
 
     cpu, gpu, bf16 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16
-    assert _base_dtype(IndexConfig(), cpu, None) == torch.float32  # a CPU trains in fp32
-    assert _base_dtype(IndexConfig(), gpu, bf16) == bf16  # a GPU under bf16 autocast: bf16 weights
+    assert _base_dtype(IndexConfig(), cpu, None) == torch.float32  # fp32 training: fp32 weights
+    assert _base_dtype(IndexConfig(), gpu, bf16) == bf16  # under bf16 autocast: bf16 weights
+    assert _base_dtype(IndexConfig(), cpu, bf16) == bf16  # on a CPU too
     assert _base_dtype(IndexConfig(), gpu, None) == torch.float32  # --amp off keeps fp32
     assert _base_dtype(IndexConfig(base_dtype="fp32"), gpu, bf16) == torch.float32
     assert _base_dtype(IndexConfig(base_dtype="bf16"), cpu, None) == bf16
     with pytest.raises(ValueError, match="base_dtype"):
         IndexConfig(base_dtype="fp16").validate()
+
+
+def test_amp_resolution_follows_native_bf16(monkeypatch):
+    import importlib
+
+    index_mod = importlib.import_module("kmtrain.index")  # the package re-exports index(), the function
+
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    for native in (True, False):
+        monkeypatch.setattr(index_mod, "native_bf16", lambda device, native=native: native)
+        assert index_mod._amp_dtype(IndexConfig(), cpu) == (bf16 if native else None)
+        assert index_mod._amp_dtype(IndexConfig(amp="off"), cpu) is None  # off wins
+        assert index_mod._amp_dtype(IndexConfig(amp="bf16"), cpu) == bf16  # asked for: honoured
+
+
+def test_native_bf16_matches_the_cpu_flags():
+    """oneDNN's answer agrees with what the CPU says it has (Linux /proc/cpuinfo)."""
+    from kmtrain.models import native_bf16
+
+    assert native_bf16(torch.device("meta")) is False
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo on this OS to compare with")
+    flags = set(cpuinfo.read_text().split())
+    assert native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 @pytest.mark.slow
@@ -355,3 +400,25 @@ def test_smollm2_one_document_end_to_end(tmp_path):
         return float(lp.gather(1, torch.tensor(ans)[:, None]).sum())
 
     assert answer_logprob(True) > answer_logprob(False)
+
+
+@pytest.mark.parametrize("n", [0, 5, 37])
+def test_chunked_lm_loss_matches_float64_cross_entropy(n):
+    """The LM/PIT loss without a [N, V] tensor: values and dh against a float64 reference, with
+    chunks that do not divide N."""
+    from kmtrain.train import chunked_lm_loss
+
+    g = torch.Generator().manual_seed(n)
+    h = torch.randn(n, 24, generator=g, requires_grad=True)
+    w = torch.randn(101, 24, generator=g)
+    t = torch.randint(0, 101, (n,), generator=g)
+    got = chunked_lm_loss(h, w, t, chunk=8)
+    h64 = h.detach().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(h64 @ w.double().t(), t, reduction="none")
+    assert got.dtype == torch.float32 and got.shape == (n,)
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    if n:
+        weights = torch.rand(n, generator=g)
+        (got * weights).sum().backward()
+        (ref * weights.double()).sum().backward()
+        torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-6)
