@@ -77,6 +77,16 @@ def random_model_folder(shape: str, tokenizer: str, folder: Path) -> str:
     return str(folder)
 
 
+def _precision(cfg) -> str:
+    """The autocast and base-weight dtypes this config resolves to on this machine."""
+    from kmtrain.index import _amp_dtype, _base_dtype, _device
+
+    dev = _device(cfg)
+    amp = _amp_dtype(cfg, dev)
+    base = _base_dtype(cfg, dev, amp)
+    return f"autocast {'bf16' if amp is not None else 'off (fp32)'}, base weights {str(base).replace('torch.', '')}"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--corpus", default=str(CORPUS))
@@ -134,7 +144,7 @@ def main(argv=None):
                   f"{abs(full[d]['loss'] - ref[d]['loss']) / abs(ref[d]['loss']):.2e}"] for d in full]
     text = (f"# Indexing throughput (documents per hour), side by side\n\n{env_block(env)}\n"
             f"- model: {f'random weights at {a.random_shape} shapes (bf16 on disk)' if a.random_shape else a.model}"
-            f"; base weights in memory: {base.base_dtype} (auto: bf16 on a GPU, fp32 on a CPU); corpus: {a.corpus}{f' ({a.long} demo documents per document)' if a.long else ''}; "
+            f"; precision: {_precision(base)}; corpus: {a.corpus}{f' ({a.long} demo documents per document)' if a.long else ''}; "
             f"{base.summaries_per_chunk}+{base.qa_per_chunk} synthetic generations per chunk; {base.steps} steps per document; "
             f"{base.examples_per_doc} examples per document per step\n"
             f"- synthetic targets generated once for both runs ({t_synth:.0f} s, not counted below; model load is)\n\n"
