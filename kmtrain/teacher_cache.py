@@ -80,6 +80,8 @@ def build_examples(objective: str, tokenizer, chunks: List[str], chunk_ids: List
                 # positions from the last prompt position to the second-to-last target position
                 out.append(Example(s_prompt + tgt, len(s_prompt) - 1, len(tgt), t_prompt + tgt, len(t_prompt) - 1))
     elif objective == "ddcd":
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        start = [bos] if bos is not None else []
         for ids in chunk_ids:
             if len(ids) < 4:
                 continue
@@ -93,8 +95,13 @@ def build_examples(objective: str, tokenizer, chunks: List[str], chunk_ids: List
                 m = max(2, int(round(W * cfg.ddcd_student_frac)))
                 off = rng.randint(0, len(ids) - W)
                 win = ids[off:off + W]
-                # the student sees the last m tokens; position j predicts token j + 1
-                out.append(Example(win[W - m:], 0, m - 1, win, W - m))
+                # The student sees the last m tokens, the teacher the whole window, both after the same
+                # start token. Without it the student's first distilled position is sequence position 0,
+                # where the model parks its attention sink (hidden states far larger than mid-text
+                # ones): the hidden term then pulls that position toward the teacher's mid-window
+                # state and the KM learns to break the sink. Seen: ddcd KMs answering 0/64 on the demo
+                # corpus with garbled text. Position j predicts token j + 1.
+                out.append(Example(start + win[W - m:], len(start), m - 1, start + win, len(start) + W - m))
     elif objective == "lm":
         for ids in chunk_ids:
             for s in range(0, len(ids), cfg.lm_seq_tokens):

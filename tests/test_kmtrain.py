@@ -1,6 +1,7 @@
 """kmtrain end to end on a tiny random Llama (tokenizer built offline), and on the bundled SmolLM2."""
 import json
 import os
+import types
 from pathlib import Path
 
 import pytest
@@ -201,15 +202,21 @@ def test_ddcd_windows_on_a_short_chunk_differ():
     more than the chunk's last tokens (a fixed full-chunk window made every DDCD example the same)."""
     ids = list(range(100, 300))
     cfg = IndexConfig(ddcd_window_tokens=512, ddcd_windows_per_chunk=16)
-    ex = build_examples("ddcd", None, ["x"], [ids], [], cfg, seed=3)
+    tok = types.SimpleNamespace(bos_token_id=7, eos_token_id=8)
+    ex = build_examples("ddcd", tok, ["x"], [ids], [], cfg, seed=3)
     assert len(ex) == 16
     tails = {tuple(e.student_ids) for e in ex}
     assert len(tails) > 8
     ends = {ids.index(e.student_ids[-1]) for e in ex}
     assert min(ends) < len(ids) - 50
-    for e in ex:  # the teacher window ends with the student's tokens, which it sees after its context
-        assert e.teacher_ids[e.t_start:] == e.student_ids and e.n == len(e.student_ids) - 1
-        assert e.teacher_ids == ids[ids.index(e.teacher_ids[0]):ids.index(e.teacher_ids[0]) + len(e.teacher_ids)]
+    for e in ex:
+        # both start with the start token, and the first distilled position is after it (position 0
+        # holds the attention sink, which must not be pulled toward a mid-window teacher state)
+        assert e.student_ids[0] == 7 and e.teacher_ids[0] == 7 and e.s_start == 1
+        # the teacher window ends with the student's tokens, which it sees after its context
+        assert e.teacher_ids[e.t_start:] == e.student_ids[e.s_start:] and e.n == len(e.student_ids) - 2
+        win = e.teacher_ids[1:]
+        assert win == ids[ids.index(win[0]):ids.index(win[0]) + len(win)]
 
 
 @pytest.mark.parametrize("qa_format", ["pair", "chat", "both"])
