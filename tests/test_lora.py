@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, KERNEL_DTYPES
-from kmkernels.lora import (GroupedLoRALinear, attach_grouped_lora, build_segments, export_peft, grouped_lora,
+from kmkernels.lora import (AdapterIds, GroupedLoRALinear, attach_grouped_lora, build_segments, export_peft, grouped_lora,
                             grouped_lora_modules, load_peft, reset_slot, set_adapter_ids, slot_parameters)
 from reference import rel_err
 
@@ -69,6 +69,44 @@ def test_grouped_lora_matches_loop(backend, dtype, kind):
     unused = [d for d in range(D) if not (ids == d).any()]
     for d in unused:
         assert (grads[1][d] == 0).all() and (grads[2][d] == 0).all()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_module_per_sequence_path_matches_loop(autocast):
+    """GroupedLoRALinear on [B, T, in] (torch backend) takes the per-sequence bmm path: unsorted
+    slots, a repeated slot, a sequence without adapter, against the float64 loop; bf16 autocast
+    against the same loop with bf16 tolerance."""
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    Bsz, T, din, dout, r, D = 5, 7, 24, 40, 8, 4
+    ids_ = AdapterIds(D, "torch")
+    lin = torch.nn.Linear(din, dout)
+    mod = GroupedLoRALinear(lin, D, r, alpha=12.0, ids=ids_)
+    with torch.no_grad():
+        mod.lora_A.copy_(torch.randn(D, r, din, generator=g) * 0.3)
+        mod.lora_B.copy_(torch.randn(D, dout, r, generator=g) * 0.3)
+        mod.scaling.copy_(torch.rand(D, generator=g) + 0.5)
+    seq = torch.tensor([2, 0, -1, 2, 3])
+    ids_.set(seq)
+    x = torch.randn(Bsz, T, din, generator=g).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = mod(x)
+    dy = torch.randn(Bsz, T, dout, generator=g)
+    gx, gA, gB = torch.autograd.grad(y, (x, mod.lora_A, mod.lora_B), dy.to(y.dtype))
+    rows = seq.repeat_interleave(T)
+    x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, mod.lora_A, mod.lora_B))
+    ref = (x64 @ lin.weight.double().T + lin.bias.double()).reshape(-1, dout) + loop_ref(
+        x64.reshape(-1, din), A64, B64, rows, mod.scaling.double())
+    rx, rA, rB = torch.autograd.grad(ref, (x64, A64, B64), dy.double().reshape(-1, dout))
+    tol = 2e-2 if autocast else 1e-5
+    assert y.shape == (Bsz, T, dout) and rel_err(y.reshape(-1, dout), ref) < tol
+    for name, got, want in (("dx", gx, rx), ("dA", gA, rA), ("dB", gB, rB)):
+        assert got.dtype == (x.dtype if name == "dx" else torch.float32), name
+        assert rel_err(got, want) < tol, name
+    assert (gA[1] == 0).all() and (gB[1] == 0).all()  # slot 1 is in no sequence
+    # no sequence with an adapter, no grad: the base output itself
+    ids_.set(torch.full((Bsz,), -1))
+    with torch.no_grad():
+        assert torch.equal(mod(x), lin(x))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
