@@ -18,7 +18,7 @@ import torch
 from bench.common import env_block, environment, markdown_table, write_report
 from kmkernels import attach_grouped_lora, dcd_loss, load_peft, set_adapter_ids
 from kmtrain.config import IndexConfig
-from kmtrain.models import load_model
+from kmtrain.models import decoder_hidden_states, load_model
 from kmtrain.teacher_cache import _encode, _pad, build_examples, teacher_hiddens
 
 
@@ -48,10 +48,10 @@ def main(argv=None):
                                          lambda b: set_adapter_ids(model, torch.full((b,), -1))), dim=1)
         ids, mask = _pad([e.student_ids for e in examples], tok.pad_token_id)
         set_adapter_ids(model, torch.zeros(len(examples), dtype=torch.long))
-        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
+        hidden = decoder_hidden_states(model, ids, mask)
         T = ids.shape[1]
         pos = torch.cat([b * T + torch.arange(e.s_start, e.s_start + e.n) for b, e in enumerate(examples)])
-        hs_all = [h.reshape(-1, h.shape[-1])[pos] for h in out.hidden_states[1:]]
+        hs_all = [h.reshape(-1, h.shape[-1])[pos] for h in hidden]
         ref = {}
         for name, (dt, layers) in variants.items():
             enc, scale = _encode(ht32[layers], dt)

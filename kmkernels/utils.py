@@ -1,8 +1,10 @@
 """Small helpers shared by every op: backend choice, argument checks, Triton availability."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -63,3 +65,32 @@ def is_16bit(dtype: torch.dtype) -> bool:
 
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_native_bf16() -> bool:
+    """Whether this x86 CPU multiplies bf16 natively under oneDNN (AVX512-BF16 or AMX). There a bf16
+    matmul measured 5.5x the fp32 rate (AMD EPYC with AVX512-BF16); elsewhere bf16 is emulated."""
+    try:
+        return bool(torch.backends.mkldnn.is_available()
+                    and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
+    except (AttributeError, RuntimeError):  # an older build without these queries
+        return False
+
+
+@contextlib.contextmanager
+def cpu_bf16_products() -> Iterator[None]:
+    """fp32 CPU matmuls inside run in oneDNN's bf16 mode: operands rounded to bf16, products
+    accumulated and returned in fp32. For operands that already hold bf16 values the rounding is
+    the identity and every product is exact in fp32, so the result is an fp32 GEMM of them, at the
+    bf16 rate (2.8x fp32 for [160, 576] x [576, 49152] here). A process-wide flag, restored on exit."""
+    mm = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if mm is None or not hasattr(mm, "fp32_precision"):
+        yield
+        return
+    prev = mm.fp32_precision
+    mm.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        mm.fp32_precision = prev

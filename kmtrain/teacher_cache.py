@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .data import ANSWER_PROMPT, QA_PROMPT, chat_prompt_ids, parse_qa, target_ids
+from .models import decoder_hidden_states
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -147,8 +148,7 @@ def teacher_hiddens(model, examples: Sequence[Example], layers: Sequence[int], p
     ids, mask = _pad([e.teacher_ids for e in examples], pad_id)
     if no_adapter is not None:
         no_adapter(len(examples))
-    out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), output_hidden_states=True)
-    hs = out.hidden_states[1:]  # decoder layer outputs; the last is post-norm (feeds the lm_head)
+    hs = decoder_hidden_states(model, ids.to(dev), mask.to(dev))  # the last is post-norm (feeds the lm_head)
     res = []
     for i, e in enumerate(examples):
         res.append(torch.stack([hs[l][i, e.t_start:e.t_start + e.n].float() for l in layers]))

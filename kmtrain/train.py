@@ -24,6 +24,7 @@ import torch
 from kmkernels import dcd_loss, reset_slot, set_adapter_ids, slot_parameters
 from kmkernels.lora import grouped_lora_modules
 
+from .models import decoder_hidden_states
 from .teacher_cache import Example, TeacherCache, _pad, select_layers, teacher_hiddens
 
 
@@ -137,9 +138,8 @@ def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device
         ids, mask = _pad([e.student_ids for e in examples], pad_id)
         set_adapter_ids(model, torch.tensor([slot for slot, _ in picks]))
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            # no full logits: both losses start from the last hidden state at the target positions
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
-                        logits_to_keep=1)
+            # no logits: both losses start from hidden states at the target positions
+            hidden = decoder_hidden_states(model, ids.to(device), mask.to(device))
 
         # 4. the loss: a sum over documents of each document's own DCD (or LM) loss
         T = ids.shape[1]
@@ -147,7 +147,7 @@ def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device
         doc_of_pos = torch.cat([torch.full((e.n,), slot) for (slot, _), e in zip(picks, examples)])
         total = 0.0
         if distill:
-            s_h = [out.hidden_states[1 + l].reshape(-1, out.hidden_states[1 + l].shape[-1])[pos] for l in layers]
+            s_h = [hidden[l].reshape(-1, hidden[l].shape[-1])[pos] for l in layers]
             t_all = torch.cat(t_h, dim=1).to(device)  # [L_sel, N_pos, H]
             for slot, doc in enumerate(wave):
                 sel = (doc_of_pos == slot).nonzero().squeeze(1).to(device)
@@ -157,7 +157,7 @@ def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device
                 doc.losses.append({"loss": float(loss_d.detach()), "kl": float(parts["kl"]), "hidden": float(parts["hidden"])})
                 total = total + loss_d
         else:
-            last = out.hidden_states[-1]
+            last = hidden[-1]
             tgt = ids.to(device).reshape(-1)[pos + 1]
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 ce = chunked_lm_loss(last.reshape(-1, last.shape[-1])[pos], lm_head, tgt)

@@ -231,6 +231,37 @@ def test_kl_minus_inf_teacher_logits():
         assert rel_err(out, ref) < 1e-5
 
 
+def test_bf16_cpu_logits_are_not_rounded():
+    """bf16 operands on the CPU path (oneDNN's bf16 products where the CPU has them, fp32 upcast
+    elsewhere): the logits keep fp32 precision, so the loss matches float64 on the same bf16 values
+    to fp32 level (logits rounded to bf16 would be off by ~1e-3 here); dh comes back in bf16."""
+    hs, ws, ht, _ = _make(96, 128, 4096, torch.bfloat16, weight_grad=False)
+    hs, ws, ht = hs.cpu().detach().requires_grad_(), ws.cpu().detach(), ht.cpu()
+    ht = (ht + 0.5 * hs.detach()).to(torch.bfloat16)  # a teacher near the student, as after training
+    out = fused_linear_kl(hs, ws, ht, backend="torch", chunk_size=32)
+    (gh,) = torch.autograd.grad(out, [hs])
+    hs64 = hs.detach().double().requires_grad_()
+    ref = linear_kl_ref(hs64, ws.double(), ht.double(), ws.double())
+    (rgh,) = torch.autograd.grad(ref, [hs64])
+    assert rel_err(out, ref) < 1e-5
+    assert gh.dtype == torch.bfloat16 and rel_err(gh, rgh) < 1e-2
+
+
+def test_cpu_weight_copy_follows_in_place_changes():
+    """The CPU path keeps an fp32 copy of a frozen 16-bit weight between calls: an in-place change
+    of the weight, or another weight, must never meet the stale copy."""
+    hs, ws, ht, _ = _make(16, 32, 200, torch.float16, weight_grad=False)
+    hs, ws, ht = hs.detach().cpu(), ws.detach().cpu(), ht.cpu()
+    for _ in range(2):
+        out = fused_linear_kl(hs, ws, ht, backend="torch")
+        assert rel_err(out, linear_kl_ref(hs.double(), ws.double(), ht.double(), ws.double())) < 1e-5
+        with torch.no_grad():
+            ws.mul_(1.5)
+    other = (ws * 0.5).to(torch.float16)
+    out = fused_linear_kl(hs, other, ht, backend="torch")
+    assert rel_err(out, linear_kl_ref(hs.double(), other.double(), ht.double(), other.double())) < 1e-5
+
+
 # ------------------------------------------------------------------------------------- GPU only
 @requires_cuda
 def test_bf16_gpu_large_vocab_no_logit_rounding():
