@@ -42,10 +42,10 @@ class IndexConfig:
     cache_dtype: str = "bf16"  # bf16 | fp8 | fp32
     cache_layers: Optional[Tuple[int, ...]] = None  # None = every decoder layer; the last is always kept
     # training (paper defaults but the lr: AdamW, warm-up + cosine, clip 1.0, r=16, alpha=16, all projections)
-    # 60 steps keep `make demo` within its 15 minutes on a 2-core CPU with fp32 matmuls, and take
-    # ~7 minutes where bf16 is native; sdcd on the demo corpus: 19/64 at 30 steps (fp32), 22-24/64
-    # at 60 (bf16), 24/64 at 90 (fp32), 21/64 at 120 (bf16): more steps do not pay here. The
-    # paper trains 250-1500 steps (preset "paper").
+    # 60 steps: `make demo` took 9 min 13 s fresh on a 2-core CPU with native bf16 (12 summaries;
+    # not re-timed on an fp32-only CPU since this default). sdcd on the demo corpus: 19/64 at 30
+    # steps (fp32), 22-26/64 at 60 (bf16), 24/64 at 90 (fp32), 21/64 at 120 (bf16, 6 summaries):
+    # more steps do not pay here. The paper trains 250-1500 steps (preset "paper").
     steps: int = 60
     docs_per_step: int = 8
     examples_per_doc: int = 1
