@@ -315,6 +315,13 @@ class GroupedLoRAFunction(torch.autograd.Function):
         return dx, da, db, None, None
 
 
+def _math_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of the torch paths' LoRA matmuls: the autocast dtype under autocast (the matmuls would
+    be cast to it anyway), else at least fp32."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(x.dtype, torch.float32)
+
+
 def _grouped_lora_torch(x, lora_a, lora_b, adapter_ids, scaling):
     """Rows grouped by adapter (a no-op when the ids are already sorted, as in a batch of whole
     sequences in slot order), one contiguous matmul pair per adapter present, fp32 math (the
@@ -328,8 +335,7 @@ def _grouped_lora_torch(x, lora_a, lora_b, adapter_ids, scaling):
     ordered = (ids[1:] >= ids[:-1]).all().reshape(1) if ids.numel() > 1 else counts.new_ones(1)
     stats = torch.cat([counts, ordered.to(counts.dtype)]).tolist()  # one host sync
     counts, ordered = stats[:-1], bool(stats[-1])
-    dev = x.device.type
-    math = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
+    math = _math_dtype(x)
     if ordered:
         xs = x.to(math)
     else:
@@ -433,7 +439,7 @@ def _sequence_lora_torch(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Te
     under autocast, else in at least fp32. The gather's backward sums each slot's sequences in
     that same dtype before the fp32 master weights receive it."""
     dev = x.device.type
-    math = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(x.dtype, torch.float32)
+    math = _math_dtype(x)
     a = lora_a.index_select(0, seq_slot).to(math)  # [B, r, in]
     b = lora_b.index_select(0, seq_slot).to(math)  # [B, out, r]
     with torch.autocast(dev, enabled=False):  # the operands already hold the math dtype
@@ -535,11 +541,9 @@ class GroupedLoRALinear(nn.Module):
         backend = resolve_backend(self._ids.backend, x.device)
         if backend == "torch" and x.dim() == 3:
             # [B, T, in] with one slot per sequence: two bmm calls (see _sequence_lora_torch)
+            slot, scale = self._ids.sequences(x.shape[0], x.device, self.scaling)  # checks the ids
             if not self._ids.any_active and not torch.is_grad_enabled():
-                if self._ids.seq_ids is None or self._ids.seq_ids.numel() != x.shape[0]:
-                    self._ids.sequences(x.shape[0], x.device, self.scaling)  # raises the usual error
                 return out  # the teacher pass: no sequence has an adapter
-            slot, scale = self._ids.sequences(x.shape[0], x.device, self.scaling)
             return out + _sequence_lora_torch(x, self.lora_A, self.lora_B, slot, scale).to(out.dtype)
         row_ids, seg = self._ids.rows(x.shape[:-1], x.device, backend)
         x2 = x.reshape(-1, self.in_features)
