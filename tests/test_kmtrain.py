@@ -262,6 +262,43 @@ def test_teacher_cache_round_trip(tiny_model, tmp_path, dtype, tol):
         assert torch.allclose(norms, ref.abs().sum(dim=(1, 2)), rtol=1e-5)
 
 
+def test_teacher_cache_shares_prefixes(tiny_model, tmp_path, monkeypatch):
+    """Targets of one chunk and prompt share the teacher's prefix pass; the cached states must be
+    those of each example run whole (float64 reference), in the examples' order."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    import kmtrain.teacher_cache as tc
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    ref_model = copy.deepcopy(model).double()
+    g = torch.Generator().manual_seed(2)
+    rand = lambda n: torch.randint(3, 300, (n,), generator=g).tolist()  # noqa: E731
+    p1, p2 = rand(9), rand(4)
+    examples = []
+    for prefix, n, extra in ((p1, 5, 0), (p2, 3, 2), (p1, 1, 0), (None, 4, 0), (p1, 8, 3), (p2, 2, 0)):
+        head = prefix if prefix is not None else rand(6)
+        tail = rand(n + extra + 1)
+        # the last prefix position is distilled too (t_start = len(prefix)), as in sdcd examples
+        examples.append(Example([1, 2], 0, n, head + tail, len(head)))
+    calls = []
+    real = tc.shared_prefix_hiddens
+    monkeypatch.setattr(tc, "shared_prefix_hiddens", lambda m, prefix, ex, *a: calls.append(len(ex)) or real(m, prefix, ex, *a))
+    path = tmp_path / "c.safetensors"
+    build_cache(model, examples, path, 2, IndexConfig(cache_dtype="fp32"), pad_id=0, batch_size=2)
+    assert sorted(calls) == [2, 3]  # two shared prefixes (3 and 2 examples), one example alone
+    cache = TeacherCache(path)
+    for i, e in enumerate(examples):
+        (ref,) = teacher_hiddens(ref_model, [e], [0, 1], pad_id=0)
+        h, norms = cache.get(i)
+        assert h.shape == ref.shape == (2, e.n, 32)
+        assert ((h.double() - ref).norm() / ref.norm()) < 1e-5
+        assert torch.allclose(norms, ref.abs().sum(dim=(1, 2)), rtol=1e-5)
+    with pytest.raises(ValueError, match="prefix"):
+        tc.shared_prefix_hiddens(model, p2, [examples[0]], [0, 1], 0)
+
+
 def test_bad_inputs_name_the_file(tmp_path, tiny_model):
     d = tmp_path / "bad"
     d.mkdir()
