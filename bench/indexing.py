@@ -77,6 +77,86 @@ def random_model_folder(shape: str, tokenizer: str, folder: Path) -> str:
     return str(folder)
 
 
+def decoder_flops_per_token(config) -> float:
+    """Forward FLOPs of one token through the decoder's linear layers (2 per weight; Llama layout:
+    q, k, v, o, gate, up, down). Embedding lookups are free; the LM head is counted by the caller."""
+    H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (H // config.num_attention_heads)
+    return 2.0 * L * (2 * H * H + 2 * H * kv + 3 * H * I)
+
+
+def work_model(cfg, corpus: str, work_dir: Path) -> dict:
+    """FLOPs of the two recipes on this run's own examples and batches (GFLOP per document-step).
+
+    Counts the GEMMs, which is where the time goes at these shapes: the decoder's linear layers
+    (forward 1x; backward 1x, since frozen weights need input gradients only), causal attention
+    (2*L*H*T^2 forward, twice that backward), and the logit GEMMs of the KL on the distillation
+    positions (teacher logits, student logits, and the student's dh: 3 x 2*n*V*H in both recipes).
+      reference : one teacher forward over (chunk + prompt + target) per document-step, the student's
+                  unpadded sequence, D = 1.
+      full      : the student's sequence padded to the widest of its D-document batch, replayed
+                  from the documents' own example order; the cache build (once: one pass per
+                  shared chunk + prompt prefix, then each target attending to it) spread over the steps.
+    Their ratio is the speed-up at equal FLOP rates; the measured speed-up is that ratio times the
+    ratio of the two runs' effective FLOP rates (larger GEMMs run faster: little on a 2-core CPU
+    already near its peak, much on a GPU, where D = 1 leaves most of it idle).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from kmtrain.data import load_documents
+    from kmtrain.index import _doc_seed
+    from kmtrain.models import resolve_model
+    from kmtrain.teacher_cache import build_examples
+    from kmtrain.train import DocState
+
+    folder = resolve_model(cfg.model)[0]
+    mc = AutoConfig.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    per_tok = decoder_flops_per_token(mc)
+    H, L, V = mc.hidden_size, mc.num_hidden_layers, mc.vocab_size
+
+    def fwd(T: int) -> float:  # one sequence of T tokens through the decoder, forward
+        return per_tok * T + 2.0 * L * H * T * T
+
+    def kl(n: int) -> float:
+        return 3 * 2.0 * n * V * H
+
+    states = []
+    for d in load_documents(corpus):
+        w = work_dir / ".work" / d.id
+        chunks, synth = json.loads((w / "chunks.json").read_text()), json.loads((w / "synth.json").read_text())
+        ex = build_examples(cfg.objective, tok, chunks["texts"], chunks["ids"], synth["items"], cfg, _doc_seed(cfg, d))
+        states.append(DocState(d.id, ex, _doc_seed(cfg, d)))
+    D = min(cfg.docs_per_step, len(states))
+    ref = full = 0.0
+    useful = padded = 0
+    for w in range(0, len(states), D):
+        wave = states[w:w + D]
+        for _ in range(cfg.steps):
+            picked = [st.examples[st.next_example()] for st in wave for _ in range(cfg.examples_per_doc)]
+            width = max(len(e.student_ids) for e in picked)
+            full += sum(3 * fwd(width) - per_tok * width + kl(e.n) for e in picked)  # fwd + bwd (1x linears, 2x attention)
+            ref += sum(fwd(len(e.teacher_ids)) + 3 * fwd(len(e.student_ids)) - per_tok * len(e.student_ids) + kl(e.n)
+                       for e in picked)
+            useful += sum(len(e.student_ids) for e in picked)
+            padded += width * len(picked)
+        for st in wave:  # the cache build, as build_cache runs it: one pass per shared prefix, then the suffixes
+            groups = {}
+            for e in st.examples:
+                groups.setdefault(tuple(e.teacher_ids[:e.t_start]), []).append(e)
+            for prefix, group in groups.items():
+                P = len(prefix) if len(group) > 1 and prefix else 0
+                full += fwd(P) + sum(fwd(len(e.teacher_ids) - P) + 4.0 * L * H * P * (len(e.teacher_ids) - P)
+                                     for e in group)
+    doc_steps = len(states) * cfg.steps
+    return {"ref_gflop": ref / doc_steps / 1e9, "full_gflop": full / doc_steps / 1e9, "work_ratio": ref / full,
+            "student_tokens_useful": useful / padded,
+            "mean_teacher_tokens": sum(len(e.teacher_ids) for st in states for e in st.examples)
+            / sum(len(st.examples) for st in states),
+            "mean_student_tokens": sum(len(e.student_ids) for st in states for e in st.examples)
+            / sum(len(st.examples) for st in states)}
+
+
 def _precision(cfg) -> str:
     """The autocast and base-weight dtypes this config resolves to on this machine."""
     from kmtrain.index import _amp_dtype, _base_dtype, _device
@@ -140,6 +220,10 @@ def main(argv=None):
         print(rows[-1], flush=True)
     (full_name, full), (ref_name, ref) = list(results.items())
     speedup = float(rows[1][3]) / float(rows[0][3])
+    wm = work_model(runs[full_name], a.corpus, Path(runs[full_name].out))
+    doc_steps = int(rows[0][1]) * base.steps
+    rate_full = wm["full_gflop"] * doc_steps / float(rows[0][3])
+    rate_ref = wm["ref_gflop"] * doc_steps / float(rows[1][3])
     loss_rows = [[d, f"{full[d]['loss']:.5f}", f"{ref[d]['loss']:.5f}",
                   f"{abs(full[d]['loss'] - ref[d]['loss']) / abs(ref[d]['loss']):.2e}"] for d in full]
     text = (f"# Indexing throughput (documents per hour), side by side\n\n{env_block(env)}\n"
@@ -150,6 +234,14 @@ def main(argv=None):
             f"- synthetic targets generated once for both runs ({t_synth:.0f} s, not counted below; model load is)\n\n"
             f"{markdown_table(['run', 'documents', 'steps', 'seconds', 'documents/hour'], rows)}\n\n"
             f"**Speed-up of the full recipe: {speedup:.2f}x**\n\n"
+            f"Work model (`work_model` in bench/indexing.py: GEMM FLOPs of this run's own examples and batches;\n"
+            f"teacher sequences {wm['mean_teacher_tokens']:.0f} tokens on average, student sequences "
+            f"{wm['mean_student_tokens']:.0f}, {100 * wm['student_tokens_useful']:.0f}% of the\n"
+            f"full recipe's padded student tokens real): reference {wm['ref_gflop']:.1f} GFLOP per document-step, "
+            f"full recipe {wm['full_gflop']:.1f}, a work ratio of **{wm['work_ratio']:.2f}x**.\n"
+            f"Effective rates (all counted GFLOP over each run's wall time): reference {rate_ref:.0f} GFLOP/s, "
+            f"full recipe {rate_full:.0f} GFLOP/s\n"
+            f"(speed-up = work ratio x rate ratio = {wm['work_ratio']:.2f} x {rate_full / rate_ref:.2f}).\n\n"
             f"Final DCD loss (mean of the last 10% of steps) with the cache and without it, same seed. The\n"
             f"reference run's teacher states are rounded to the cache dtype (bf16), so the two runs see the\n"
             f"same numbers up to the batched-matmul rounding of D=8 against D=1:\n\n"
