@@ -1,7 +1,9 @@
 """`index` (documents -> one KM each) and `ask` (questions answered with KMs), as Python functions.
 
 Stages, each with its output on disk under OUT/.work/<doc id>/ so that a killed run resumes:
-  chunks.json -> synth.json -> examples_<objective>.json -> teacher_<key>.safetensors -> OUT/<doc id>/
+  chunks.json -> synth.json -> teacher_<objective>_<key>.safetensors -> OUT/<doc id>/
+(the examples are rebuilt from chunks.json and synth.json, deterministically from the document's seed;
+the cache key hashes their tokens, so a changed layout never meets a stale cache).
 A finished KM (OUT/<id>/km.json present) is never retrained unless cfg.retrain.
 """
 from __future__ import annotations
