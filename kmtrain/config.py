@@ -42,10 +42,11 @@ class IndexConfig:
     cache_dtype: str = "bf16"  # bf16 | fp8 | fp32
     cache_layers: Optional[Tuple[int, ...]] = None  # None = every decoder layer; the last is always kept
     # training (paper defaults but the lr: AdamW, warm-up + cosine, clip 1.0, r=16, alpha=16, all projections)
-    # 60 steps: `make demo` took 9 min 13 s fresh on a 2-core CPU with native bf16 (12 summaries;
-    # not re-timed on an fp32-only CPU since this default). sdcd on the demo corpus: 19/64 at 30
-    # steps (fp32), 22-26/64 at 60 (bf16), 24/64 at 90 (fp32), 21/64 at 120 (bf16, 6 summaries):
-    # more steps do not pay here. The paper trains 250-1500 steps (preset "paper").
+    # 60 steps: `make demo` took 11 min 16 s fresh on a 2-core CPU with native bf16 (12 summaries,
+    # 2 examples per document per step; not re-timed on an fp32-only CPU since these defaults). sdcd
+    # on the demo corpus at 1 example per step: 19/64 at 30 steps (fp32), 22-26/64 at 60 (bf16),
+    # 24/64 at 90 (fp32), 21/64 at 120 (bf16, 6 summaries): more steps alone do not pay here.
+    # The paper trains 250-1500 steps (preset "paper").
     steps: int = 60
     docs_per_step: int = 8
     # 2 examples of each document per step: sdcd 33 and 28 of 64 over two seeds, against 26 and 25
