@@ -1,7 +1,7 @@
 """Distillation examples and the teacher cache.
 
 The teacher (frozen base model with the chunk in context) is run once per (chunk, target)
-example. What the DCD loss needs is stored on the distillation positions only: every selected
+example, and the chunk + prompt prefix once for all the targets that share it. What the DCD loss needs is stored on the distillation positions only: every selected
 decoder layer's hidden state and each example's per-layer sum|h_t|. Teacher logits are not
 stored: the fused KL recomputes them exactly from the cached last (post-norm) hidden state.
 
