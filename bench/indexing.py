@@ -106,7 +106,7 @@ def work_model(cfg, corpus: str, work_dir: Path) -> dict:
     from kmtrain.data import load_documents
     from kmtrain.index import _doc_seed
     from kmtrain.models import resolve_model
-    from kmtrain.teacher_cache import build_examples
+    from kmtrain.teacher_cache import build_examples, prefix_groups
     from kmtrain.train import DocState
 
     folder = resolve_model(cfg.model)[0]
@@ -123,8 +123,9 @@ def work_model(cfg, corpus: str, work_dir: Path) -> dict:
 
     states = []
     for d in load_documents(corpus):
-        w = work_dir / ".work" / d.id
-        chunks, synth = json.loads((w / "chunks.json").read_text()), json.loads((w / "synth.json").read_text())
+        stage = work_dir / ".work" / d.id
+        chunks = json.loads((stage / "chunks.json").read_text())
+        synth = json.loads((stage / "synth.json").read_text())
         ex = build_examples(cfg.objective, tok, chunks["texts"], chunks["ids"], synth["items"], cfg, _doc_seed(cfg, d))
         states.append(DocState(d.id, ex, _doc_seed(cfg, d)))
     D = min(cfg.docs_per_step, len(states))
@@ -141,13 +142,12 @@ def work_model(cfg, corpus: str, work_dir: Path) -> dict:
             useful += sum(len(e.student_ids) for e in picked)
             padded += width * len(picked)
         for st in wave:  # the cache build, as build_cache runs it: one pass per shared prefix, then the suffixes
-            groups = {}
-            for e in st.examples:
-                groups.setdefault(tuple(e.teacher_ids[:e.t_start]), []).append(e)
-            for prefix, group in groups.items():
-                P = len(prefix) if len(group) > 1 and prefix else 0
-                full += fwd(P) + sum(fwd(len(e.teacher_ids) - P) + 4.0 * L * H * P * (len(e.teacher_ids) - P)
-                                     for e in group)
+            shared, alone = prefix_groups(st.examples)
+            full += sum(fwd(len(st.examples[i].teacher_ids)) for i in alone)
+            for prefix, idx in shared.items():
+                P = len(prefix)
+                full += fwd(P) + sum(fwd(S) + 4.0 * L * H * P * S
+                                     for S in (len(st.examples[i].teacher_ids) - P for i in idx))
     doc_steps = len(states) * cfg.steps
     return {"ref_gflop": ref / doc_steps / 1e9, "full_gflop": full / doc_steps / 1e9, "work_ratio": ref / full,
             "student_tokens_useful": useful / padded,

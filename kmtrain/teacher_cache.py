@@ -1,8 +1,8 @@
 """Distillation examples and the teacher cache.
 
 The teacher (frozen base model with the chunk in context) is run once per (chunk, target)
-example, and the chunk + prompt prefix once for all the targets that share it. What the DCD loss needs is stored on the distillation positions only: every selected
-decoder layer's hidden state and each example's per-layer sum|h_t|. Teacher logits are not
+example, and the chunk + prompt prefix once for all the targets that share it. What the DCD
+loss needs is stored on the distillation positions only: every selected decoder layer's hidden state and each example's per-layer sum|h_t|. Teacher logits are not
 stored: the fused KL recomputes them exactly from the cached last (post-norm) hidden state.
 
 File per document: ``teacher.safetensors`` with
@@ -155,6 +155,18 @@ def teacher_hiddens(model, examples: Sequence[Example], layers: Sequence[int], p
     return res
 
 
+def prefix_groups(examples: Sequence[Example]) -> Tuple[Dict[Tuple[int, ...], List[int]], List[int]]:
+    """How the cache build runs ``examples``: ({teacher prefix: indices} for prefixes shared by two
+    or more examples, run once each by ``shared_prefix_hiddens``; indices of the rest, run whole).
+    The prefix is the teacher input before the first distilled position (chunk + prompt)."""
+    groups: Dict[Tuple[int, ...], List[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(tuple(e.teacher_ids[:e.t_start]), []).append(i)
+    shared = {prefix: idx for prefix, idx in groups.items() if len(idx) > 1 and len(prefix) > 0}
+    alone = [i for prefix, idx in groups.items() if prefix not in shared for i in idx]
+    return shared, alone
+
+
 @torch.no_grad()
 def shared_prefix_hiddens(model, prefix: Sequence[int], examples: Sequence[Example], layers: Sequence[int],
                           pad_id: int, no_adapter=None, batch_size: int = 8) -> List[torch.Tensor]:
@@ -211,14 +223,10 @@ def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg
     from safetensors.torch import save_file
 
     layers = select_layers(num_layers, cfg.cache_layers)
-    # Examples with the same teacher prefix (chunk + prompt, up to the first distilled position)
-    # share one prefix pass; the rest (DDCD windows: each its own) run whole, batched.
-    groups: Dict[Tuple[int, ...], List[int]] = {}
-    for i, e in enumerate(examples):
-        groups.setdefault(tuple(e.teacher_ids[:e.t_start]), []).append(i)
+    # Examples with the same teacher prefix share one prefix pass; the rest (DDCD windows: each
+    # its own) run whole, batched.
+    shared, alone = prefix_groups(examples)
     got: List[Optional[torch.Tensor]] = [None] * len(examples)
-    shared = {prefix: idx for prefix, idx in groups.items() if len(idx) > 1 and len(prefix) > 0}
-    alone = [i for prefix, idx in groups.items() if prefix not in shared for i in idx]
     for prefix, idx in shared.items():
         hs = shared_prefix_hiddens(model, prefix, [examples[i] for i in idx], layers, pad_id, no_adapter, batch_size)
         for i, h in zip(idx, hs):
