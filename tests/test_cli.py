@@ -1,0 +1,31 @@
+"""kmtrain.cli: flags to config, errors as one clear line."""
+from kmtrain import IndexConfig
+
+
+def test_cli_errors(tmp_path, capsys):
+    from kmtrain.cli import main
+
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.txt").write_text("")
+    assert main(["index", str(d), "--out", str(tmp_path / "o")]) == 2
+    assert "a.txt" in capsys.readouterr().err
+    assert main(["ask", "--km", str(tmp_path / "nope"), "q?"]) == 2
+    assert main(["ask", "q?", "--km", str(tmp_path / "x")]) == 2
+    assert "has no question after it" in capsys.readouterr().err
+    assert main(["ask", "--kms", "x", "q?"]) == 2
+    assert "unknown option '--kms'" in capsys.readouterr().err
+
+
+def test_cli_flags_to_config():
+    from kmtrain.cli import _config_from_args, build_parser
+
+    parse = lambda *argv: _config_from_args(build_parser().parse_args(["index", "docs", "--out", "o", *argv]))  # noqa: E731
+    cfg = parse()
+    assert cfg == IndexConfig(out="o").validate()  # no flags: exactly the library defaults
+    paper = parse("--preset", "paper")
+    assert (paper.steps, paper.temperature, paper.summaries_per_chunk, paper.lr) == (1500, 1.0, 8, 1e-3)
+    assert parse("--preset", "paper", "--lr", "2e-3").lr == 2e-3
+    mixed = parse("--preset", "paper", "--steps", "40", "--temperature", "0.7", "--qa-format", "chat")
+    assert (mixed.steps, mixed.temperature, mixed.qa_format, mixed.max_new_tokens) == (40, 0.7, "chat", 768)
+    assert parse("--base-dtype", "bf16").base_dtype == "bf16"

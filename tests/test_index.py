@@ -1,0 +1,163 @@
+"""kmtrain.index: index + ask end to end (tiny random Llama, and the bundled SmolLM2), resume, precision choices."""
+import json
+
+import pytest
+import torch
+
+from conftest import DOCS, tiny_cfg
+from kmtrain import IndexConfig, ask, index, load_documents
+
+
+def test_index_and_ask_end_to_end(tiny_model, docs_dir, tmp_path, capsys):
+    out = tmp_path / "kms"
+    summaries = index(str(docs_dir), tiny_cfg(tiny_model, out))
+    assert sorted(s["id"] for s in summaries) == sorted(DOCS)
+    for doc_id in DOCS:
+        km = out / doc_id
+        meta = json.loads((km / "km.json").read_text())
+        assert (km / "adapter_model.safetensors").is_file() and (km / "adapter_config.json").is_file()
+        assert meta["objective"] == "sdcd" and meta["steps"] == 3 and meta["teacher_cache"]["bytes"] > 0
+        assert meta["base_model_sha256"] and len(meta["document_sha256"]) == 64
+        assert set(meta["final_loss"]) == {"loss", "kl", "hidden"} and all(v == v for v in meta["final_loss"].values())
+    # the KM loads with plain PEFT
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(out / "alpha"))
+    assert any("lora_A" in n for n, _ in peft.named_parameters())
+    answers = ask([(str(out / "alpha"), "Which bell?"), (str(out / "beta"), "What grows?"), (None, "Hello?")],
+                  model=tiny_model, max_new_tokens=5)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    # the CLI pairs each question with the --km before it, in command-line order, in one batch
+    from kmtrain.cli import _ask_pairs, main
+
+    argv = ["ask", "--km", str(out / "alpha"), "Which bell?", "--max-new-tokens", "5", "--km", str(out / "beta"),
+            "What grows?", "--model", tiny_model, "Hello?"]
+    assert _ask_pairs(argv) == [(str(out / "alpha"), "Which bell?"), (str(out / "beta"), "What grows?"), (None, "Hello?")]
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for (km, q), a in zip(_ask_pairs(argv), answers):
+        assert f"[{km or 'base'}] {q}\n  {a}" in printed
+
+
+def test_resume_after_interruption(tiny_model, docs_dir, tmp_path, monkeypatch):
+    import importlib
+
+    kindex = importlib.import_module("kmtrain.index")  # the module, not the function of the same name
+
+    out = tmp_path / "kms"
+    cfg = tiny_cfg(tiny_model, out, docs_per_step=2)
+    real = kindex.train_wave
+    calls = {"n": 0}
+
+    def crash_on_second_wave(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kindex, "train_wave", crash_on_second_wave)
+    with pytest.raises(KeyboardInterrupt):
+        index(str(docs_dir), cfg)
+    finished = [d for d in DOCS if (out / d / "km.json").is_file()]
+    assert len(finished) == 2  # the first wave of two was exported before the crash
+    assert not any(p.name.startswith(".tmp") for p in out.iterdir())
+    stamps = {d: (out / d / "adapter_model.safetensors").stat().st_mtime_ns for d in finished}
+    monkeypatch.setattr(kindex, "train_wave", real)
+    summaries = index(str(docs_dir), cfg)
+    status = {s["id"]: s["status"] for s in summaries}
+    assert all(status[d] == "already done" for d in finished)
+    assert all((out / d / "km.json").is_file() for d in DOCS)
+    assert stamps == {d: (out / d / "adapter_model.safetensors").stat().st_mtime_ns for d in finished}
+
+
+def test_changed_document_is_retrained_others_kept(tiny_model, docs_dir, tmp_path):
+    out = tmp_path / "kms"
+    cfg = tiny_cfg(tiny_model, out, steps=2)
+    index(str(docs_dir), cfg)
+    stamps = {d: (out / d / "adapter_model.safetensors").stat().st_mtime_ns for d in DOCS}
+    changed = next(iter(DOCS))
+    path = docs_dir / f"{changed}.txt"
+    path.write_text(path.read_text() + " One more sentence about the harbour.")
+    status = {s["id"]: s["status"] for s in index(str(docs_dir), cfg)}
+    assert status[changed] == "trained" and all(status[d] == "already done" for d in DOCS if d != changed)
+    meta = json.loads((out / changed / "km.json").read_text())
+    assert meta["document_sha256"] == {d.id: d.sha256 for d in load_documents(str(docs_dir))}[changed]
+    for d in DOCS:
+        now = (out / d / "adapter_model.safetensors").stat().st_mtime_ns
+        assert (now != stamps[d]) == (d == changed)
+
+
+@pytest.mark.parametrize("objective", ["ddcd", "lm", "pit"])
+def test_other_objectives_run(tiny_model, docs_dir, tmp_path, objective):
+    out = tmp_path / objective
+    index(str(docs_dir), tiny_cfg(tiny_model, out, objective=objective, steps=2, ddcd_window_tokens=16,
+                                  ddcd_windows_per_chunk=2))
+    meta = json.loads((out / "gamma" / "km.json").read_text())
+    assert meta["objective"] == objective and meta["final_loss"]["loss"] > 0
+
+
+def test_base_dtype_resolution():
+    from kmtrain.index import _base_dtype
+
+    cpu, gpu, bf16 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16
+    assert _base_dtype(IndexConfig(), cpu, None) == torch.float32  # fp32 training: fp32 weights
+    assert _base_dtype(IndexConfig(), gpu, bf16) == bf16  # under bf16 autocast: bf16 weights
+    assert _base_dtype(IndexConfig(), cpu, bf16) == bf16  # on a CPU too
+    assert _base_dtype(IndexConfig(), gpu, None) == torch.float32  # --amp off keeps fp32
+    assert _base_dtype(IndexConfig(base_dtype="fp32"), gpu, bf16) == torch.float32
+    assert _base_dtype(IndexConfig(base_dtype="bf16"), cpu, None) == bf16
+    with pytest.raises(ValueError, match="base_dtype"):
+        IndexConfig(base_dtype="fp16").validate()
+
+
+def test_amp_resolution_follows_native_bf16(monkeypatch):
+    import importlib
+
+    index_mod = importlib.import_module("kmtrain.index")  # the package re-exports index(), the function
+
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    for native in (True, False):
+        monkeypatch.setattr(index_mod, "native_bf16", lambda device, native=native: native)
+        assert index_mod._amp_dtype(IndexConfig(), cpu) == (bf16 if native else None)
+        assert index_mod._amp_dtype(IndexConfig(amp="off"), cpu) is None  # off wins
+        assert index_mod._amp_dtype(IndexConfig(amp="bf16"), cpu) == bf16  # asked for: honoured
+
+
+@pytest.mark.slow
+def test_smollm2_one_document_end_to_end(tmp_path):
+    """Index one short document on the bundled SmolLM2 with few steps; the KM loads with plain PEFT
+    and raises the log-likelihood of a correct answer to a question about the document."""
+    pytest.importorskip("gguf")
+    from peft import PeftModel
+
+    from kmtrain.data import chat_prompt_ids
+    from kmtrain.evaluate import question_prompt
+    from kmtrain.models import load_model
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "tower.txt").write_text(
+        "The Avrin clock tower has seven faces. Its keeper, Ida Solm, winds it every Tuesday morning. "
+        "The tower was built in 1702 by the mason Oskar Brell, and its bell is called Big Marta.")
+    cfg = IndexConfig(out=str(tmp_path / "kms"), steps=10, docs_per_step=1, examples_per_doc=2, summaries_per_chunk=3,
+                      qa_per_chunk=1, max_new_tokens=64, progress=False)
+    index(str(docs), cfg)
+    model, tok, _, _ = load_model("smollm2-135m")
+    peft = PeftModel.from_pretrained(model, str(tmp_path / "kms" / "tower")).eval()
+
+    def answer_logprob(use_km: bool) -> float:
+        prompt = chat_prompt_ids(tok, question_prompt("Who is the keeper of the Avrin clock tower?"))
+        ans = tok("Ida Solm", add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt + ans])
+        with torch.no_grad():
+            if use_km:
+                logits = peft(input_ids=ids).logits
+            else:
+                with peft.disable_adapter():
+                    logits = peft(input_ids=ids).logits
+        lp = logits[0, len(prompt) - 1:-1].log_softmax(-1)
+        return float(lp.gather(1, torch.tensor(ans)[:, None]).sum())
+
+    assert answer_logprob(True) > answer_logprob(False)

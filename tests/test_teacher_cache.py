@@ -1,0 +1,111 @@
+"""kmtrain.teacher_cache: token layouts of the objectives, the cache's round trip and its shared-prefix build."""
+import types
+
+import pytest
+import torch
+
+from kmtrain import IndexConfig
+from kmtrain.data import ANSWER_PROMPT, QA_PROMPT, SUMMARY_PROMPT, qa_target
+from kmtrain.teacher_cache import Example, TeacherCache, build_cache, build_examples, teacher_hiddens
+
+
+@pytest.mark.parametrize("dtype,tol", [("bf16", 1e-2), ("fp8", 8e-2), ("fp32", 1e-6)])
+def test_teacher_cache_round_trip(tiny_model, tmp_path, dtype, tol):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    g = torch.Generator().manual_seed(1)
+    examples = [Example([1, 2, 3], 0, n, torch.randint(3, 300, (n + 5,), generator=g).tolist(), 4) for n in (3, 7, 1)]
+    cfg = IndexConfig(cache_dtype=dtype, cache_layers=(0,) if dtype == "fp8" else None)
+    path = tmp_path / "c.safetensors"
+    build_cache(model, examples, path, 2, cfg, pad_id=0, batch_size=2)
+    cache = TeacherCache(path)
+    assert len(cache) == 3 and cache.layers == ([0, 1] if dtype != "fp8" else [0, 1])
+    for i, e in enumerate(examples):
+        (ref,) = teacher_hiddens(model, [e], cache.layers, pad_id=0)
+        h, norms = cache.get(i)
+        assert h.shape == ref.shape
+        assert ((h.float() - ref).norm() / ref.norm()) < tol
+        assert torch.allclose(norms, ref.abs().sum(dim=(1, 2)), rtol=1e-5)
+
+
+def test_teacher_cache_shares_prefixes(tiny_model, tmp_path, monkeypatch):
+    """Targets of one chunk and prompt share the teacher's prefix pass; the cached states must be
+    those of each example run whole (float64 reference), in the examples' order."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    import kmtrain.teacher_cache as tc
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    ref_model = copy.deepcopy(model).double()
+    g = torch.Generator().manual_seed(2)
+    rand = lambda n: torch.randint(3, 300, (n,), generator=g).tolist()  # noqa: E731
+    p1, p2 = rand(9), rand(4)
+    examples = []
+    for prefix, n, extra in ((p1, 5, 0), (p2, 3, 2), (p1, 1, 0), (None, 4, 0), (p1, 8, 3), (p2, 2, 0)):
+        head = prefix if prefix is not None else rand(6)
+        tail = rand(n + extra + 1)
+        # the last prefix position is distilled too (t_start = len(prefix)), as in sdcd examples
+        examples.append(Example([1, 2], 0, n, head + tail, len(head)))
+    calls = []
+    real = tc.shared_prefix_hiddens
+    monkeypatch.setattr(tc, "shared_prefix_hiddens", lambda m, prefix, ex, *a: calls.append(len(ex)) or real(m, prefix, ex, *a))
+    path = tmp_path / "c.safetensors"
+    build_cache(model, examples, path, 2, IndexConfig(cache_dtype="fp32"), pad_id=0, batch_size=2)
+    assert sorted(calls) == [2, 3]  # two shared prefixes (3 and 2 examples), one example alone
+    cache = TeacherCache(path)
+    for i, e in enumerate(examples):
+        (ref,) = teacher_hiddens(ref_model, [e], [0, 1], pad_id=0)
+        h, norms = cache.get(i)
+        assert h.shape == ref.shape == (2, e.n, 32)
+        assert ((h.double() - ref).norm() / ref.norm()) < 1e-5
+        assert torch.allclose(norms, ref.abs().sum(dim=(1, 2)), rtol=1e-5)
+    with pytest.raises(ValueError, match="prefix"):
+        tc.shared_prefix_hiddens(model, p2, [examples[0]], [0, 1], 0)
+
+
+def test_ddcd_windows_on_a_short_chunk_differ():
+    """A chunk shorter than the window must still give distinct windows whose distilled tails cover
+    more than the chunk's last tokens (a fixed full-chunk window made every DDCD example the same)."""
+    ids = list(range(100, 300))
+    cfg = IndexConfig(ddcd_window_tokens=512, ddcd_windows_per_chunk=16)
+    tok = types.SimpleNamespace(bos_token_id=7, eos_token_id=8)
+    ex = build_examples("ddcd", tok, ["x"], [ids], [], cfg, seed=3)
+    assert len(ex) == 16
+    tails = {tuple(e.student_ids) for e in ex}
+    assert len(tails) > 8
+    ends = {ids.index(e.student_ids[-1]) for e in ex}
+    assert min(ends) < len(ids) - 50
+    for e in ex:
+        # both start with the start token, and the first distilled position is after it (position 0
+        # holds the attention sink, which must not be pulled toward a mid-window teacher state)
+        assert e.student_ids[0] == 7 and e.teacher_ids[0] == 7 and e.s_start == 1
+        # the teacher window ends with the student's tokens, which it sees after its context
+        assert e.teacher_ids[e.t_start:] == e.student_ids[e.s_start:] and e.n == len(e.student_ids) - 2
+        win = e.teacher_ids[1:]
+        assert win == ids[ids.index(win[0]):ids.index(win[0]) + len(win)]
+
+
+@pytest.mark.parametrize("qa_format", ["pair", "chat", "both"])
+def test_sdcd_qa_formats(tiny_model, qa_format):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    items = [{"chunk": 0, "prompt": SUMMARY_PROMPT, "target": "a summary"},
+             {"chunk": 0, "prompt": QA_PROMPT, "target": qa_target("who rows", "the crew"),
+              "question": "who rows", "answer": "the crew"},
+             {"chunk": 0, "prompt": QA_PROMPT, "target": qa_target("when built", "in 1901")}]  # no fields: parsed
+    ex = build_examples("sdcd", tok, ["the chunk text"], [[1, 2]], items, IndexConfig(qa_format=qa_format), seed=0)
+    decoded = [tok.decode(e.student_ids[e.s_start + 1:]) for e in ex]
+    pair = [d for d in decoded if "Question:" in d and "Answer:" in d]
+    chat = [d for d in decoded if "Answer:" not in d and ("the crew" in d or "in 1901" in d)]
+    assert len(ex) == {"pair": 3, "chat": 3, "both": 5}[qa_format]
+    assert len(pair) == (0 if qa_format == "chat" else 2) and len(chat) == (0 if qa_format == "pair" else 2)
+    for e in ex:  # teacher = chunk + the same user turn + the same reply; only the prompt differs
+        assert e.teacher_ids[e.t_start + 1:] == e.student_ids[e.s_start + 1:]
+        assert "the chunk text" in tok.decode(e.teacher_ids[:e.t_start])
+    if qa_format != "pair":
+        prompts = [tok.decode(e.student_ids[:e.s_start + 1]) for e in ex]
+        assert sum(ANSWER_PROMPT.format(question="who rows") in p for p in prompts) == 1
