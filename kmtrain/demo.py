@@ -24,9 +24,9 @@ from .models import load_model, native_bf16
 CORPUS = Path(__file__).parent / "demo_corpus"
 
 
-def evaluate_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=("base", "icl", "km"),
-                    corpus: Path = CORPUS) -> Dict[str, Dict[str, List[bool]]]:
-    """{doc_id: {condition: [correct per question]}} on the bundled questions."""
+def answer_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=("base", "icl", "km"),
+                  corpus: Path = CORPUS) -> Dict[str, Dict[str, List[str]]]:
+    """{doc_id: {condition: [greedy answer per question]}} on the bundled questions."""
     questions = json.loads((corpus / "questions.json").read_text())
     docs = {d.id: d for d in load_documents(str(corpus))}
     ids = [d for d in questions if d in docs]
@@ -35,6 +35,9 @@ def evaluate_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=(
     rank = 16
     kms = [Path(out_dir) / d for d in ids]
     if "km" in conditions:
+        missing = [str(k) for k in kms if not (k / "adapter_config.json").is_file()]
+        if missing:
+            raise ValueError(f"no KM (PEFT adapter folder) for {', '.join(missing)}: index the corpus into {out_dir} first")
         rank = max(json.loads((k / "adapter_config.json").read_text())["r"] for k in kms)
     attach_grouped_lora(model, len(ids), rank=rank, alpha=rank)
     if "km" in conditions:
@@ -49,10 +52,19 @@ def evaluate_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=(
                 slots.append(slot if cond == "km" else -1)
                 keys.append((d, cond, qi))
     answers = generate_answers(model, tok, prompts, slots, max_new_tokens=24, batch_size=32)
-    result: Dict[str, Dict[str, List[bool]]] = {d: {c: [False] * len(questions[d]) for c in conditions} for d in ids}
+    result: Dict[str, Dict[str, List[str]]] = {d: {c: [""] * len(questions[d]) for c in conditions} for d in ids}
     for (d, cond, qi), ans in zip(keys, answers):
-        result[d][cond][qi] = is_correct(ans, questions[d][qi]["a"])
+        result[d][cond][qi] = ans
     return result
+
+
+def evaluate_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=("base", "icl", "km"),
+                    corpus: Path = CORPUS) -> Dict[str, Dict[str, List[bool]]]:
+    """{doc_id: {condition: [correct per question]}} on the bundled questions."""
+    questions = json.loads((corpus / "questions.json").read_text())
+    answers = answer_corpus(out_dir, model_name, conditions, corpus)
+    return {d: {c: [is_correct(a, q["a"]) for a, q in zip(by[c], questions[d])] for c in conditions}
+            for d, by in answers.items()}
 
 
 def format_table(result: Dict[str, Dict[str, List[bool]]], conditions=("base", "icl", "km")) -> str:

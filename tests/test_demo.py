@@ -1,0 +1,57 @@
+"""kmtrain.demo: the evaluation behind `make demo` and bench.quality_demo, on the tiny model."""
+import json
+
+import pytest
+import torch
+
+from conftest import DOCS, tiny_cfg
+from kmtrain import index
+from kmtrain.demo import answer_corpus, evaluate_corpus, format_table
+
+
+def test_demo_routes_each_condition_and_scores_its_own_answer(tiny_model, docs_dir, tmp_path, monkeypatch):
+    """The KM condition answers through its own document's KM, base and ICL through no KM, ICL with
+    its own document in the prompt, and each (document, condition, question) is scored on its own
+    answer. The generator is replaced by one that reports what it was given (a random tiny model
+    answers nothing useful); the real generation is covered by the `ask` tests and `make demo`."""
+    from safetensors.torch import load_file
+
+    import kmtrain.demo as demo
+    from kmkernels import slot_parameters
+
+    out = tmp_path / "kms"
+    index(str(docs_dir), tiny_cfg(tiny_model, out))
+    ids = sorted(DOCS)[:2]  # a corpus of two of the three indexed documents
+    questions = {d: [{"q": f"First about {d}?", "a": ["x"]}, {"q": "Second?", "a": ["x"]}] for d in ids}
+    (docs_dir / "questions.json").write_text(json.dumps(questions))
+
+    def fake_generate(model, tok, prompts, slots, max_new_tokens, batch_size):
+        params = slot_parameters(model)
+        for slot, d in enumerate(ids):  # slot i holds document i's KM, as saved
+            saved = sum(t.double().abs().sum() for t in load_file(str(out / d / "adapter_model.safetensors")).values())
+            held = sum(p[slot].double().abs().sum() for p in params)
+            assert torch.isclose(held, saved, rtol=1e-6), (slot, d)
+        ctx = [next((d for d in DOCS if DOCS[d] in p), "none") for p in prompts]
+        return [f"{'km' + str(s) if s >= 0 else 'nokm'} ctx{c} {p.split('Question: ')[-1]}"
+                for p, s, c in zip(prompts, slots, ctx)]
+
+    monkeypatch.setattr(demo, "generate_answers", fake_generate)
+    answers = answer_corpus(str(out), tiny_model, ("base", "icl", "km"), corpus=docs_dir)
+    for i, d in enumerate(ids):
+        assert answers[d]["km"][0] == f"km{i} ctxnone First about {d}?"
+        assert answers[d]["base"][1] == "nokm ctxnone Second?"
+        assert answers[d]["icl"][0] == f"nokm ctx{d} First about {d}?"
+
+    questions["beta"] = [{"q": "First about beta?", "a": ["km1"]}, {"q": "Second?", "a": ["ctxbeta"]}]
+    (docs_dir / "questions.json").write_text(json.dumps(questions))
+    scores = evaluate_corpus(str(out), tiny_model, ("base", "icl", "km"), corpus=docs_dir)
+    assert scores["beta"] == {"base": [False, False], "icl": [False, True], "km": [True, False]}
+    assert scores["alpha"] == {"base": [False, False], "icl": [False, False], "km": [False, False]}
+    table = format_table(scores)
+    assert "| beta | 0/2 | 1/2 | 1/2 |" in table and "**1/4 (25%)**" in table
+
+
+def test_demo_needs_a_km_per_question_document(tiny_model, docs_dir, tmp_path):
+    (docs_dir / "questions.json").write_text(json.dumps({"alpha": [{"q": "Which bell?", "a": ["Moro"]}]}))
+    with pytest.raises(ValueError, match="no KM .*alpha"):
+        answer_corpus(str(tmp_path / "no_kms"), tiny_model, ("km",), corpus=docs_dir)
