@@ -25,7 +25,7 @@ from .data import Document, atomic_write_text, chunk_tokens, load_documents
 from .evaluate import generate_answers, question_prompt
 from .models import load_model, native_bf16
 from .synth import synthesize
-from .teacher_cache import Example, TeacherCache, build_cache, build_examples
+from .teacher_cache import TeacherCache, build_cache, build_examples
 from .train import DocState, train_wave
 
 

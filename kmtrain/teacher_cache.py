@@ -2,8 +2,9 @@
 
 The teacher (frozen base model with the chunk in context) is run once per (chunk, target)
 example, and the chunk + prompt prefix once for all the targets that share it. What the DCD
-loss needs is stored on the distillation positions only: every selected decoder layer's hidden state and each example's per-layer sum|h_t|. Teacher logits are not
-stored: the fused KL recomputes them exactly from the cached last (post-norm) hidden state.
+loss needs is stored on the distillation positions only: every selected decoder layer's hidden
+state and each example's per-layer sum|h_t|. Teacher logits are not stored: the fused KL
+recomputes them exactly from the cached last (post-norm) hidden state.
 
 File per document: ``teacher.safetensors`` with
   hidden        [L_sel, T_total, H]  bf16 | float8_e4m3fn (with hidden_scale [L_sel]) | fp32
@@ -14,7 +15,6 @@ Read back through safetensors' memory map, one example slice at a time.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 
 from kmkernels import dcd_loss, reset_slot, set_adapter_ids, slot_parameters
-from kmkernels.lora import grouped_lora_modules
 
 from .models import decoder_hidden_states
 from .teacher_cache import Example, TeacherCache, _pad, select_layers, teacher_hiddens

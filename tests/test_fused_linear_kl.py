@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES, requires_cuda
+from conftest import DEVICE, KERNEL_DTYPES, requires_cuda
 from kmkernels import FusedLinearKL, KLDivLogits, fused_linear_kl, kl_div_logits
 from reference import kl_ref, linear_kl_ref, rel_err
 
