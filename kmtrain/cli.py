@@ -33,6 +33,8 @@ def _index_parser(sub):
     p.add_argument("--qa-per-chunk", type=int, default=d.qa_per_chunk)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature of the generator")
+    p.add_argument("--focus-parts", type=int, default=d.focus_parts,
+                   help="the generator also reads up to N runs of each chunk's paragraphs in turn (0: whole chunk only)")
     p.add_argument("--qa-format", choices=("pair", "chat", "both"), default=d.qa_format,
                    help="sdcd: distil Q/A pairs as generated (pair), as the question a KM is asked (chat), or both")
     p.add_argument("--generator", choices=("hf", "vllm"), default=d.generator)
@@ -61,7 +63,7 @@ def _config_from_args(a) -> IndexConfig:
     }
     defaults = IndexConfig()
     for name in ("steps", "docs_per_step", "examples_per_doc", "chunk_tokens", "summaries_per_chunk", "qa_per_chunk",
-                 "max_new_tokens", "temperature", "lr"):
+                 "max_new_tokens", "temperature", "focus_parts", "lr"):
         v = getattr(a, name)
         if not a.preset or v != getattr(defaults, name):  # flags given explicitly win over the preset
             explicit[name] = v

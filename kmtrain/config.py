@@ -28,6 +28,9 @@ class IndexConfig:
     # A 135M generator invents details at temperature 1.0 and the KM learns them (seen on the demo
     # corpus: misspelt names); 0.5 keeps the targets closer to the chunk. The paper preset uses 1.0.
     temperature: float = 0.5
+    # >0: the generator reads, in turn, the whole chunk and each of up to this many runs of its
+    # paragraphs, so the targets cover the whole chunk, not only what a summary of it leads with.
+    focus_parts: int = 0
     generator: str = "hf"  # or "vllm" when installed
     # sdcd: how a Q/A pair is distilled: "pair" (as generated), "chat" (as a KM is asked), "both"
     qa_format: str = "pair"
@@ -83,6 +86,8 @@ class IndexConfig:
         for name in ("steps", "docs_per_step", "examples_per_doc", "rank", "chunk_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.focus_parts < 0:
+            raise ValueError(f"focus_parts must be >= 0, got {self.focus_parts}")
         if self.summaries_per_chunk < 0 or self.qa_per_chunk < 0 or self.summaries_per_chunk + self.qa_per_chunk < 1:
             raise ValueError("need at least one synthetic target per chunk (summaries_per_chunk + qa_per_chunk >= 1)")
         if self.cache_dtype not in ("bf16", "fp8", "fp32"):

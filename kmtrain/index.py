@@ -116,6 +116,8 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
     needs_synth = cfg.objective in ("sdcd", "pit")
     synth_setting = {**setting, "n": [cfg.summaries_per_chunk, cfg.qa_per_chunk], "max_new_tokens": cfg.max_new_tokens,
                      "top_p": cfg.top_p, "temperature": cfg.temperature, "seed": cfg.seed}
+    if cfg.focus_parts:  # only when set, so synthetic targets made before this option stay valid
+        synth_setting["focus_parts"] = cfg.focus_parts
     synth: Dict[str, dict] = {}
     if needs_synth:
         missing = []

@@ -1,6 +1,7 @@
 """Synthetic targets: the base model writes summaries and Q/A pairs about each chunk."""
 from __future__ import annotations
 
+import re
 from typing import Dict, List, Tuple
 
 import torch
@@ -45,19 +46,54 @@ def _generate_vllm(model_path: str, tokenizer, prompts: List[List[int]], cfg, se
     return [r.outputs[0].text.strip() for r in res]
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def focus_sources(chunk: str, parts: int) -> List[str]:
+    """What the generator reads for one chunk: the whole chunk, then up to `parts` runs of its paragraphs.
+
+    Each run is a contiguous group of paragraphs (split at blank lines, balanced by length). A run
+    that does not open the chunk is led by the chunk's first sentence, which names what the chunk
+    is about, so a summary of "It was built in 1843" still says what "it" is. With parts=0, or a
+    chunk of one paragraph, only the whole chunk.
+    """
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", chunk) if p.strip()]
+    parts = min(parts, len(paragraphs))
+    if parts < 2:
+        return [chunk]
+    # a paragraph goes to the run its middle falls in: contiguous runs of about equal length
+    total = sum(len(p) for p in paragraphs)
+    runs: List[List[str]] = [[] for _ in range(parts)]
+    done = 0
+    for p in paragraphs:
+        runs[min(parts - 1, int((done + len(p) / 2) * parts / total))].append(p)
+        done += len(p)
+    runs = [r for r in runs if r]
+    lead = _SENTENCE_END.split(paragraphs[0], maxsplit=1)[0]
+    sources = [chunk]
+    for r, run in enumerate(runs):
+        text = "\n\n".join(run)
+        sources.append(text if r == 0 else lead + "\n\n" + text)
+    return sources
+
+
 def synthesize(model, tokenizer, chunks_by_doc: Dict[str, List[str]], cfg, model_path: str = "",
                progress_factory=None) -> Dict[str, dict]:
     """For each document: {"items": [{"chunk", "prompt", "target"}], "dropped", "requested", "qa_pairs"}.
 
     Requests for all documents go through the generator together (one batch stream).
-    Q/A outputs that do not parse are dropped and counted, never fatal.
+    Q/A outputs that do not parse are dropped and counted, never fatal. With cfg.focus_parts > 0
+    the requests of each kind cycle over the whole chunk and its parts (`focus_sources`); the
+    teacher still reads the whole chunk, so only what the targets talk about changes.
     """
     jobs: List[Tuple[str, int, str, List[int]]] = []
     for doc_id, chunks in chunks_by_doc.items():
         for c, chunk in enumerate(chunks):
-            for kind, prompt, n in (("summary", SUMMARY_PROMPT, cfg.summaries_per_chunk), ("qa", QA_PROMPT, cfg.qa_per_chunk)):
-                ids = chat_prompt_ids(tokenizer, chunk + "\n\n" + prompt)
-                jobs += [(doc_id, c, kind, ids)] * n
+            sources = [chat_prompt_ids(tokenizer, text + "\n\n" + prompt) for prompt in (SUMMARY_PROMPT, QA_PROMPT)
+                       for text in focus_sources(chunk, getattr(cfg, "focus_parts", 0))]
+            per_prompt = len(sources) // 2
+            for k, (kind, n) in enumerate((("summary", cfg.summaries_per_chunk), ("qa", cfg.qa_per_chunk))):
+                jobs += [(doc_id, c, kind, sources[k * per_prompt + i % per_prompt]) for i in range(n)]
     if not jobs:
         return {}
     bar = progress_factory(total=len(jobs), desc="synthetic targets") if progress_factory else None

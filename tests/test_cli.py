@@ -15,6 +15,8 @@ def test_cli_errors(tmp_path, capsys):
     assert "has no question after it" in capsys.readouterr().err
     assert main(["ask", "--kms", "x", "q?"]) == 2
     assert "unknown option '--kms'" in capsys.readouterr().err
+    assert main(["index", str(d), "--out", str(tmp_path / "o"), "--focus-parts", "-1"]) == 2
+    assert "focus_parts must be >= 0" in capsys.readouterr().err
 
 
 def test_cli_flags_to_config():
@@ -29,3 +31,5 @@ def test_cli_flags_to_config():
     mixed = parse("--preset", "paper", "--steps", "40", "--temperature", "0.7", "--qa-format", "chat")
     assert (mixed.steps, mixed.temperature, mixed.qa_format, mixed.max_new_tokens) == (40, 0.7, "chat", 768)
     assert parse("--base-dtype", "bf16").base_dtype == "bf16"
+    assert parse("--focus-parts", "3").focus_parts == 3
+

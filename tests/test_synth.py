@@ -1,0 +1,93 @@
+"""Synthetic targets: what the generator reads for each chunk, and how its outputs become items."""
+import random
+
+import pytest
+
+from kmtrain import synth
+from kmtrain.config import IndexConfig
+from kmtrain.data import QA_PROMPT, SUMMARY_PROMPT
+from kmtrain.synth import focus_sources, synthesize
+
+
+def _paragraphs(rng, n):
+    words = ["barge", "canal", "lantern", "granite", "spaniel", "harbour", "copper", "meadow"]
+    return [f"Paragraph {i} opens here. " + " ".join(rng.choice(words) for _ in range(rng.randint(5, 60))) + "."
+            for i in range(n)]
+
+
+def test_focus_sources_cover_the_chunk_in_order():
+    rng = random.Random()
+    for _ in range(50):
+        paras = _paragraphs(rng, rng.randint(1, 9))
+        chunk = "\n\n".join(paras)
+        parts = rng.randint(0, 5)
+        sources = focus_sources(chunk, parts)
+        assert sources[0] == chunk  # the whole chunk is always read first
+        runs = sources[1:]
+        if parts < 2 or len(paras) < 2:
+            assert runs == []
+            continue
+        assert 2 <= len(runs) <= min(parts, len(paras))
+        lead = "Paragraph 0 opens here."
+        # runs after the first are led by the chunk's first sentence; the first opens the chunk itself
+        assert runs[0].startswith(paras[0])
+        bodies = [runs[0]] + [r[len(lead) + 2:] for r in runs[1:]]
+        assert all(r.startswith(lead + "\n\n") for r in runs[1:])
+        # every paragraph in exactly one run, in the chunk's order
+        assert "\n\n".join(bodies) == chunk
+
+
+def test_focus_sources_balance_runs_by_length():
+    paras = ["A b. " + "x " * 100, "C d. " + "y " * 100, "E f. " + "z " * 100, "G h. " + "w " * 100]
+    sources = focus_sources("\n\n".join(p.strip() for p in paras), 2)
+    assert len(sources) == 3
+    assert sources[1] == paras[0].strip() + "\n\n" + paras[1].strip()
+    assert sources[2] == "A b.\n\n" + paras[2].strip() + "\n\n" + paras[3].strip()
+
+
+class _CharTokenizer:
+    """No chat template: chat_prompt_ids falls back to 'User: ...\\nAssistant:' as characters."""
+    chat_template = None
+    eos_token_id = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+@pytest.mark.parametrize("focus_parts", [0, 3])
+def test_requests_cycle_over_sources_and_outputs_become_items(monkeypatch, focus_parts):
+    chunk = "\n\n".join(_paragraphs(random.Random(), 4))
+    seen = []
+
+    def fake_generate(model, tokenizer, prompts, cfg, seed, progress=None):
+        outs = []
+        for i, p in enumerate(prompts):
+            text = "".join(map(chr, p))
+            seen.append(text)
+            if QA_PROMPT in text:  # every other Q/A output is unparseable and must be dropped, not fatal
+                outs.append("no pair here" if i % 2 else f"Question: q{i}?\nAnswer: a{i}")
+            else:
+                outs.append(f"summary {i}")
+        return outs
+
+    monkeypatch.setattr(synth, "_generate_hf", fake_generate)
+    cfg = IndexConfig(summaries_per_chunk=8, qa_per_chunk=4, focus_parts=focus_parts)
+    got = synthesize(None, _CharTokenizer(), {"doc": [chunk]}, cfg)["doc"]
+    sources = focus_sources(chunk, focus_parts)
+    summary_reads = [t for t in seen if SUMMARY_PROMPT in t]
+    qa_reads = [t for t in seen if QA_PROMPT in t]
+    assert len(summary_reads) == 8 and len(qa_reads) == 4
+    for reads in (summary_reads, qa_reads):
+        for i, t in enumerate(reads):
+            assert t.startswith("User: " + sources[i % len(sources)] + "\n\n")
+    # the teacher reads the whole chunk with the standard prompt, whatever the generator read
+    assert all(it["chunk"] == 0 for it in got["items"])
+    assert sum(it["prompt"] == SUMMARY_PROMPT for it in got["items"]) == 8
+    assert got["requested"] == 12
+    assert got["qa_pairs"] == len([it for it in got["items"] if it["prompt"] == QA_PROMPT])
+    assert got["qa_pairs"] + got["dropped"] == 4 and got["dropped"] >= 1
+
+
+def test_negative_focus_parts_is_refused():
+    with pytest.raises(ValueError, match="focus_parts"):
+        IndexConfig(focus_parts=-1).validate()
