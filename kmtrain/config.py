@@ -45,8 +45,8 @@ class IndexConfig:
     cache_dtype: str = "bf16"  # bf16 | fp8 | fp32
     cache_layers: Optional[Tuple[int, ...]] = None  # None = every decoder layer; the last is always kept
     # training (paper defaults but the lr: AdamW, warm-up + cosine, clip 1.0, r=16, alpha=16, all projections)
-    # 60 steps: `make demo` took 10 min 36 s (and 11 min 16 s) fresh on a 2-core CPU with native bf16 (12 summaries,
-    # 2 examples per document per step; not re-timed on an fp32-only CPU since these defaults). sdcd
+    # 60 steps: `make demo` took 10 min 55 s from a cold start on a 2-core CPU with native bf16 (12
+    # summaries, 2 examples per document per step; not re-timed on an fp32-only CPU since). sdcd
     # on the demo corpus at 1 example per step: 19/64 at 30 steps (fp32), 22-26/64 at 60 (bf16),
     # 24/64 at 90 (fp32), 21/64 at 120 (bf16, 6 summaries): more steps alone do not pay here.
     # The paper trains 250-1500 steps (preset "paper").
