@@ -313,7 +313,6 @@ def _linear_kl_chunks(hs, ws, ht, wt, inv_temp, backend, chunk_size, row_scale, 
     for a forward without gradient.
     """
     N = hs.shape[0]
-    V = ws.shape[0]
     loss = torch.empty(N, device=hs.device, dtype=torch.float32)
     dh = torch.empty_like(hs) if (need_dh and row_scale is not None) else None
     dw = torch.zeros(ws.shape, device=ws.device, dtype=torch.float32) if (need_dw and row_scale is not None) else None
