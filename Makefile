@@ -8,8 +8,8 @@ TORCH_VERSION ?= 2.13.0
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --no-cache-dir --upgrade pip
 	# No pip cache: a CI machine's disk once filled up during this install.
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip
 	# The CPU build on CPU-only machines; a GPU box resolves its CUDA build.
 	$(PY) -m pip install -q --no-cache-dir torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q --no-cache-dir -e ".[dev]"

@@ -89,11 +89,10 @@ def synthesize(model, tokenizer, chunks_by_doc: Dict[str, List[str]], cfg, model
     jobs: List[Tuple[str, int, str, List[int]]] = []
     for doc_id, chunks in chunks_by_doc.items():
         for c, chunk in enumerate(chunks):
-            sources = [chat_prompt_ids(tokenizer, text + "\n\n" + prompt) for prompt in (SUMMARY_PROMPT, QA_PROMPT)
-                       for text in focus_sources(chunk, getattr(cfg, "focus_parts", 0))]
-            per_prompt = len(sources) // 2
-            for k, (kind, n) in enumerate((("summary", cfg.summaries_per_chunk), ("qa", cfg.qa_per_chunk))):
-                jobs += [(doc_id, c, kind, sources[k * per_prompt + i % per_prompt]) for i in range(n)]
+            texts = focus_sources(chunk, cfg.focus_parts)
+            for kind, prompt, n in (("summary", SUMMARY_PROMPT, cfg.summaries_per_chunk), ("qa", QA_PROMPT, cfg.qa_per_chunk)):
+                ids = [chat_prompt_ids(tokenizer, text + "\n\n" + prompt) for text in texts]
+                jobs += [(doc_id, c, kind, ids[i % len(ids)]) for i in range(n)]
     if not jobs:
         return {}
     bar = progress_factory(total=len(jobs), desc="synthetic targets") if progress_factory else None
