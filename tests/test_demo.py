@@ -11,8 +11,8 @@ from kmtrain.demo import answer_corpus, evaluate_corpus, format_table
 
 def test_demo_routes_each_condition_and_scores_its_own_answer(tiny_model, docs_dir, tmp_path, monkeypatch):
     """The KM condition answers through its own document's KM, base and ICL through no KM, ICL with
-    its own document in the prompt, and each (document, condition, question) is scored on its own
-    answer. The generator is replaced by one that reports what it was given (a random tiny model
+    its own document in the prompt, each condition in its own batches, and each (document,
+    condition, question) is scored on its own answer. The generator is replaced by one that reports what it was given (a random tiny model
     answers nothing useful); the real generation is covered by the `ask` tests and `make demo`."""
     from safetensors.torch import load_file
 
@@ -32,11 +32,15 @@ def test_demo_routes_each_condition_and_scores_its_own_answer(tiny_model, docs_d
             held = sum(p[slot].double().abs().sum() for p in params)
             assert torch.isclose(held, saved, rtol=1e-6), (slot, d)
         ctx = [next((d for d in DOCS if DOCS[d] in p), "none") for p in prompts]
+        calls.append({"km" if s >= 0 else ("base" if c == "none" else "icl") for s, c in zip(slots, ctx)})
         return [f"{'km' + str(s) if s >= 0 else 'nokm'} ctx{c} {p.split('Question: ')[-1]}"
                 for p, s, c in zip(prompts, slots, ctx)]
 
+    calls = []
     monkeypatch.setattr(demo, "generate_answers", fake_generate)
     answers = answer_corpus(str(out), tiny_model, ("base", "icl", "km"), corpus=docs_dir)
+    # one condition per generation call: no condition's batches (padding, bf16 rounding) depend on another's
+    assert calls == [{"base"}, {"icl"}, {"km"}], calls
     for i, d in enumerate(ids):
         assert answers[d]["km"][0] == f"km{i} ctxnone First about {d}?"
         assert answers[d]["base"][1] == "nokm ctxnone Second?"
