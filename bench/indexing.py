@@ -99,12 +99,14 @@ def work_model(cfg, corpus: str, work_dir: Path) -> dict:
                   shared chunk + prompt prefix, then each target attending to it) spread over the steps.
     Their ratio is the speed-up at equal FLOP rates; the measured speed-up is that ratio times the
     ratio of the two runs' effective FLOP rates (larger GEMMs run faster: little on a 2-core CPU
-    already near its peak, much on a GPU, where D = 1 leaves most of it idle).
+    already near its peak, much on a GPU, where D = 1 leaves most of it idle). Not counted: the
+    held-out evaluations of sdcd's model selection (about ten forward-only batches per run, the
+    same in both recipes but for the teacher pass the reference adds).
     """
     from transformers import AutoConfig, AutoTokenizer
 
     from kmtrain.data import load_documents
-    from kmtrain.index import _doc_seed
+    from kmtrain.index import doc_seed, heldout_split
     from kmtrain.models import resolve_model
     from kmtrain.teacher_cache import build_examples, prefix_groups
     from kmtrain.train import DocState
@@ -126,8 +128,9 @@ def work_model(cfg, corpus: str, work_dir: Path) -> dict:
         stage = work_dir / ".work" / d.id
         chunks = json.loads((stage / "chunks.json").read_text())
         synth = json.loads((stage / "synth.json").read_text())
-        ex = build_examples(cfg.objective, tok, chunks["texts"], chunks["ids"], synth["items"], cfg, _doc_seed(cfg, d))
-        states.append(DocState(d.id, ex, _doc_seed(cfg, d)))
+        items = heldout_split(cfg, d.id, synth["items"])[0]  # the training examples only, as index() has them
+        ex = build_examples(cfg.objective, tok, chunks["texts"], chunks["ids"], items, cfg, doc_seed(cfg.seed, d.id))
+        states.append(DocState(d.id, ex, doc_seed(cfg.seed, d.id)))
     D = min(cfg.docs_per_step, len(states))
     ref = full = 0.0
     useful = padded = 0

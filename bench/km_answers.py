@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import List, Tuple
 
 from bench.common import env_block, environment, markdown_table, write_report
+from kmtrain.config import IndexConfig
 from kmtrain.data import QA_PROMPT
 from kmtrain.demo import CORPUS, answer_corpus
 from kmtrain.evaluate import is_correct
+from kmtrain.index import heldout_split
 
 
 def target_coverage(items: List[dict], accepted: List[str]) -> Tuple[int, int]:
@@ -49,6 +51,10 @@ def main(argv=None):
     by_kind, by_count = {}, {}  # two partitions of the questions: which kinds of target, how many targets
     for doc, by in answers.items():
         items = json.loads((kms / ".work" / doc / "synth.json").read_text())["items"]
+        meta = json.loads((kms / doc / "km.json").read_text())
+        if meta.get("heldout"):  # only the targets the KM trained on
+            cfg = IndexConfig(objective=meta["objective"], seed=meta["seed"], heldout_per_chunk=meta["heldout"]["per_chunk"])
+            items = heldout_split(cfg, doc, items)[0]
         n_items[doc] = len(items)
         for q, ans in zip(questions[doc], by["km"]):
             s, qa = target_coverage(items, q["a"])
@@ -66,7 +72,7 @@ def main(argv=None):
                                                  ("kinds of target stating it", by_kind)))
     text = (f"# KM answers on the demo corpus, with the synthetic targets' coverage\n\n{env_block(environment())}\n"
             f"- KMs: `{kms}` (objective {km.get('objective')}, {km.get('steps')} steps); "
-            f"synthetic targets per document: {', '.join(f'{d} {n}' for d, n in n_items.items())}\n"
+            f"synthetic targets trained on per document: {', '.join(f'{d} {n}' for d, n in n_items.items())}\n"
             f"- scoring: greedy answer (24 new tokens) contains an accepted answer as whole words; "
             f"a target states an answer by the same rule\n\n{summary}\n\n"
             + markdown_table(["document", "question", "accepted", "summaries stating it", "Q/A targets stating it",

@@ -37,6 +37,11 @@ def _index_parser(sub):
                    help="the generator also reads up to N runs of each chunk's paragraphs in turn (0: whole chunk only)")
     p.add_argument("--qa-format", choices=("pair", "chat", "both"), default=d.qa_format,
                    help="sdcd: distil Q/A pairs as generated (pair), as the question a KM is asked (chat), or both")
+    p.add_argument("--heldout-per-chunk", type=int, default=d.heldout_per_chunk,
+                   help="synthetic targets per chunk kept out of training; the KM written is the checkpoint of "
+                        "lowest DCD loss on them (sdcd; 0: train on all, keep the last step)")
+    p.add_argument("--heldout-every", type=int, default=d.heldout_every,
+                   help="steps between held-out evaluations (0: steps // 10; the last step is always evaluated)")
     p.add_argument("--generator", choices=("hf", "vllm"), default=d.generator)
     p.add_argument("--no-teacher-cache", action="store_true", help="re-run the teacher every step (reference recipe)")
     p.add_argument("--cache-dtype", choices=("bf16", "fp8", "fp32"), default=d.cache_dtype)
@@ -63,7 +68,7 @@ def _config_from_args(a) -> IndexConfig:
     }
     defaults = IndexConfig()
     for name in ("steps", "docs_per_step", "examples_per_doc", "chunk_tokens", "summaries_per_chunk", "qa_per_chunk",
-                 "max_new_tokens", "temperature", "focus_parts", "lr"):
+                 "max_new_tokens", "temperature", "focus_parts", "lr", "heldout_per_chunk", "heldout_every"):
         v = getattr(a, name)
         if not a.preset or v != getattr(defaults, name):  # flags given explicitly win over the preset
             explicit[name] = v

@@ -24,7 +24,7 @@ from .config import IndexConfig
 from .data import Document, atomic_write_text, chunk_tokens, load_documents
 from .evaluate import generate_answers, question_prompt
 from .models import load_model, native_bf16
-from .synth import synthesize
+from .synth import split_heldout, synthesize
 from .teacher_cache import TeacherCache, build_cache, build_examples
 from .train import DocState, train_wave
 
@@ -59,8 +59,17 @@ def _base_dtype(cfg, device: torch.device, amp) -> torch.dtype:
     return torch.float32
 
 
-def _doc_seed(cfg, doc: Document) -> int:
-    return int(hashlib.sha256(f"{cfg.seed}:{doc.id}".encode()).hexdigest()[:12], 16)
+def doc_seed(seed: int, doc_id: str) -> int:
+    """A document's own seed (its KM's initialisation, data order and held-out split): from the run's
+    seed and the document's id only, so it does not depend on the other documents."""
+    return int(hashlib.sha256(f"{seed}:{doc_id}".encode()).hexdigest()[:12], 16)
+
+
+def heldout_split(cfg, doc_id: str, items: List[dict]) -> Tuple[List[dict], List[dict]]:
+    """(synthetic items trained on, items held out for model selection) of one document, as index() splits them."""
+    if cfg.objective != "sdcd":
+        return list(items), []
+    return split_heldout(items, cfg.heldout_per_chunk, doc_seed(cfg.seed, doc_id))
 
 
 def _read_json(path: Path):
@@ -140,12 +149,16 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
     for d in todo:
         texts, ids = chunks[d.id]
         items = synth.get(d.id, {}).get("items", [])
-        examples = build_examples(cfg.objective, tok, texts, ids, items, cfg, _doc_seed(cfg, d))
+        items, held_items = heldout_split(cfg, d.id, items)
+        seed = doc_seed(cfg.seed, d.id)
+        examples = build_examples(cfg.objective, tok, texts, ids, items, cfg, seed)
         if not examples:
             print(f"{d.id}: no training examples (all synthetic outputs dropped?), skipped", flush=True)
             summaries.append({"id": d.id, "status": "no examples"})
             continue
-        states.append(DocState(d.id, examples, _doc_seed(cfg, d)))
+        held = build_examples(cfg.objective, tok, texts, ids, held_items, cfg, seed) if held_items else []
+        # the held-out examples go last: the cache holds them too, training never draws them
+        states.append(DocState(d.id, examples + held, seed, heldout=list(range(len(examples), len(examples) + len(held)))))
     if not states:
         return summaries
     attach_grouped_lora(model, min(cfg.docs_per_step, len(states)), rank=cfg.rank, alpha=cfg.alpha,
@@ -186,14 +199,21 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
             doc = next(d for d in todo if d.id == st.id)
             tail = st.losses[-max(1, cfg.steps // 10):]
             final = {k: sum(x[k] for x in tail) / len(tail) for k in tail[0]}
+            heldout = None
+            if st.heldout_curve:
+                best = next(c for c in st.heldout_curve if c["step"] == st.best_step)
+                heldout = {"per_chunk": cfg.heldout_per_chunk, "examples": len(st.heldout), "best_step": st.best_step,
+                           "best": {k: v for k, v in best.items() if k != "step"},
+                           "untrained": {k: v for k, v in st.heldout_curve[0].items() if k != "step"},
+                           "curve": [[c["step"], c["loss"]] for c in st.heldout_curve]}
             s = synth.get(st.id, {})
             meta = {
                 "id": st.id, "base_model": model_name, "base_model_path": cfg.model, "base_model_sha256": model_hash,
                 "document_sha256": doc.sha256, "objective": cfg.objective, "steps": cfg.steps,
                 "docs_per_step": len(wave), "examples_per_doc": cfg.examples_per_doc,
-                "chunks": len(chunks[st.id][0]), "examples": len(st.examples),
+                "chunks": len(chunks[st.id][0]), "examples": len(st.examples) - len(st.heldout),
                 "synthetic_requested": s.get("requested", 0), "synthetic_dropped": s.get("dropped", 0),
-                "teacher_cache": cache_info.get(st.id), "final_loss": final,
+                "teacher_cache": cache_info.get(st.id), "final_loss": final, "heldout": heldout,
                 "train_seconds_wave": round(wave_s, 2), "train_seconds_per_doc": round(wave_s / len(wave), 2),
                 "rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr, "seed": cfg.seed,
             }
@@ -202,8 +222,11 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
             summaries.append({**meta, "status": "trained"})
             loss_txt = " ".join(f"{k}={v:.4f}" for k, v in final.items())
             cache_txt = f", cache {cache_info[st.id]['bytes'] / 1e6:.1f} MB" if st.id in cache_info else ""
-            print(f"{st.id}: {len(st.examples)} examples ({s.get('dropped', 0)} synthetic outputs dropped){cache_txt}, "
-                  f"{cfg.steps} steps, {loss_txt}, {wave_s / len(wave):.1f} s", flush=True)
+            held_txt = "" if heldout is None else (f", held-out loss {heldout['best']['loss']:.4f} at step "
+                                                   f"{heldout['best_step']} (untrained {heldout['untrained']['loss']:.4f})")
+            n_txt = f"{meta['examples']} examples" + (f" + {len(st.heldout)} held out" if st.heldout else "")
+            print(f"{st.id}: {n_txt} ({s.get('dropped', 0)} synthetic outputs dropped){cache_txt}, {cfg.steps} steps, "
+                  f"{loss_txt}{held_txt}, {wave_s / len(wave):.1f} s", flush=True)
     print(f"indexed {len(states)} documents in {time.time() - t_start:.1f} s", flush=True)
     return summaries
 

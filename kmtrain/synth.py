@@ -1,6 +1,7 @@
 """Synthetic targets: the base model writes summaries and Q/A pairs about each chunk."""
 from __future__ import annotations
 
+import random
 import re
 from typing import Dict, List, Tuple
 
@@ -123,3 +124,19 @@ def synthesize(model, tokenizer, chunks_by_doc: Dict[str, List[str]], cfg, model
                 r["dropped"] += 1
     return result
 
+
+
+def split_heldout(items: List[dict], per_chunk: int, seed: int) -> Tuple[List[dict], List[dict]]:
+    """(training items, held-out items): ``per_chunk`` items of each chunk, drawn with ``seed``, are
+    held out, but never a chunk's last one (every chunk keeps a training target). Item order is kept."""
+    if per_chunk <= 0:
+        return list(items), []
+    rng = random.Random(seed)
+    by_chunk: Dict[int, List[int]] = {}
+    for i, it in enumerate(items):
+        by_chunk.setdefault(it["chunk"], []).append(i)
+    held = set()
+    for c in sorted(by_chunk):
+        idx = by_chunk[c]
+        held.update(rng.sample(idx, min(per_chunk, len(idx) - 1)))
+    return [it for i, it in enumerate(items) if i not in held], [it for i, it in enumerate(items) if i in held]

@@ -1,7 +1,8 @@
 """The training loop: D documents per step, one grouped-LoRA slot each, fused DCD loss.
 
 Read it top to bottom: `train_wave` trains one wave of up to D documents from fresh slots for
-`cfg.steps` steps and returns their losses; the caller exports each slot as a PEFT folder.
+`cfg.steps` steps, recording each document's losses (and held-out curve) in its DocState, and
+leaves each slot at the weights to ship; the caller exports each slot as a PEFT folder.
 
 Why the KM of a document does not depend on its batch-mates:
   * each slot is initialised from the document's own seed (reset_slot), and each document
@@ -9,14 +10,16 @@ Why the KM of a document does not depend on its batch-mates:
   * the loss is a sum of per-document losses (each normalised over its own positions), so a
     slot's gradient comes from its own rows only;
   * gradients are clipped per slot, and AdamW is elementwise, so one document's gradient norm
-    never scales another's update.
+    never scales another's update;
+  * model selection compares each slot's own held-out loss over time, and keeps each slot's own
+    best weights.
 """
 from __future__ import annotations
 
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -32,16 +35,20 @@ class DocState:
     examples: List[Example]
     seed: int
     cache: Optional[TeacherCache] = None
+    heldout: List[int] = field(default_factory=list)  # example indices never trained on (model selection)
     losses: List[Dict[str, float]] = field(default_factory=list)
+    heldout_curve: List[Dict[str, float]] = field(default_factory=list)
+    best_step: Optional[int] = None
     _order: List[int] = field(default_factory=list)
     _rng: Optional[random.Random] = None
 
     def next_example(self) -> int:
-        """Examples in a fresh random order each epoch, from this document's own RNG."""
+        """Training examples in a fresh random order each epoch, from this document's own RNG."""
         if self._rng is None:
             self._rng = random.Random(self.seed)
         if not self._order:
-            self._order = list(range(len(self.examples)))
+            held = set(self.heldout)
+            self._order = [i for i in range(len(self.examples)) if i not in held]
             self._rng.shuffle(self._order)
         return self._order.pop()
 
@@ -98,13 +105,94 @@ def chunked_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
                       for i in range(0, h.shape[0], chunk)])
 
 
+def _batch_losses(model, wave: List[DocState], picks: List[Tuple[int, int]], groups: List[int], cfg,
+                  device: torch.device, amp_dtype, layers: List[int], pad_id: int) -> List[Tuple[torch.Tensor, Dict[str, float]]]:
+    """One student forward over ``picks`` [(slot, example index)], each example in its document's slot,
+    and one loss per group: ``groups[k]`` (0..G-1) is the group of ``picks[k]``. A group's loss is its
+    own DCD loss (KL averaged over the group's positions, each layer's sum|h_s - h_t| / sum|h_t| over
+    them) or its mean next-token loss, so no group's value or gradient depends on another's rows."""
+    distill = cfg.objective in ("sdcd", "ddcd")
+    examples = [wave[slot].examples[i] for slot, i in picks]
+    G = max(groups) + 1
+
+    # the teacher's hidden states: from the cache, or (reference recipe) a teacher forward now
+    if distill:
+        if wave[0].cache is not None:
+            got = [wave[slot].cache.get(i) for slot, i in picks]
+            t_h = [h for h, _ in got]
+            t_norms = [n for _, n in got]
+        else:
+            was_training = model.training
+            model.eval()
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                fresh = teacher_hiddens(model, examples, layers, pad_id, _no_adapter(model))
+            model.train(was_training)
+            t_h = [round_like_cache(h, cfg.cache_dtype) for h in fresh]
+            t_norms = [h.abs().sum(dim=(1, 2)) for h in fresh]
+
+    # the student: base model + each document's own slot, one forward for the whole batch
+    ids, mask = _pad([e.student_ids for e in examples], pad_id)
+    set_adapter_ids(model, torch.tensor([slot for slot, _ in picks]))
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        # no logits: both losses start from hidden states at the target positions
+        hidden = decoder_hidden_states(model, ids.to(device), mask.to(device))
+
+    T = ids.shape[1]
+    pos = torch.cat([b * T + torch.arange(e.s_start, e.s_start + e.n) for b, e in enumerate(examples)]).to(device)
+    group_of_pos = torch.cat([torch.full((e.n,), g) for g, e in zip(groups, examples)])
+    lm_head = model.get_output_embeddings().weight
+    out = []
+    if distill:
+        s_h = [hidden[l].reshape(-1, hidden[l].shape[-1])[pos] for l in layers]
+        t_all = torch.cat(t_h, dim=1).to(device)  # [L_sel, N_pos, H]
+        for g in range(G):
+            sel = (group_of_pos == g).nonzero().squeeze(1).to(device)
+            norms = torch.stack([n for k, n in zip(groups, t_norms) if k == g]).sum(0)
+            loss, parts = dcd_loss([h[sel] for h in s_h], t_all[:, sel], lm_head, kl_weight=cfg.kl_weight,
+                                   hidden_weight=cfg.hidden_weight, teacher_norms=norms, backend=cfg.backend)
+            out.append((loss, {"loss": float(loss.detach()), "kl": float(parts["kl"]), "hidden": float(parts["hidden"])}))
+    else:
+        last = hidden[-1]
+        tgt = ids.to(device).reshape(-1)[pos + 1]
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            ce = chunked_lm_loss(last.reshape(-1, last.shape[-1])[pos], lm_head, tgt)
+        for g in range(G):
+            loss = ce[(group_of_pos == g).to(device)].mean()
+            out.append((loss, {"loss": float(loss.detach())}))
+    return out
+
+
+@torch.no_grad()
+def heldout_losses(model, wave: List[DocState], cfg, device: torch.device, amp_dtype, layers: List[int],
+                   pad_id: int) -> Dict[int, Dict[str, float]]:
+    """{slot: mean over the document's held-out examples of each example's own DCD loss} for the
+    documents that have held-out examples. Forward only, in batches of a training step's size."""
+    picks = [(slot, i) for slot, doc in enumerate(wave) for i in doc.heldout]
+    per_slot: Dict[int, List[Dict[str, float]]] = {}
+    size = len(wave) * cfg.examples_per_doc
+    was_training = model.training
+    model.eval()
+    for k in range(0, len(picks), size):
+        batch = picks[k:k + size]
+        for (slot, _), (_, parts) in zip(batch, _batch_losses(model, wave, batch, list(range(len(batch))), cfg,
+                                                               device, amp_dtype, layers, pad_id)):
+            per_slot.setdefault(slot, []).append(parts)
+    model.train(was_training)
+    return {slot: {k: sum(p[k] for p in ps) / len(ps) for k in ps[0]} for slot, ps in per_slot.items()}
+
+
 def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device, amp_dtype, progress=None) -> None:
-    """Train up to D documents together for cfg.steps steps. Slots 0..len(wave)-1 are used."""
+    """Train up to D documents together for cfg.steps steps. Slots 0..len(wave)-1 are used.
+
+    Documents with held-out examples end with their slot holding the checkpoint of lowest held-out
+    loss (doc.best_step; doc.heldout_curve has every evaluation, step 0 being the untrained KM)."""
     distill = cfg.objective in ("sdcd", "ddcd")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     num_layers = model.config.num_hidden_layers
     layers = wave[0].cache.layers if (distill and wave[0].cache is not None) else select_layers(num_layers, cfg.cache_layers)
-    lm_head = model.get_output_embeddings().weight
+    for doc in wave:
+        if len(doc.heldout) >= len(doc.examples):
+            raise ValueError(f"{doc.id}: every example is held out, none left to train on")
 
     for slot, doc in enumerate(wave):
         reset_slot(model, slot, doc.seed)
@@ -113,65 +201,49 @@ def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(cfg, s))
     model.train()
 
+    # model selection on held-out examples: each slot keeps its own best weights (on the CPU)
+    selecting = any(doc.heldout for doc in wave)
+    every = cfg.heldout_every or max(1, cfg.steps // 10)
+    best: Dict[int, Tuple[float, List[torch.Tensor]]] = {}
+
+    def evaluate(step: int) -> None:
+        for slot, parts in heldout_losses(model, wave, cfg, device, amp_dtype, layers, pad_id).items():
+            doc = wave[slot]
+            doc.heldout_curve.append({"step": step, **parts})
+            if step > 0 and (slot not in best or parts["loss"] < best[slot][0]):
+                best[slot] = (parts["loss"], [p.detach()[slot].to("cpu", copy=True) for p in params])
+                doc.best_step = step
+
+    if selecting:
+        evaluate(0)
     for step in range(cfg.steps):
-        # 1. the batch: examples_per_doc examples of every document, grouped by slot
+        # 1. the batch: examples_per_doc training examples of every document, grouped by slot
         picks = [(slot, doc.next_example()) for slot, doc in enumerate(wave) for _ in range(cfg.examples_per_doc)]
-        examples = [wave[slot].examples[i] for slot, i in picks]
 
-        # 2. the teacher's hidden states: from the cache, or (reference recipe) a teacher forward now
-        if distill:
-            if wave[0].cache is not None:
-                got = [wave[slot].cache.get(i) for slot, i in picks]
-                t_h = [h for h, _ in got]
-                t_norms = [n for _, n in got]
-            else:
-                model.eval()
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    fresh = teacher_hiddens(model, examples, layers, pad_id, _no_adapter(model))
-                model.train()
-                t_h = [round_like_cache(h, cfg.cache_dtype) for h in fresh]
-                t_norms = [h.abs().sum(dim=(1, 2)) for h in fresh]
-
-        # 3. the student: base model + each document's own slot, one forward for the whole batch
-        ids, mask = _pad([e.student_ids for e in examples], pad_id)
-        set_adapter_ids(model, torch.tensor([slot for slot, _ in picks]))
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            # no logits: both losses start from hidden states at the target positions
-            hidden = decoder_hidden_states(model, ids.to(device), mask.to(device))
-
-        # 4. the loss: a sum over documents of each document's own DCD (or LM) loss
-        T = ids.shape[1]
-        pos = torch.cat([b * T + torch.arange(e.s_start, e.s_start + e.n) for b, e in enumerate(examples)]).to(device)
-        doc_of_pos = torch.cat([torch.full((e.n,), slot) for (slot, _), e in zip(picks, examples)])
+        # 2. the loss: a sum over documents of each document's own DCD (or LM) loss
         total = 0.0
-        if distill:
-            s_h = [hidden[l].reshape(-1, hidden[l].shape[-1])[pos] for l in layers]
-            t_all = torch.cat(t_h, dim=1).to(device)  # [L_sel, N_pos, H]
-            for slot, doc in enumerate(wave):
-                sel = (doc_of_pos == slot).nonzero().squeeze(1).to(device)
-                norms = torch.stack([n for (s, _), n in zip(picks, t_norms) if s == slot]).sum(0)
-                loss_d, parts = dcd_loss([h[sel] for h in s_h], t_all[:, sel], lm_head, kl_weight=cfg.kl_weight,
-                                         hidden_weight=cfg.hidden_weight, teacher_norms=norms, backend=cfg.backend)
-                doc.losses.append({"loss": float(loss_d.detach()), "kl": float(parts["kl"]), "hidden": float(parts["hidden"])})
-                total = total + loss_d
-        else:
-            last = hidden[-1]
-            tgt = ids.to(device).reshape(-1)[pos + 1]
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                ce = chunked_lm_loss(last.reshape(-1, last.shape[-1])[pos], lm_head, tgt)
-            for slot, doc in enumerate(wave):
-                loss_d = ce[(doc_of_pos == slot).to(device)].mean()
-                doc.losses.append({"loss": float(loss_d.detach())})
-                total = total + loss_d
+        for doc, (loss_d, parts) in zip(wave, _batch_losses(model, wave, picks, [slot for slot, _ in picks], cfg,
+                                                             device, amp_dtype, layers, pad_id)):
+            doc.losses.append(parts)
+            total = total + loss_d
 
-        # 5. the update: per-slot clipping, AdamW, schedule
+        # 3. the update: per-slot clipping, AdamW, schedule
         opt.zero_grad(set_to_none=True)
         total.backward()
         clip_per_slot(model, cfg.clip)
         opt.step()
         sched.step()
+        if selecting and ((step + 1) % every == 0 or step + 1 == cfg.steps):
+            evaluate(step + 1)
         if progress is not None:
             progress.set_postfix(loss=f"{float(total.detach()) / len(wave):.4f}")
             progress.update(1)
+
+    # 4. each selecting slot goes back to its best checkpoint (the caller exports the slots)
+    with torch.no_grad():
+        for slot, (_, weights) in best.items():
+            if wave[slot].best_step != cfg.steps:
+                for p, w in zip(params, weights):
+                    p[slot].copy_(w.to(p.device))
     model.eval()
     set_adapter_ids(model, None)

@@ -17,6 +17,8 @@ def test_cli_errors(tmp_path, capsys):
     assert "unknown option '--kms'" in capsys.readouterr().err
     assert main(["index", str(d), "--out", str(tmp_path / "o"), "--focus-parts", "-1"]) == 2
     assert "focus_parts must be >= 0" in capsys.readouterr().err
+    assert main(["index", str(d), "--out", str(tmp_path / "o"), "--heldout-every", "-2"]) == 2
+    assert "heldout_every must be >= 0" in capsys.readouterr().err
 
 
 def test_cli_flags_to_config():
@@ -32,4 +34,5 @@ def test_cli_flags_to_config():
     assert (mixed.steps, mixed.temperature, mixed.qa_format, mixed.max_new_tokens) == (40, 0.7, "chat", 768)
     assert parse("--base-dtype", "bf16").base_dtype == "bf16"
     assert parse("--focus-parts", "3").focus_parts == 3
+    assert (parse("--heldout-per-chunk", "0").heldout_per_chunk, parse("--heldout-every", "5").heldout_every) == (0, 5)
 

@@ -6,11 +6,12 @@ import torch
 
 from conftest import DOCS, tiny_cfg
 from kmtrain import IndexConfig, ask, index, load_documents
+from kmtrain.config import PRESETS
 
 
 def test_index_and_ask_end_to_end(tiny_model, docs_dir, tmp_path, capsys):
     out = tmp_path / "kms"
-    summaries = index(str(docs_dir), tiny_cfg(tiny_model, out))
+    summaries = index(str(docs_dir), tiny_cfg(tiny_model, out, heldout_per_chunk=1))
     assert sorted(s["id"] for s in summaries) == sorted(DOCS)
     for doc_id in DOCS:
         km = out / doc_id
@@ -19,6 +20,11 @@ def test_index_and_ask_end_to_end(tiny_model, docs_dir, tmp_path, capsys):
         assert meta["objective"] == "sdcd" and meta["steps"] == 3 and meta["teacher_cache"]["bytes"] > 0
         assert meta["base_model_sha256"] and len(meta["document_sha256"]) == 64
         assert set(meta["final_loss"]) == {"loss", "kl", "hidden"} and all(v == v for v in meta["final_loss"].values())
+        # one of the chunk's synthetic targets held out, evaluated at every step (3 steps // 10 rounds up to 1)
+        held = meta["heldout"]
+        assert held["examples"] == 1 and [s for s, _ in held["curve"]] == [0, 1, 2, 3] and held["best_step"] >= 1
+        trained = dict(held["curve"][1:])
+        assert held["best"]["loss"] == trained[held["best_step"]] == min(trained.values())
     # the KM loads with plain PEFT
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -39,6 +45,16 @@ def test_index_and_ask_end_to_end(tiny_model, docs_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     for (km, q), a in zip(_ask_pairs(argv), answers):
         assert f"[{km or 'base'}] {q}\n  {a}" in printed
+
+
+def test_heldout_schedule_and_off_switch(tiny_model, docs_dir, tmp_path):
+    """Evaluations every heldout_every steps and at the last; heldout_per_chunk=0 trains on every target."""
+    on = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "on", steps=5, heldout_per_chunk=1, heldout_every=2))
+    off = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "off", steps=5))
+    assert IndexConfig().heldout_per_chunk == 0 and PRESETS["paper"]["heldout_per_chunk"] == 1
+    for a, b in zip(sorted(on, key=lambda s: s["id"]), sorted(off, key=lambda s: s["id"])):
+        assert [s for s, _ in a["heldout"]["curve"]] == [0, 2, 4, 5]
+        assert b["heldout"] is None and b["examples"] == a["examples"] + a["heldout"]["examples"]
 
 
 def test_resume_after_interruption(tiny_model, docs_dir, tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import pytest
 from kmtrain import synth
 from kmtrain.config import IndexConfig
 from kmtrain.data import QA_PROMPT, SUMMARY_PROMPT
-from kmtrain.synth import focus_sources, synthesize
+from kmtrain.synth import focus_sources, split_heldout, synthesize
 
 
 def _paragraphs(rng, n):
@@ -91,3 +91,18 @@ def test_requests_cycle_over_sources_and_outputs_become_items(monkeypatch, focus
 def test_negative_focus_parts_is_refused():
     with pytest.raises(ValueError, match="focus_parts"):
         IndexConfig(focus_parts=-1).validate()
+
+
+def test_split_heldout_per_chunk_keeps_a_training_target():
+    rng = random.Random(3)
+    items = [{"chunk": rng.randrange(5), "target": f"t{i}"} for i in range(40)] + [{"chunk": 9, "target": "alone"}]
+    for per_chunk in (1, 2, 100):
+        train, held = split_heldout(items, per_chunk, seed=7)
+        assert sorted(train + held, key=items.index) == items  # a partition
+        assert train == [it for it in items if it in train] and held == [it for it in items if it in held]  # order kept
+        for c in {it["chunk"] for it in items}:
+            n = sum(it["chunk"] == c for it in items)
+            assert sum(it["chunk"] == c for it in held) == min(per_chunk, n - 1)
+        assert split_heldout(items, per_chunk, seed=7) == (train, held)  # the seed decides
+    assert split_heldout(items, 1, seed=8)[1] != split_heldout(items, 1, seed=7)[1]
+    assert split_heldout(items, 0, seed=7) == (items, [])

@@ -19,7 +19,9 @@ def test_km_does_not_depend_on_batch_mates(tiny_model, tmp_path, amp):
         docs.mkdir()
         for k in ids:
             (docs / f"{k}.txt").write_text(DOCS[k])
-        index(str(docs), tiny_cfg(tiny_model, tmp_path / out, docs_per_step=2, steps=4, amp=amp, seed=seed))
+        # with model selection on: each slot's held-out curve and best weights must be its own too
+        index(str(docs), tiny_cfg(tiny_model, tmp_path / out, docs_per_step=2, steps=4, amp=amp, seed=seed,
+                                  heldout_per_chunk=1, heldout_every=1))
         return load_file(str(tmp_path / out / "alpha" / "adapter_model.safetensors"))
 
     def worst_delta_diff(x, y):
@@ -73,3 +75,52 @@ def test_chunked_lm_loss_matches_float64_cross_entropy(n):
         (got * weights).sum().backward()
         (ref * weights.double()).sum().backward()
         torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_model_selection_keeps_each_documents_best_heldout_checkpoint(tiny_model):
+    """Held-out examples are never trained on, every evaluation is recorded, and each slot ends at
+    the weights of its lowest held-out loss. The targets are random tokens, so training on some
+    makes the loss on the others worse: the best checkpoint comes early and the restore is exercised."""
+    from kmkernels import attach_grouped_lora
+    from kmtrain import IndexConfig
+    from kmtrain.models import load_model
+    from kmtrain.teacher_cache import Example
+    from kmtrain.train import DocState, heldout_losses, train_wave
+
+    model, tok, _, _ = load_model(tiny_model)
+    g = torch.Generator().manual_seed(0)
+
+    def example():
+        ctx, tgt = torch.randint(3, len(tok), (12,), generator=g).tolist(), torch.randint(3, len(tok), (6,), generator=g).tolist()
+        prompt = tok("Summarize", add_special_tokens=False)["input_ids"]
+        return Example(prompt + tgt, len(prompt) - 1, len(tgt), ctx + prompt + tgt, len(ctx) + len(prompt) - 1)
+
+    wave = [DocState(f"d{k}", [example() for _ in range(5)], seed=k, heldout=[1, 3]) for k in range(2)]
+    drawn = {d.id: {d.next_example() for _ in range(30)} for d in wave}
+    assert all(ids == {0, 2, 4} for ids in drawn.values()), drawn
+    for d in wave:
+        d._order, d._rng = [], None  # start the run from a fresh data order
+    cfg = IndexConfig(model=tiny_model, steps=8, lr=0.05, heldout_every=1, docs_per_step=2, examples_per_doc=1,
+                      amp="off", backend="torch", cache_dtype="fp32")
+    attach_grouped_lora(model, 2, rank=4, alpha=8, backend="torch")
+    train_wave(model, tok, wave, cfg, torch.device("cpu"), None)
+    again = heldout_losses(model, wave, cfg, torch.device("cpu"), None, [0, 1], tok.pad_token_id)
+    for slot, d in enumerate(wave):
+        assert [c["step"] for c in d.heldout_curve] == list(range(9))
+        trained = {c["step"]: c["loss"] for c in d.heldout_curve[1:]}
+        assert d.best_step == min(trained, key=trained.get) and d.best_step < cfg.steps, d.heldout_curve
+        assert abs(again[slot]["loss"] - trained[d.best_step]) <= 1e-5 * trained[d.best_step], (again[slot], trained)
+
+
+def test_heldout_needs_a_training_example(tiny_model):
+    from kmkernels import attach_grouped_lora
+    from kmtrain import IndexConfig
+    from kmtrain.models import load_model
+    from kmtrain.teacher_cache import Example
+    from kmtrain.train import DocState, train_wave
+
+    model, tok, _, _ = load_model(tiny_model)
+    attach_grouped_lora(model, 1, rank=4, alpha=8, backend="torch")
+    wave = [DocState("only", [Example([5, 6, 7], 0, 2, [4, 5, 6, 7], 1)], seed=0, heldout=[0])]
+    with pytest.raises(ValueError, match="only: every example is held out"):
+        train_wave(model, tok, wave, IndexConfig(model=tiny_model, steps=1, amp="off"), torch.device("cpu"), None)
