@@ -1,6 +1,7 @@
 """Synthetic targets: the base model writes summaries and Q/A pairs about each chunk."""
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from typing import Dict, List, Tuple
@@ -10,12 +11,48 @@ import torch
 from .data import QA_PROMPT, SUMMARY_PROMPT, chat_prompt_ids, parse_qa, qa_target
 
 
-def _generate_hf(model, tokenizer, prompts: List[List[int]], cfg, seed: int, progress=None) -> List[str]:
-    """Batched sampling with Hugging Face generate (left padding)."""
+def request_seed(seed: int, doc_id: str, chunk: int, kind: str, i: int) -> int:
+    """The sampling seed of one generation request: from the run's seed and the request's own
+    identity only, so a document's targets do not depend on the documents generated beside it."""
+    return int(hashlib.sha256(f"{seed}:{doc_id}:{chunk}:{kind}:{i}".encode()).hexdigest()[:15], 16)
+
+
+class RowSampler:
+    """A logits processor that turns greedy decoding into top-p sampling at a temperature, each
+    row from its own random stream.
+
+    Gumbel-max: argmax_v (s_v + g_v), with g_v i.i.d. Gumbel(0, 1), is a draw from softmax(s). The
+    scores are divided by the temperature and cut to the top-p nucleus (the smallest set of most
+    likely tokens holding at least top_p of the mass, as Hugging Face's TopPLogitsWarper keeps),
+    then each row adds noise from its own generator. A request's sample therefore depends on its
+    seed, not on which requests share its batch or on the batch size. Rows keep their place for a
+    whole `generate` call, which is what lets row i own generator i.
+    """
+
+    def __init__(self, seeds: List[int], temperature: float, top_p: float):
+        self.gens = [torch.Generator().manual_seed(s) for s in seeds]
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            ordered, order = scores.sort(dim=-1, descending=True)
+            p = ordered.softmax(dim=-1)
+            outside = (p.cumsum(dim=-1) - p) >= self.top_p  # the mass before a token already reaches top_p
+            scores = scores.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in self.gens])
+        gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1 - 1e-16)))
+        return scores + gumbel.to(device=scores.device, dtype=scores.dtype)
+
+
+def _generate_hf(model, tokenizer, prompts: List[List[int]], cfg, seeds: List[int], progress=None) -> List[str]:
+    """Batched top-p sampling with Hugging Face generate (left padding), request i drawn from seeds[i]."""
+    from transformers import LogitsProcessorList
+
     outs: List[str] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dev = next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     for i in range(0, len(prompts), cfg.gen_batch_size):
         batch = prompts[i:i + cfg.gen_batch_size]
         width = max(len(p) for p in batch)
@@ -24,10 +61,11 @@ def _generate_hf(model, tokenizer, prompts: List[List[int]], cfg, seed: int, pro
         for j, p in enumerate(batch):
             ids[j, width - len(p):] = torch.tensor(p)
             mask[j, width - len(p):] = 1
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))  # sampling is reproducible
+        sampler = RowSampler(seeds[i:i + cfg.gen_batch_size], cfg.temperature, cfg.top_p)
         with torch.no_grad():
-            out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True,
-                                 top_p=cfg.top_p, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+            # greedy over the sampler's perturbed scores is sampling (see RowSampler)
+            out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
+                                 logits_processor=LogitsProcessorList([sampler]), max_new_tokens=cfg.max_new_tokens,
                                  pad_token_id=pad)
         for j in range(len(batch)):
             outs.append(tokenizer.decode(out[j, width:], skip_special_tokens=True).strip())
@@ -36,13 +74,14 @@ def _generate_hf(model, tokenizer, prompts: List[List[int]], cfg, seed: int, pro
     return outs
 
 
-def _generate_vllm(model_path: str, tokenizer, prompts: List[List[int]], cfg, seed: int) -> List[str]:
+def _generate_vllm(model_path: str, tokenizer, prompts: List[List[int]], cfg, seeds: List[int]) -> List[str]:
     try:
         from vllm import LLM, SamplingParams
     except ImportError:
         raise ValueError("--generator vllm needs vllm installed (pip install 'kmkernels[vllm]')") from None
-    llm = LLM(model=model_path, seed=seed)
-    params = SamplingParams(top_p=cfg.top_p, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=seed)
+    llm = LLM(model=model_path, seed=cfg.seed)
+    params = [SamplingParams(top_p=cfg.top_p, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=s)
+              for s in seeds]  # one seed per request, as with the HF generator
     res = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     return [r.outputs[0].text.strip() for r in res]
 
@@ -82,31 +121,33 @@ def synthesize(model, tokenizer, chunks_by_doc: Dict[str, List[str]], cfg, model
                progress_factory=None) -> Dict[str, dict]:
     """For each document: {"items": [{"chunk", "prompt", "target"}], "dropped", "requested", "qa_pairs"}.
 
-    Requests for all documents go through the generator together (one batch stream).
+    Requests for all documents go through the generator together (one batch stream), each sampled
+    from its own seed (`request_seed`), so a document's targets do not depend on its batch mates.
     Q/A outputs that do not parse are dropped and counted, never fatal. With cfg.focus_parts > 0
     the requests of each kind cycle over the whole chunk and its parts (`focus_sources`); the
     teacher still reads the whole chunk, so only what the targets talk about changes.
     """
-    jobs: List[Tuple[str, int, str, List[int]]] = []
+    jobs: List[Tuple[str, int, str, List[int], int]] = []
     for doc_id, chunks in chunks_by_doc.items():
         for c, chunk in enumerate(chunks):
             texts = focus_sources(chunk, cfg.focus_parts)
             for kind, prompt, n in (("summary", SUMMARY_PROMPT, cfg.summaries_per_chunk), ("qa", QA_PROMPT, cfg.qa_per_chunk)):
                 ids = [chat_prompt_ids(tokenizer, text + "\n\n" + prompt) for text in texts]
-                jobs += [(doc_id, c, kind, ids[i % len(ids)]) for i in range(n)]
+                jobs += [(doc_id, c, kind, ids[i % len(ids)], request_seed(cfg.seed, doc_id, c, kind, i)) for i in range(n)]
     if not jobs:
         return {}
     bar = progress_factory(total=len(jobs), desc="synthetic targets") if progress_factory else None
+    prompts, seeds = [j[3] for j in jobs], [j[4] for j in jobs]
     if cfg.generator == "vllm":
-        texts = _generate_vllm(model_path, tokenizer, [j[3] for j in jobs], cfg, cfg.seed)
+        texts = _generate_vllm(model_path, tokenizer, prompts, cfg, seeds)
         if bar is not None:
             bar.update(len(jobs))
     else:
-        texts = _generate_hf(model, tokenizer, [j[3] for j in jobs], cfg, cfg.seed, bar)
+        texts = _generate_hf(model, tokenizer, prompts, cfg, seeds, bar)
     if bar is not None:
         bar.close()
     result = {d: {"items": [], "dropped": 0, "requested": 0, "qa_pairs": 0} for d in chunks_by_doc}
-    for (doc_id, c, kind, _), text in zip(jobs, texts):
+    for (doc_id, c, kind, _, _), text in zip(jobs, texts):
         r = result[doc_id]
         r["requested"] += 1
         if kind == "summary":

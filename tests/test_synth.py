@@ -2,6 +2,7 @@
 import random
 
 import pytest
+import torch
 
 from kmtrain import synth
 from kmtrain.config import IndexConfig
@@ -59,7 +60,7 @@ def test_requests_cycle_over_sources_and_outputs_become_items(monkeypatch, focus
     chunk = "\n\n".join(_paragraphs(random.Random(), 4))
     seen = []
 
-    def fake_generate(model, tokenizer, prompts, cfg, seed, progress=None):
+    def fake_generate(model, tokenizer, prompts, cfg, seeds, progress=None):
         outs = []
         for i, p in enumerate(prompts):
             text = "".join(map(chr, p))
@@ -106,3 +107,52 @@ def test_split_heldout_per_chunk_keeps_a_training_target():
         assert split_heldout(items, per_chunk, seed=7) == (train, held)  # the seed decides
     assert split_heldout(items, 1, seed=8)[1] != split_heldout(items, 1, seed=7)[1]
     assert split_heldout(items, 0, seed=7) == (items, [])
+
+
+def test_row_sampler_keeps_the_top_p_nucleus_of_hugging_face():
+    from transformers import TopPLogitsWarper
+
+    from kmtrain.synth import RowSampler
+
+    g = torch.Generator().manual_seed(0)
+    for top_p in (0.3, 0.8, 0.95):
+        scores = torch.randn(4, 300, generator=g) * 3
+        ours = RowSampler([1, 2, 3, 4], temperature=0.5, top_p=top_p)(None, scores)
+        hf = TopPLogitsWarper(top_p)(None, scores / 0.5)
+        assert torch.equal(torch.isinf(ours), torch.isinf(hf)), top_p
+
+
+def test_row_sampler_draws_from_the_tempered_nucleus():
+    """Frequencies of 20000 draws against the exact probabilities (float64), within 5 standard errors."""
+    from kmtrain.synth import RowSampler
+
+    scores = torch.tensor([[2.0, 1.5, 1.0, 0.2, -1.0, -3.0]])
+    T, top_p, n = 0.7, 0.9, 20000
+    sampler = RowSampler([123], temperature=T, top_p=top_p)
+    counts = torch.zeros(6, dtype=torch.float64)
+    for _ in range(n):
+        counts[int(sampler(None, scores).argmax())] += 1
+    p = torch.softmax(scores[0].double() / T, dim=0)
+    keep = (p.cumsum(0) - p) < top_p  # already sorted: the nucleus is a prefix
+    q = torch.where(keep, p, torch.zeros_like(p))
+    q = q / q.sum()
+    se = (q * (1 - q) / n).sqrt()
+    assert torch.all((counts / n - q).abs() <= 5 * se + 1e-12), (counts / n, q)
+    assert counts[~keep].sum() == 0
+
+
+def test_synthetic_targets_do_not_depend_on_batch_mates(tiny_model):
+    """A document's targets come from its requests' own seeds: the same alone, with other
+    documents, and at another generation batch size (fp32, so the logits agree to rounding)."""
+    from kmtrain.models import load_model
+
+    from conftest import DOCS
+
+    model, tok, _, _ = load_model(tiny_model)
+    cfg = IndexConfig(summaries_per_chunk=3, qa_per_chunk=2, max_new_tokens=12, gen_batch_size=4)
+    alone = synthesize(model, tok, {"gamma": [DOCS["gamma"]]}, cfg)["gamma"]
+    together = synthesize(model, tok, {k: [v] for k, v in DOCS.items()}, cfg.replace(gen_batch_size=3))["gamma"]
+    assert alone == together
+    assert len({it["target"] for it in alone["items"] if it["prompt"] == SUMMARY_PROMPT}) > 1  # samples, not one greedy text
+    other_seed = synthesize(model, tok, {"gamma": [DOCS["gamma"]]}, cfg.replace(seed=1))["gamma"]
+    assert other_seed["items"] != alone["items"]
