@@ -116,10 +116,12 @@ def test_row_sampler_keeps_the_top_p_nucleus_of_hugging_face():
 
     g = torch.Generator().manual_seed(0)
     for top_p in (0.3, 0.8, 0.95):
-        scores = torch.randn(4, 300, generator=g) * 3
-        ours = RowSampler([1, 2, 3, 4], temperature=0.5, top_p=top_p)(None, scores)
-        hf = TopPLogitsWarper(top_p)(None, scores / 0.5)
-        assert torch.equal(torch.isinf(ours), torch.isinf(hf)), top_p
+        # peaked rows (nucleus inside the 8 candidates) and flat ones (the full-sort fallback)
+        scores = torch.randn(4, 300, generator=g) * torch.tensor([[6.0], [3.0], [0.5], [0.1]])
+        for candidates in (8, 256, 1000):
+            ours = RowSampler([1, 2, 3, 4], temperature=0.5, top_p=top_p, candidates=candidates)(None, scores)
+            hf = TopPLogitsWarper(top_p)(None, scores / 0.5)
+            assert torch.equal(torch.isinf(ours), torch.isinf(hf)), (top_p, candidates)
 
 
 def test_row_sampler_draws_from_the_tempered_nucleus():
