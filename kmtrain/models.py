@@ -137,5 +137,22 @@ def decoder_hidden_states(model, input_ids: torch.Tensor, attention_mask: Option
     lm_head is never run here. A causal-LM call computes [B, T, V] logits (about a fifth of a
     SmolLM2 forward), and even ``logits_to_keep=1`` on CPU turned the strided last-position slice
     into a bmm over a copy of the [V, H] weight per sequence (0.86 s of a 4.7 s training step)."""
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    with cpu_bf16_attention(input_ids.device, next(model.parameters()).dtype):
+        out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     return out.hidden_states[1:]
+
+
+def cpu_bf16_attention(device: torch.device, weight_dtype: torch.dtype):
+    """PyTorch's math attention where the attention runs in bf16 on a CPU, else no change. There its
+    flash kernel took 55 ms for the forward and backward of 16 x 160 tokens, 9 heads (SmolLM2, one
+    layer), against 39 ms for the math path, which was also as close to float64 (max error 0.008
+    against 0.009); a demo training step ran 8% faster. In fp32 the flash kernel is the faster one
+    (32 against 39 ms) and stays."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    if device.type == "cpu" and (autocast_bf16 or weight_dtype == torch.bfloat16):
+        return sdpa_kernel(SDPBackend.MATH)
+    return nullcontext()

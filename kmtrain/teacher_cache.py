@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .data import ANSWER_PROMPT, QA_PROMPT, chat_prompt_ids, parse_qa, target_ids
-from .models import decoder_hidden_states
+from .models import cpu_bf16_attention, decoder_hidden_states
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -185,9 +185,12 @@ def shared_prefix_hiddens(model, prefix: Sequence[int], examples: Sequence[Examp
     if any(e.t_start < P or list(e.teacher_ids[:P]) != list(prefix) for e in examples):
         raise ValueError("shared_prefix_hiddens: an example does not start with the prefix, or distils inside it")
     decoder = model.get_decoder()
+    # the attention path decoder_hidden_states takes, so cached and re-run teacher states agree
+    attention = lambda: cpu_bf16_attention(dev, next(model.parameters()).dtype)  # noqa: E731
     if no_adapter is not None:
         no_adapter(1)
-    past = decoder(input_ids=torch.tensor([list(prefix)], device=dev), use_cache=True).past_key_values
+    with attention():
+        past = decoder(input_ids=torch.tensor([list(prefix)], device=dev), use_cache=True).past_key_values
     kv = [(layer.keys, layer.values) for layer in past.layers]
     res = []
     for i in range(0, len(examples), batch_size):
@@ -200,8 +203,9 @@ def shared_prefix_hiddens(model, prefix: Sequence[int], examples: Sequence[Examp
         full_mask = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], dim=1)
         if no_adapter is not None:
             no_adapter(B)
-        hs = decoder(input_ids=ids.to(dev), attention_mask=full_mask.to(dev), past_key_values=cache,
-                     use_cache=True, output_hidden_states=True).hidden_states[1:]  # the last is post-norm
+        with attention():
+            hs = decoder(input_ids=ids.to(dev), attention_mask=full_mask.to(dev), past_key_values=cache,
+                         use_cache=True, output_hidden_states=True).hidden_states[1:]  # the last is post-norm
         for r, e in enumerate(batch):
             s = e.t_start - P
             res.append(torch.stack([hs[l][r, s:s + e.n].float() for l in layers]))

@@ -34,3 +34,29 @@ def test_native_bf16_matches_the_cpu_flags():
         pytest.skip("no /proc/cpuinfo on this OS to compare with")
     flags = set(cpuinfo.read_text().split())
     assert native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def test_decoder_hidden_states_under_cpu_bf16_autocast_track_float64(tiny_model):
+    """Under bf16 autocast on a CPU the attention takes PyTorch's math path: the hidden states
+    (and their gradient) stay within bf16 error of a float64 forward, padding mask included."""
+    from kmtrain.models import decoder_hidden_states, load_model
+
+    model, _, _, _ = load_model(tiny_model)
+    ids = torch.randint(0, 300, (3, 23))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    emb = model.get_input_embeddings().weight
+    emb.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = decoder_hidden_states(model, ids, mask)
+    got[-1][mask.bool()].float().sum().backward()
+    g_bf16 = emb.grad.clone()
+    emb.grad = None
+    model64 = model.double()
+    ref = decoder_hidden_states(model64, ids, mask)
+    ref[-1][mask.bool()].sum().backward()
+    for a, b in zip(got, ref):
+        a, b = a[mask.bool()].double(), b[mask.bool()]
+        assert (a - b).norm() <= 3e-2 * b.norm(), float((a - b).norm() / b.norm())
+    g64 = model64.get_input_embeddings().weight.grad
+    assert (g_bf16.double() - g64).norm() <= 5e-2 * g64.norm()
