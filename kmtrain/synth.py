@@ -38,7 +38,9 @@ class RowSampler:
         # a row whose candidates hold less than top_p of the mass falls back to the full sort.
         self.candidates = candidates
 
-    def _outside_nucleus(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+    def _outside_nucleus(self, scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(mask of the tokens outside each row's nucleus, found among the k most likely [B, V];
+        whether those k hold top_p of the row's mass [B], i.e. the mask is exact)."""
         top, order = scores.topk(k, dim=-1)  # descending
         p = (top - scores.logsumexp(dim=-1, keepdim=True)).exp()
         before = p.cumsum(dim=-1) - p  # the mass of the more likely tokens
@@ -175,7 +177,6 @@ def synthesize(model, tokenizer, chunks_by_doc: Dict[str, List[str]], cfg, model
             else:
                 r["dropped"] += 1
     return result
-
 
 
 def split_heldout(items: List[dict], per_chunk: int, seed: int) -> Tuple[List[dict], List[dict]]:
