@@ -129,8 +129,8 @@ def work_model(cfg, corpus: str, work_dir: Path) -> dict:
         chunks = json.loads((stage / "chunks.json").read_text())
         synth = json.loads((stage / "synth.json").read_text())
         items = heldout_split(cfg, d.id, synth["items"])[0]  # the training examples only, as index() has them
-        ex = build_examples(cfg.objective, tok, chunks["texts"], chunks["ids"], items, cfg, doc_seed(cfg.seed, d.id))
-        states.append(DocState(d.id, ex, doc_seed(cfg.seed, d.id)))
+        seed = doc_seed(cfg.seed, d.id)
+        states.append(DocState(d.id, build_examples(cfg.objective, tok, chunks["texts"], chunks["ids"], items, cfg, seed), seed))
     D = min(cfg.docs_per_step, len(states))
     ref = full = 0.0
     useful = padded = 0

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import List, Tuple
 
 from bench.common import env_block, environment, markdown_table, write_report
-from kmtrain.config import IndexConfig
 from kmtrain.data import QA_PROMPT
 from kmtrain.demo import CORPUS, answer_corpus
 from kmtrain.evaluate import is_correct
-from kmtrain.index import heldout_split
+from kmtrain.index import doc_seed
+from kmtrain.synth import split_heldout
 
 
 def target_coverage(items: List[dict], accepted: List[str]) -> Tuple[int, int]:
@@ -52,9 +52,8 @@ def main(argv=None):
     for doc, by in answers.items():
         items = json.loads((kms / ".work" / doc / "synth.json").read_text())["items"]
         meta = json.loads((kms / doc / "km.json").read_text())
-        if meta.get("heldout"):  # only the targets the KM trained on
-            cfg = IndexConfig(objective=meta["objective"], seed=meta["seed"], heldout_per_chunk=meta["heldout"]["per_chunk"])
-            items = heldout_split(cfg, doc, items)[0]
+        if meta.get("heldout"):  # only the targets the KM trained on, split as index() split them
+            items = split_heldout(items, meta["heldout"]["per_chunk"], doc_seed(meta["seed"], doc))[0]
         n_items[doc] = len(items)
         for q, ans in zip(questions[doc], by["km"]):
             s, qa = target_coverage(items, q["a"])

@@ -186,29 +186,27 @@ def shared_prefix_hiddens(model, prefix: Sequence[int], examples: Sequence[Examp
         raise ValueError("shared_prefix_hiddens: an example does not start with the prefix, or distils inside it")
     decoder = model.get_decoder()
     # the attention path decoder_hidden_states takes, so cached and re-run teacher states agree
-    attention = lambda: cpu_bf16_attention(dev, next(model.parameters()).dtype)  # noqa: E731
-    if no_adapter is not None:
-        no_adapter(1)
-    with attention():
-        past = decoder(input_ids=torch.tensor([list(prefix)], device=dev), use_cache=True).past_key_values
-    kv = [(layer.keys, layer.values) for layer in past.layers]
-    res = []
-    for i in range(0, len(examples), batch_size):
-        batch = examples[i:i + batch_size]
-        B = len(batch)
-        ids, mask = _pad([e.teacher_ids[P:] for e in batch], pad_id)
-        # each batch gets its own copy: the forward appends the suffix's keys and values to the cache
-        cache = DynamicCache([(k.expand(B, -1, -1, -1).contiguous(), v.expand(B, -1, -1, -1).contiguous())
-                              for k, v in kv], config=model.config)
-        full_mask = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], dim=1)
+    with cpu_bf16_attention(dev, next(model.parameters()).dtype):
         if no_adapter is not None:
-            no_adapter(B)
-        with attention():
+            no_adapter(1)
+        past = decoder(input_ids=torch.tensor([list(prefix)], device=dev), use_cache=True).past_key_values
+        kv = [(layer.keys, layer.values) for layer in past.layers]
+        res = []
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i:i + batch_size]
+            B = len(batch)
+            ids, mask = _pad([e.teacher_ids[P:] for e in batch], pad_id)
+            # each batch gets its own copy: the forward appends the suffix's keys and values to the cache
+            cache = DynamicCache([(k.expand(B, -1, -1, -1).contiguous(), v.expand(B, -1, -1, -1).contiguous())
+                                  for k, v in kv], config=model.config)
+            full_mask = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], dim=1)
+            if no_adapter is not None:
+                no_adapter(B)
             hs = decoder(input_ids=ids.to(dev), attention_mask=full_mask.to(dev), past_key_values=cache,
                          use_cache=True, output_hidden_states=True).hidden_states[1:]  # the last is post-norm
-        for r, e in enumerate(batch):
-            s = e.t_start - P
-            res.append(torch.stack([hs[l][r, s:s + e.n].float() for l in layers]))
+            for r, e in enumerate(batch):
+                s = e.t_start - P
+                res.append(torch.stack([hs[l][r, s:s + e.n].float() for l in layers]))
     return res
 
 
