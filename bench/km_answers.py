@@ -38,6 +38,14 @@ def count_class(n: int) -> str:
     return "0" if n == 0 else "1-4" if n < 5 else "5 or more"
 
 
+def trained_items(items: List[dict], meta: dict, doc_id: str) -> List[dict]:
+    """The synthetic items (a synth.json's) that a KM trained on, given its km.json ``meta``: without
+    the held-out ones where model selection was on, split as index() split them."""
+    if not meta.get("heldout"):
+        return list(items)
+    return split_heldout(items, meta["heldout"]["per_chunk"], doc_seed(meta["seed"], doc_id))[0]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kms", required=True, help="a `kmtrain index` output folder of the demo corpus")
@@ -52,8 +60,7 @@ def main(argv=None):
     for doc, by in answers.items():
         items = json.loads((kms / ".work" / doc / "synth.json").read_text())["items"]
         meta = json.loads((kms / doc / "km.json").read_text())
-        if meta.get("heldout"):  # only the targets the KM trained on, split as index() split them
-            items = split_heldout(items, meta["heldout"]["per_chunk"], doc_seed(meta["seed"], doc))[0]
+        items = trained_items(items, meta, doc)
         n_items[doc] = len(items)
         for q, ans in zip(questions[doc], by["km"]):
             s, qa = target_coverage(items, q["a"])

@@ -15,3 +15,23 @@ def test_target_coverage_counts_each_kind_by_the_scoring_rule():
     assert [coverage_class(*c) for c in [(2, 1), (1, 0), (0, 3), (0, 0)]] == \
         ["summaries and Q/A", "summaries only", "Q/A only", "no target"]
     assert [count_class(n) for n in (0, 1, 4, 5, 12)] == ["0", "1-4", "1-4", "5 or more", "5 or more"]
+
+
+def test_trained_items_are_the_split_index_trained_on():
+    import random
+
+    from bench.km_answers import trained_items
+    from kmtrain.config import IndexConfig
+    from kmtrain.index import heldout_split
+
+    rng = random.Random()
+    items = [{"chunk": c, "prompt": SUMMARY_PROMPT, "target": f"target {c}.{k}"}
+             for c in range(3) for k in range(rng.randint(2, 6))]
+    seed = rng.randint(0, 1000)
+    assert trained_items(items, {"seed": seed, "heldout": None}, "doc-a") == items
+    cfg = IndexConfig(heldout_per_chunk=1, seed=seed)
+    for doc in ("doc-a", "doc-b"):
+        kept, held = heldout_split(cfg, doc, items)
+        assert len(held) == 3  # one per chunk: the branch is exercised
+        got = trained_items(items, {"seed": seed, "heldout": {"per_chunk": 1}}, doc)
+        assert got == kept and not any(it in got for it in held)
