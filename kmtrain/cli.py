@@ -35,6 +35,9 @@ def _index_parser(sub):
     p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature of the generator")
     p.add_argument("--focus-parts", type=int, default=d.focus_parts,
                    help="the generator also reads up to N runs of each chunk's paragraphs in turn (0: whole chunk only)")
+    p.add_argument("--recite-tokens", type=int, default=d.recite_tokens,
+                   help="sdcd: also distil each chunk itself, in sentence pieces of about N tokens cued by their "
+                        "first words (0: generated targets only)")
     p.add_argument("--qa-format", choices=("pair", "chat", "both"), default=d.qa_format,
                    help="sdcd: distil Q/A pairs as generated (pair), as the question a KM is asked (chat), or both")
     p.add_argument("--heldout-per-chunk", type=int, default=d.heldout_per_chunk,
@@ -68,7 +71,7 @@ def _config_from_args(a) -> IndexConfig:
     }
     defaults = IndexConfig()
     for name in ("steps", "docs_per_step", "examples_per_doc", "chunk_tokens", "summaries_per_chunk", "qa_per_chunk",
-                 "max_new_tokens", "temperature", "focus_parts", "lr", "heldout_per_chunk", "heldout_every"):
+                 "max_new_tokens", "temperature", "focus_parts", "recite_tokens", "lr", "heldout_per_chunk", "heldout_every"):
         v = getattr(a, name)
         if not a.preset or v != getattr(defaults, name):  # flags given explicitly win over the preset
             explicit[name] = v

@@ -31,6 +31,10 @@ class IndexConfig:
     # >0: the generator reads, in turn, the whole chunk and each of up to this many runs of its
     # paragraphs, so the targets cover the whole chunk, not only what a summary of it leads with.
     focus_parts: int = 0
+    # sdcd, >0: the chunk itself is also distilled, in sentence-aligned pieces of about this many
+    # tokens, each cued by its first words (data.recitation_items): targets that state every fact
+    # of the chunk. 0: the generated targets only (the paper's recipe).
+    recite_tokens: int = 0
     generator: str = "hf"  # or "vllm" when installed
     # sdcd: how a Q/A pair is distilled: "pair" (as generated), "chat" (as a KM is asked), "both"
     qa_format: str = "pair"
@@ -100,6 +104,8 @@ class IndexConfig:
         for name in ("heldout_per_chunk", "heldout_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.recite_tokens < 0:
+            raise ValueError(f"recite_tokens must be >= 0, got {self.recite_tokens}")
         if self.focus_parts < 0:
             raise ValueError(f"focus_parts must be >= 0, got {self.focus_parts}")
         if self.summaries_per_chunk < 0 or self.qa_per_chunk < 0 or self.summaries_per_chunk + self.qa_per_chunk < 1:

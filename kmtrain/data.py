@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 SUMMARY_PROMPT = "Summarize the preceding passage."
 QA_PROMPT = "Generate a question-answer pair given the preceding passage."
 # How a KM is asked (kmtrain ask, the demo, the evaluations); Q/A targets can be distilled in this form.
+# Recitation targets (cfg.recite_tokens): the chunk itself, a piece at a time, cued by its first words.
+RECITE_PROMPT = 'Repeat the preceding passage, starting from "{cue}".'
 ANSWER_PROMPT = ("Answer the following question. Give only the answer, and no extra commentary, formatting, "
                  "or chattiness. Question: {question}")
 
@@ -169,6 +171,28 @@ def target_ids(tokenizer, text: str) -> List[int]:
     if tokenizer.eos_token_id is not None:
         ids = ids + [tokenizer.eos_token_id]
     return ids
+
+
+def recitation_items(chunks: Sequence[str], tokenizer, piece_tokens: int, cue_words: int = 6) -> List[dict]:
+    """Synthetic items that need no generator: each chunk cut at sentence ends into pieces of about
+    ``piece_tokens`` tokens (a sentence longer than that is a piece of its own), each piece a target
+    under RECITE_PROMPT cued by its first ``cue_words`` words. The teacher, with the chunk in
+    context, copies the piece; the student learns to recall it from the cue, so every fact of the
+    chunk is in some target, not only what the generated summaries mention."""
+    items = []
+    for c, text in enumerate(chunks):
+        piece: List[str] = []
+        n = 0
+        sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+        for k, sent in enumerate(sentences):
+            piece.append(sent)
+            n += len(tokenizer(sent, add_special_tokens=False)["input_ids"])
+            if n >= piece_tokens or k == len(sentences) - 1:
+                target = " ".join(piece)
+                cue = " ".join(target.split()[:cue_words])
+                items.append({"chunk": c, "prompt": RECITE_PROMPT.format(cue=cue), "target": target, "kind": "recite"})
+                piece, n = [], 0
+    return items
 
 
 def file_sha256(path: str) -> str:

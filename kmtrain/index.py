@@ -21,7 +21,7 @@ import torch
 from kmkernels import attach_grouped_lora, export_peft, load_peft, set_adapter_ids
 
 from .config import IndexConfig
-from .data import Document, atomic_write_text, chunk_tokens, load_documents
+from .data import Document, atomic_write_text, chunk_tokens, load_documents, recitation_items
 from .evaluate import generate_answers, question_prompt
 from .models import load_model, native_bf16
 from .synth import split_heldout, synthesize
@@ -150,6 +150,8 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
         texts, ids = chunks[d.id]
         items = synth.get(d.id, {}).get("items", [])
         items, held_items = heldout_split(cfg, d.id, items)
+        if cfg.objective == "sdcd" and cfg.recite_tokens:  # never held out: they are the document itself
+            items = items + recitation_items(texts, tok, cfg.recite_tokens)
         seed = doc_seed(cfg.seed, d.id)
         examples = build_examples(cfg.objective, tok, texts, ids, items, cfg, seed)
         if not examples:

@@ -19,6 +19,8 @@ def test_cli_errors(tmp_path, capsys):
     assert "focus_parts must be >= 0" in capsys.readouterr().err
     assert main(["index", str(d), "--out", str(tmp_path / "o"), "--heldout-every", "-2"]) == 2
     assert "heldout_every must be >= 0" in capsys.readouterr().err
+    assert main(["index", str(d), "--out", str(tmp_path / "o"), "--recite-tokens", "-1"]) == 2
+    assert "recite_tokens must be >= 0" in capsys.readouterr().err
 
 
 def test_cli_flags_to_config():
@@ -34,5 +36,6 @@ def test_cli_flags_to_config():
     assert (mixed.steps, mixed.temperature, mixed.qa_format, mixed.max_new_tokens) == (40, 0.7, "chat", 768)
     assert parse("--base-dtype", "bf16").base_dtype == "bf16"
     assert parse("--focus-parts", "3").focus_parts == 3
+    assert parse("--recite-tokens", "96").recite_tokens == 96
     assert (parse("--heldout-per-chunk", "0").heldout_per_chunk, parse("--heldout-every", "5").heldout_every) == (0, 5)
 

@@ -45,3 +45,32 @@ def test_ids_chunks_and_qa_parsing():
     assert chunks[0] == list(range(40)) and chunks[1][0] == 36 and chunks[-1][-1] == 99
     assert parse_qa("Question: Who? Answer: Ida.\nQuestion: When?\nAnswer: Tuesday") == [("Who?", "Ida."), ("When?", "Tuesday")]
     assert parse_qa("no pairs here") == []
+
+
+def test_recitation_items_cover_each_chunk_in_sentence_pieces(tiny_model):
+    import random
+
+    from transformers import AutoTokenizer
+
+    from kmtrain.data import RECITE_PROMPT, recitation_items
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rng = random.Random()
+    words = ["bell", "harbour", "Lissen", "barley", "violet", "keeper", "tower", "market"]
+    chunks = [" ".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + "." for _ in range(rng.randint(4, 9)))
+              for _ in range(3)]
+    budget = rng.randint(8, 30)
+    items = recitation_items(chunks, tok, budget, cue_words=3)
+    for c, text in enumerate(chunks):
+        pieces = [it for it in items if it["chunk"] == c]
+        assert " ".join(it["target"] for it in pieces) == text  # the whole chunk, in order, nothing twice
+        for it in pieces:
+            assert it["target"].endswith(".")  # cut at sentence ends only
+            assert it["prompt"] == RECITE_PROMPT.format(cue=" ".join(it["target"].split()[:3]))
+        sizes = [sum(len(tok(s + ".", add_special_tokens=False)["input_ids"]) for s in it["target"][:-1].split(". "))
+                 for it in pieces]
+        # every piece but the last reached the budget, and none went on past the sentence that reached it
+        assert all(n >= budget for n in sizes[:-1])
+        for it, n in zip(pieces, sizes):
+            first = it["target"][:-1].split(". ")
+            assert n - len(tok(first[-1] + ".", add_special_tokens=False)["input_ids"]) < budget

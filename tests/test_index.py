@@ -57,6 +57,33 @@ def test_heldout_schedule_and_off_switch(tiny_model, docs_dir, tmp_path):
         assert b["heldout"] is None and b["examples"] == a["examples"] + a["heldout"]["examples"]
 
 
+def test_recitation_targets_join_the_synthetic_ones(tiny_model, tmp_path):
+    """recite_tokens adds each chunk's sentence pieces to a document's sdcd examples (and its teacher
+    cache), never to the held-out ones; the other objectives ignore it."""
+    from transformers import AutoTokenizer
+
+    from kmtrain.data import recitation_items
+
+    docs_dir = tmp_path / "docs"  # three sentences per document, so a chunk has several pieces
+    docs_dir.mkdir()
+    texts = list(DOCS.values())
+    for k, name in enumerate(DOCS):
+        (docs_dir / f"{name}.txt").write_text(" ".join(texts[k:] + texts[:k]))
+
+    plain = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "plain", heldout_per_chunk=1))
+    recite = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "recite", heldout_per_chunk=1, recite_tokens=8))
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    for a, b in zip(sorted(plain, key=lambda s: s["id"]), sorted(recite, key=lambda s: s["id"])):
+        texts = json.loads((tmp_path / "recite" / ".work" / a["id"] / "chunks.json").read_text())["texts"]
+        pieces = len(recitation_items(texts, tok, 8))
+        assert pieces >= 2 and b["examples"] == a["examples"] + pieces
+        assert b["heldout"]["examples"] == a["heldout"]["examples"]
+        assert b["teacher_cache"]["tokens"] > a["teacher_cache"]["tokens"]
+    lm = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "lm", objective="lm", recite_tokens=8, steps=1))
+    lm_plain = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "lm0", objective="lm", steps=1))
+    assert [s["examples"] for s in lm] == [s["examples"] for s in lm_plain]
+
+
 def test_resume_after_interruption(tiny_model, docs_dir, tmp_path, monkeypatch):
     import importlib
 
