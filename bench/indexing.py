@@ -128,7 +128,8 @@ def work_model(cfg, corpus: str, work_dir: Path) -> dict:
         stage = work_dir / ".work" / d.id
         chunks = json.loads((stage / "chunks.json").read_text())
         synth = json.loads((stage / "synth.json").read_text())
-        items = heldout_split(cfg, d.id, synth["items"])[0]  # the training examples only, as index() has them
+        # the training examples only, as index() has them
+        items = heldout_split(cfg, d.id, synth["items"], chunks["texts"], tok)[0]
         seed = doc_seed(cfg.seed, d.id)
         states.append(DocState(d.id, build_examples(cfg.objective, tok, chunks["texts"], chunks["ids"], items, cfg, seed), seed))
     D = min(cfg.docs_per_step, len(states))

@@ -11,9 +11,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 SUMMARY_PROMPT = "Summarize the preceding passage."
 QA_PROMPT = "Generate a question-answer pair given the preceding passage."
-# How a KM is asked (kmtrain ask, the demo, the evaluations); Q/A targets can be distilled in this form.
 # Recitation targets (cfg.recite_tokens): the chunk itself, a piece at a time, cued by its first words.
 RECITE_PROMPT = 'Repeat the preceding passage, starting from "{cue}".'
+# How a KM is asked (kmtrain ask, the demo, the evaluations); Q/A targets can be distilled in this form.
 ANSWER_PROMPT = ("Answer the following question. Give only the answer, and no extra commentary, formatting, "
                  "or chattiness. Question: {question}")
 
@@ -190,7 +190,7 @@ def recitation_items(chunks: Sequence[str], tokenizer, piece_tokens: int, cue_wo
             if n >= piece_tokens or k == len(sentences) - 1:
                 target = " ".join(piece)
                 cue = " ".join(target.split()[:cue_words])
-                items.append({"chunk": c, "prompt": RECITE_PROMPT.format(cue=cue), "target": target, "kind": "recite"})
+                items.append({"chunk": c, "prompt": RECITE_PROMPT.format(cue=cue), "target": target})
                 piece, n = [], 0
     return items
 
