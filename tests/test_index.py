@@ -74,8 +74,8 @@ def test_recitation_targets_join_the_synthetic_ones(tiny_model, tmp_path):
     recite = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "recite", heldout_per_chunk=1, recite_tokens=8))
     tok = AutoTokenizer.from_pretrained(tiny_model)
     for a, b in zip(sorted(plain, key=lambda s: s["id"]), sorted(recite, key=lambda s: s["id"])):
-        texts = json.loads((tmp_path / "recite" / ".work" / a["id"] / "chunks.json").read_text())["texts"]
-        pieces = len(recitation_items(texts, tok, 8))
+        chunk_texts = json.loads((tmp_path / "recite" / ".work" / a["id"] / "chunks.json").read_text())["texts"]
+        pieces = len(recitation_items(chunk_texts, tok, 8))
         assert pieces >= 2 and b["examples"] == a["examples"] + pieces
         assert b["heldout"]["examples"] == a["heldout"]["examples"]
         assert b["teacher_cache"]["tokens"] > a["teacher_cache"]["tokens"]
