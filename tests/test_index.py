@@ -70,7 +70,8 @@ def test_recitation_targets_join_the_synthetic_ones(tiny_model, tmp_path):
     for k, name in enumerate(DOCS):
         (docs_dir / f"{name}.txt").write_text(" ".join(texts[k:] + texts[:k]))
 
-    plain = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "plain", heldout_per_chunk=1))
+    assert IndexConfig().recite_tokens == 96 and PRESETS["paper"]["recite_tokens"] == 0
+    plain = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "plain", heldout_per_chunk=1, recite_tokens=0))
     recite = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "recite", heldout_per_chunk=1, recite_tokens=8))
     tok = AutoTokenizer.from_pretrained(tiny_model)
     for a, b in zip(sorted(plain, key=lambda s: s["id"]), sorted(recite, key=lambda s: s["id"])):
@@ -84,7 +85,7 @@ def test_recitation_targets_join_the_synthetic_ones(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="recite_tokens needs the chunk texts and the tokenizer"):
         heldout_split(IndexConfig(recite_tokens=8), "alpha", [])
     lm = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "lm", objective="lm", recite_tokens=8, steps=1))
-    lm_plain = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "lm0", objective="lm", steps=1))
+    lm_plain = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "lm0", objective="lm", steps=1, recite_tokens=0))
     assert [s["examples"] for s in lm] == [s["examples"] for s in lm_plain]
 
 
