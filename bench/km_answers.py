@@ -39,8 +39,9 @@ def count_class(n: int) -> str:
 
 
 def trained_items(items: List[dict], meta: dict, doc_id: str) -> List[dict]:
-    """The synthetic items (a synth.json's) that a KM trained on, given its km.json ``meta``: without
-    the held-out ones where model selection was on, split as index() split them."""
+    """The generated items (a synth.json's) that a KM trained on, given its km.json ``meta``: without
+    the held-out ones where model selection was on, split as index() split them. Recitation items
+    (cfg.recite_tokens) are not among them: coverage counts what the generator wrote."""
     if not meta.get("heldout"):
         return list(items)
     return split_heldout(items, meta["heldout"]["per_chunk"], doc_seed(meta["seed"], doc_id))[0]
