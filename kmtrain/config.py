@@ -105,13 +105,9 @@ class IndexConfig:
         for name in ("steps", "docs_per_step", "examples_per_doc", "rank", "chunk_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("heldout_per_chunk", "heldout_every"):
+        for name in ("heldout_per_chunk", "heldout_every", "recite_tokens", "focus_parts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.recite_tokens < 0:
-            raise ValueError(f"recite_tokens must be >= 0, got {self.recite_tokens}")
-        if self.focus_parts < 0:
-            raise ValueError(f"focus_parts must be >= 0, got {self.focus_parts}")
         if self.summaries_per_chunk < 0 or self.qa_per_chunk < 0 or self.summaries_per_chunk + self.qa_per_chunk < 1:
             raise ValueError("need at least one synthetic target per chunk (summaries_per_chunk + qa_per_chunk >= 1)")
         if self.cache_dtype not in ("bf16", "fp8", "fp32"):

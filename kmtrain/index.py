@@ -65,11 +65,12 @@ def doc_seed(seed: int, doc_id: str) -> int:
     return int(hashlib.sha256(f"{seed}:{doc_id}".encode()).hexdigest()[:12], 16)
 
 
-def heldout_split(cfg, doc_id: str, items: List[dict], chunk_texts: Sequence[str] = (),
-                  tokenizer=None) -> Tuple[List[dict], List[dict]]:
+def document_items(cfg, doc_id: str, items: List[dict], chunk_texts: Sequence[str] = (),
+                   tokenizer=None) -> Tuple[List[dict], List[dict]]:
     """(items trained on, items held out for model selection) of one document, as index() has them:
-    its generated items split, and with cfg.recite_tokens its recitation items (given ``chunk_texts``
-    and ``tokenizer``) added to the training side, never held out: they are the document itself."""
+    its generated ``items`` split (cfg.heldout_per_chunk), and with cfg.recite_tokens its recitation
+    items (given ``chunk_texts`` and ``tokenizer``) added to the training side, never held out: they
+    are the document itself."""
     if cfg.objective != "sdcd":
         return list(items), []
     train, held = split_heldout(items, cfg.heldout_per_chunk, doc_seed(cfg.seed, doc_id))
@@ -157,7 +158,7 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
     for d in todo:
         texts, ids = chunks[d.id]
         items = synth.get(d.id, {}).get("items", [])
-        items, held_items = heldout_split(cfg, d.id, items, texts, tok)
+        items, held_items = document_items(cfg, d.id, items, texts, tok)
         seed = doc_seed(cfg.seed, d.id)
         examples = build_examples(cfg.objective, tok, texts, ids, items, cfg, seed)
         if not examples:

@@ -22,7 +22,7 @@ def test_trained_items_are_the_split_index_trained_on():
 
     from bench.km_answers import trained_items
     from kmtrain.config import IndexConfig
-    from kmtrain.index import heldout_split
+    from kmtrain.index import document_items
 
     rng = random.Random()
     items = [{"chunk": c, "prompt": SUMMARY_PROMPT, "target": f"target {c}.{k}"}
@@ -31,7 +31,7 @@ def test_trained_items_are_the_split_index_trained_on():
     assert trained_items(items, {"seed": seed, "heldout": None}, "doc-a") == items
     cfg = IndexConfig(heldout_per_chunk=1, seed=seed, recite_tokens=0)  # the generated items only
     for doc in ("doc-a", "doc-b"):
-        kept, held = heldout_split(cfg, doc, items)
+        kept, held = document_items(cfg, doc, items)
         assert len(held) == 3  # one per chunk: the branch is exercised
         got = trained_items(items, {"seed": seed, "heldout": {"per_chunk": 1}}, doc)
         assert got == kept and not any(it in got for it in held)

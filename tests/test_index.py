@@ -80,10 +80,10 @@ def test_recitation_targets_join_the_synthetic_ones(tiny_model, tmp_path):
         assert pieces >= 2 and b["examples"] == a["examples"] + pieces
         assert b["heldout"]["examples"] == a["heldout"]["examples"]
         assert b["teacher_cache"]["tokens"] > a["teacher_cache"]["tokens"]
-    from kmtrain.index import heldout_split
+    from kmtrain.index import document_items
 
     with pytest.raises(ValueError, match="recite_tokens needs the chunk texts and the tokenizer"):
-        heldout_split(IndexConfig(recite_tokens=8), "alpha", [])
+        document_items(IndexConfig(recite_tokens=8), "alpha", [])
     lm = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "lm", objective="lm", recite_tokens=8, steps=1))
     lm_plain = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "lm0", objective="lm", steps=1, recite_tokens=0))
     assert [s["examples"] for s in lm] == [s["examples"] for s in lm_plain]
