@@ -13,6 +13,8 @@ SUMMARY_PROMPT = "Summarize the preceding passage."
 QA_PROMPT = "Generate a question-answer pair given the preceding passage."
 # Recitation targets (cfg.recite_tokens): the chunk itself, a piece at a time, cued by its first words.
 RECITE_PROMPT = 'Repeat the preceding passage, starting from "{cue}".'
+# Where a sentence ends (recitation pieces and the generator's focus runs cut there).
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 # How a KM is asked (kmtrain ask, the demo, the evaluations); Q/A targets can be distilled in this form.
 ANSWER_PROMPT = ("Answer the following question. Give only the answer, and no extra commentary, formatting, "
                  "or chattiness. Question: {question}")
@@ -183,10 +185,11 @@ def recitation_items(chunks: Sequence[str], tokenizer, piece_tokens: int, cue_wo
     for c, text in enumerate(chunks):
         piece: List[str] = []
         n = 0
-        sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+        sentences = [s for s in SENTENCE_END.split(text.strip()) if s]
+        lengths = [len(ids) for ids in tokenizer(sentences, add_special_tokens=False)["input_ids"]] if sentences else []
         for k, sent in enumerate(sentences):
             piece.append(sent)
-            n += len(tokenizer(sent, add_special_tokens=False)["input_ids"])
+            n += lengths[k]
             if n >= piece_tokens or k == len(sentences) - 1:
                 target = " ".join(piece)
                 cue = " ".join(target.split()[:cue_words])

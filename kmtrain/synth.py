@@ -8,7 +8,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from .data import QA_PROMPT, SUMMARY_PROMPT, chat_prompt_ids, parse_qa, qa_target
+from .data import QA_PROMPT, SENTENCE_END, SUMMARY_PROMPT, chat_prompt_ids, parse_qa, qa_target
 
 
 def request_seed(seed: int, doc_id: str, chunk: int, kind: str, i: int) -> int:
@@ -99,9 +99,6 @@ def _generate_vllm(model_path: str, tokenizer, prompts: List[List[int]], cfg, se
     return [r.outputs[0].text.strip() for r in res]
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
 def focus_sources(chunk: str, parts: int) -> List[str]:
     """What the generator reads for one chunk: the whole chunk, then up to `parts` runs of its paragraphs.
 
@@ -122,7 +119,7 @@ def focus_sources(chunk: str, parts: int) -> List[str]:
         runs[min(parts - 1, int((done + len(p) / 2) * parts / total))].append(p)
         done += len(p)
     runs = [r for r in runs if r]
-    lead = _SENTENCE_END.split(paragraphs[0], maxsplit=1)[0]
+    lead = SENTENCE_END.split(paragraphs[0], maxsplit=1)[0]
     sources = [chunk]
     for r, run in enumerate(runs):
         text = "\n\n".join(run)
