@@ -75,7 +75,7 @@ def document_items(cfg, doc_id: str, items: List[dict], chunk_texts: Sequence[st
         return list(items), []
     train, held = split_heldout(items, cfg.heldout_per_chunk, doc_seed(cfg.seed, doc_id))
     if cfg.recite_tokens:
-        if tokenizer is None:
+        if tokenizer is None or not chunk_texts:
             raise ValueError("recite_tokens needs the chunk texts and the tokenizer")
         train += recitation_items(chunk_texts, tokenizer, cfg.recite_tokens)
     return train, held
