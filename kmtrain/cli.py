@@ -60,6 +60,13 @@ def _index_parser(sub):
     return p
 
 
+def _layer_list(text: str) -> Tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--cache-layers takes comma-separated layer numbers (e.g. 0,14,29), got {text!r}") from None
+
+
 def _config_from_args(a) -> IndexConfig:
     cfg = IndexConfig(out=a.out)
     if a.preset:
@@ -76,7 +83,7 @@ def _config_from_args(a) -> IndexConfig:
         if not a.preset or v != getattr(defaults, name):  # flags given explicitly win over the preset
             explicit[name] = v
     cfg = cfg.replace(**explicit, teacher_cache=not a.no_teacher_cache, retrain=a.retrain, progress=not a.no_progress,
-                      cache_layers=tuple(int(x) for x in a.cache_layers.split(",")) if a.cache_layers else None)
+                      cache_layers=_layer_list(a.cache_layers) if a.cache_layers else None)
     return cfg.validate()
 
 

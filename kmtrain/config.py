@@ -102,9 +102,23 @@ class IndexConfig:
     def validate(self) -> "IndexConfig":
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        for name in ("steps", "docs_per_step", "examples_per_doc", "rank", "chunk_tokens", "max_new_tokens"):
+        for name in ("steps", "docs_per_step", "examples_per_doc", "rank", "max_new_tokens", "gen_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        # checked here, not where they are used, so that a bad value fails before the model loads
+        if self.chunk_tokens < 8:
+            raise ValueError(f"chunk_tokens must be >= 8, got {self.chunk_tokens}")
+        if not 0 <= self.chunk_overlap < 1:
+            raise ValueError(f"chunk_overlap must be in [0, 1), got {self.chunk_overlap}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("lr", "clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.warmup_frac <= 1:
+            raise ValueError(f"warmup_frac must be in [0, 1], got {self.warmup_frac}")
         for name in ("heldout_per_chunk", "heldout_every", "recite_tokens", "focus_parts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

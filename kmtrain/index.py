@@ -25,7 +25,7 @@ from .data import Document, atomic_write_text, chunk_tokens, load_documents, rec
 from .evaluate import generate_answers, question_prompt
 from .models import load_model, native_bf16
 from .synth import split_heldout, synthesize
-from .teacher_cache import TeacherCache, build_cache, build_examples
+from .teacher_cache import TeacherCache, build_cache, build_examples, select_layers
 from .train import DocState, train_wave
 
 
@@ -93,6 +93,8 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
     cfg = (cfg or IndexConfig()).replace(**overrides).validate() if overrides else (cfg or IndexConfig()).validate()
     documents = load_documents(docs) if isinstance(docs, (str, os.PathLike)) else list(docs)
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
     work = out / ".work"
     device = _device(cfg)
     amp = _amp_dtype(cfg, device)
@@ -116,6 +118,7 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
     base_dtype = _base_dtype(cfg, device, amp)
     model, tok, model_name, model_hash = load_model(cfg.model, str(device), dtype=base_dtype)
     num_layers = model.config.num_hidden_layers
+    select_layers(num_layers, cfg.cache_layers)  # a layer the model lacks fails now, not after generation
     setting = {"model": model_hash, "chunk_tokens": cfg.chunk_tokens, "chunk_overlap": cfg.chunk_overlap}
 
     # 2. chunks

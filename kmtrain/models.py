@@ -76,6 +76,9 @@ def resolve_model(name_or_path: str) -> Tuple[str, str]:
         return str(target), display
     if os.path.isdir(name_or_path):
         return name_or_path, os.path.basename(os.path.normpath(name_or_path))
+    if os.path.exists(name_or_path) or name_or_path.startswith(("/", ".", "~")) or "\\" in name_or_path:
+        raise ValueError(f"model {name_or_path!r}: no such model folder (a folder with config.json, safetensors "
+                         f"and a tokenizer), and not a Hub name; aliases: {', '.join(sorted(ALIASES))}")
     return name_or_path, name_or_path  # a Hub name: transformers resolves it where the network allows
 
 
@@ -95,10 +98,15 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, display = resolve_model(name_or_path)
-    tok = AutoTokenizer.from_pretrained(folder)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except OSError as e:  # a Hub name that cannot be reached or does not exist, a folder without weights
+        where = "this folder" if os.path.isdir(folder) else "the Hub (no such local folder)"
+        raise ValueError(f"model {name_or_path!r}: loading it from {where} failed: {e}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tok, display, weights_hash(folder)

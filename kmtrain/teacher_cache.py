@@ -130,10 +130,14 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> Tuple[torch.Tensor, torc
 
 
 def select_layers(num_layers: int, layers: Optional[Sequence[int]]) -> List[int]:
+    """Decoder layers to cache (negative numbers count from the end); the last is always kept."""
     if layers is None:
         return list(range(num_layers))
-    sel = sorted({int(l) % num_layers for l in layers} | {num_layers - 1})
-    return sel
+    bad = [l for l in layers if not -num_layers <= int(l) < num_layers]
+    if bad:
+        raise ValueError(f"cache_layers {list(layers)}: layer(s) {bad} do not exist (the model has {num_layers} "
+                         f"decoder layers, 0..{num_layers - 1}, or -{num_layers}..-1 from the end)")
+    return sorted({int(l) % num_layers for l in layers} | {num_layers - 1})
 
 
 @torch.no_grad()

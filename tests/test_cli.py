@@ -21,6 +21,18 @@ def test_cli_errors(tmp_path, capsys):
     assert "heldout_every must be >= 0" in capsys.readouterr().err
     assert main(["index", str(d), "--out", str(tmp_path / "o"), "--recite-tokens", "-1"]) == 2
     assert "recite_tokens must be >= 0" in capsys.readouterr().err
+    # caught before the model loads
+    (d / "a.txt").write_text("A document.")
+    out = ["index", str(d), "--out", str(tmp_path / "o")]
+    for flags, message in ((["--chunk-overlap", "1.5"], "chunk_overlap must be in [0, 1), got 1.5"),
+                           (["--temperature", "0"], "temperature must be > 0"),
+                           (["--cache-layers", "1,x"], "--cache-layers takes comma-separated layer numbers"),
+                           (["--model", str(tmp_path / "no_model")], "no such model folder")):
+        assert main(out + flags) == 2
+        assert message in capsys.readouterr().err, flags
+    (tmp_path / "a_file").write_text("")
+    assert main(["index", str(d), "--out", str(tmp_path / "a_file")]) == 2
+    assert "a_file: exists and is not a folder" in capsys.readouterr().err
 
 
 def test_cli_flags_to_config():

@@ -6,7 +6,7 @@ import torch
 
 from kmtrain import IndexConfig
 from kmtrain.data import ANSWER_PROMPT, QA_PROMPT, SUMMARY_PROMPT, qa_target
-from kmtrain.teacher_cache import Example, TeacherCache, build_cache, build_examples, teacher_hiddens
+from kmtrain.teacher_cache import Example, TeacherCache, build_cache, build_examples, select_layers, teacher_hiddens
 
 
 @pytest.mark.parametrize("dtype,tol", [("bf16", 1e-2), ("fp8", 8e-2), ("fp32", 1e-6)])
@@ -109,3 +109,11 @@ def test_sdcd_qa_formats(tiny_model, qa_format):
     if qa_format != "pair":
         prompts = [tok.decode(e.student_ids[:e.s_start + 1]) for e in ex]
         assert sum(ANSWER_PROMPT.format(question="who rows") in p for p in prompts) == 1
+
+
+def test_select_layers():
+    assert select_layers(4, None) == [0, 1, 2, 3]
+    assert select_layers(30, (0, -2, 14)) == [0, 14, 28, 29]  # negative from the end; the last always kept
+    for bad in ((30,), (0, -31)):
+        with pytest.raises(ValueError, match=r"do not exist \(the model has 30 decoder layers"):
+            select_layers(30, bad)
