@@ -7,7 +7,7 @@ from .dcd import DCDLoss, dcd_loss
 from .fused_linear_kl import FusedLinearKL, KLDivLogits, fused_linear_kl, kl_div_logits
 from .hidden_l1 import HiddenL1, hidden_l1
 from .lora import (GroupedLoRALinear, attach_grouped_lora, build_segments, export_peft, grouped_lora, load_peft,
-                   reset_slot, set_adapter_ids, slot_parameters)
+                   read_adapter_config, reset_slot, set_adapter_ids, slot_parameters)
 
 __version__ = "0.1.0"
 
@@ -16,5 +16,5 @@ __all__ = [
     "FusedLinearKL", "KLDivLogits", "fused_linear_kl", "kl_div_logits",
     "HiddenL1", "hidden_l1",
     "GroupedLoRALinear", "attach_grouped_lora", "build_segments", "export_peft", "grouped_lora", "load_peft",
-    "reset_slot", "set_adapter_ids", "slot_parameters",
+    "read_adapter_config", "reset_slot", "set_adapter_ids", "slot_parameters",
 ]

@@ -692,6 +692,22 @@ def export_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike], *,
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
 
 
+def read_adapter_config(path: Union[str, os.PathLike]) -> dict:
+    """The adapter_config.json of a PEFT folder, checked to be JSON with an integer rank ``r``;
+    a missing or damaged file raises ValueError naming it."""
+    cfg_path = os.path.join(os.fspath(path), "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"{os.fspath(path)} is not a PEFT adapter folder: no adapter_config.json")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_path}: unreadable ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("r"), int) or cfg["r"] < 1:
+        raise ValueError(f"{cfg_path}: needs a positive integer rank 'r'")
+    return cfg
+
+
 def load_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike]) -> None:
     """Load a PEFT LoRA folder into ``slot``. Smaller ranks are zero-padded; the slot keeps the
     adapter's own alpha / r. Mismatched rank, targets or base model raise ValueError; on error the
@@ -701,11 +717,7 @@ def load_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike]) -> Non
     st = _state(model)
     _check_slot(model, slot)
     path = os.fspath(path)
-    cfg_path = os.path.join(path, "adapter_config.json")
-    if not os.path.isfile(cfg_path):
-        raise ValueError(f"{path} is not a PEFT adapter folder: no adapter_config.json")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg = read_adapter_config(path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
     for unsupported in ("use_dora", "use_rslora"):
@@ -718,7 +730,10 @@ def load_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike]) -> Non
     weights_path = os.path.join(path, "adapter_model.safetensors")
     if not os.path.isfile(weights_path):
         raise ValueError(f"{path}: no adapter_model.safetensors")
-    tensors = load_file(weights_path)
+    try:
+        tensors = load_file(weights_path)
+    except Exception as e:  # safetensors raises its own error type for a truncated or damaged file
+        raise ValueError(f"{weights_path}: unreadable safetensors file ({e})") from None
     modules = grouped_lora_modules(model)
     staged: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():

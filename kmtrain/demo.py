@@ -13,7 +13,7 @@ from typing import Dict, List
 
 import torch
 
-from kmkernels import attach_grouped_lora, load_peft
+from kmkernels import attach_grouped_lora, load_peft, read_adapter_config
 
 from .config import IndexConfig
 from .data import load_documents
@@ -38,7 +38,7 @@ def answer_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=("b
         missing = [str(k) for k in kms if not (k / "adapter_config.json").is_file()]
         if missing:
             raise ValueError(f"no KM (PEFT adapter folder) for {', '.join(missing)}: index the corpus into {out_dir} first")
-        rank = max(json.loads((k / "adapter_config.json").read_text())["r"] for k in kms)
+        rank = max(read_adapter_config(k)["r"] for k in kms)
     attach_grouped_lora(model, len(ids), rank=rank, alpha=rank)
     if "km" in conditions:
         for slot, k in enumerate(kms):

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from kmkernels import attach_grouped_lora, export_peft, load_peft, set_adapter_ids
+from kmkernels import attach_grouped_lora, export_peft, load_peft, read_adapter_config, set_adapter_ids
 
 from .config import IndexConfig
 from .data import Document, atomic_write_text, chunk_tokens, load_documents, recitation_items
@@ -251,10 +251,10 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
         return []
     kms = sorted({km for km, _ in pairs if km is not None})
     base = model
+    configs = []
     for km in kms:
         meta = _read_json(Path(km) / "km.json") or {}
-        if not (Path(km) / "adapter_config.json").is_file():
-            raise ValueError(f"{km} is not a KM folder (no adapter_config.json)")
+        configs.append(read_adapter_config(km))  # a missing or damaged KM fails before the model loads
         km_base = meta.get("base_model_path")
         if base is None:
             base = km_base
@@ -268,8 +268,8 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
     m, tok, _, _ = load_model(base, str(dev), dtype=torch.bfloat16 if bf16 else torch.float32)
     slot_of = {}
     if kms:
-        cfg = json.loads((Path(kms[0]) / "adapter_config.json").read_text())
-        rank = max(json.loads((Path(k) / "adapter_config.json").read_text())["r"] for k in kms)
+        cfg = configs[0]
+        rank = max(c["r"] for c in configs)
         attach_grouped_lora(m, len(kms), rank=rank, alpha=cfg.get("lora_alpha", rank),
                             target_modules=tuple(cfg["target_modules"]), backend=backend)
         for slot, km in enumerate(kms):

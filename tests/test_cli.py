@@ -13,6 +13,10 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["ask", "--km", str(tmp_path / "nope"), "q?"]) == 2
     assert main(["ask", "q?", "--km", str(tmp_path / "x")]) == 2
     assert "has no question after it" in capsys.readouterr().err
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "adapter_config.json").write_text('{"r": 16,')
+    assert main(["ask", "--km", str(tmp_path / "damaged"), "q?"]) == 2
+    assert "adapter_config.json: unreadable" in capsys.readouterr().err
     assert main(["ask", "--kms", "x", "q?"]) == 2
     assert "unknown option '--kms'" in capsys.readouterr().err
     assert main(["index", str(d), "--out", str(tmp_path / "o"), "--focus-parts", "-1"]) == 2

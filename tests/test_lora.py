@@ -1,6 +1,7 @@
 """grouped_lora against a float64 per-adapter loop, and the model-level API against PEFT."""
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -376,6 +377,21 @@ def test_smaller_rank_slot_and_errors(tmp_path):
         load_peft(grouped, 1, tmp_path)
     with pytest.raises(ValueError, match="slot"):
         load_peft(grouped, 7, tmp_path / "r2")
+    # damaged files name the file, and the slot keeps what it held
+    before = [p.detach().clone() for p in slot_parameters(grouped)]
+    shutil.copytree(tmp_path / "r2", tmp_path / "cut")
+    weights = tmp_path / "cut" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: unreadable safetensors file"):
+        load_peft(grouped, 0, tmp_path / "cut")
+    shutil.copytree(tmp_path / "r2", tmp_path / "bad_json")
+    (tmp_path / "bad_json" / "adapter_config.json").write_text('{"r": 2,')
+    with pytest.raises(ValueError, match=r"adapter_config.json: unreadable"):
+        load_peft(grouped, 0, tmp_path / "bad_json")
+    (tmp_path / "bad_json" / "adapter_config.json").write_text('{"r": "two"}')
+    with pytest.raises(ValueError, match=r"adapter_config.json: needs a positive integer rank 'r'"):
+        load_peft(grouped, 0, tmp_path / "bad_json")
+    assert all(torch.equal(a, b) for a, b in zip(before, slot_parameters(grouped)))
 
 
 def test_seeded_init_is_reproducible_and_slot_independent():
