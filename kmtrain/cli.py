@@ -25,6 +25,8 @@ def _index_parser(sub):
     p.add_argument("--docs-per-step", type=int, default=d.docs_per_step)
     p.add_argument("--examples-per-doc", type=int, default=d.examples_per_doc, help="examples of each document per step")
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr-b-ratio", type=float, default=d.lr_b_ratio,
+                   help="LoRA+: the B matrices learn at lr times this (1: one lr for A and B)")
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--chunk-tokens", type=int, default=d.chunk_tokens)
@@ -78,7 +80,7 @@ def _config_from_args(a) -> IndexConfig:
     }
     defaults = IndexConfig()
     for name in ("steps", "docs_per_step", "examples_per_doc", "chunk_tokens", "summaries_per_chunk", "qa_per_chunk",
-                 "max_new_tokens", "temperature", "focus_parts", "recite_tokens", "lr", "heldout_per_chunk", "heldout_every"):
+                 "max_new_tokens", "temperature", "focus_parts", "recite_tokens", "lr", "lr_b_ratio", "heldout_per_chunk", "heldout_every"):
         v = getattr(a, name)
         if not a.preset or v != getattr(defaults, name):  # flags given explicitly win over the preset
             explicit[name] = v

@@ -227,7 +227,8 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
                 "synthetic_requested": s.get("requested", 0), "synthetic_dropped": s.get("dropped", 0),
                 "teacher_cache": cache_info.get(st.id), "final_loss": final, "heldout": heldout,
                 "train_seconds_wave": round(wave_s, 2), "train_seconds_per_doc": round(wave_s / len(wave), 2),
-                "rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr, "seed": cfg.seed,
+                "rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr, "lr_b_ratio": cfg.lr_b_ratio,
+                "seed": cfg.seed,
             }
             export_peft(model, slot, out / st.id, base_model_name_or_path=model_name,
                         extra_files={"km.json": json.dumps(meta, indent=1)})

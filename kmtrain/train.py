@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from kmkernels import dcd_loss, reset_slot, set_adapter_ids, slot_parameters
+from kmkernels.lora import grouped_lora_modules
 
 from .models import decoder_hidden_states
 from .teacher_cache import Example, TeacherCache, _pad, select_layers, teacher_hiddens
@@ -197,7 +198,10 @@ def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device
     for slot, doc in enumerate(wave):
         reset_slot(model, slot, doc.seed)
     params = slot_parameters(model)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    a_params = [m.lora_A for m in grouped_lora_modules(model).values()]
+    b_params = [m.lora_B for m in grouped_lora_modules(model).values()]
+    opt = torch.optim.AdamW([{"params": a_params, "lr": cfg.lr}, {"params": b_params, "lr": cfg.lr * cfg.lr_b_ratio}],
+                            weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(cfg, s))
     model.train()
 

@@ -25,6 +25,8 @@ def test_cli_errors(tmp_path, capsys):
     assert "heldout_every must be >= 0" in capsys.readouterr().err
     assert main(["index", str(d), "--out", str(tmp_path / "o"), "--recite-tokens", "-1"]) == 2
     assert "recite_tokens must be >= 0" in capsys.readouterr().err
+    assert main(["index", str(d), "--out", str(tmp_path / "o"), "--lr-b-ratio", "0"]) == 2
+    assert "lr_b_ratio must be > 0" in capsys.readouterr().err
     # caught before the model loads
     (d / "a.txt").write_text("A document.")
     out = ["index", str(d), "--out", str(tmp_path / "o")]
@@ -53,5 +55,6 @@ def test_cli_flags_to_config():
     assert parse("--base-dtype", "bf16").base_dtype == "bf16"
     assert parse("--focus-parts", "3").focus_parts == 3
     assert parse("--recite-tokens", "96").recite_tokens == 96
+    assert parse("--lr-b-ratio", "4").lr_b_ratio == 4.0
     assert (parse("--heldout-per-chunk", "0").heldout_per_chunk, parse("--heldout-every", "5").heldout_every) == (0, 5)
 

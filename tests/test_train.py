@@ -124,3 +124,37 @@ def test_heldout_needs_a_training_example(tiny_model):
     wave = [DocState("only", [Example([5, 6, 7], 0, 2, [4, 5, 6, 7], 1)], seed=0, heldout=[0])]
     with pytest.raises(ValueError, match="only: every example is held out"):
         train_wave(model, tok, wave, IndexConfig(model=tiny_model, steps=1, amp="off"), torch.device("cpu"), None)
+
+
+def test_lr_b_ratio_scales_only_the_b_updates(tiny_model):
+    """LoRA+: B learns at lr * lr_b_ratio, A at lr. From a fresh slot B = 0, so the first step moves
+    only B, by AdamW's first update lr * g / (|g| + eps); a ratio of 3 must give exactly 3x that B
+    and leave A at its initialisation in both runs."""
+    from kmkernels import attach_grouped_lora, reset_slot
+    from kmkernels.lora import grouped_lora_modules
+    from kmtrain import IndexConfig
+    from kmtrain.models import load_model
+    from kmtrain.teacher_cache import Example
+    from kmtrain.train import DocState, train_wave
+
+    model, tok, _, _ = load_model(tiny_model)
+    attach_grouped_lora(model, 1, rank=4, alpha=8, backend="torch")
+    g = torch.Generator().manual_seed(1)
+    ctx, tgt = torch.randint(3, len(tok), (10,), generator=g).tolist(), torch.randint(3, len(tok), (6,), generator=g).tolist()
+    example = Example([2] + tgt, 0, len(tgt), ctx + [2] + tgt, len(ctx))
+
+    def one_step(ratio):
+        cfg = IndexConfig(model=tiny_model, steps=1, lr=1e-2, lr_b_ratio=ratio, docs_per_step=1, examples_per_doc=1,
+                          amp="off", backend="torch", cache_dtype="fp32")
+        train_wave(model, tok, [DocState("d", [example], seed=7)], cfg, torch.device("cpu"), None)
+        mods = grouped_lora_modules(model).values()
+        return [m.lora_A[0].detach().clone() for m in mods], [m.lora_B[0].detach().clone() for m in mods]
+
+    a1, b1 = one_step(1.0)
+    a3, b3 = one_step(3.0)
+    reset_slot(model, 0, 7)
+    init = [m.lora_A[0].detach().clone() for m in grouped_lora_modules(model).values()]
+    assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(a1, a3, init))
+    assert sum(int((b != 0).sum()) for b in b1) > 0
+    for x, y in zip(b1, b3):
+        torch.testing.assert_close(y, 3 * x, rtol=1e-5, atol=1e-9)
