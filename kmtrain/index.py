@@ -252,10 +252,11 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
         return []
     kms = sorted({km for km, _ in pairs if km is not None})
     base = model
-    configs = []
+    configs, trained_on = [], {}
     for km in kms:
         meta = _read_json(Path(km) / "km.json") or {}
         configs.append(read_adapter_config(km))  # a missing or damaged KM fails before the model loads
+        trained_on[km] = meta.get("base_model_sha256")
         km_base = meta.get("base_model_path")
         if base is None:
             base = km_base
@@ -266,7 +267,13 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
     # Where bf16 is native the base runs in bf16 (as it trained there); the KMs' fp32 weights are
     # rounded per matmul.
     bf16 = native_bf16(dev)
-    m, tok, _, _ = load_model(base, str(dev), dtype=torch.bfloat16 if bf16 else torch.float32)
+    m, tok, _, model_hash = load_model(base, str(dev), dtype=torch.bfloat16 if bf16 else torch.float32)
+    for km, h in trained_on.items():
+        # a KM is a delta on its own base weights; on other weights of the same shapes it loads and
+        # answers, wrongly. ("unknown": a Hub model without local files, whose weights are not hashed.)
+        if h and h != "unknown" and model_hash != "unknown" and h != model_hash:
+            raise ValueError(f"{km} was trained on other base weights (sha256 {h[:12]}) than {base}'s "
+                             f"({model_hash[:12]}); ask it with the model it was trained on")
     slot_of = {}
     if kms:
         cfg = configs[0]

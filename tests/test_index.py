@@ -34,6 +34,17 @@ def test_index_and_ask_end_to_end(tiny_model, docs_dir, tmp_path, capsys):
     answers = ask([(str(out / "alpha"), "Which bell?"), (str(out / "beta"), "What grows?"), (None, "Hello?")],
                   model=tiny_model, max_new_tokens=5)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    # a KM is refused on other base weights of the same shapes
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other_base"
+    shutil.copytree(tiny_model, other, ignore=shutil.ignore_patterns(".kmtrain-hash.json"))
+    for f in other.glob("*.safetensors"):
+        save_file({k: v + 0.01 for k, v in load_file(str(f)).items()}, str(f), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="was trained on other base weights"):
+        ask([(str(out / "alpha"), "Which bell?")], model=str(other), max_new_tokens=2)
     # the CLI pairs each question with the --km before it, in command-line order, in one batch
     from kmtrain.cli import _ask_pairs, main
 
