@@ -74,9 +74,10 @@ def resolve_model(name_or_path: str) -> Tuple[str, str]:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return str(target), display
-    if os.path.isdir(name_or_path):
-        return name_or_path, os.path.basename(os.path.normpath(name_or_path))
-    if os.path.exists(name_or_path) or name_or_path.startswith(("/", ".", "~")) or "\\" in name_or_path:
+    local = os.path.expanduser(name_or_path)
+    if os.path.isdir(local):
+        return local, os.path.basename(os.path.normpath(local))
+    if os.path.exists(local) or name_or_path.startswith(("/", ".", "~")) or "\\" in name_or_path:
         raise ValueError(f"model {name_or_path!r}: no such model folder (a folder with config.json, safetensors "
                          f"and a tokenizer), and not a Hub name; aliases: {', '.join(sorted(ALIASES))}")
     return name_or_path, name_or_path  # a Hub name: transformers resolves it where the network allows

@@ -60,3 +60,16 @@ def test_decoder_hidden_states_under_cpu_bf16_autocast_track_float64(tiny_model)
         assert (a - b).norm() <= 3e-2 * b.norm(), float((a - b).norm() / b.norm())
     g64 = model64.get_input_embeddings().weight.grad
     assert (g_bf16.double() - g64).norm() <= 5e-2 * g64.norm()
+
+
+def test_resolve_model_local_folders(tmp_path, monkeypatch):
+    from kmtrain.models import resolve_model
+
+    (tmp_path / "my_model").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_model("~/my_model") == (str(tmp_path / "my_model"), "my_model")
+    assert resolve_model(str(tmp_path / "my_model")) == (str(tmp_path / "my_model"), "my_model")
+    for missing in ("~/not_there", str(tmp_path / "not_there"), "./not_there"):
+        with pytest.raises(ValueError, match="no such model folder"):
+            resolve_model(missing)
+    assert resolve_model("some-org/some-model") == ("some-org/some-model", "some-org/some-model")  # a Hub name
