@@ -6,7 +6,7 @@ import torch
 
 from kmtrain import synth
 from kmtrain.config import IndexConfig
-from kmtrain.data import QA_PROMPT, SUMMARY_PROMPT
+from kmtrain.data import QA_PROMPT, SUMMARY_PROMPT, chat_prompt_ids
 from kmtrain.synth import focus_sources, split_heldout, synthesize
 
 
@@ -158,3 +158,36 @@ def test_synthetic_targets_do_not_depend_on_batch_mates(tiny_model):
     assert len({it["target"] for it in alone["items"] if it["prompt"] == SUMMARY_PROMPT}) > 1  # samples, not one greedy text
     other_seed = synthesize(model, tok, {"gamma": [DOCS["gamma"]]}, cfg.replace(seed=1))["gamma"]
     assert other_seed["items"] != alone["items"]
+
+
+def test_shared_prompt_cache_generates_what_a_batched_prefill_does(tiny_model):
+    """Each distinct prompt's keys and values computed once and left-padded into the batch's cache
+    (prompts of different lengths, repeated, one going on into the next batch) give the same samples
+    as running every row's prompt in the batched prefill (fp32)."""
+    from kmtrain.models import load_model
+    from kmtrain.synth import _generate_hf, _prompt_cache
+
+    from conftest import DOCS
+
+    model, tok, _, _ = load_model(tiny_model)
+    cfg = IndexConfig(max_new_tokens=10, gen_batch_size=4)
+    prompts = [chat_prompt_ids(tok, DOCS[k] + "\n\n" + SUMMARY_PROMPT) for k in ("alpha", "alpha", "beta", "gamma",
+                                                                               "gamma", "gamma", "alpha")]
+    prompts.insert(3, chat_prompt_ids(tok, "Short.\n\n" + SUMMARY_PROMPT))
+    assert len({len(p) for p in prompts}) >= 3
+    # the cache itself: next-token logits from it equal a left-padded forward of the whole prompts
+    batch = prompts[:4]
+    width = max(map(len, batch))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in batch])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        whole = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+        cache = _prompt_cache(model, [list(p) for p in batch], width, {})
+        step = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos[:, -1:], past_key_values=cache).logits[:, -1]
+    torch.testing.assert_close(step, whole, rtol=1e-5, atol=1e-5)
+
+    seeds = list(range(100, 100 + len(prompts)))
+    shared = _generate_hf(model, tok, prompts, cfg, seeds)
+    assert shared == _generate_hf(model, tok, prompts, cfg, seeds, share_prompts=False)
+    assert len(set(shared)) > 2 and all(shared)
