@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -149,6 +149,16 @@ def decoder_hidden_states(model, input_ids: torch.Tensor, attention_mask: Option
     with cpu_bf16_attention(input_ids.device, next(model.parameters()).dtype):
         out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     return out.hidden_states[1:]
+
+
+@torch.no_grad()
+def prompt_kv(model, ids: Sequence[int]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Each decoder layer's (keys, values) [1, kv_heads, len(ids), head_dim] for the token ids, from
+    the decoder alone (no lm_head): a prompt run once, whose cache several continuations reuse
+    (the teacher cache's shared prefixes, the generator's shared prompts)."""
+    dev = next(model.parameters()).device
+    past = model.get_decoder()(input_ids=torch.tensor([list(ids)], device=dev), use_cache=True).past_key_values
+    return [(layer.keys, layer.values) for layer in past.layers]
 
 
 def cpu_bf16_attention(device: torch.device, weight_dtype: torch.dtype):

@@ -9,6 +9,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from .data import QA_PROMPT, SENTENCE_END, SUMMARY_PROMPT, chat_prompt_ids, parse_qa, qa_target
+from .models import prompt_kv
 
 
 def request_seed(seed: int, doc_id: str, chunk: int, kind: str, i: int) -> int:
@@ -68,11 +69,9 @@ def _prompt_cache(model, batch: List[List[int]], width: int, kv: Dict[Tuple[int,
     prompts are read once instead of once per request."""
     from transformers import DynamicCache
 
-    dev = next(model.parameters()).device
     for p in map(tuple, batch):
         if p not in kv:
-            past = model.get_decoder()(input_ids=torch.tensor([p[:-1]], device=dev), use_cache=True).past_key_values
-            kv[p] = [(layer.keys, layer.values) for layer in past.layers]
+            kv[p] = prompt_kv(model, p[:-1])
     layers = []
     for li, (k0, v0) in enumerate(kv[tuple(batch[0])]):
         k = k0.new_zeros(len(batch), k0.shape[1], width - 1, k0.shape[3])

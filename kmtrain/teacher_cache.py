@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .data import ANSWER_PROMPT, QA_PROMPT, chat_prompt_ids, parse_qa, target_ids
-from .models import cpu_bf16_attention, decoder_hidden_states
+from .models import cpu_bf16_attention, decoder_hidden_states, prompt_kv
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -193,8 +193,7 @@ def shared_prefix_hiddens(model, prefix: Sequence[int], examples: Sequence[Examp
     with cpu_bf16_attention(dev, next(model.parameters()).dtype):
         if no_adapter is not None:
             no_adapter(1)
-        past = decoder(input_ids=torch.tensor([list(prefix)], device=dev), use_cache=True).past_key_values
-        kv = [(layer.keys, layer.values) for layer in past.layers]
+        kv = prompt_kv(model, prefix)
         res = []
         for i in range(0, len(examples), batch_size):
             batch = examples[i:i + batch_size]
