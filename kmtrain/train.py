@@ -198,9 +198,9 @@ def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device
     for slot, doc in enumerate(wave):
         reset_slot(model, slot, doc.seed)
     params = slot_parameters(model)
-    a_params = [m.lora_A for m in grouped_lora_modules(model).values()]
-    b_params = [m.lora_B for m in grouped_lora_modules(model).values()]
-    opt = torch.optim.AdamW([{"params": a_params, "lr": cfg.lr}, {"params": b_params, "lr": cfg.lr * cfg.lr_b_ratio}],
+    mods = grouped_lora_modules(model).values()  # LoRA+: B in its own group at lr * lr_b_ratio
+    opt = torch.optim.AdamW([{"params": [m.lora_A for m in mods], "lr": cfg.lr},
+                             {"params": [m.lora_B for m in mods], "lr": cfg.lr * cfg.lr_b_ratio}],
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(cfg, s))
     model.train()
