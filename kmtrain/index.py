@@ -23,7 +23,7 @@ from kmkernels import attach_grouped_lora, export_peft, load_peft, read_adapter_
 from .config import IndexConfig
 from .data import Document, atomic_write_text, chunk_tokens, load_documents, recitation_items
 from .evaluate import generate_answers, question_prompt
-from .models import load_model, native_bf16
+from .models import load_model, native_bf16, resolve_model, weights_hash
 from .synth import split_heldout, synthesize
 from .teacher_cache import TeacherCache, build_cache, build_examples, select_layers
 from .train import DocState, train_wave
@@ -227,8 +227,8 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
                 "synthetic_requested": s.get("requested", 0), "synthetic_dropped": s.get("dropped", 0),
                 "teacher_cache": cache_info.get(st.id), "final_loss": final, "heldout": heldout,
                 "train_seconds_wave": round(wave_s, 2), "train_seconds_per_doc": round(wave_s / len(wave), 2),
-                "rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr, "lr_b_ratio": cfg.lr_b_ratio,
-                "seed": cfg.seed,
+                "rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr,
+                "lr_b_ratio": cfg.lr_b_ratio, "seed": cfg.seed,
             }
             export_peft(model, slot, out / st.id, base_model_name_or_path=model_name,
                         extra_files={"km.json": json.dumps(meta, indent=1)})
@@ -267,13 +267,15 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
     # Where bf16 is native the base runs in bf16 (as it trained there); the KMs' fp32 weights are
     # rounded per matmul.
     bf16 = native_bf16(dev)
-    m, tok, _, model_hash = load_model(base, str(dev), dtype=torch.bfloat16 if bf16 else torch.float32)
+    # A KM is a delta on its own base weights; on other weights of the same shapes it loads and
+    # answers, wrongly. Checked from the weight files' hash (memoised beside them) before the model
+    # loads. ("unknown": a Hub model without local files, whose weights are not hashed.)
+    model_hash = weights_hash(resolve_model(base)[0])
     for km, h in trained_on.items():
-        # a KM is a delta on its own base weights; on other weights of the same shapes it loads and
-        # answers, wrongly. ("unknown": a Hub model without local files, whose weights are not hashed.)
         if h and h != "unknown" and model_hash != "unknown" and h != model_hash:
             raise ValueError(f"{km} was trained on other base weights (sha256 {h[:12]}) than {base}'s "
                              f"({model_hash[:12]}); ask it with the model it was trained on")
+    m, tok, _, _ = load_model(base, str(dev), dtype=torch.bfloat16 if bf16 else torch.float32)
     slot_of = {}
     if kms:
         cfg = configs[0]
