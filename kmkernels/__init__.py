@@ -6,6 +6,7 @@ Every op has a Triton path (CUDA, or CPU under TRITON_INTERPRET=1) and a PyTorch
 from .dcd import DCDLoss, dcd_loss
 from .fused_linear_kl import FusedLinearKL, KLDivLogits, fused_linear_kl, kl_div_logits
 from .hidden_l1 import HiddenL1, hidden_l1
+from .kl_from_stats import FusedLinearKLFromStats, fused_linear_kl_from_stats, teacher_kl_stats
 from .lora import (GroupedLoRALinear, attach_grouped_lora, build_segments, export_peft, grouped_lora, load_peft,
                    read_adapter_config, reset_slot, set_adapter_ids, slot_parameters)
 
@@ -15,6 +16,7 @@ __all__ = [
     "DCDLoss", "dcd_loss",
     "FusedLinearKL", "KLDivLogits", "fused_linear_kl", "kl_div_logits",
     "HiddenL1", "hidden_l1",
+    "FusedLinearKLFromStats", "fused_linear_kl_from_stats", "teacher_kl_stats",
     "GroupedLoRALinear", "attach_grouped_lora", "build_segments", "export_peft", "grouped_lora", "load_peft",
     "read_adapter_config", "reset_slot", "set_adapter_ids", "slot_parameters",
 ]
