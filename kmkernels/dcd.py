@@ -14,6 +14,7 @@ from torch import nn
 
 from .fused_linear_kl import fused_linear_kl
 from .hidden_l1 import _as_layer_list, hidden_l1
+from .kl_from_stats import fused_linear_kl_from_stats
 
 
 def dcd_loss(
@@ -26,6 +27,7 @@ def dcd_loss(
     temperature: float = 1.0,
     mask: Optional[torch.Tensor] = None,
     teacher_norms: Optional[torch.Tensor] = None,
+    teacher_kl_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -40,6 +42,10 @@ def dcd_loss(
         temperature: softmax temperature of the KL term.
         mask: bool, leading shape; False positions are ignored by both terms.
         teacher_norms: optional [L] precomputed per-layer sum|h_t| for the L1 term.
+        teacher_kl_stats: optional (e_t fp32 [..., H], negent_t fp32 [...]) from ``teacher_kl_stats``
+            on the teacher's last hidden state with this lm_head and temperature: the KL is then
+            computed from them (``fused_linear_kl_from_stats``, no teacher logits; the lm_head must
+            be frozen) and the teacher's last layer serves the L1 term only. Same loss.
         backend: 'auto' | 'triton' | 'torch'.
     Returns:
         (loss, {"kl": kl, "hidden": hidden}), all fp32 scalars; the dict entries are detached.
@@ -52,7 +58,10 @@ def dcd_loss(
         raise ValueError("student_hiddens is empty: need at least one layer")
     zero = hs[-1].new_zeros((), dtype=torch.float32)
     kl = zero
-    if kl_weight != 0:
+    if kl_weight != 0 and teacher_kl_stats is not None:
+        kl = fused_linear_kl_from_stats(hs[-1], lm_head_weight, *teacher_kl_stats, temperature=temperature, mask=mask,
+                                        reduction="mean", backend=backend, chunk_size=chunk_size)
+    elif kl_weight != 0:
         kl = fused_linear_kl(hs[-1], lm_head_weight, ht[-1], None, temperature=temperature, mask=mask,
                              reduction="mean", backend=backend, chunk_size=chunk_size)
     hid = zero
@@ -65,7 +74,8 @@ def dcd_loss(
 class DCDLoss(nn.Module):
     """Module form of :func:`dcd_loss`.
 
-    ``forward(student_hiddens, teacher_hiddens, lm_head_weight, mask=None, teacher_norms=None)``
+    ``forward(student_hiddens, teacher_hiddens, lm_head_weight, mask=None, teacher_norms=None,
+    teacher_kl_stats=None)``
     returns ``(loss, {"kl", "hidden"})``.
     """
 
@@ -75,7 +85,9 @@ class DCDLoss(nn.Module):
         self.kl_weight, self.hidden_weight, self.temperature = kl_weight, hidden_weight, temperature
         self.backend, self.chunk_size = backend, chunk_size
 
-    def forward(self, student_hiddens, teacher_hiddens, lm_head_weight, mask=None, teacher_norms=None):
+    def forward(self, student_hiddens, teacher_hiddens, lm_head_weight, mask=None, teacher_norms=None,
+                teacher_kl_stats=None):
         return dcd_loss(student_hiddens, teacher_hiddens, lm_head_weight, kl_weight=self.kl_weight,
                         hidden_weight=self.hidden_weight, temperature=self.temperature, mask=mask,
-                        teacher_norms=teacher_norms, backend=self.backend, chunk_size=self.chunk_size)
+                        teacher_norms=teacher_norms, teacher_kl_stats=teacher_kl_stats, backend=self.backend,
+                        chunk_size=self.chunk_size)

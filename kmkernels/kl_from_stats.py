@@ -190,11 +190,13 @@ def teacher_kl_stats(
     cs = int(chunk_size) if chunk_size else default_chunk_size(w.shape[0])
     emb = torch.empty(ht.shape, device=ht.device, dtype=torch.float32)
     negent = torch.empty(ht.shape[0], device=ht.device, dtype=torch.float32)
-    for c0, c1, s, w32 in _row_chunks(ht, w, be, cs):
-        lse, z = _softmax_rows_(s, inv_temp, be)
-        emb[c0:c1] = _weighted_embedding(s, lse, z, w, w32, inv_temp, be)
-        # sum_v p_t (z_v / T - lse) with sum_v p_t z_v = p_t^T W h_t = e_t . h_t: no second pass over V
-        negent[c0:c1] = inv_temp * (emb[c0:c1] * ht[c0:c1].float()).sum(-1) - lse
+    # no autocast: it would round the fp32 probabilities to 16 bits before the W^T p GEMM
+    with torch.autocast(ht.device.type, enabled=False):
+        for c0, c1, s, w32 in _row_chunks(ht, w, be, cs):
+            lse, z = _softmax_rows_(s, inv_temp, be)
+            emb[c0:c1] = _weighted_embedding(s, lse, z, w, w32, inv_temp, be)
+            # sum_v p_t (z_v / T - lse) with sum_v p_t z_v = p_t^T W h_t = e_t . h_t: no second pass over V
+            negent[c0:c1] = inv_temp * (emb[c0:c1] * ht[c0:c1].float()).sum(-1) - lse
     return emb.reshape(*lead, w.shape[1]), negent.reshape(lead)
 
 
@@ -207,6 +209,12 @@ def _kl_stats_chunks(hs, w, emb, negent, inv_temp, backend, chunk_size, row_scal
     N = hs.shape[0]
     loss = torch.empty(N, device=hs.device, dtype=torch.float32)
     dh = torch.empty_like(hs) if row_scale is not None else None
+    with torch.autocast(hs.device.type, enabled=False):  # as in teacher_kl_stats
+        _kl_stats_chunk_loop(hs, w, emb, negent, inv_temp, backend, chunk_size, row_scale, loss, dh)
+    return loss, dh
+
+
+def _kl_stats_chunk_loop(hs, w, emb, negent, inv_temp, backend, chunk_size, row_scale, loss, dh) -> None:
     for c0, c1, s, w32 in _row_chunks(hs, w, backend, chunk_size):
         lse, z = _softmax_rows_(s, inv_temp, backend)
         h32 = hs[c0:c1].float()
@@ -214,7 +222,6 @@ def _kl_stats_chunks(hs, w, emb, negent, inv_temp, backend, chunk_size, row_scal
         if dh is not None:
             wp = _weighted_embedding(s, lse, z, w, w32, inv_temp, backend)
             dh[c0:c1] = wp.sub_(emb[c0:c1]).mul_((row_scale[c0:c1] * inv_temp)[:, None]).to(hs.dtype)
-    return loss, dh
 
 
 class FusedLinearKLFromStatsFunction(torch.autograd.Function):

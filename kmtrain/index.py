@@ -184,7 +184,8 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
             # The cache is a function of the teacher weights, what is stored, and the examples' tokens
             # (which carry the document, the synthetic data and the example layout): a change in any
             # of them never meets a stale cache.
-            key = hashlib.sha256(json.dumps([model_hash, str(base_dtype), cfg.cache_dtype, layers_key]
+            # "kl_stats": the format version (caches from before it lack the KL's teacher statistics)
+            key = hashlib.sha256(json.dumps([model_hash, str(base_dtype), cfg.cache_dtype, layers_key, "kl_stats"]
                                             + [e.to_json() for e in st.examples]).encode()).hexdigest()[:16]
             path = work / st.id / f"teacher_{cfg.objective}_{key}.safetensors"
             for old in (work / st.id).glob(f"teacher_{cfg.objective}_*.safetensors"):

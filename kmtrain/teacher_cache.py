@@ -3,14 +3,20 @@
 The teacher (frozen base model with the chunk in context) is run once per (chunk, target)
 example, and the chunk + prompt prefix once for all the targets that share it. What the DCD
 loss needs is stored on the distillation positions only: every selected decoder layer's hidden
-state and each example's per-layer sum|h_t|. Teacher logits are not stored: the fused KL
-recomputes them exactly from the cached last (post-norm) hidden state.
+state, each example's per-layer sum|h_t|, and for the KL two numbers per position that stand for
+the teacher's whole distribution (kmkernels.teacher_kl_stats, from the cached last hidden state
+as stored, so the cached and the re-run teacher give the same loss): e_t = W^T p_t and
+negent_t = sum_v p_t log p_t. Teacher logits are neither stored nor recomputed: the KL needs
+only these (kmkernels.fused_linear_kl_from_stats), one vocabulary GEMM fewer per step.
 
 File per document: ``teacher.safetensors`` with
-  hidden        [L_sel, T_total, H]  bf16 | float8_e4m3fn (with hidden_scale [L_sel]) | fp32
-  norms         [n_examples, L_sel]  fp32, per-example sum|h_t| from the full-precision values
-  tok_offsets   [n_examples + 1]     int64, example i owns hidden[:, off[i]:off[i+1]]
-  layers        [L_sel]              int64, decoder layer indices (0-based; the last layer always)
+  hidden          [L_sel, T_total, H]  bf16 | float8_e4m3fn (with hidden_scale [L_sel]) | fp32
+  norms           [n_examples, L_sel]  fp32, per-example sum|h_t| from the full-precision values
+  kl_embedding    [T_total, H]         fp32, e_t (fp32 whatever the hidden dtype: the KL is a small
+                                       difference of e_t . h_s and lse_s, bf16 would swamp it)
+  kl_neg_entropy  [T_total]            fp32, negent_t
+  tok_offsets     [n_examples + 1]     int64, example i owns hidden[:, off[i]:off[i+1]]
+  layers          [L_sel]              int64, decoder layer indices (0-based; the last layer always)
 Read back through safetensors' memory map, one example slice at a time.
 """
 from __future__ import annotations
@@ -22,6 +28,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from kmkernels import teacher_kl_stats
 
 from .data import ANSWER_PROMPT, QA_PROMPT, chat_prompt_ids, parse_qa, target_ids
 from .models import cpu_bf16_attention, decoder_hidden_states, prompt_kv
@@ -222,6 +230,11 @@ def _encode(h: torch.Tensor, dtype: str) -> Tuple[torch.Tensor, Optional[torch.T
     return (h / scale[:, None, None]).to(torch.float8_e4m3fn), scale
 
 
+def _decode(enc: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """What a reader of the cache gets back for ``_encode``'s output."""
+    return enc if scale is None else enc.float() * scale[:, None, None]
+
+
 def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg, pad_id: int,
                 no_adapter=None, batch_size: int = 8) -> dict:
     """Run the teacher over a document's examples and write teacher.safetensors atomically."""
@@ -247,7 +260,12 @@ def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg
         offsets.append(offsets[-1] + h.shape[1])
     hidden = torch.cat(hidden_parts, dim=1) if hidden_parts else torch.zeros(len(layers), 0, 1)
     enc, scale = _encode(hidden, cfg.cache_dtype)
+    # the KL's teacher statistics, from the last layer as the cache returns it (the re-run teacher
+    # of --no-teacher-cache gets the same rounding, train.round_like_cache)
+    last = _decode(enc[-1:], scale[-1:] if scale is not None else None)[0]
+    emb, negent = teacher_kl_stats(last, model.get_output_embeddings().weight, backend=cfg.backend)
     tensors = {"hidden": enc.contiguous(), "norms": torch.stack(norms) if norms else torch.zeros(0, len(layers)),
+               "kl_embedding": emb.contiguous(), "kl_neg_entropy": negent.contiguous(),
                "tok_offsets": torch.tensor(offsets, dtype=torch.int64), "layers": torch.tensor(layers, dtype=torch.int64)}
     if scale is not None:
         tensors["hidden_scale"] = scale.float()
@@ -271,6 +289,10 @@ class TeacherCache:
         self.layers = self._f.get_tensor("layers").tolist()
         self.scale = self._f.get_tensor("hidden_scale") if "hidden_scale" in self._f.keys() else None
         self._hidden = self._f.get_slice("hidden")
+        self.has_kl_stats = "kl_embedding" in self._f.keys()
+        if self.has_kl_stats:
+            self._kl_embedding = self._f.get_slice("kl_embedding")
+            self._kl_neg_entropy = self._f.get_slice("kl_neg_entropy")
 
     def __len__(self):
         return len(self.offsets) - 1
@@ -282,3 +304,8 @@ class TeacherCache:
         if self.scale is not None:
             h = h.float() * self.scale[:, None, None]
         return h, self.norms[i]
+
+    def kl_stats(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(e_t fp32 [n, H], negent_t fp32 [n]) of example i, for kmkernels.fused_linear_kl_from_stats."""
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self._kl_embedding[a:b, :], self._kl_neg_entropy[a:b]

@@ -117,11 +117,16 @@ def _batch_losses(model, wave: List[DocState], picks: List[Tuple[int, int]], gro
     G = max(groups) + 1
 
     # the teacher's hidden states: from the cache, or (reference recipe) a teacher forward now
+    t_emb = t_negent = None  # the KL's teacher statistics, where the cache has them
     if distill:
         if wave[0].cache is not None:
             got = [wave[slot].cache.get(i) for slot, i in picks]
             t_h = [h for h, _ in got]
             t_norms = [n for _, n in got]
+            if all(wave[slot].cache.has_kl_stats for slot, _ in picks):
+                stats = [wave[slot].cache.kl_stats(i) for slot, i in picks]
+                t_emb = torch.cat([e for e, _ in stats]).to(device)
+                t_negent = torch.cat([n for _, n in stats]).to(device)
         else:
             was_training = model.training
             model.eval()
@@ -149,8 +154,10 @@ def _batch_losses(model, wave: List[DocState], picks: List[Tuple[int, int]], gro
         for g in range(G):
             sel = (group_of_pos == g).nonzero().squeeze(1).to(device)
             norms = torch.stack([n for k, n in zip(groups, t_norms) if k == g]).sum(0)
+            stats = (t_emb[sel], t_negent[sel]) if t_emb is not None else None
             loss, parts = dcd_loss([h[sel] for h in s_h], t_all[:, sel], lm_head, kl_weight=cfg.kl_weight,
-                                   hidden_weight=cfg.hidden_weight, teacher_norms=norms, backend=cfg.backend)
+                                   hidden_weight=cfg.hidden_weight, teacher_norms=norms, teacher_kl_stats=stats,
+                                   backend=cfg.backend)
             out.append((loss, {"loss": float(loss.detach()), "kl": float(parts["kl"]), "hidden": float(parts["hidden"])}))
     else:
         last = hidden[-1]

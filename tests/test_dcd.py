@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from kmkernels import DCDLoss, dcd_loss
+from kmkernels import DCDLoss, dcd_loss, teacher_kl_stats
 from reference import dcd_ref, rel_err
 
 BACKENDS = ["torch", "triton"]
@@ -11,15 +11,17 @@ BACKENDS = ["torch", "triton"]
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_dcd_loss_matches_reference(backend, dtype):
+@pytest.mark.parametrize("kl_from", ["hidden", "stats"])
+def test_dcd_loss_matches_reference(backend, dtype, kl_from):
     L, N, H, V = 3, 17, 24, 211
     hs = [torch.randn(N, H).to(DEVICE, dtype).requires_grad_() for _ in range(L)]
     ht = torch.randn(L, N, H).to(DEVICE, dtype)
     w = (torch.randn(V, H) / 2).to(DEVICE, dtype)
     mask = torch.rand(N) > 0.3
     mask[0] = True
+    stats = teacher_kl_stats(ht[-1], w, temperature=1.5, backend=backend) if kl_from == "stats" else None
     loss, parts = dcd_loss(hs, ht, w, kl_weight=0.7, hidden_weight=1.3, temperature=1.5, mask=mask.to(DEVICE),
-                           backend=backend)
+                           teacher_kl_stats=stats, backend=backend)
     hs64 = [s.detach().double().cpu().requires_grad_() for s in hs]
     ref = dcd_ref(hs64, [t.cpu() for t in ht], w.cpu().double(), 0.7, 1.3, 1.5, mask)
     assert rel_err(loss, ref) < 1e-5

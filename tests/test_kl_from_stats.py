@@ -175,3 +175,16 @@ def test_bf16_gpu_large_vocab():
     ref = linear_kl_ref(hs64, w.double().cpu(), ht.double().cpu())
     (rg,) = torch.autograd.grad(ref, [hs64])
     assert rel_err(out, ref) < 1e-4 and rel_err(g, rg) < 2e-2
+
+
+def test_autocast_does_not_round_the_probabilities():
+    """kmtrain builds its cache under bf16 autocast: the ops must still multiply in fp32."""
+    hs, w, ht = _make(17, 16, 300, torch.float32)
+    emb, negent = teacher_kl_stats(ht, w)
+    out = fused_linear_kl_from_stats(hs, w, emb, negent)
+    (g,) = torch.autograd.grad(out, [hs])
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        emb_a, negent_a = teacher_kl_stats(ht, w)
+        out_a = fused_linear_kl_from_stats(hs, w, emb_a, negent_a)
+        (g_a,) = torch.autograd.grad(out_a, [hs])
+    assert rel_err(emb_a, emb) < 1e-6 and rel_err(out_a, out) < 1e-6 and rel_err(g_a, g) < 1e-6

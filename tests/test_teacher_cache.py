@@ -14,6 +14,8 @@ def test_teacher_cache_round_trip(tiny_model, tmp_path, dtype, tol):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():  # a peaked teacher distribution (the random model's is near uniform)
+        model.get_output_embeddings().weight.mul_(30)
     g = torch.Generator().manual_seed(1)
     examples = [Example([1, 2, 3], 0, n, torch.randint(3, 300, (n + 5,), generator=g).tolist(), 4) for n in (3, 7, 1)]
     cfg = IndexConfig(cache_dtype=dtype, cache_layers=(0,) if dtype == "fp8" else None)
@@ -27,6 +29,16 @@ def test_teacher_cache_round_trip(tiny_model, tmp_path, dtype, tol):
         assert h.shape == ref.shape
         assert ((h.float() - ref).norm() / ref.norm()) < tol
         assert torch.allclose(norms, ref.abs().sum(dim=(1, 2)), rtol=1e-5)
+        # the KL's statistics: those of the last layer as the cache returns it, against float64
+        w = model.get_output_embeddings().weight.double()
+        z = h[-1].double() @ w.T
+        p = z.softmax(-1)
+        assert p.max() > 0.2  # peaked enough for a wrong temperature or layer to show
+        emb, negent = cache.kl_stats(i)
+        assert emb.dtype == negent.dtype == torch.float32
+        torch.testing.assert_close(emb.double(), p @ w, rtol=1e-5, atol=1e-6)
+        # negent = e.h - lse: a difference of logit-sized terms, exact to fp32 ulps of them
+        torch.testing.assert_close(negent.double(), (p * p.log()).sum(-1), rtol=0, atol=4e-7 * float(z.abs().max()))
 
 
 def test_teacher_cache_shares_prefixes(tiny_model, tmp_path, monkeypatch):

@@ -46,13 +46,28 @@ def test_km_does_not_depend_on_batch_mates(tiny_model, tmp_path, amp):
         assert mates < 0.1 and other_seed > 10 * mates, (mates, other_seed)
 
 
-def test_loss_with_cache_equals_loss_without(tiny_model, docs_dir, tmp_path):
-    a = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "cached", steps=3))
-    b = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "fresh", steps=3, teacher_cache=False))
-    la = {s["id"]: s["final_loss"]["loss"] for s in a}
-    lb = {s["id"]: s["final_loss"]["loss"] for s in b}
+@pytest.mark.parametrize("precision", ["default", "fp32"])
+def test_loss_with_cache_equals_loss_without(tiny_model, docs_dir, tmp_path, monkeypatch, precision):
+    """Same losses whether the teacher is cached (KL from its cached statistics) or re-run on every
+    step (KL from its logits, recomputed): in fp32 to float rounding, under the default bf16 within
+    bf16 noise. The spies check that each run took its own KL path."""
+    import kmkernels.dcd as dcd
+
+    calls = {"stats": 0, "logits": 0}
+    for name, key in (("fused_linear_kl_from_stats", "stats"), ("fused_linear_kl", "logits")):
+        real = getattr(dcd, name)
+        monkeypatch.setattr(dcd, name, lambda *a, _real=real, _key=key, **k: calls.__setitem__(_key, calls[_key] + 1) or _real(*a, **k))
+    kw = dict(amp="off", cache_dtype="fp32") if precision == "fp32" else {}
+    a = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "cached", steps=3, **kw))
+    assert calls["stats"] > 0 and calls["logits"] == 0, calls
+    b = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "fresh", steps=3, teacher_cache=False, **kw))
+    assert calls["logits"] > 0, calls
+    la = {s["id"]: s["final_loss"] for s in a}
+    lb = {s["id"]: s["final_loss"] for s in b}
+    tol = 1e-5 if precision == "fp32" else 1e-3
     for k in la:
-        assert abs(la[k] - lb[k]) <= 1e-3 * abs(lb[k]) + 1e-5, (k, la[k], lb[k])
+        for part in ("loss", "kl", "hidden"):
+            assert abs(la[k][part] - lb[k][part]) <= tol * abs(lb[k][part]) + 1e-6, (k, part, la[k], lb[k])
 
 
 @pytest.mark.parametrize("n", [0, 5, 37])
