@@ -6,7 +6,7 @@ and peak memory come from ``python -m bench.losses``.
 import pytest
 import torch
 
-from kmkernels import fused_linear_kl, hidden_l1
+from kmkernels import fused_linear_kl, fused_linear_kl_from_stats, hidden_l1, teacher_kl_stats
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
@@ -40,6 +40,14 @@ def _run(fn, hs):
 def test_fused_linear_kl_fwd_bwd(benchmark, kl_inputs, backend):
     hs, ws, ht = kl_inputs
     benchmark(_run, lambda: fused_linear_kl(hs, ws, ht, backend=backend), hs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_kl_from_stats_fwd_bwd(benchmark, kl_inputs, backend):
+    """The same KL from the teacher's cached statistics (computed once, as kmtrain's cache does)."""
+    hs, ws, ht = kl_inputs
+    emb, negent = teacher_kl_stats(ht, ws, backend=backend)
+    benchmark(_run, lambda: fused_linear_kl_from_stats(hs, ws, emb, negent, backend=backend), hs)
 
 
 def test_reference_kl_fwd_bwd(benchmark, kl_inputs):

@@ -90,8 +90,11 @@ def work_model(cfg, corpus: str, work_dir: Path) -> dict:
 
     Counts the GEMMs, which is where the time goes at these shapes: the decoder's linear layers
     (forward 1x; backward 1x, since frozen weights need input gradients only), causal attention
-    (2*L*H*T^2 forward, twice that backward), and the logit GEMMs of the KL on the distillation
-    positions (teacher logits, student logits, and the student's dh: 3 x 2*n*V*H in both recipes).
+    (2*L*H*T^2 forward, twice that backward), and the vocabulary GEMMs of the KL on the
+    distillation positions: the reference's teacher logits, student logits and the student's dh
+    (3 x 2*n*V*H per step); the full recipe's student logits and dh (2 x 2*n*V*H per step, the
+    teacher entering through its cached statistics), plus the statistics' build, 2 x 2*n*V*H once
+    per cached target (teacher logits, then W^T p_t).
       reference : one teacher forward over (chunk + prompt + target) per document-step, the student's
                   unpadded sequence, D = 1.
       full      : the student's sequence padded to the widest of its D-document batch, replayed
@@ -120,8 +123,8 @@ def work_model(cfg, corpus: str, work_dir: Path) -> dict:
     def fwd(T: int) -> float:  # one sequence of T tokens through the decoder, forward
         return per_tok * T + 2.0 * L * H * T * T
 
-    def kl(n: int) -> float:
-        return 3 * 2.0 * n * V * H
+    def kl(n: int, gemms: int) -> float:
+        return gemms * 2.0 * n * V * H
 
     states = []
     for d in load_documents(corpus):
@@ -140,13 +143,14 @@ def work_model(cfg, corpus: str, work_dir: Path) -> dict:
         for _ in range(cfg.steps):
             picked = [st.examples[st.next_example()] for st in wave for _ in range(cfg.examples_per_doc)]
             width = max(len(e.student_ids) for e in picked)
-            full += sum(3 * fwd(width) - per_tok * width + kl(e.n) for e in picked)  # fwd + bwd (1x linears, 2x attention)
-            ref += sum(fwd(len(e.teacher_ids)) + 3 * fwd(len(e.student_ids)) - per_tok * len(e.student_ids) + kl(e.n)
+            full += sum(3 * fwd(width) - per_tok * width + kl(e.n, 2) for e in picked)  # fwd + bwd (1x linears, 2x attention)
+            ref += sum(fwd(len(e.teacher_ids)) + 3 * fwd(len(e.student_ids)) - per_tok * len(e.student_ids) + kl(e.n, 3)
                        for e in picked)
             useful += sum(len(e.student_ids) for e in picked)
             padded += width * len(picked)
         for st in wave:  # the cache build, as build_cache runs it: one pass per shared prefix, then the suffixes
             shared, alone = prefix_groups(st.examples)
+            full += sum(kl(e.n, 2) for e in st.examples)  # the KL's teacher statistics
             full += sum(fwd(len(st.examples[i].teacher_ids)) for i in alone)
             for prefix, idx in shared.items():
                 P = len(prefix)
