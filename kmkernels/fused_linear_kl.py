@@ -32,7 +32,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .utils import HAS_TRITON, check_reduction, cpu_bf16_products, cpu_native_bf16, flatten_mask, is_16bit, resolve_backend
+from .utils import (HAS_TRITON, check_reduction, cpu_bf16_products, cpu_native_bf16, cpu_scratch, flatten_mask, is_16bit,
+                    resolve_backend)
 
 if HAS_TRITON:
     import triton
@@ -222,7 +223,8 @@ def _kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, inv_temp: float, row_scale
         t.mul_(inv_temp)
     s.sub_(torch.logsumexp(s, -1, keepdim=True))  # log p_s
     t.sub_(torch.logsumexp(t, -1, keepdim=True))  # log p_t
-    pt = t.exp()
+    # the teacher's probabilities need a third [R, V] block; on CPU a reused one (see cpu_scratch)
+    pt = torch.exp(t, out=cpu_scratch("kl_teacher_probs", *t.shape)) if t.device.type == "cpu" else t.exp()
     t.sub_(s).mul_(pt).masked_fill_(pt == 0, 0.0)  # p_t (log p_t - log p_s), with 0 log 0 = 0
     loss = t.sum(-1)
     if row_scale is None:
@@ -306,6 +308,15 @@ def _add_dw(dw: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
         dw[sl] += _mm_fp32_acc(g[:, sl].T, h)
 
 
+def _logit_blocks(rows: int, vocab: int, device: torch.device):
+    """The torch path's student and teacher fp32 [rows, vocab] logit blocks: reused buffers on CPU,
+    where a fresh ~200 MB block is page-faulted in on every chunk (see cpu_scratch)."""
+    if device.type == "cpu":
+        return cpu_scratch("kl_student_logits", rows, vocab), cpu_scratch("kl_teacher_logits", rows, vocab)
+    return (torch.empty(rows, vocab, device=device, dtype=torch.float32),
+            torch.empty(rows, vocab, device=device, dtype=torch.float32))
+
+
 def _linear_kl_chunks(hs, ws, ht, wt, inv_temp, backend, chunk_size, row_scale, need_dh, need_dw):
     """Loop over row chunks. Returns (loss_rows fp32 [N], dh [N, Hs] or None, dw fp32 [V, Hs] or None).
 
@@ -341,9 +352,10 @@ def _linear_kl_chunks(hs, ws, ht, wt, inv_temp, backend, chunk_size, row_scale, 
             g_out = torch.empty(s.shape, device=s.device, dtype=ws.dtype) if is_16bit(ws.dtype) else s
             g = _kl_rows_grad(s, t, lse_s, lse_t, scale_c, inv_temp, backend, g_out)
         else:
+            s, t = _logit_blocks(c1 - c0, ws.shape[0], hs.device)
             with cpu_bf16_products() if bf16_cpu else contextlib.nullcontext():
-                s = hs_c.float() @ ws32.T
-                t = ht_c.float() @ wt32.T
+                torch.mm(hs_c.float(), ws32.T, out=s)
+                torch.mm(ht_c.float(), wt32.T, out=t)
             loss[c0:c1], g = _kl_chunk_torch(s, t, inv_temp, scale_c)
             if not want_grad:
                 continue

@@ -136,6 +136,41 @@ def test_weight_grad_in_vocabulary_slices(backend, monkeypatch):
     assert rel_err(dws, torch.autograd.grad(ref, ws)[0]) < TOL[torch.float32]
 
 
+def test_cpu_scratch_reuse_across_calls_and_shapes():
+    """The CPU torch path writes its logits into buffers kept between calls (cpu_scratch). A call at
+    another shape in between, the statistics' op sharing the machinery, and a release of the
+    buffers must change nothing: each call matches its float64 reference, and the gradients an
+    earlier call returned are not overwritten by a later one."""
+    from kmkernels import free_cpu_scratch, fused_linear_kl_from_stats, teacher_kl_stats
+
+    def run(hs, ws, ht):
+        out = fused_linear_kl(hs, ws, ht, backend="torch", chunk_size=8)
+        return out, torch.autograd.grad(out, [hs, ws])
+
+    def check(hs, ws, ht, out, grads):
+        hs64, ws64 = hs.detach().double().requires_grad_(), ws.detach().double().requires_grad_()
+        ref = linear_kl_ref(hs64, ws64, ht.double(), ws64.detach())
+        assert rel_err(out, ref) < 1e-5
+        for g, rg in zip(grads, torch.autograd.grad(ref, [hs64, ws64])):
+            assert rel_err(g, rg) < TOL[torch.float32]
+
+    a = _make(23, 16, 301, torch.float32)
+    b = _make(11, 24, 157, torch.float32)
+    out_a, grads_a = run(*a[:3])
+    kept = [g.clone() for g in grads_a]
+    out_b, grads_b = run(*b[:3])
+    hs_b, ws_b, ht_b, _ = b
+    emb, negent = teacher_kl_stats(ht_b, ws_b.detach(), backend="torch", chunk_size=4)
+    fused_linear_kl_from_stats(hs_b, ws_b.detach(), emb, negent, backend="torch", chunk_size=4).backward()
+    free_cpu_scratch()
+    out_a2, grads_a2 = run(*a[:3])
+    for g, k in zip(grads_a, kept):
+        assert torch.equal(g, k)
+    check(*a[:3], out_a, grads_a)
+    check(*b[:3], out_b, grads_b)
+    assert torch.equal(out_a2, out_a) and all(torch.equal(x, y) for x, y in zip(grads_a2, grads_a))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_deterministic(backend):
     hs, ws, ht, _ = _make(17, 16, 200, torch.float32)
