@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -175,6 +177,24 @@ def _precision(cfg) -> str:
     return f"autocast {'bf16' if amp is not None else 'off (fp32)'}, base weights {str(base).replace('torch.', '')}"
 
 
+def _timed_index(corpus: str, cfg: IndexConfig) -> tuple[list[dict], float]:
+    t0 = time.time()
+    summ = index(corpus, cfg)
+    return summ, time.time() - t0
+
+
+def _index_in_fresh_process(corpus: str, cfg: IndexConfig) -> tuple[list[dict], float]:
+    """index() timed in a spawned process. Why: run in this one, each recipe inherited what the
+    runs before it left (allocator state, kept CPU scratch buffers, the generator's model). On
+    2026-11-24 the reference took 2.7-3.3 s per step run there after the full recipe, against
+    2.3-2.4 s in a separate 12-step run of the same configuration, a gap we could not otherwise
+    explain; a fresh process for each gives both recipes the same start, model load included."""
+    # (an executor, not Pool: its shutdown lets the worker exit normally, so the semaphores tqdm
+    # made there are released rather than reported as leaked)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_timed_index, corpus, cfg).result()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--corpus", default=str(CORPUS))
@@ -204,10 +224,8 @@ def main(argv=None):
         a.corpus = str(corpus)
         base = base.replace(summaries_per_chunk=2, qa_per_chunk=2)
     # synthetic data once (shared), timed separately
-    t0 = time.time()
     # (objective "pit" needs the synthetic targets but no teacher cache; 1 step, discarded)
-    index(a.corpus, base.replace(out=str(work / "synth_only"), objective="pit", steps=1))
-    t_synth = time.time() - t0
+    _, t_synth = _index_in_fresh_process(a.corpus, base.replace(out=str(work / "synth_only"), objective="pit", steps=1))
     runs = {"full recipe (cache, D=8, backend auto)": base.replace(out=str(work / "full")),
             "reference (--no-teacher-cache --docs-per-step 1 --backend torch)":
                 base.replace(out=str(work / "ref"), teacher_cache=False, docs_per_step=1, backend="torch")}
@@ -219,9 +237,7 @@ def main(argv=None):
             dst.mkdir(parents=True, exist_ok=True)
             for f in ("chunks.json", "synth.json"):
                 shutil.copy(d / f, dst / f)
-        t0 = time.time()
-        summ = index(a.corpus, cfg)
-        secs = time.time() - t0
+        summ, secs = _index_in_fresh_process(a.corpus, cfg)
         n = len([s for s in summ if s.get("status") == "trained"])
         results[name] = {s["id"]: s["final_loss"] for s in summ}
         rows.append([name, str(n), str(cfg.steps), f"{secs:.0f}", f"{3600 * n / secs:.1f}"])
