@@ -78,6 +78,42 @@ def test_teacher_cache_shares_prefixes(tiny_model, tmp_path, monkeypatch):
         tc.shared_prefix_hiddens(model, p2, [examples[0]], [0, 1], 0)
 
 
+def test_pieces_with_prompts_of_their_own_share_their_chunk(tiny_model, tmp_path, monkeypatch):
+    """Recitation pieces each have their own cue, so no two share chunk + prompt; they must still
+    share the chunk before the cue (one prefix pass per chunk), but not the short chat template
+    that examples of different chunks have in common. States as each example run whole (float64)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    import kmtrain.teacher_cache as tc
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    ref_model = copy.deepcopy(model).double()
+    g = torch.Generator().manual_seed(3)
+    rand = lambda n: torch.randint(3, 300, (n,), generator=g).tolist()  # noqa: E731
+    template, chunks = rand(3), [rand(12), rand(12)]
+    examples = []
+    for k in range(7):  # chunks interleaved: the grouping must not rely on the examples' order
+        head = template + chunks[k % 2] + rand(2) if k < 6 else template + rand(14)  # the last: another chunk, alone
+        n = 2 + k % 3
+        examples.append(Example([1, 2], 0, n, head + rand(n + 1), len(head)))
+    shared, alone = tc.prefix_groups(examples)
+    assert sorted((len(p), idx) for p, idx in shared.items()) == [(15, [0, 2, 4]), (15, [1, 3, 5])]
+    assert alone == [6]
+    calls = []
+    real = tc.shared_prefix_hiddens
+    monkeypatch.setattr(tc, "shared_prefix_hiddens", lambda m, prefix, ex, *a: calls.append(len(ex)) or real(m, prefix, ex, *a))
+    path = tmp_path / "c.safetensors"
+    build_cache(model, examples, path, 2, IndexConfig(cache_dtype="fp32"), pad_id=0, batch_size=2)
+    assert calls == [3, 3]
+    cache = TeacherCache(path)
+    for i, e in enumerate(examples):
+        (ref,) = teacher_hiddens(ref_model, [e], [0, 1], pad_id=0)
+        h, _ = cache.get(i)
+        assert h.shape == ref.shape and ((h.double() - ref).norm() / ref.norm()) < 1e-5
+
+
 def test_ddcd_windows_on_a_short_chunk_differ():
     """A chunk shorter than the window must still give distinct windows whose distilled tails cover
     more than the chunk's last tokens (a fixed full-chunk window made every DDCD example the same)."""
