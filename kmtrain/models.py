@@ -146,7 +146,7 @@ def decoder_hidden_states(model, input_ids: torch.Tensor, attention_mask: Option
     lm_head is never run here. A causal-LM call computes [B, T, V] logits (about a fifth of a
     SmolLM2 forward), and even ``logits_to_keep=1`` on CPU turned the strided last-position slice
     into a bmm over a copy of the [V, H] weight per sequence (0.86 s of a 4.7 s training step)."""
-    with cpu_bf16_attention(input_ids.device, next(model.parameters()).dtype):
+    with cpu_bf16_attention(input_ids.device, next(model.parameters()).dtype, keys=input_ids.shape[-1]):
         out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     return out.hidden_states[1:]
 
@@ -161,17 +161,29 @@ def prompt_kv(model, ids: Sequence[int]) -> List[Tuple[torch.Tensor, torch.Tenso
     return [(layer.keys, layer.values) for layer in past.layers]
 
 
-def cpu_bf16_attention(device: torch.device, weight_dtype: torch.dtype):
-    """PyTorch's math attention where the attention runs in bf16 on a CPU, else no change. There its
-    flash kernel took 55 ms for the forward and backward of 16 x 160 tokens, 9 heads (SmolLM2, one
-    layer), against 39 ms for the math path, which was also as close to float64 (max error 0.008
-    against 0.009); make demo's training step went from 9.2 to 8.3 s. In fp32 the flash kernel is
-    the faster one (32 against 39 ms) and stays."""
+# Longest attended length at which the math path is still used for a training pass (see below).
+MATH_ATTENTION_MAX_KEYS = 512
+
+
+def cpu_bf16_attention(device: torch.device, weight_dtype: torch.dtype, keys: int = 0):
+    """PyTorch's math attention for a bf16 training pass (gradient recorded) over at most
+    ``MATH_ATTENTION_MAX_KEYS`` keys on a CPU, else no change (its flash kernel).
+
+    Why: for the forward and backward of 16 x 160 tokens, 9 heads (SmolLM2, one layer) the flash
+    kernel took 55 ms against 39 ms for the math path, which was also as close to float64 (max error
+    0.008 against 0.009); make demo's training step went from 9.2 to 8.3 s. Everywhere else the flash
+    kernel is the faster one (measured on SmolLM2's whole decoder, bf16, 2026-11-24): forward without
+    gradient 9.4 against 10.7 s at 16 x 160 tokens and 14.3 against 26.2 s at 2 x 1750 (a teacher
+    reading a long chunk), forward and backward 43.7 against 76.1 s at 2 x 1750; the math path's
+    [T, T] scores grow with the square of the context. In fp32 the flash kernel is the faster one
+    (32 against 39 ms) and stays. The crossover for training lies between 160 and 1750 keys; 512
+    is a round point inside it, not a measured optimum."""
     from contextlib import nullcontext
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    if device.type == "cpu" and (autocast_bf16 or weight_dtype == torch.bfloat16):
+    bf16 = autocast_bf16 or weight_dtype == torch.bfloat16
+    if device.type == "cpu" and bf16 and torch.is_grad_enabled() and keys <= MATH_ATTENTION_MAX_KEYS:
         return sdpa_kernel(SDPBackend.MATH)
     return nullcontext()

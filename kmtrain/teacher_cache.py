@@ -233,7 +233,8 @@ def shared_prefix_hiddens(model, prefix: Sequence[int], examples: Sequence[Examp
         raise ValueError("shared_prefix_hiddens: an example does not start with the prefix, or distils inside it")
     decoder = model.get_decoder()
     # the attention path decoder_hidden_states takes, so cached and re-run teacher states agree
-    with cpu_bf16_attention(dev, next(model.parameters()).dtype):
+    keys = P + max(len(e.teacher_ids) - P for e in examples)
+    with cpu_bf16_attention(dev, next(model.parameters()).dtype, keys=keys):
         if no_adapter is not None:
             no_adapter(1)
         kv = prompt_kv(model, prefix)

@@ -62,6 +62,34 @@ def test_decoder_hidden_states_under_cpu_bf16_autocast_track_float64(tiny_model)
     assert (g_bf16.double() - g64).norm() <= 5e-2 * g64.norm()
 
 
+def test_cpu_bf16_attention_takes_the_math_path_only_for_short_training_passes(tiny_model):
+    """Math attention for a bf16 pass with gradient over <= MATH_ATTENTION_MAX_KEYS keys (where it
+    was measured faster); the flash kernel for passes without gradient (teacher, cache) and for long
+    contexts. The no-gradient bf16 forward of a long sequence then still tracks float64."""
+    import contextlib
+
+    from kmtrain.models import MATH_ATTENTION_MAX_KEYS, cpu_bf16_attention, decoder_hidden_states, load_model
+
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    is_math = lambda ctx: not isinstance(ctx, contextlib.nullcontext)  # noqa: E731
+    assert is_math(cpu_bf16_attention(cpu, bf16, keys=MATH_ATTENTION_MAX_KEYS))
+    assert not is_math(cpu_bf16_attention(cpu, bf16, keys=MATH_ATTENTION_MAX_KEYS + 1))
+    assert not is_math(cpu_bf16_attention(cpu, torch.float32, keys=16))
+    with torch.no_grad():
+        assert not is_math(cpu_bf16_attention(cpu, bf16, keys=16))
+    model, _, _, _ = load_model(tiny_model)
+    ids = torch.randint(0, 300, (2, MATH_ATTENTION_MAX_KEYS + 40))
+    mask = torch.ones_like(ids)
+    mask[1, :100] = 0  # left padding, as a teacher batch has
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = decoder_hidden_states(model, ids, mask)
+    with torch.no_grad():
+        ref = decoder_hidden_states(model.double(), ids, mask)
+    for a, b in zip(got, ref):
+        a, b = a[mask.bool()].double(), b[mask.bool()]
+        assert (a - b).norm() <= 3e-2 * b.norm(), float((a - b).norm() / b.norm())
+
+
 def test_resolve_model_local_folders(tmp_path, monkeypatch):
     from kmtrain.models import resolve_model
 
