@@ -190,8 +190,11 @@ def prefix_groups(examples: Sequence[Example]) -> Tuple[Dict[Tuple[int, ...], Li
     run_len = 0  # the run's common prefix length
 
     def close_run() -> None:
-        if len(run) > 1:  # no key clash: a shorter common prefix is no member's whole prefix's group
-            shared[tuple(examples[run[0]].teacher_ids[:run_len])] = sorted(run)
+        if len(run) > 1:
+            # the run's common prefix can be another group's whole prefix (a prompt that extends
+            # another): join that group, whose examples all start with it and distil after it
+            key = tuple(examples[run[0]].teacher_ids[:run_len])
+            shared[key] = sorted(shared.get(key, []) + run)
         else:
             alone.extend(run)
 

@@ -114,6 +114,20 @@ def test_pieces_with_prompts_of_their_own_share_their_chunk(tiny_model, tmp_path
         assert h.shape == ref.shape and ((h.double() - ref).norm() / ref.norm()) < 1e-5
 
 
+def test_pieces_whose_common_prefix_is_another_groups_prompt_join_that_group():
+    """Two examples share chunk + prompt K; two others have prompts that extend K, each its own.
+    The latter's common prefix is K itself: all four run from K's one prefix pass, none is lost."""
+    from kmtrain.teacher_cache import prefix_groups
+
+    g = torch.Generator().manual_seed(4)
+    rand = lambda n: torch.randint(3, 300, (n,), generator=g).tolist()  # noqa: E731
+    k = rand(16)
+    heads = [k, k, k + [301], k + [302]]
+    examples = [Example([1, 2], 0, 2, h + rand(3), len(h)) for h in heads]
+    shared, alone = prefix_groups(examples)
+    assert shared == {tuple(k): [0, 1, 2, 3]} and alone == []
+
+
 def test_ddcd_windows_on_a_short_chunk_differ():
     """A chunk shorter than the window must still give distinct windows whose distilled tails cover
     more than the chunk's last tokens (a fixed full-chunk window made every DDCD example the same)."""
