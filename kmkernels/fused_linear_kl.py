@@ -257,6 +257,15 @@ def default_chunk_size(vocab: int) -> int:
     return c
 
 
+def chunk_rows(chunk_size: Optional[int], vocab: int) -> int:
+    """The rows per chunk an op runs with: ``chunk_size``, or ``default_chunk_size`` when it is None
+    or 0. A negative size is refused (a loop over it would run no chunk and return garbage)."""
+    cs = int(chunk_size) if chunk_size else default_chunk_size(vocab)
+    if cs < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return cs
+
+
 # ----------------------------------------------------------------------------------------------
 # Fused linear + KL
 # ----------------------------------------------------------------------------------------------
@@ -525,9 +534,7 @@ def fused_linear_kl(
     wt = None
     if teacher_weight is not None and teacher_weight is not student_weight:
         wt = teacher_weight.detach().contiguous()
-    cs = int(chunk_size) if chunk_size else default_chunk_size(ws.shape[0])
-    if cs < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    cs = chunk_rows(chunk_size, ws.shape[0])
     out = FusedLinearKLFunction.apply(hs, ws, ht, wt, 1.0 / float(temperature), reduction, cs, be)
     if reduction == "none":
         return _scatter_rows(out, keep, n, lead_shape)
@@ -630,7 +637,7 @@ def kl_div_logits(
     t = teacher_logits.detach().reshape(-1, V)
     n = s.shape[0]
     keep, s, t = _kept_rows(keep_mask, s, t)
-    cs = int(chunk_size) if chunk_size else default_chunk_size(V)
+    cs = chunk_rows(chunk_size, V)
     out = KLDivLogitsFunction.apply(s, t, 1.0 / float(temperature), reduction, cs, be)
     if reduction == "none":
         return _scatter_rows(out, keep, n, lead_shape)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .fused_linear_kl import (_check_temperature, _fp32_copy, _kept_rows, _logits_fp32, _mm_fp32_acc, _pick_block,
-                              _scatter_rows, default_chunk_size)
+                              _scatter_rows, chunk_rows)
 from .utils import HAS_TRITON, check_reduction, cpu_bf16_products, cpu_native_bf16, cpu_scratch, flatten_mask, resolve_backend
 
 if HAS_TRITON:
@@ -187,7 +187,7 @@ def teacher_kl_stats(
     ht = teacher_hidden.detach().reshape(-1, weight.shape[1]).contiguous()
     w = weight.detach() if weight.stride(-1) == 1 else weight.detach().contiguous()
     inv_temp = 1.0 / float(temperature)
-    cs = int(chunk_size) if chunk_size else default_chunk_size(w.shape[0])
+    cs = chunk_rows(chunk_size, w.shape[0])
     emb = torch.empty(ht.shape, device=ht.device, dtype=torch.float32)
     negent = torch.empty(ht.shape[0], device=ht.device, dtype=torch.float32)
     # no autocast: it would round the fp32 probabilities to 16 bits before the W^T p GEMM
@@ -308,9 +308,7 @@ def fused_linear_kl_from_stats(
     n = hs.shape[0]
     keep, hs, emb, negent = _kept_rows(keep_mask, hs, emb, negent)
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    cs = int(chunk_size) if chunk_size else default_chunk_size(w.shape[0])
-    if cs < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    cs = chunk_rows(chunk_size, w.shape[0])
     out = FusedLinearKLFromStatsFunction.apply(hs, w, emb, negent, 1.0 / float(temperature), reduction, cs, be)
     if reduction == "none":
         return _scatter_rows(out, keep, n, lead_shape)

@@ -15,6 +15,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / nb)
 
 
+def random_mask(kind: str, lead_shape) -> "torch.Tensor | None":
+    """A test's row mask: None for "none", a random one with its first row kept for "partial",
+    all rows dropped for "all_false"."""
+    if kind == "none":
+        return None
+    if kind == "partial":
+        mask = torch.rand(lead_shape) > 0.4
+        mask.view(-1)[0] = True
+        return mask
+    if kind == "all_false":
+        return torch.zeros(lead_shape, dtype=torch.bool)
+    raise ValueError(f"unknown mask kind {kind!r}")
+
+
 def kl_ref(s_logits, t_logits, temperature=1.0, mask=None, reduction="mean"):
     """KL(softmax(t/T) || softmax(s/T)) per position, float64."""
     s = s_logits.double() / temperature

@@ -4,7 +4,7 @@ import torch
 
 from conftest import DEVICE, KERNEL_DTYPES, requires_cuda
 from kmkernels import FusedLinearKL, KLDivLogits, fused_linear_kl, kl_div_logits
-from reference import kl_ref, linear_kl_ref, rel_err
+from reference import kl_ref, linear_kl_ref, random_mask, rel_err
 
 BACKENDS = ["torch", "triton"]
 # Relative-norm tolerances per input dtype (gradients come back in the input dtype).
@@ -27,12 +27,7 @@ def _check(backend, dtype, n=23, hs_dim=24, v=301, ht_dim=None, temperature=1.0,
     hs, ws, ht, wt = _make(n, hs_dim, v, dtype, ht_dim, lead=lead, separate_teacher_w=separate_teacher_w,
                            weight_grad=weight_grad)
     lead_shape = hs.shape[:-1]
-    mask = None
-    if mask_kind == "partial":
-        mask = torch.rand(lead_shape) > 0.4
-        mask.view(-1)[0] = True
-    elif mask_kind == "all_false":
-        mask = torch.zeros(lead_shape, dtype=torch.bool)
+    mask = random_mask(mask_kind, lead_shape)
     mask_d = mask.to(DEVICE) if mask is not None else None
     out = fused_linear_kl(hs, ws, ht, wt, temperature=temperature, mask=mask_d, reduction=reduction,
                           backend=backend, chunk_size=chunk_size)
@@ -253,6 +248,11 @@ def test_kl_div_logits_module_and_errors():
         kl_div_logits(s, torch.randn(4, 11))
     with pytest.raises(ValueError, match="same leading shape"):
         kl_div_logits(s, torch.randn(5, 10))
+    # a negative chunk would loop over nothing and return an uninitialised loss
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        kl_div_logits(s, t, chunk_size=-2)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        fused_linear_kl(torch.randn(4, 8), torch.randn(10, 8), torch.randn(4, 8), chunk_size=-1)
 
 
 def test_kl_minus_inf_teacher_logits():

@@ -6,7 +6,7 @@ import torch
 from conftest import DEVICE, KERNEL_DTYPES, requires_cuda
 from kmkernels import FusedLinearKLFromStats, fused_linear_kl, fused_linear_kl_from_stats, teacher_kl_stats
 from kmkernels.kl_from_stats import _probs_rows_kernel
-from reference import linear_kl_ref, rel_err
+from reference import linear_kl_ref, random_mask, rel_err
 
 BACKENDS = ["torch", "triton"]
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -68,12 +68,7 @@ def test_matches_float64(backend, dtype, case):
         # seeds fused_linear_kl's fp32 gradient was 1.0-2.6e-5 off float64 here, this op's 1.4-2.8e-5.
         tol = 4 * tol
     lead_shape = hs.shape[:-1]
-    mask = None
-    if mask_kind == "partial":
-        mask = torch.rand(lead_shape) > 0.4
-        mask.view(-1)[0] = True
-    elif mask_kind == "all_false":
-        mask = torch.zeros(lead_shape, dtype=torch.bool)
+    mask = random_mask(mask_kind, lead_shape)
     emb, negent = teacher_kl_stats(ht, w, temperature=temperature, backend=backend, chunk_size=8)
     out = fused_linear_kl_from_stats(hs, w, emb, negent, temperature=temperature, reduction=reduction,
                                      mask=mask.to(DEVICE) if mask is not None else None, backend=backend, chunk_size=8)
@@ -157,6 +152,10 @@ def test_bad_input():
         fused_linear_kl_from_stats(hs, w, emb, negent, temperature=0)
     with pytest.raises(ValueError, match="teacher_hidden must be"):
         teacher_kl_stats(ht[:, :3], w)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        teacher_kl_stats(ht, w, chunk_size=-1)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        fused_linear_kl_from_stats(hs, w, emb, negent, chunk_size=-1)
 
 
 @requires_cuda
