@@ -165,9 +165,11 @@ def prompt_kv(model, ids: Sequence[int]) -> List[Tuple[torch.Tensor, torch.Tenso
 MATH_ATTENTION_MAX_KEYS = 512
 
 
-def cpu_bf16_attention(device: torch.device, weight_dtype: torch.dtype, keys: int = 0):
+def cpu_bf16_attention(device: torch.device, weight_dtype: torch.dtype, keys: int):
     """PyTorch's math attention for a bf16 training pass (gradient recorded) over at most
-    ``MATH_ATTENTION_MAX_KEYS`` keys on a CPU, else no change (its flash kernel).
+    ``MATH_ATTENTION_MAX_KEYS`` keys on a CPU, else no change (its flash kernel). ``keys``: the
+    longest attended length of the pass (prefix included); no default, so no caller gets the math
+    path on a long context by leaving it out.
 
     Why: for the forward and backward of 16 x 160 tokens, 9 heads (SmolLM2, one layer) the flash
     kernel took 55 ms against 39 ms for the math path, which was also as close to float64 (max error
