@@ -187,7 +187,7 @@ def prefix_groups(examples: Sequence[Example]) -> Tuple[Dict[Tuple[int, ...], Li
                   key=lambda i: list(examples[i].teacher_ids[:examples[i].t_start]))
     alone: List[int] = []
     run: List[int] = []
-    run_len = 0  # the run's common prefix length
+    run_len = run_longest = 0  # the run's common prefix length, and its members' longest prefix
 
     def close_run() -> None:
         if len(run) > 1:
@@ -206,12 +206,12 @@ def prefix_groups(examples: Sequence[Example]) -> Tuple[Dict[Tuple[int, ...], Li
             while common < min(run_len, len(mine)) and first[common] == mine[common]:
                 common += 1
             # half of every member's prefix: run_len only shrinks, and each member's prefix is >= the old run_len
-            if common > 0 and 2 * common >= max(len(mine), max(examples[j].t_start for j in run)):
+            if common > 0 and 2 * common >= max(len(mine), run_longest):
                 run.append(i)
-                run_len = common
+                run_len, run_longest = common, max(run_longest, len(mine))
                 continue
             close_run()
-        run, run_len = [i], len(mine)
+        run, run_len, run_longest = [i], len(mine), len(mine)
     close_run()
     return shared, sorted(alone)
 
