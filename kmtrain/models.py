@@ -1,6 +1,8 @@
 """Base model resolution: the bundled SmolLM2 alias, local folders, Hub names."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -8,7 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,6 +37,35 @@ def _gguf_path(package: str, filename: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _one_gguf_parse() -> Iterator[None]:
+    """Within: one parse of a GGUF file serves transformers' three loaders, and one tensor-name map
+    serves every module of the model.
+
+    Why: the tokenizer, the config and the weights each build their own ``gguf.GGUFReader`` of the
+    file (its pure-Python metadata parse took ~5 s each for SmolLM2's 49k-token vocabulary on a
+    2-core CPU), and the weight loader builds ``gguf.get_tensor_name_map`` again for each of the
+    model's ~400 modules (6.5 s). Both are pure functions of their arguments and only read, so
+    their results are shared while the block runs; the originals are put back on exit. A
+    transformers that stops calling them through the ``gguf`` module loads as before, only slower."""
+    import gguf
+
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def shared_reader(path, *args, **kwargs):
+        key = (os.fspath(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = real_reader(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, functools.lru_cache(maxsize=None)(real_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
+
+
 def resolve_model(name_or_path: str) -> Tuple[str, str]:
     """Return (local folder with safetensors + tokenizer, display name).
 
@@ -49,8 +80,9 @@ def resolve_model(name_or_path: str) -> Tuple[str, str]:
         gguf = _gguf_path(package, filename)
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with _one_gguf_parse():
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # A GGUF-loaded model is marked quantized and refuses save_pretrained: rebuild a plain one.
         cfg = quant.config
         if hasattr(cfg, "quantization_config"):

@@ -101,3 +101,37 @@ def test_resolve_model_local_folders(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="no such model folder"):
             resolve_model(missing)
     assert resolve_model("some-org/some-model") == ("some-org/some-model", "some-org/some-model")  # a Hub name
+
+
+def test_one_gguf_parse_shares_readers_inside_and_restores_gguf_after(tmp_path):
+    """resolve_model's GGUF conversion parses the file once for transformers' three loaders: inside
+    the block one reader per path, outside (and after an error inside) gguf's own functions again."""
+    import gguf
+    import numpy as np
+
+    from kmtrain.models import _one_gguf_parse
+
+    paths = []
+    for name in ("a.gguf", "b.gguf"):
+        w = gguf.GGUFWriter(str(tmp_path / name), "llama")
+        w.add_block_count(2)
+        w.add_tensor("token_embd.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        paths.append(tmp_path / name)
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _one_gguf_parse():
+        r1, r2, other = gguf.GGUFReader(paths[0]), gguf.GGUFReader(str(paths[0])), gguf.GGUFReader(paths[1])
+        assert r1 is r2 and other is not r1
+        assert [t.name for t in r1.tensors] == ["token_embd.weight"]
+        assert np.array_equal(np.asarray(r1.tensors[0].data).reshape(3, 4), np.arange(12).reshape(3, 4))
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert gguf.GGUFReader is real_reader and gguf.get_tensor_name_map is real_map
+    assert gguf.GGUFReader(paths[0]) is not gguf.GGUFReader(paths[0])
+    with pytest.raises(RuntimeError, match="inside"):
+        with _one_gguf_parse():
+            raise RuntimeError("an error inside")
+    assert gguf.GGUFReader is real_reader and gguf.get_tensor_name_map is real_map
