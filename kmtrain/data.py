@@ -46,17 +46,24 @@ def sanitize_id(raw: str) -> str:
     return s
 
 
-def _add(docs: Dict[str, Document], raw_id, text, source: str):
+def _add(docs: Dict[str, Document], problems: List[str], raw_id, text, source: str) -> None:
+    """Adds one document, or records why it cannot be added (the caller reports every problem at once)."""
     if not isinstance(text, str):
-        raise DocumentError(f"{source}: document text must be a string, got {type(text).__name__}")
+        problems.append(f"{source}: document text must be a string, got {type(text).__name__}")
+        return
     doc_id = sanitize_id(raw_id)
     if not doc_id:
-        raise DocumentError(f"{source}: document id {raw_id!r} is empty after sanitising")
-    if not text.strip():
-        raise DocumentError(f"{source}: document {raw_id!r} is empty")
-    if doc_id in docs:
-        raise DocumentError(f"{source}: duplicate document id {doc_id!r} (also in {docs[doc_id].source})")
-    docs[doc_id] = Document(doc_id, text, source)
+        problems.append(f"{source}: document id {raw_id!r} is empty after sanitising")
+    elif not text.strip():
+        problems.append(f"{source}: document {raw_id!r} is empty")
+    elif doc_id in docs:
+        problems.append(f"{source}: duplicate document id {doc_id!r} (also in {docs[doc_id].source})")
+    else:
+        docs[doc_id] = Document(doc_id, text, source)
+
+
+def _not_utf8(path, e: UnicodeDecodeError) -> str:
+    return f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})"
 
 
 def load_documents(source: str, *, split: str = "train", id_field: str = "id", text_field: str = "text",
@@ -64,10 +71,12 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
     """Documents from a folder of .txt/.md files (id = file stem), a .jsonl of {"id", "text"},
     or a Hugging Face dataset name (``datasets.load_dataset(source, split=split)``).
 
-    Every problem (duplicate id, empty document, non-UTF-8 file, bad JSON line) raises
-    DocumentError naming the file; nothing is written before the whole input is checked.
+    Every problem (duplicate id, empty document, non-UTF-8 file, bad JSON line) is collected
+    and raised as one DocumentError that names each file or record, so one run lists everything
+    to fix; nothing is written before the whole input is checked.
     """
     docs: Dict[str, Document] = {}
+    problems: List[str] = []
     path = Path(source)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".txt", ".md") and p.is_file())
@@ -77,13 +86,14 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
             try:
                 text = p.read_bytes().decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DocumentError(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            _add(docs, p.stem, text, str(p))
+                problems.append(_not_utf8(p, e))
+                continue
+            _add(docs, problems, p.stem, text, str(p))
     elif path.is_file() and path.suffix.lower() == ".jsonl":
         try:
             lines = path.read_bytes().decode("utf-8").splitlines()
         except UnicodeDecodeError as e:
-            raise DocumentError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            raise DocumentError(_not_utf8(path, e)) from None
         for i, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -91,10 +101,12 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DocumentError(f"{where}: invalid JSON ({e.msg})") from None
+                problems.append(f"{where}: invalid JSON ({e.msg})")
+                continue
             if not isinstance(rec, dict) or id_field not in rec or text_field not in rec:
-                raise DocumentError(f"{where}: each line needs {id_field!r} and {text_field!r} fields")
-            _add(docs, rec[id_field], rec[text_field], where)
+                problems.append(f"{where}: each line needs {id_field!r} and {text_field!r} fields")
+                continue
+            _add(docs, problems, rec[id_field], rec[text_field], where)
     elif path.exists():
         raise DocumentError(f"{source}: expected a folder of .txt/.md files or a .jsonl file")
     else:
@@ -112,7 +124,11 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
         for i, rec in enumerate(ds):
             if limit is not None and len(docs) >= limit:
                 break
-            _add(docs, rec[id_field], rec[text_field], f"{source}[{split}][{i}]")
+            _add(docs, problems, rec[id_field], rec[text_field], f"{source}[{split}][{i}]")
+    if len(problems) == 1:
+        raise DocumentError(problems[0])
+    if problems:
+        raise DocumentError(f"{len(problems)} problems in the input documents:\n  " + "\n  ".join(problems))
     out = list(docs.values())
     return out[:limit] if limit is not None else out
 

@@ -1,4 +1,6 @@
 """kmtrain.data: reading documents (and the errors that name the bad file), ids, chunks, Q/A parsing."""
+import re
+
 import pytest
 
 from conftest import tiny_cfg
@@ -35,6 +37,33 @@ def test_bad_inputs_name_the_file(tmp_path, tiny_model):
     assert not out.exists()
     with pytest.raises(ValueError, match="objective"):
         IndexConfig(objective="xyz").validate()
+
+
+def test_every_bad_input_is_reported_in_one_error(tmp_path):
+    """Indexing thousands of documents: one run lists every file to fix, not only the first."""
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "a.txt").write_text("fine text")
+    (d / "a.md").write_text("same stem as a.txt")
+    (d / "b.txt").write_bytes(b"\xff\xfe not utf-8")
+    (d / "c.md").write_text("")
+    (d / "d.txt").write_text("also fine")
+    with pytest.raises(DocumentError) as err:
+        load_documents(str(d))
+    msg = str(err.value)
+    assert msg.startswith("3 problems in the input documents:")
+    lines = msg.splitlines()[1:]
+    assert len(lines) == 3
+    assert any("a.txt: duplicate document id 'a'" in line and "a.md" in line for line in lines)
+    assert any("b.txt: not valid UTF-8" in line for line in lines)
+    assert any("c.md: document 'c' is empty" in line for line in lines)
+    j = tmp_path / "docs.jsonl"
+    j.write_text('{"id": "x", "text": "ok"}\nnot json\n{"id": "y"}\n{"id": "x", "text": "again"}\n')
+    with pytest.raises(DocumentError) as err:
+        load_documents(str(j))
+    lines = str(err.value).splitlines()
+    assert lines[0] == "3 problems in the input documents:"
+    assert [re.search(r"docs\.jsonl:(\d+): ", line).group(1) for line in lines[1:]] == ["2", "3", "4"]
 
 
 def test_ids_chunks_and_qa_parsing():
