@@ -22,6 +22,7 @@ The torch path loops over the adapters present (fp32 math) and is the oracle's n
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -648,14 +649,17 @@ def _peft_key(module_name: str, which: str) -> str:
 
 
 def export_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike], *,
-                base_model_name_or_path: Optional[str] = None, extra_files: Optional[Dict[str, str]] = None) -> None:
+                base_model_name_or_path: Optional[str] = None,
+                extra_files: Optional[Dict[str, Union[str, Callable[[str], str]]]] = None) -> str:
     """Write slot ``slot`` as a standard PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).
 
     The folder is written to a temporary sibling and renamed into place, so a crash never
-    leaves a half-written adapter. ``extra_files`` (name -> text) are written inside it first.
+    leaves a half-written adapter. ``extra_files`` (name -> text, or a function of the adapter
+    file's sha256 returning the text, for a manifest that records it) are written inside it first.
+    Returns the sha256 (hex) of adapter_model.safetensors as written.
     """
     from peft import LoraConfig
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     st = _state(model)
     _check_slot(model, slot)
@@ -673,10 +677,13 @@ def export_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike], *,
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
     try:
         cfg.save_pretrained(tmp)
-        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        data = save(tensors, metadata={"format": "pt"})
+        digest = hashlib.sha256(data).hexdigest()
+        with open(os.path.join(tmp, "adapter_model.safetensors"), "wb") as f:
+            f.write(data)
         for fname, text in (extra_files or {}).items():
             with open(os.path.join(tmp, fname), "w") as f:
-                f.write(text)
+                f.write(text(digest) if callable(text) else text)
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=".old-", dir=parent)
             os.rename(path, os.path.join(old, "x"))
@@ -687,6 +694,7 @@ def export_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike], *,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return digest
 
 
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight$")

@@ -88,6 +88,38 @@ def _read_json(path: Path):
         return None
 
 
+def km_problem(folder: Path, sha256: Optional[str] = None) -> Optional[str]:
+    """Why the KM folder ``folder`` cannot be used, or None when it is intact: its adapter config
+    must read, and its weights file must open as safetensors covering the whole file (a truncated
+    copy fails here). Given ``sha256`` (km.json's adapter_sha256), the weights file is also hashed
+    against it, which catches any changed byte; resume skips that (it reads every KM's weights)
+    and ask does it for the KMs it loads."""
+    from safetensors import safe_open
+
+    try:
+        read_adapter_config(folder)
+    except ValueError as e:
+        return str(e)
+    weights = Path(folder) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return f"{weights}: missing"
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            if not list(f.keys()):
+                return f"{weights}: holds no tensors"
+    except Exception as e:  # safetensors raises its own error type for a truncated or damaged file
+        return f"{weights}: unreadable ({e})"
+    if sha256:
+        h = hashlib.sha256()
+        with open(weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        if h.hexdigest() != sha256:
+            return (f"{weights}: sha256 {h.hexdigest()[:12]} is not the {sha256[:12]} recorded in km.json "
+                    f"(the file changed after it was written)")
+    return None
+
+
 def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = None, **overrides) -> List[dict]:
     """Train one KM per document. Returns one summary dict per document (also printed, one line each)."""
     cfg = (cfg or IndexConfig()).replace(**overrides).validate() if overrides else (cfg or IndexConfig()).validate()
@@ -103,15 +135,24 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
     summaries: List[dict] = []
     todo = []
     for d in documents:
-        done = _read_json(out / d.id / "km.json")
-        if done is not None and not cfg.retrain and done.get("document_sha256") == d.sha256:
+        km_json = out / d.id / "km.json"
+        done = _read_json(km_json)
+        if cfg.retrain:
+            todo.append(d)
+        elif done is None:
+            if km_json.exists():
+                print(f"{d.id}: {km_json} is unreadable, retraining", flush=True)
+            todo.append(d)
+        elif done.get("document_sha256") != d.sha256:
+            print(f"{d.id}: the document changed since its KM was trained, retraining", flush=True)
+            todo.append(d)
+        elif (problem := km_problem(out / d.id)) is not None:
+            print(f"{d.id}: its finished KM is damaged ({problem}), retraining", flush=True)
+            todo.append(d)
+        else:
             summaries.append({**done, "status": "already done"})
             print(f"{d.id}: already done ({done.get('objective')}, {done.get('steps')} steps), skipped "
                   f"(retrain=True / --retrain redoes it)", flush=True)
-        else:
-            if done is not None and not cfg.retrain:
-                print(f"{d.id}: the document changed since its KM was trained, retraining", flush=True)
-            todo.append(d)
     if not todo:
         return summaries
 
@@ -191,10 +232,16 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
             for old in (work / st.id).glob(f"teacher_{cfg.objective}_*.safetensors"):
                 if old != path:  # superseded caches only take disk
                     old.unlink()
-            if not path.is_file():
+            if path.is_file():
+                try:
+                    st.cache = TeacherCache(path, examples=len(st.examples))
+                except ValueError as e:  # a damaged file is rebuilt, never trained on
+                    print(f"{st.id}: {e}; rebuilding it", flush=True)
+                    path.unlink()
+            if st.cache is None:
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     build_cache(model, st.examples, path, num_layers, cfg, tok.pad_token_id, no_adapter)
-            st.cache = TeacherCache(path)
+                st.cache = TeacherCache(path, examples=len(st.examples))
             cache_info[st.id] = {"bytes": path.stat().st_size, "tokens": st.cache.offsets[-1]}
             bar.update(1)
         bar.close()
@@ -231,8 +278,10 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
                 "rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr,
                 "lr_b_ratio": cfg.lr_b_ratio, "seed": cfg.seed,
             }
-            export_peft(model, slot, out / st.id, base_model_name_or_path=model_name,
-                        extra_files={"km.json": json.dumps(meta, indent=1)})
+            # km.json records the adapter file's sha256, which ask checks before loading it
+            digest = export_peft(model, slot, out / st.id, base_model_name_or_path=model_name,
+                                 extra_files={"km.json": lambda sha: json.dumps({**meta, "adapter_sha256": sha}, indent=1)})
+            meta["adapter_sha256"] = digest
             summaries.append({**meta, "status": "trained"})
             loss_txt = " ".join(f"{k}={v:.4f}" for k, v in final.items())
             cache_txt = f", cache {cache_info[st.id]['bytes'] / 1e6:.1f} MB" if st.id in cache_info else ""
@@ -255,8 +304,16 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
     base = model
     configs, trained_on = [], {}
     for km in kms:
-        meta = _read_json(Path(km) / "km.json") or {}
-        configs.append(read_adapter_config(km))  # a missing or damaged KM fails before the model loads
+        # A missing or damaged KM fails here, before the model loads. km.json is optional (any PEFT
+        # LoRA folder is accepted) but must read where it exists: it carries the checks below.
+        meta_path = Path(km) / "km.json"
+        meta = _read_json(meta_path) if meta_path.exists() else {}
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_path}: unreadable (not a JSON object); re-index the document with --retrain")
+        problem = km_problem(Path(km), meta.get("adapter_sha256"))
+        if problem is not None:
+            raise ValueError(f"{problem}; re-index the document with --retrain")
+        configs.append(read_adapter_config(km))
         trained_on[km] = meta.get("base_model_sha256")
         km_base = meta.get("base_model_path")
         if base is None:

@@ -318,20 +318,54 @@ def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg
 class TeacherCache:
     """Memory-mapped reader of one document's teacher.safetensors."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, examples: Optional[int] = None):
+        """Opens and checks the file: a truncated or damaged file, tensors whose shapes disagree, or
+        (given ``examples``) another number of examples raise ValueError naming the file and the
+        problem, so that a caller can rebuild the cache rather than train on it."""
         from safetensors import safe_open
 
         self.path = Path(path)
-        self._f = safe_open(str(path), framework="pt")
-        self.norms = self._f.get_tensor("norms")
-        self.offsets = self._f.get_tensor("tok_offsets").tolist()
-        self.layers = self._f.get_tensor("layers").tolist()
-        self.scale = self._f.get_tensor("hidden_scale") if "hidden_scale" in self._f.keys() else None
-        self._hidden = self._f.get_slice("hidden")
-        self.has_kl_stats = "kl_embedding" in self._f.keys()
+        try:
+            self._f = safe_open(str(path), framework="pt")
+            keys = set(self._f.keys())
+            missing = {"hidden", "norms", "tok_offsets", "layers"} - keys
+            if missing:
+                raise ValueError(f"no {', '.join(sorted(missing))} tensor")
+            self.norms = self._f.get_tensor("norms")
+            self.offsets = self._f.get_tensor("tok_offsets").tolist()
+            self.layers = self._f.get_tensor("layers").tolist()
+            self.scale = self._f.get_tensor("hidden_scale") if "hidden_scale" in keys else None
+            self._hidden = self._f.get_slice("hidden")
+            self.has_kl_stats = "kl_embedding" in keys
+            if self.has_kl_stats:
+                self._kl_embedding = self._f.get_slice("kl_embedding")
+                self._kl_neg_entropy = self._f.get_slice("kl_neg_entropy")
+        except ValueError as e:
+            raise ValueError(f"{path}: damaged teacher cache ({e})") from None
+        except Exception as e:  # safetensors raises its own error type for a truncated or damaged file
+            raise ValueError(f"{path}: damaged teacher cache ({type(e).__name__}: {e})") from None
+        problem = self._shape_problem(examples)
+        if problem:
+            raise ValueError(f"{path}: damaged teacher cache ({problem})")
+
+    def _shape_problem(self, examples: Optional[int]) -> Optional[str]:
+        n, tokens, n_layers = len(self.offsets) - 1, self.offsets[-1] if self.offsets else -1, len(self.layers)
+        hidden = tuple(self._hidden.get_shape())
+        if n < 0 or any(b < a for a, b in zip(self.offsets, self.offsets[1:])) or (self.offsets and self.offsets[0] != 0):
+            return f"token offsets {self.offsets[:4]}... are not a rising list from 0"
+        if examples is not None and n != examples:
+            return f"{n} examples, the run has {examples}"
+        if len(hidden) != 3 or hidden[:2] != (n_layers, tokens):
+            return f"hidden {hidden}, expected ({n_layers}, {tokens}, H)"
+        if tuple(self.norms.shape) != (n, n_layers):
+            return f"norms {tuple(self.norms.shape)}, expected ({n}, {n_layers})"
+        if self.scale is not None and tuple(self.scale.shape) != (n_layers,):
+            return f"hidden_scale {tuple(self.scale.shape)}, expected ({n_layers},)"
         if self.has_kl_stats:
-            self._kl_embedding = self._f.get_slice("kl_embedding")
-            self._kl_neg_entropy = self._f.get_slice("kl_neg_entropy")
+            emb, neg = tuple(self._kl_embedding.get_shape()), tuple(self._kl_neg_entropy.get_shape())
+            if len(emb) != 2 or emb[0] != tokens or (tokens and emb[1] != hidden[2]) or neg != (tokens,):
+                return f"kl_embedding {emb} / kl_neg_entropy {neg}, expected ({tokens}, {hidden[2]}) / ({tokens},)"
+        return None
 
     def __len__(self):
         return len(self.offsets) - 1

@@ -1,4 +1,5 @@
 """kmtrain.index: index + ask end to end (tiny random Llama, and the bundled SmolLM2), resume, precision choices."""
+import hashlib
 import json
 
 import pytest
@@ -146,6 +147,45 @@ def test_changed_document_is_retrained_others_kept(tiny_model, docs_dir, tmp_pat
     for d in DOCS:
         now = (out / d / "adapter_model.safetensors").stat().st_mtime_ns
         assert (now != stamps[d]) == (d == changed)
+
+
+def test_damaged_outputs_are_found_and_redone(tiny_model, docs_dir, tmp_path, capsys):
+    """A truncated KM or teacher cache, or an unreadable km.json, is redone on resume, never used:
+    the redone KM is the one first written (same sha256); a KM with any changed byte is refused by
+    ask (km.json records the adapter's sha256); intact KMs are kept."""
+    out = tmp_path / "kms"
+    cfg = tiny_cfg(tiny_model, out, docs_per_step=2)
+    index(str(docs_dir), cfg)
+    meta = {d: json.loads((out / d / "km.json").read_text()) for d in DOCS}
+    for d in DOCS:
+        assert meta[d]["adapter_sha256"] == hashlib.sha256((out / d / "adapter_model.safetensors").read_bytes()).hexdigest()
+    stamp = (out / "gamma" / "adapter_model.safetensors").stat().st_mtime_ns
+    weights = out / "alpha" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:300])  # a copy cut short
+    (cache,) = (out / ".work" / "alpha").glob("teacher_*.safetensors")
+    cache.write_bytes(cache.read_bytes()[:1000])
+    (out / "beta" / "km.json").write_text('{"id": "beta", ')
+    capsys.readouterr()
+    status = {s["id"]: s["status"] for s in index(str(docs_dir), cfg)}
+    printed = capsys.readouterr().out
+    assert status == {"alpha": "trained", "beta": "trained", "gamma": "already done"}
+    assert "alpha: its finished KM is damaged" in printed and "adapter_model.safetensors: unreadable" in printed
+    assert f"alpha: {cache}: damaged teacher cache" in printed and "rebuilding it" in printed
+    assert "beta: " + str(out / "beta" / "km.json") + " is unreadable, retraining" in printed
+    assert (out / "gamma" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    for d in ("alpha", "beta"):  # the same KM as before, from the same data and seed in the same wave
+        assert json.loads((out / d / "km.json").read_text())["adapter_sha256"] == meta[d]["adapter_sha256"]
+    assert ask([(str(out / "alpha"), "Which bell?")], model=tiny_model, max_new_tokens=2)
+
+    weights = out / "gamma" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 1  # one bit of a weight: the file still parses, only the hash tells
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256 .* is not the .* recorded in km.json"):
+        ask([(str(out / "gamma"), "What time?")], model=tiny_model, max_new_tokens=2)
+    (out / "beta" / "km.json").write_text("[1, 2")
+    with pytest.raises(ValueError, match="km.json: unreadable"):
+        ask([(str(out / "beta"), "What grows?")], model=tiny_model, max_new_tokens=2)
 
 
 @pytest.mark.parametrize("objective", ["ddcd", "lm", "pit"])

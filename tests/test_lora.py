@@ -1,5 +1,6 @@
 """grouped_lora against a float64 per-adapter loop, and the model-level API against PEFT."""
 import copy
+import hashlib
 import json
 import shutil
 
@@ -328,7 +329,9 @@ def test_export_peft_round_trip(tmp_path):
     with torch.no_grad():  # give B non-zero values so the adapter changes outputs
         for p in slot_parameters(grouped):
             p.add_(torch.randn_like(p) * 0.05)
-    export_peft(grouped, 1, tmp_path / "km")
+    digest = export_peft(grouped, 1, tmp_path / "km", extra_files={"note.txt": "hello", "manifest.json": lambda sha: sha})
+    assert digest == hashlib.sha256((tmp_path / "km" / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert (tmp_path / "km" / "manifest.json").read_text() == digest and (tmp_path / "km" / "note.txt").read_text() == "hello"
     cfg = json.loads((tmp_path / "km" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 16 and sorted(cfg["target_modules"]) == sorted(TARGETS)
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "km")

@@ -41,6 +41,32 @@ def test_teacher_cache_round_trip(tiny_model, tmp_path, dtype, tol):
         torch.testing.assert_close(negent.double(), (p * p.log()).sum(-1), rtol=0, atol=4e-7 * float(z.abs().max()))
 
 
+def test_damaged_teacher_cache_is_refused(tiny_model, tmp_path):
+    """A truncated file, a file of another run's example count, or tensors whose shapes disagree
+    raise ValueError naming the file (index rebuilds the cache on it)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    examples = [Example([1, 2, 3], 0, n, list(range(3, n + 8)), 4) for n in (3, 5)]
+    path = tmp_path / "c.safetensors"
+    build_cache(model, examples, path, 2, IndexConfig(), pad_id=0)
+    assert len(TeacherCache(path, examples=2)) == 2
+    with pytest.raises(ValueError, match="damaged teacher cache .*2 examples, the run has 3"):
+        TeacherCache(path, examples=3)
+    tensors = load_file(str(path))
+    bad = tmp_path / "bad.safetensors"
+    save_file({**tensors, "norms": tensors["norms"][:1]}, str(bad))
+    with pytest.raises(ValueError, match=r"damaged teacher cache \(norms \(1, 2\), expected \(2, 2\)\)"):
+        TeacherCache(bad)
+    save_file({k: v for k, v in tensors.items() if k != "tok_offsets"}, str(bad))
+    with pytest.raises(ValueError, match="no tok_offsets tensor"):
+        TeacherCache(bad)
+    bad.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=f"{bad}: damaged teacher cache"):
+        TeacherCache(bad)
+
+
 def test_teacher_cache_shares_prefixes(tiny_model, tmp_path, monkeypatch):
     """Targets of one chunk and prompt share the teacher's prefix pass; the cached states must be
     those of each example run whole (float64 reference), in the examples' order."""
