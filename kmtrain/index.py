@@ -190,12 +190,15 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
             else:
                 missing.append(d)
         if missing:
-            made = synthesize(model, tok, {d.id: chunks[d.id][0] for d in missing}, cfg, model_path=cfg.model,
-                              progress_factory=lambda **kw: _bar(cfg, **kw))
-            for d in missing:
-                rec = {**made[d.id], "setting": synth_setting, "doc_sha": d.sha256}
-                atomic_write_text(work / d.id / "synth.json", json.dumps(rec))
-                synth[d.id] = rec
+            sha = {d.id: d.sha256 for d in missing}
+
+            def save(doc_id: str, made: dict) -> None:  # as each document finishes: a kill keeps those done
+                rec = {**made, "setting": synth_setting, "doc_sha": sha[doc_id]}
+                atomic_write_text(work / doc_id / "synth.json", json.dumps(rec))
+                synth[doc_id] = rec
+
+            synthesize(model, tok, {d.id: chunks[d.id][0] for d in missing}, cfg, model_path=cfg.model,
+                       progress_factory=lambda **kw: _bar(cfg, **kw), on_document=save)
 
     # 4. examples and the teacher cache
     states: List[DocState] = []

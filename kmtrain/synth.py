@@ -4,7 +4,8 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from typing import Dict, List, Tuple
+from collections import Counter
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -85,8 +86,9 @@ def _prompt_cache(model, batch: List[List[int]], width: int, kv: Dict[Tuple[int,
 
 
 def _generate_hf(model, tokenizer, prompts: List[List[int]], cfg, seeds: List[int], progress=None,
-                 share_prompts: bool = True) -> List[str]:
+                 share_prompts: bool = True) -> Iterator[str]:
     """Batched top-p sampling with Hugging Face generate (left padding), request i drawn from seeds[i].
+    Yields the outputs in request order, each batch's as soon as it is generated.
 
     share_prompts: each distinct prompt's keys and values are computed once and reused by every
     request of it (see _prompt_cache); False runs every row's prompt in the batched prefill (the
@@ -94,7 +96,6 @@ def _generate_hf(model, tokenizer, prompts: List[List[int]], cfg, seeds: List[in
     of a 2-core CPU's ~160 s of generation."""
     from transformers import LogitsProcessorList
 
-    outs: List[str] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dev = next(model.parameters()).device
     kv: Dict[Tuple[int, ...], list] = {}
@@ -116,11 +117,10 @@ def _generate_hf(model, tokenizer, prompts: List[List[int]], cfg, seeds: List[in
             out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
                                  logits_processor=LogitsProcessorList([sampler]), max_new_tokens=cfg.max_new_tokens,
                                  pad_token_id=pad, **cached)
-        for j in range(len(batch)):
-            outs.append(tokenizer.decode(out[j, width:], skip_special_tokens=True).strip())
         if progress is not None:
             progress.update(len(batch))
-    return outs
+        for j in range(len(batch)):
+            yield tokenizer.decode(out[j, width:], skip_special_tokens=True).strip()
 
 
 def _generate_vllm(model_path: str, tokenizer, prompts: List[List[int]], cfg, seeds: List[int]) -> List[str]:
@@ -164,8 +164,12 @@ def focus_sources(chunk: str, parts: int) -> List[str]:
 
 
 def synthesize(model, tokenizer, chunks_by_doc: Dict[str, List[str]], cfg, model_path: str = "",
-               progress_factory=None) -> Dict[str, dict]:
+               progress_factory=None, on_document: Optional[Callable[[str, dict], None]] = None) -> Dict[str, dict]:
     """For each document: {"items": [{"chunk", "prompt", "target"}], "dropped", "requested", "qa_pairs"}.
+
+    ``on_document(doc_id, record)`` is called as soon as a document's last request is generated
+    (the requests go in document order), so a caller can save it: a run killed during generation
+    keeps every document finished before (index writes its synth.json there).
 
     Requests for all documents go through the generator together (one batch stream), each sampled
     from its own seed (`request_seed`), so a document's targets do not depend on its batch mates.
@@ -190,10 +194,9 @@ def synthesize(model, tokenizer, chunks_by_doc: Dict[str, List[str]], cfg, model
             bar.update(len(jobs))
     else:
         texts = _generate_hf(model, tokenizer, prompts, cfg, seeds, bar)
-    if bar is not None:
-        bar.close()
     result = {d: {"items": [], "dropped": 0, "requested": 0, "qa_pairs": 0} for d in chunks_by_doc}
-    for (doc_id, c, kind, _, _), text in zip(jobs, texts):
+    left = Counter(j[0] for j in jobs)  # requests not yet generated, per document
+    for (doc_id, c, kind, _, _), text in zip(jobs, texts):  # texts arrive batch by batch
         r = result[doc_id]
         r["requested"] += 1
         if kind == "summary":
@@ -209,6 +212,11 @@ def synthesize(model, tokenizer, chunks_by_doc: Dict[str, List[str]], cfg, model
                 r["qa_pairs"] += len(pairs)
             else:
                 r["dropped"] += 1
+        left[doc_id] -= 1
+        if left[doc_id] == 0 and on_document is not None:
+            on_document(doc_id, r)
+    if bar is not None:
+        bar.close()
     return result
 
 

@@ -132,6 +132,45 @@ def test_resume_after_interruption(tiny_model, docs_dir, tmp_path, monkeypatch):
     assert stamps == {d: (out / d / "adapter_model.safetensors").stat().st_mtime_ns for d in finished}
 
 
+def test_kill_during_generation_keeps_finished_documents(tiny_model, docs_dir, tmp_path, monkeypatch):
+    """Each document's synthetic targets are saved as soon as they are generated: a run killed in the
+    middle of the generation stream resumes with those documents' targets untouched, generates only
+    the others, and ends with the targets an uninterrupted run makes."""
+    import importlib
+
+    synth = importlib.import_module("kmtrain.synth")
+    cfg = tiny_cfg(tiny_model, tmp_path / "kms", gen_batch_size=3)  # 3 requests per document: one per batch
+    real = synth._generate_hf
+    generated = []
+
+    def killed_after_four(*a, **kw):
+        for text in real(*a, **kw):
+            if len(generated) == 4:
+                raise KeyboardInterrupt("killed")
+            generated.append(text)
+            yield text
+
+    monkeypatch.setattr(synth, "_generate_hf", killed_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        index(str(docs_dir), cfg)
+    work = tmp_path / "kms" / ".work"
+    assert [d for d in DOCS if (work / d / "synth.json").is_file()] == ["alpha"]
+    stamp = (work / "alpha" / "synth.json").stat().st_mtime_ns
+    regenerated = []
+    monkeypatch.setattr(synth, "_generate_hf", lambda *a, **kw: regenerated.extend(real(*a, **kw)) or regenerated)
+    index(str(docs_dir), cfg)
+    assert len(regenerated) == 6  # beta's and gamma's three requests each; alpha's were not redone
+    assert (work / "alpha" / "synth.json").stat().st_mtime_ns == stamp
+    monkeypatch.setattr(synth, "_generate_hf", real)
+    index(str(docs_dir), cfg.replace(out=str(tmp_path / "whole")))
+    for d in DOCS:
+        resumed, whole = (json.loads((root / ".work" / d / "synth.json").read_text())
+                          for root in (tmp_path / "kms", tmp_path / "whole"))
+        assert resumed == whole
+        assert ((tmp_path / "kms" / d / "adapter_model.safetensors").read_bytes()
+                == (tmp_path / "whole" / d / "adapter_model.safetensors").read_bytes())
+
+
 def test_changed_document_is_retrained_others_kept(tiny_model, docs_dir, tmp_path):
     out = tmp_path / "kms"
     cfg = tiny_cfg(tiny_model, out, steps=2)

@@ -188,6 +188,6 @@ def test_shared_prompt_cache_generates_what_a_batched_prefill_does(tiny_model):
     torch.testing.assert_close(step, whole, rtol=1e-5, atol=1e-5)
 
     seeds = list(range(100, 100 + len(prompts)))
-    shared = _generate_hf(model, tok, prompts, cfg, seeds)
-    assert shared == _generate_hf(model, tok, prompts, cfg, seeds, share_prompts=False)
+    shared = list(_generate_hf(model, tok, prompts, cfg, seeds))
+    assert shared == list(_generate_hf(model, tok, prompts, cfg, seeds, share_prompts=False))
     assert len(set(shared)) > 2 and all(shared)
