@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -674,7 +675,10 @@ def export_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike], *,
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    # Temporary names carry the pid, so a later run can tell a dead run's leftovers from a live
+    # one's. os.mkdir, not mkdtemp: the KM gets a plain folder's mode under the umask, not 0700.
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(path)}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    os.mkdir(tmp)
     try:
         cfg.save_pretrained(tmp)
         data = save(tensors, metadata={"format": "pt"})
@@ -685,7 +689,7 @@ def export_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike], *,
             with open(os.path.join(tmp, fname), "w") as f:
                 f.write(text(digest) if callable(text) else text)
         if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+            old = tempfile.mkdtemp(prefix=f".old-{os.getpid()}-", dir=parent)
             os.rename(path, os.path.join(old, "x"))
             os.rename(tmp, path)
             shutil.rmtree(old, ignore_errors=True)

@@ -332,6 +332,9 @@ def test_export_peft_round_trip(tmp_path):
     digest = export_peft(grouped, 1, tmp_path / "km", extra_files={"note.txt": "hello", "manifest.json": lambda sha: sha})
     assert digest == hashlib.sha256((tmp_path / "km" / "adapter_model.safetensors").read_bytes()).hexdigest()
     assert (tmp_path / "km" / "manifest.json").read_text() == digest and (tmp_path / "km" / "note.txt").read_text() == "hello"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert (tmp_path / "km").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not mkdtemp's private 0700
     cfg = json.loads((tmp_path / "km" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 16 and sorted(cfg["target_modules"]) == sorted(TARGETS)
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "km")
