@@ -49,6 +49,9 @@ def _index_parser(sub):
                    help="steps between held-out evaluations (0: steps // 10; the last step is always evaluated)")
     p.add_argument("--generator", choices=("hf", "vllm"), default=d.generator)
     p.add_argument("--no-teacher-cache", action="store_true", help="re-run the teacher every step (reference recipe)")
+    p.add_argument("--keep-teacher-cache", action="store_true",
+                   help="keep each document's teacher cache after its KM is written (default: delete it; "
+                        "kept, a retrain with other training settings reuses it)")
     p.add_argument("--cache-dtype", choices=("bf16", "fp8", "fp32"), default=d.cache_dtype)
     p.add_argument("--cache-layers", help="comma-separated decoder layers to cache (the last is always kept)")
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default=d.backend)
@@ -84,7 +87,7 @@ def _config_from_args(a) -> IndexConfig:
         v = getattr(a, name)
         if not a.preset or v != getattr(defaults, name):  # flags given explicitly win over the preset
             explicit[name] = v
-    cfg = cfg.replace(**explicit, teacher_cache=not a.no_teacher_cache, retrain=a.retrain, progress=not a.no_progress,
+    cfg = cfg.replace(**explicit, teacher_cache=not a.no_teacher_cache, keep_teacher_cache=a.keep_teacher_cache, retrain=a.retrain, progress=not a.no_progress,
                       cache_layers=_layer_list(a.cache_layers) if a.cache_layers else None)
     return cfg.validate()
 

@@ -55,6 +55,11 @@ class IndexConfig:
     lm_seq_tokens: int = 512
     # teacher cache
     teacher_cache: bool = True
+    # Kept after its KM is written? A cache is ~4x its KM on the demo corpus (72-84 MB against
+    # 19.5 MB per document on SmolLM2-135M), and 256 KiB per target token at Llama-3.1-8B shapes
+    # (32 layers x 4096 x bf16): thousands of documents would fill a disk. Off, the disk holds one
+    # wave's caches at most; on, a retrain with other training settings (steps, lr) reuses them.
+    keep_teacher_cache: bool = False
     cache_dtype: str = "bf16"  # bf16 | fp8 | fp32
     cache_layers: Optional[Tuple[int, ...]] = None  # None = every decoder layer; the last is always kept
     # training (paper defaults but the lr: AdamW, warm-up + cosine, clip 1.0, r=16, alpha=16, all projections)

@@ -226,5 +226,9 @@ def atomic_write_text(path: os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:  # out of disk, interrupted: no partial file left behind
+        tmp.unlink(missing_ok=True)
+        raise

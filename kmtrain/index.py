@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,10 +31,10 @@ from .teacher_cache import TeacherCache, build_cache, build_examples, select_lay
 from .train import DocState, train_wave
 
 
-def _bar(cfg, **kw):
+def _bar(cfg, enabled: bool = True, **kw):
     from tqdm.auto import tqdm
 
-    return tqdm(disable=not cfg.progress, file=sys.stderr, **kw)
+    return tqdm(disable=not (cfg.progress and enabled), file=sys.stderr, **kw)
 
 
 def _device(cfg) -> torch.device:
@@ -88,6 +90,37 @@ def _read_json(path: Path):
         return None
 
 
+# Temporary names with the pid of the process writing them: build_cache's .<name>.tmp-<pid> files,
+# export_peft's .tmp-<id>-<pid>-<random> and .old-<pid>-<random> folders.
+_TEMP_PID = re.compile(r"^\..*\.tmp-(\d+)$|^\.tmp-.+-(\d+)-[a-z0-9_]+$|^\.old-(\d+)-[a-z0-9_]+$")
+
+
+def remove_stale_temp(folder: Path) -> None:
+    """Delete what runs that died (killed, out of disk) left before renaming it into place; a live
+    process's temporaries are left alone, so two runs on different documents of one output folder
+    do not disturb each other."""
+    if not folder.is_dir():
+        return
+    for tmp in folder.iterdir():
+        m = _TEMP_PID.match(tmp.name)
+        pid = int(next(g for g in m.groups() if g)) if m else None
+        if pid is not None and pid != os.getpid() and not _alive(pid):
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def km_problem(folder: Path, sha256: Optional[str] = None) -> Optional[str]:
     """Why the KM folder ``folder`` cannot be used, or None when it is intact: its adapter config
     must read, and its weights file must open as safetensors covering the whole file (a truncated
@@ -128,6 +161,7 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
     work = out / ".work"
+    remove_stale_temp(out)
     device = _device(cfg)
     amp = _amp_dtype(cfg, device)
     t_start = time.time()
@@ -220,11 +254,19 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
     attach_grouped_lora(model, min(cfg.docs_per_step, len(states)), rank=cfg.rank, alpha=cfg.alpha,
                         target_modules=cfg.target_modules, seed=cfg.seed, backend=cfg.backend)
     cache_info: Dict[str, dict] = {}
-    if cfg.objective in ("sdcd", "ddcd") and cfg.teacher_cache:
-        layers_key = "all" if cfg.cache_layers is None else "-".join(map(str, cfg.cache_layers))
-        bar = _bar(cfg, total=len(states), desc="teacher cache")
-        no_adapter = lambda b: set_adapter_ids(model, torch.full((b,), -1, dtype=torch.long))  # noqa: E731
-        for st in states:
+    caching = cfg.objective in ("sdcd", "ddcd") and cfg.teacher_cache
+    layers_key = "all" if cfg.cache_layers is None else "-".join(map(str, cfg.cache_layers))
+    no_adapter = lambda b: set_adapter_ids(model, torch.full((b,), -1, dtype=torch.long))  # noqa: E731
+
+    # 4-5. per wave of D documents: their teacher caches, training, one PEFT folder per document.
+    # Wave by wave, so the first KMs are written early and, without keep_teacher_cache, the disk
+    # holds one wave's caches at most (a cache is several times its KM's size).
+    D = min(cfg.docs_per_step, len(states))
+    for w in range(0, len(states), D):
+        wave = states[w:w + D]
+        bar = _bar(cfg, total=len(wave), desc=f"teacher cache docs {w + 1}-{w + len(wave)} of {len(states)}",
+                   enabled=caching)
+        for st in wave if caching else ():
             # The cache is a function of the teacher weights, what is stored, and the examples' tokens
             # (which carry the document, the synthetic data and the example layout): a change in any
             # of them never meets a stale cache.
@@ -235,6 +277,7 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
             for old in (work / st.id).glob(f"teacher_{cfg.objective}_*.safetensors"):
                 if old != path:  # superseded caches only take disk
                     old.unlink()
+            remove_stale_temp(work / st.id)
             if path.is_file():
                 try:
                     st.cache = TeacherCache(path, examples=len(st.examples))
@@ -249,10 +292,6 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
             bar.update(1)
         bar.close()
 
-    # 5. training, D documents per step, then one PEFT folder per document
-    D = min(cfg.docs_per_step, len(states))
-    for w in range(0, len(states), D):
-        wave = states[w:w + D]
         t0 = time.time()
         bar = _bar(cfg, total=cfg.steps, desc=f"training docs {w + 1}-{w + len(wave)} of {len(states)}")
         train_wave(model, tok, wave, cfg, device, amp, progress=bar)
@@ -293,6 +332,9 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
             n_txt = f"{meta['examples']} examples" + (f" + {len(st.heldout)} held out" if st.heldout else "")
             print(f"{st.id}: {n_txt} ({s.get('dropped', 0)} synthetic outputs dropped){cache_txt}, {cfg.steps} steps, "
                   f"{loss_txt}{held_txt}, {wave_s / len(wave):.1f} s", flush=True)
+            if st.cache is not None and not cfg.keep_teacher_cache:  # its KM is written: the cache is done with
+                path, st.cache = st.cache.path, None
+                path.unlink()
     print(f"indexed {len(states)} documents in {time.time() - t_start:.1f} s", flush=True)
     return summaries
 

@@ -310,8 +310,12 @@ def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg
         tensors["hidden_scale"] = scale.float()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"dtype": cfg.cache_dtype, "examples": str(len(examples))})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={"dtype": cfg.cache_dtype, "examples": str(len(examples))})
+        os.replace(tmp, path)
+    except BaseException:  # out of disk, interrupted: no partial file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return {"bytes": path.stat().st_size, "tokens": offsets[-1], "layers": len(layers)}
 
 

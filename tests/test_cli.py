@@ -58,3 +58,5 @@ def test_cli_flags_to_config():
     assert parse("--lr-b-ratio", "4").lr_b_ratio == 4.0
     assert (parse("--heldout-per-chunk", "0").heldout_per_chunk, parse("--heldout-every", "5").heldout_every) == (0, 5)
 
+    assert (cfg.keep_teacher_cache, parse("--keep-teacher-cache").keep_teacher_cache) == (False, True)
+    assert (cfg.teacher_cache, parse("--no-teacher-cache").teacher_cache) == (True, False)

@@ -108,7 +108,7 @@ def test_resume_after_interruption(tiny_model, docs_dir, tmp_path, monkeypatch):
 
     out = tmp_path / "kms"
     cfg = tiny_cfg(tiny_model, out, docs_per_step=2)
-    real = kindex.train_wave
+    real, real_build = kindex.train_wave, kindex.build_cache
     calls = {"n": 0}
 
     def crash_on_second_wave(*a, **kw):
@@ -123,13 +123,22 @@ def test_resume_after_interruption(tiny_model, docs_dir, tmp_path, monkeypatch):
     finished = [d for d in DOCS if (out / d / "km.json").is_file()]
     assert len(finished) == 2  # the first wave of two was exported before the crash
     assert not any(p.name.startswith(".tmp") for p in out.iterdir())
+    # a written KM's teacher cache is deleted (the default); the killed wave's is kept for the resume
+    caches = {d: list((out / ".work" / d).glob("teacher_*.safetensors")) for d in DOCS}
+    (unfinished,) = set(DOCS) - set(finished)
+    assert all(caches[d] == [] for d in finished) and len(caches[unfinished]) == 1
+    cache_stamp = caches[unfinished][0].stat().st_mtime_ns
     stamps = {d: (out / d / "adapter_model.safetensors").stat().st_mtime_ns for d in finished}
+    built = []
+    monkeypatch.setattr(kindex, "build_cache", lambda *a, **kw: built.append(a) or real_build(*a, **kw))
     monkeypatch.setattr(kindex, "train_wave", real)
     summaries = index(str(docs_dir), cfg)
     status = {s["id"]: s["status"] for s in summaries}
     assert all(status[d] == "already done" for d in finished)
     assert all((out / d / "km.json").is_file() for d in DOCS)
     assert stamps == {d: (out / d / "adapter_model.safetensors").stat().st_mtime_ns for d in finished}
+    assert built == [] and cache_stamp > 0  # the killed wave's cache was reused, not rebuilt
+    assert not any(list((out / ".work" / d).glob("teacher_*.safetensors")) for d in DOCS)
 
 
 def test_kill_during_generation_keeps_finished_documents(tiny_model, docs_dir, tmp_path, monkeypatch):
@@ -171,6 +180,44 @@ def test_kill_during_generation_keeps_finished_documents(tiny_model, docs_dir, t
                 == (tmp_path / "whole" / d / "adapter_model.safetensors").read_bytes())
 
 
+def test_kept_teacher_caches_are_reused_and_dead_runs_leftovers_removed(tiny_model, docs_dir, tmp_path, monkeypatch):
+    """keep_teacher_cache keeps each document's cache after its KM is written, and a retrain with
+    other training settings reuses it. Temporaries of a run that died are removed on the next run;
+    those of a live process are not."""
+    import importlib
+    import os
+    import subprocess
+    import sys
+
+    kindex = importlib.import_module("kmtrain.index")
+    out = tmp_path / "kms"
+    index(str(docs_dir), tiny_cfg(tiny_model, out, keep_teacher_cache=True))
+    caches = {d: list((out / ".work" / d).glob("teacher_*.safetensors")) for d in DOCS}
+    assert all(len(c) == 1 for c in caches.values())
+    stamps = {d: c[0].stat().st_mtime_ns for d, c in caches.items()}
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    live = str(os.getppid())
+    leftovers = [out / f".tmp-alpha-{dead}-k2j_x9", out / f".old-{dead}-ab12", out / ".work" / "beta" / f".synth.json.tmp-{dead}",
+                 out / ".work" / "beta" / f".teacher_sdcd_0123.safetensors.tmp-{dead}"]
+    kept = [out / f".tmp-gamma-{live}-zz9", out / ".work" / "beta" / f".teacher_sdcd_0123.safetensors.tmp-{live}",
+            out / "notes-1234-abc"]
+    for p in leftovers[:2] + kept[:1] + kept[2:]:
+        p.mkdir()
+        (p / "adapter_model.safetensors").write_bytes(b"partial")
+    for p in leftovers[2:] + kept[1:2]:
+        p.write_bytes(b"partial")
+    built = []
+    real_build = kindex.build_cache
+    monkeypatch.setattr(kindex, "build_cache", lambda *a, **kw: built.append(a) or real_build(*a, **kw))
+    summaries = index(str(docs_dir), tiny_cfg(tiny_model, out, keep_teacher_cache=True, steps=4, retrain=True))
+    assert all(s["status"] == "trained" and s["steps"] == 4 for s in summaries)
+    assert built == []
+    assert stamps == {d: next((out / ".work" / d).glob("teacher_*.safetensors")).stat().st_mtime_ns for d in DOCS}
+    assert not any(p.exists() for p in leftovers) and all(p.exists() for p in kept)
+
+
 def test_changed_document_is_retrained_others_kept(tiny_model, docs_dir, tmp_path):
     out = tmp_path / "kms"
     cfg = tiny_cfg(tiny_model, out, steps=2)
@@ -193,7 +240,7 @@ def test_damaged_outputs_are_found_and_redone(tiny_model, docs_dir, tmp_path, ca
     the redone KM is the one first written (same sha256); a KM with any changed byte is refused by
     ask (km.json records the adapter's sha256); intact KMs are kept."""
     out = tmp_path / "kms"
-    cfg = tiny_cfg(tiny_model, out, docs_per_step=2)
+    cfg = tiny_cfg(tiny_model, out, docs_per_step=2, keep_teacher_cache=True)
     index(str(docs_dir), cfg)
     meta = {d: json.loads((out / d / "km.json").read_text()) for d in DOCS}
     for d in DOCS:
