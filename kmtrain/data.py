@@ -36,13 +36,18 @@ class Document:
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# Names Windows reserves for devices, whatever the extension ("nul.txt" is the device too)
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
 
 
 def sanitize_id(raw: str) -> str:
-    """A document id usable as a folder name on any OS: [A-Za-z0-9._-], no leading dot, <= 100 chars."""
+    """A document id usable as a folder name on any OS: [A-Za-z0-9._-], no leading or trailing
+    dot, not a Windows device name (those get a trailing "_"), <= 100 chars."""
     s = _SAFE.sub("_", str(raw).strip()).strip("._")
     if len(s) > 100:  # keep it unique: a short hash of the full id
         s = s[:88] + "_" + hashlib.sha1(str(raw).encode()).hexdigest()[:11]
+    if s.split(".", 1)[0].upper() in _WINDOWS_RESERVED:
+        s += "_"
     return s
 
 
@@ -125,6 +130,14 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
             if limit is not None and len(docs) >= limit:
                 break
             _add(docs, problems, rec[id_field], rec[text_field], f"{source}[{split}][{i}]")
+    # Ids that differ only in letter case name one folder on case-insensitive file systems (macOS,
+    # Windows): one KM would overwrite the other there, so they are refused everywhere.
+    first_of: Dict[str, Document] = {}
+    for d in docs.values():
+        other = first_of.setdefault(d.id.casefold(), d)
+        if other is not d:
+            problems.append(f"{d.source}: document id {d.id!r} differs from {other.id!r} ({other.source}) only in "
+                            f"letter case; their KM folders would collide on case-insensitive file systems")
     if len(problems) == 1:
         raise DocumentError(problems[0])
     if problems:

@@ -57,6 +57,11 @@ def test_every_bad_input_is_reported_in_one_error(tmp_path):
     assert any("a.txt: duplicate document id 'a'" in line and "a.md" in line for line in lines)
     assert any("b.txt: not valid UTF-8" in line for line in lines)
     assert any("c.md: document 'c' is empty" in line for line in lines)
+    j = tmp_path / "cases.jsonl"  # one folder on macOS / Windows
+    j.write_text('{"id": "Report", "text": "one"}\n{"id": "other", "text": "two"}\n{"id": "report", "text": "three"}\n')
+    with pytest.raises(DocumentError, match=r"cases.jsonl:3: document id 'report' differs from 'Report' "
+                                            r"\(.*cases.jsonl:1\) only in letter case"):
+        load_documents(str(j))
     j = tmp_path / "docs.jsonl"
     j.write_text('{"id": "x", "text": "ok"}\nnot json\n{"id": "y"}\n{"id": "x", "text": "again"}\n')
     with pytest.raises(DocumentError) as err:
@@ -70,6 +75,8 @@ def test_ids_chunks_and_qa_parsing():
     assert sanitize_id("My Doc/../x?.txt") == "My_Doc_.._x_.txt"  # one path component, never a traversal
     assert sanitize_id("../../etc") == "etc"
     assert len(sanitize_id("a" * 300)) <= 100
+    assert [sanitize_id(x) for x in ("CON", "nul.txt", "com1", "Lpt9.md", "console", "nullify")] == [
+        "CON_", "nul.txt_", "com1_", "Lpt9.md_", "console", "nullify"]  # Windows device names
     chunks = chunk_tokens(list(range(100)), 40, 0.1)
     assert chunks[0] == list(range(40)) and chunks[1][0] == 36 and chunks[-1][-1] == 99
     assert parse_qa("Question: Who? Answer: Ida.\nQuestion: When?\nAnswer: Tuesday") == [("Who?", "Ida."), ("When?", "Tuesday")]
