@@ -5,6 +5,7 @@ import contextlib
 import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -183,13 +184,25 @@ def decoder_hidden_states(model, input_ids: torch.Tensor, attention_mask: Option
     return out.hidden_states[1:]
 
 
+def cache_kwarg(module) -> str:
+    """The keyword under which ``module``'s forward (and generate) takes a KV cache in the installed
+    transformers: ``cache`` from 5.24 (where ``past_key_values`` is deprecated, to be removed from the
+    models' forward in 5.40), ``past_key_values`` before (5.23). Both checked: the tests pass under each."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def output_kv_cache(out):
+    """The KV cache of a model output, under either transformers name (see cache_kwarg)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
 @torch.no_grad()
 def prompt_kv(model, ids: Sequence[int]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """Each decoder layer's (keys, values) [1, kv_heads, len(ids), head_dim] for the token ids, from
     the decoder alone (no lm_head): a prompt run once, whose cache several continuations reuse
     (the teacher cache's shared prefixes, the generator's shared prompts)."""
     dev = next(model.parameters()).device
-    past = model.get_decoder()(input_ids=torch.tensor([list(ids)], device=dev), use_cache=True).past_key_values
+    past = output_kv_cache(model.get_decoder()(input_ids=torch.tensor([list(ids)], device=dev), use_cache=True))
     return [(layer.keys, layer.values) for layer in past.layers]
 
 

@@ -10,7 +10,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from .data import QA_PROMPT, SENTENCE_END, SUMMARY_PROMPT, chat_prompt_ids, parse_qa, qa_target
-from .models import prompt_kv
+from .models import cache_kwarg, prompt_kv
 
 
 def request_seed(seed: int, doc_id: str, chunk: int, kind: str, i: int) -> int:
@@ -110,7 +110,7 @@ def _generate_hf(model, tokenizer, prompts: List[List[int]], cfg, seeds: List[in
         sampler = RowSampler(seeds[i:i + cfg.gen_batch_size], cfg.temperature, cfg.top_p)
         cached = {}
         if share_prompts and min(len(p) for p in batch) > 1:
-            cached["past_key_values"] = _prompt_cache(model, batch, width, kv)
+            cached[cache_kwarg(model)] = _prompt_cache(model, batch, width, kv)
             kv = {p: kv[p] for p in map(tuple, batch)}  # a prompt may go on into the next batch; older ones go
         with torch.no_grad():
             # greedy over the sampler's perturbed scores is sampling (see RowSampler)

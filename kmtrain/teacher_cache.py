@@ -32,7 +32,7 @@ import torch
 from kmkernels import teacher_kl_stats
 
 from .data import ANSWER_PROMPT, QA_PROMPT, chat_prompt_ids, parse_qa, target_ids
-from .models import cpu_bf16_attention, decoder_hidden_states, prompt_kv
+from .models import cache_kwarg, cpu_bf16_attention, decoder_hidden_states, prompt_kv
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -252,7 +252,7 @@ def shared_prefix_hiddens(model, prefix: Sequence[int], examples: Sequence[Examp
             full_mask = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], dim=1)
             if no_adapter is not None:
                 no_adapter(B)
-            hs = decoder(input_ids=ids.to(dev), attention_mask=full_mask.to(dev), past_key_values=cache,
+            hs = decoder(input_ids=ids.to(dev), attention_mask=full_mask.to(dev), **{cache_kwarg(decoder): cache},
                          use_cache=True, output_hidden_states=True).hidden_states[1:]  # the last is post-norm
             for r, e in enumerate(batch):
                 s = e.t_start - P

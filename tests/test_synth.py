@@ -164,7 +164,7 @@ def test_shared_prompt_cache_generates_what_a_batched_prefill_does(tiny_model):
     """Each distinct prompt's keys and values computed once and left-padded into the batch's cache
     (prompts of different lengths, repeated, one going on into the next batch) give the same samples
     as running every row's prompt in the batched prefill (fp32)."""
-    from kmtrain.models import load_model
+    from kmtrain.models import cache_kwarg, load_model
     from kmtrain.synth import _generate_hf, _prompt_cache
 
     from conftest import DOCS
@@ -184,7 +184,8 @@ def test_shared_prompt_cache_generates_what_a_batched_prefill_does(tiny_model):
     with torch.no_grad():
         whole = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
         cache = _prompt_cache(model, [list(p) for p in batch], width, {})
-        step = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos[:, -1:], past_key_values=cache).logits[:, -1]
+        step = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos[:, -1:],
+                     **{cache_kwarg(model): cache}).logits[:, -1]
     torch.testing.assert_close(step, whole, rtol=1e-5, atol=1e-5)
 
     seeds = list(range(100, 100 + len(prompts)))
