@@ -3,8 +3,10 @@
 Stages, each with its output on disk under OUT/.work/<doc id>/ so that a killed run resumes:
   chunks.json -> synth.json -> teacher_<objective>_<key>.safetensors -> OUT/<doc id>/
 (the examples are rebuilt from chunks.json and synth.json, deterministically from the document's seed;
-the cache key hashes their tokens, so a changed layout never meets a stale cache).
-A finished KM (OUT/<id>/km.json present) is never retrained unless cfg.retrain.
+the cache key hashes their tokens, so a changed layout never meets a stale cache). The last two run
+wave by wave (D documents at a time), and a teacher cache is deleted once its KM is written unless
+cfg.keep_teacher_cache. A finished KM (OUT/<id>/km.json readable, its files intact) is never
+retrained unless cfg.retrain; damaged outputs are redone, never used.
 """
 from __future__ import annotations
 
@@ -171,6 +173,7 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
     for d in documents:
         km_json = out / d.id / "km.json"
         done = _read_json(km_json)
+        done = done if isinstance(done, dict) else None
         if cfg.retrain:
             todo.append(d)
         elif done is None:
@@ -234,7 +237,7 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
             synthesize(model, tok, {d.id: chunks[d.id][0] for d in missing}, cfg, model_path=cfg.model,
                        progress_factory=lambda **kw: _bar(cfg, **kw), on_document=save)
 
-    # 4. examples and the teacher cache
+    # 4. examples (their teacher caches are built wave by wave below)
     states: List[DocState] = []
     for d in todo:
         texts, ids = chunks[d.id]

@@ -250,7 +250,7 @@ def test_damaged_outputs_are_found_and_redone(tiny_model, docs_dir, tmp_path, ca
     weights.write_bytes(weights.read_bytes()[:300])  # a copy cut short
     (cache,) = (out / ".work" / "alpha").glob("teacher_*.safetensors")
     cache.write_bytes(cache.read_bytes()[:1000])
-    (out / "beta" / "km.json").write_text('{"id": "beta", ')
+    (out / "beta" / "km.json").write_text('["JSON, but not a manifest"]')
     capsys.readouterr()
     status = {s["id"]: s["status"] for s in index(str(docs_dir), cfg)}
     printed = capsys.readouterr().out
