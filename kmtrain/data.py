@@ -7,7 +7,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 SUMMARY_PROMPT = "Summarize the preceding passage."
 QA_PROMPT = "Generate a question-answer pair given the preceding passage."
@@ -235,13 +235,20 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def atomic_write_text(path: os.PathLike, text: str) -> None:
+def atomic_write(path: os.PathLike, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` writes the file at a temporary sibling, .<name>.tmp-<pid> (the pid tells a
+    later run whether its writer died: index.remove_stale_temp), which is then renamed into place.
+    A failed write (out of disk, interrupted) leaves no partial file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
+        write(tmp)
         os.replace(tmp, path)
-    except BaseException:  # out of disk, interrupted: no partial file left behind
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: os.PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))

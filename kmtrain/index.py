@@ -33,10 +33,10 @@ from .teacher_cache import TeacherCache, build_cache, build_examples, select_lay
 from .train import DocState, train_wave
 
 
-def _bar(cfg, enabled: bool = True, **kw):
+def _bar(cfg, **kw):
     from tqdm.auto import tqdm
 
-    return tqdm(disable=not (cfg.progress and enabled), file=sys.stderr, **kw)
+    return tqdm(disable=not cfg.progress, file=sys.stderr, **kw)
 
 
 def _device(cfg) -> torch.device:
@@ -92,8 +92,8 @@ def _read_json(path: Path):
         return None
 
 
-# Temporary names with the pid of the process writing them: build_cache's .<name>.tmp-<pid> files,
-# export_peft's .tmp-<id>-<pid>-<random> and .old-<pid>-<random> folders.
+# Temporary names with the pid of the process writing them: data.atomic_write's .<name>.tmp-<pid>
+# files, export_peft's .tmp-<id>-<pid>-<random> and .old-<pid>-<random> folders.
 _TEMP_PID = re.compile(r"^\..*\.tmp-(\d+)$|^\.tmp-.+-(\d+)-[a-z0-9_]+$|^\.old-(\d+)-[a-z0-9_]+$")
 
 
@@ -202,6 +202,7 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
     # 2. chunks
     chunks: Dict[str, Tuple[List[str], List[List[int]]]] = {}
     for d in todo:
+        remove_stale_temp(work / d.id)  # what a dead run left in this document's stage folder
         path = work / d.id / "chunks.json"
         got = _read_json(path)
         if not got or got.get("doc_sha") != d.sha256 or got.get("setting") != setting:
@@ -267,33 +268,32 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
     D = min(cfg.docs_per_step, len(states))
     for w in range(0, len(states), D):
         wave = states[w:w + D]
-        bar = _bar(cfg, total=len(wave), desc=f"teacher cache docs {w + 1}-{w + len(wave)} of {len(states)}",
-                   enabled=caching)
-        for st in wave if caching else ():
-            # The cache is a function of the teacher weights, what is stored, and the examples' tokens
-            # (which carry the document, the synthetic data and the example layout): a change in any
-            # of them never meets a stale cache.
-            # "kl_stats": the format version (caches from before it lack the KL's teacher statistics)
-            key = hashlib.sha256(json.dumps([model_hash, str(base_dtype), cfg.cache_dtype, layers_key, "kl_stats"]
-                                            + [e.to_json() for e in st.examples]).encode()).hexdigest()[:16]
-            path = work / st.id / f"teacher_{cfg.objective}_{key}.safetensors"
-            for old in (work / st.id).glob(f"teacher_{cfg.objective}_*.safetensors"):
-                if old != path:  # superseded caches only take disk
-                    old.unlink()
-            remove_stale_temp(work / st.id)
-            if path.is_file():
-                try:
+        if caching:
+            bar = _bar(cfg, total=len(wave), desc=f"teacher cache docs {w + 1}-{w + len(wave)} of {len(states)}")
+            for st in wave:
+                # The cache is a function of the teacher weights, what is stored, and the examples' tokens
+                # (which carry the document, the synthetic data and the example layout): a change in any
+                # of them never meets a stale cache.
+                # "kl_stats": the format version (caches from before it lack the KL's teacher statistics)
+                key = hashlib.sha256(json.dumps([model_hash, str(base_dtype), cfg.cache_dtype, layers_key, "kl_stats"]
+                                                + [e.to_json() for e in st.examples]).encode()).hexdigest()[:16]
+                path = work / st.id / f"teacher_{cfg.objective}_{key}.safetensors"
+                for old in (work / st.id).glob(f"teacher_{cfg.objective}_*.safetensors"):
+                    if old != path:  # superseded caches only take disk
+                        old.unlink()
+                if path.is_file():
+                    try:
+                        st.cache = TeacherCache(path, examples=len(st.examples))
+                    except ValueError as e:  # a damaged file is rebuilt, never trained on
+                        print(f"{st.id}: {e}; rebuilding it", flush=True)
+                        path.unlink()
+                if st.cache is None:
+                    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                        build_cache(model, st.examples, path, num_layers, cfg, tok.pad_token_id, no_adapter)
                     st.cache = TeacherCache(path, examples=len(st.examples))
-                except ValueError as e:  # a damaged file is rebuilt, never trained on
-                    print(f"{st.id}: {e}; rebuilding it", flush=True)
-                    path.unlink()
-            if st.cache is None:
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    build_cache(model, st.examples, path, num_layers, cfg, tok.pad_token_id, no_adapter)
-                st.cache = TeacherCache(path, examples=len(st.examples))
-            cache_info[st.id] = {"bytes": path.stat().st_size, "tokens": st.cache.offsets[-1]}
-            bar.update(1)
-        bar.close()
+                cache_info[st.id] = {"bytes": path.stat().st_size, "tokens": st.cache.offsets[-1]}
+                bar.update(1)
+            bar.close()
 
         t0 = time.time()
         bar = _bar(cfg, total=cfg.steps, desc=f"training docs {w + 1}-{w + len(wave)} of {len(states)}")

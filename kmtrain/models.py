@@ -188,7 +188,12 @@ def cache_kwarg(module) -> str:
     """The keyword under which ``module``'s forward (and generate) takes a KV cache in the installed
     transformers: ``cache`` from 5.24 (where ``past_key_values`` is deprecated, to be removed from the
     models' forward in 5.40), ``past_key_values`` before (5.23). Both checked: the tests pass under each."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    return _cache_kwarg_of(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(cls) -> str:  # once per model class, not per batch
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def output_kv_cache(out):

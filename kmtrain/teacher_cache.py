@@ -21,7 +21,6 @@ Read back through safetensors' memory map, one example slice at a time.
 """
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 
 from kmkernels import teacher_kl_stats
 
-from .data import ANSWER_PROMPT, QA_PROMPT, chat_prompt_ids, parse_qa, target_ids
+from .data import ANSWER_PROMPT, QA_PROMPT, atomic_write, chat_prompt_ids, parse_qa, target_ids
 from .models import cache_kwarg, cpu_bf16_attention, decoder_hidden_states, prompt_kv
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -308,14 +307,8 @@ def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg
                "tok_offsets": torch.tensor(offsets, dtype=torch.int64), "layers": torch.tensor(layers, dtype=torch.int64)}
     if scale is not None:
         tensors["hidden_scale"] = scale.float()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata={"dtype": cfg.cache_dtype, "examples": str(len(examples))})
-        os.replace(tmp, path)
-    except BaseException:  # out of disk, interrupted: no partial file left behind
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"dtype": cfg.cache_dtype,
+                                                                            "examples": str(len(examples))}))
     return {"bytes": path.stat().st_size, "tokens": offsets[-1], "layers": len(layers)}
 
 
