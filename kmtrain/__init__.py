@@ -1,6 +1,6 @@
 """kmtrain: teacher-cached, many-documents-at-once Knowledge Module indexing."""
 from .config import IndexConfig, PRESETS
 from .data import Document, DocumentError, load_documents
-from .index import ask, index
+from .index import OutputBusyError, ask, index
 
-__all__ = ["IndexConfig", "PRESETS", "Document", "DocumentError", "load_documents", "index", "ask"]
+__all__ = ["IndexConfig", "PRESETS", "Document", "DocumentError", "load_documents", "index", "ask", "OutputBusyError"]

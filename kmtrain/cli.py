@@ -7,6 +7,7 @@ from typing import List, Optional, Tuple
 
 from .config import OBJECTIVES, PRESETS, IndexConfig
 from .data import DocumentError
+from .index import OutputBusyError
 
 
 def _index_parser(sub):
@@ -155,7 +156,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for (k, question), answer in zip(pairs, ask(pairs, model=a.model, max_new_tokens=a.max_new_tokens)):
             print(f"[{k or 'base'}] {question}\n  {answer}")
         return 0
-    except (ValueError, DocumentError) as e:
+    except (ValueError, DocumentError, OutputBusyError) as e:
         print(f"kmtrain: error: {e}", file=sys.stderr)
         return 2
 

@@ -162,6 +162,31 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    with out_lock(out):
+        return _index_locked(documents, cfg, out)
+
+
+class OutputBusyError(RuntimeError):
+    """Another run holds the output folder's lock."""
+
+
+def out_lock(out: Path):
+    """An exclusive lock on the output folder for one run's lifetime (OUT/.lock, an OS file lock that
+    the kernel releases when the process dies, so a killed run never leaves it held). Two runs on one
+    folder would train the same documents twice and one would delete the teacher caches the other is
+    reading; the second fails at once instead, before it loads anything."""
+    from filelock import FileLock, Timeout
+
+    try:
+        return FileLock(str(out / ".lock"), timeout=0).acquire()  # a context manager that releases it
+    except Timeout:
+        raise OutputBusyError(f"--out {out}: another kmtrain index run is writing to this folder "
+                           f"(it holds {out / '.lock'}); wait for it to finish, or index into another "
+                           f"--out") from None
+
+
+def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> List[dict]:
     work = out / ".work"
     remove_stale_temp(out)
     device = _device(cfg)

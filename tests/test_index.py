@@ -218,6 +218,37 @@ def test_kept_teacher_caches_are_reused_and_dead_runs_leftovers_removed(tiny_mod
     assert not any(p.exists() for p in leftovers) and all(p.exists() for p in kept)
 
 
+def test_second_run_on_one_output_folder_is_refused(tiny_model, docs_dir, tmp_path, capsys):
+    """While a run holds OUT's lock, another run on OUT fails at once with an error naming the
+    folder, touching nothing; once the holder dies (SIGKILL: no clean-up runs) the lock is free."""
+    import signal
+    import subprocess
+    import sys
+
+    from kmtrain import OutputBusyError
+    from kmtrain.cli import main
+
+    out = tmp_path / "kms"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from kmtrain.index import out_lock\n"
+                               f"with out_lock(Path({str(out)!r})):\n print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(p.name for p in out.iterdir())
+        with pytest.raises(OutputBusyError, match=f"--out {out}: another kmtrain index run"):
+            index(str(docs_dir), tiny_cfg(tiny_model, out))
+        capsys.readouterr()
+        assert main(["index", str(docs_dir), "--out", str(out), "--model", tiny_model, "--steps", "1"]) == 2
+        assert "another kmtrain index run is writing to this folder" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == before == [".lock"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    summaries = index(str(docs_dir), tiny_cfg(tiny_model, out))
+    assert sorted(s["id"] for s in summaries) == sorted(DOCS) and all(s["status"] == "trained" for s in summaries)
+
+
 def test_changed_document_is_retrained_others_kept(tiny_model, docs_dir, tmp_path):
     out = tmp_path / "kms"
     cfg = tiny_cfg(tiny_model, out, steps=2)
