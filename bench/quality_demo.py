@@ -26,13 +26,10 @@ def main(argv=None):
                     help="IndexConfig override for every KM run (e.g. qa_format=chat, hidden_weight=0)")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
-    overrides = {}
-    for item in a.set:
-        field, _, value = item.partition("=")
-        if field not in IndexConfig.__dataclass_fields__:
-            ap.error(f"--set {item}: IndexConfig has no field {field!r}")
-        kind = type(getattr(IndexConfig(), field))
-        overrides[field] = kind(value) if kind in (int, float, str) else json.loads(value)
+    try:
+        overrides = dict(IndexConfig.parse_override(item) for item in a.set)
+    except ValueError as e:
+        ap.error(str(e))
     env = environment()
     rows, per_doc = [], {}
     base_icl = None

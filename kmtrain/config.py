@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -157,6 +158,35 @@ class IndexConfig:
     def replace(self, **kw) -> "IndexConfig":
         return dataclasses.replace(self, **kw)
 
+    @staticmethod
+    def parse_override(item: str) -> Tuple[str, object]:
+        """``"FIELD=VALUE"`` (a ``--set`` argument) -> (field, value of the field's type): numbers and
+        strings as such, booleans as true/false (also 1/0, yes/no, on/off), tuples as comma-separated
+        items, ``none`` for an optional field left unset. ValueError naming the problem otherwise."""
+        field, eq, text = item.partition("=")
+        hints = typing.get_type_hints(IndexConfig)
+        if not eq:
+            raise ValueError(f"--set {item}: expected FIELD=VALUE, FIELD one of {', '.join(hints)}")
+        if field not in hints:
+            raise ValueError(f"--set {item}: IndexConfig has no field {field!r}")
+        kind = hints[field]
+        args = typing.get_args(kind)
+        try:
+            if type(None) in args:  # Optional[X]
+                if text.lower() == "none":
+                    return field, None
+                kind = next(a for a in args if a is not type(None))
+                args = typing.get_args(kind)
+            if typing.get_origin(kind) is tuple:
+                return field, tuple(args[0](x.strip()) for x in text.split(",") if x.strip())
+            if kind is bool:
+                flags = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+                if text.lower() not in flags:
+                    raise ValueError("not a boolean: true or false")
+                return field, flags[text.lower()]
+            return field, kind(text)
+        except ValueError as e:
+            raise ValueError(f"--set {item}: {field} takes {getattr(kind, '__name__', kind)}, got {text!r} ({e})") from None
 
 PRESETS = {
     # The paper's recipe (SPEC.md section 2), for GPUs.

@@ -1,7 +1,9 @@
 """`make demo`: index the bundled corpus with the default settings, then compare closed-book
 accuracy of the base model, the base model with the document in context (ICL), and the KMs.
 
-    python -m kmtrain.demo [--out runs/demo] [--objective sdcd] [any IndexConfig field as --name value]
+    python -m kmtrain.demo [--out runs/demo] [--objective sdcd] [--steps N] [--set FIELD=VALUE ...]
+
+(--set: any IndexConfig field, e.g. --set seed=1 --set amp=off; see IndexConfig.parse_override)
 """
 from __future__ import annotations
 
@@ -91,12 +93,19 @@ def main(argv=None):
     ap.add_argument("--objective", default="sdcd")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="an IndexConfig field for the indexing run (repeatable), e.g. seed=1 or amp=off")
     a = ap.parse_args(argv)
+    try:
+        overrides = dict(IndexConfig.parse_override(item) for item in a.set)
+        cfg = IndexConfig(out=a.out, objective=a.objective, progress=not a.no_progress).replace(**overrides)
+        if a.steps:
+            cfg = cfg.replace(steps=a.steps)
+        cfg.validate()
+    except ValueError as e:
+        ap.error(str(e))
     torch.manual_seed(0)
     t0 = time.time()
-    cfg = IndexConfig(out=a.out, objective=a.objective, progress=not a.no_progress)
-    if a.steps:
-        cfg = cfg.replace(steps=a.steps)
     print(f"indexing {CORPUS} -> {a.out} ({cfg.objective}, {cfg.steps} steps, {cfg.docs_per_step} documents per step)")
     index(str(CORPUS), cfg)
     t1 = time.time()

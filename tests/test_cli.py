@@ -60,3 +60,34 @@ def test_cli_flags_to_config():
 
     assert (cfg.keep_teacher_cache, parse("--keep-teacher-cache").keep_teacher_cache) == (False, True)
     assert (cfg.teacher_cache, parse("--no-teacher-cache").teacher_cache) == (True, False)
+
+
+def test_set_overrides_parse_to_each_fields_type(capsys):
+    """`--set FIELD=VALUE` (make demo's and bench.quality_demo's overrides): every field's default,
+    written out, parses back to itself; booleans are words, not Python truthiness ("false" was True
+    through bool(str)); a bad field or value fails with an error naming it."""
+    import dataclasses
+
+    import pytest
+
+    from kmtrain.demo import main as demo_main
+
+    d = IndexConfig()
+    for f in dataclasses.fields(IndexConfig):
+        v = getattr(d, f.name)
+        text = "none" if v is None else ",".join(map(str, v)) if isinstance(v, tuple) else str(v).lower()
+        assert IndexConfig.parse_override(f"{f.name}={text}") == (f.name, v), f.name
+    assert IndexConfig.parse_override("teacher_cache=false") == ("teacher_cache", False)
+    assert IndexConfig.parse_override("retrain=1") == ("retrain", True)
+    assert IndexConfig.parse_override("cache_layers=0, 14,29") == ("cache_layers", (0, 14, 29))
+    assert IndexConfig.parse_override("lr=3e-3") == ("lr", 3e-3)
+    for bad, message in (("steps=five", "steps takes int, got 'five'"), ("stepz=5", "no field 'stepz'"),
+                         ("teacher_cache=maybe", "not a boolean"), ("steps", "expected FIELD=VALUE"),
+                         ("cache_layers=a", "cache_layers takes")):
+        with pytest.raises(ValueError, match=message):
+            IndexConfig.parse_override(bad)
+    # the demo refuses a bad override, or a value out of range, before it loads anything
+    for argv, message in ((["--set", "stepz=5"], "no field 'stepz'"), (["--set", "steps=0"], "steps must be >= 1")):
+        with pytest.raises(SystemExit) as e:
+            demo_main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
