@@ -308,7 +308,8 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                         old.unlink()
                 if path.is_file():
                     try:
-                        st.cache = TeacherCache(path, examples=len(st.examples))
+                        # written by an earlier run: its bytes are checked against its recorded hash too
+                        st.cache = TeacherCache(path, examples=len(st.examples), verify=True)
                     except ValueError as e:  # a damaged file is rebuilt, never trained on
                         print(f"{st.id}: {e}; rebuilding it", flush=True)
                         path.unlink()

@@ -17,10 +17,14 @@ File per document: ``teacher.safetensors`` with
   kl_neg_entropy  [T_total]            fp32, negent_t
   tok_offsets     [n_examples + 1]     int64, example i owns hidden[:, off[i]:off[i+1]]
   layers          [L_sel]              int64, decoder layer indices (0-based; the last layer always)
+and in the header's metadata ``content_sha256`` (tensors_sha256 of the tensors), which a run that
+reuses a cache written earlier checks, so a changed byte is rebuilt, never trained on.
 Read back through safetensors' memory map, one example slice at a time.
 """
 from __future__ import annotations
 
+import hashlib
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,6 +277,39 @@ def _decode(enc: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
     return enc if scale is None else enc.float() * scale[:, None, None]
 
 
+def _update_with(h, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+
+
+def tensors_sha256(tensors: Dict[str, object], block_bytes: int = 1 << 26) -> str:
+    """sha256 over name, dtype, shape and bytes of each tensor in name order. ``tensors`` maps a
+    name to a tensor or to a safetensors slice (read ~``block_bytes`` at a time along dim 0, so a
+    memory-mapped cache of several GB is hashed without loading it whole); both give one digest."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        if isinstance(t, torch.Tensor):
+            shape, dtype = tuple(t.shape), str(t.dtype).removeprefix("torch.")
+        else:  # a safetensors slice: its dtype reads as "BF16", "F32", ...
+            shape, dtype = tuple(t.get_shape()), _SAFETENSORS_DTYPE[t.get_dtype()]
+        h.update(f"{name}|{dtype}|{shape};".encode())
+        if isinstance(t, torch.Tensor) or len(shape) == 0:
+            _update_with(h, t if isinstance(t, torch.Tensor) else t[...])
+            continue
+        row = max(1, (math.prod(shape[1:]) if len(shape) > 1 else 1) * _ITEMSIZE[dtype])
+        step = max(1, block_bytes // row)
+        for a in range(0, shape[0], step):
+            _update_with(h, t[a:a + step])
+    return h.hexdigest()
+
+
+_SAFETENSORS_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
+                      "I32": "int32", "F8_E4M3": "float8_e4m3fn", "U8": "uint8"}
+_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "int64": 8, "int32": 4, "float8_e4m3fn": 1,
+             "uint8": 1}
+
+
 def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg, pad_id: int,
                 no_adapter=None, batch_size: int = 8) -> dict:
     """Run the teacher over a document's examples and write teacher.safetensors atomically."""
@@ -307,18 +344,21 @@ def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg
                "tok_offsets": torch.tensor(offsets, dtype=torch.int64), "layers": torch.tensor(layers, dtype=torch.int64)}
     if scale is not None:
         tensors["hidden_scale"] = scale.float()
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"dtype": cfg.cache_dtype,
-                                                                            "examples": str(len(examples))}))
+    tensors = {k: v.cpu() for k, v in tensors.items()}  # once, for the hash and the file (a GPU's cache)
+    meta = {"dtype": cfg.cache_dtype, "examples": str(len(examples)), "content_sha256": tensors_sha256(tensors)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return {"bytes": path.stat().st_size, "tokens": offsets[-1], "layers": len(layers)}
 
 
 class TeacherCache:
     """Memory-mapped reader of one document's teacher.safetensors."""
 
-    def __init__(self, path: Path, examples: Optional[int] = None):
+    def __init__(self, path: Path, examples: Optional[int] = None, verify: bool = False):
         """Opens and checks the file: a truncated or damaged file, tensors whose shapes disagree, or
         (given ``examples``) another number of examples raise ValueError naming the file and the
-        problem, so that a caller can rebuild the cache rather than train on it."""
+        problem, so that a caller can rebuild the cache rather than train on it. ``verify`` also
+        hashes the tensors against the content_sha256 recorded when the file was written (one pass
+        over the file; for a cache from an earlier run, whose bytes may have changed since)."""
         from safetensors import safe_open
 
         self.path = Path(path)
@@ -341,9 +381,21 @@ class TeacherCache:
             raise ValueError(f"{path}: damaged teacher cache ({e})") from None
         except Exception as e:  # safetensors raises its own error type for a truncated or damaged file
             raise ValueError(f"{path}: damaged teacher cache ({type(e).__name__}: {e})") from None
-        problem = self._shape_problem(examples)
+        problem = self._shape_problem(examples) or (self._content_problem() if verify else None)
         if problem:
             raise ValueError(f"{path}: damaged teacher cache ({problem})")
+
+    def _content_problem(self) -> Optional[str]:
+        recorded = (self._f.metadata() or {}).get("content_sha256")
+        if not recorded:
+            return "no content_sha256 in its header (written by an earlier version), so it cannot be checked"
+        try:
+            got = tensors_sha256({k: self._f.get_slice(k) for k in self._f.keys()})
+        except Exception as e:  # a tensor whose bytes cannot be read
+            return f"unreadable tensor data ({type(e).__name__}: {e})"
+        if got != recorded:
+            return f"content sha256 {got[:12]} is not the {recorded[:12]} recorded when it was written"
+        return None
 
     def _shape_problem(self, examples: Optional[int]) -> Optional[str]:
         n, tokens, n_layers = len(self.offsets) - 1, self.offsets[-1] if self.offsets else -1, len(self.layers)

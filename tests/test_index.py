@@ -267,7 +267,8 @@ def test_changed_document_is_retrained_others_kept(tiny_model, docs_dir, tmp_pat
 
 
 def test_damaged_outputs_are_found_and_redone(tiny_model, docs_dir, tmp_path, capsys):
-    """A truncated KM or teacher cache, or an unreadable km.json, is redone on resume, never used:
+    """A truncated KM or teacher cache, a cache with one changed byte, or an unreadable km.json, is
+    redone on resume, never used:
     the redone KM is the one first written (same sha256); a KM with any changed byte is refused by
     ask (km.json records the adapter's sha256); intact KMs are kept."""
     out = tmp_path / "kms"
@@ -282,12 +283,18 @@ def test_damaged_outputs_are_found_and_redone(tiny_model, docs_dir, tmp_path, ca
     (cache,) = (out / ".work" / "alpha").glob("teacher_*.safetensors")
     cache.write_bytes(cache.read_bytes()[:1000])
     (out / "beta" / "km.json").write_text('["JSON, but not a manifest"]')
+    (beta_cache,) = (out / ".work" / "beta").glob("teacher_*.safetensors")
+    data = bytearray(beta_cache.read_bytes())
+    data[-5] ^= 1  # one bit of a stored teacher value: the file parses and its shapes agree, only the hash tells
+    beta_cache.write_bytes(bytes(data))
     capsys.readouterr()
     status = {s["id"]: s["status"] for s in index(str(docs_dir), cfg)}
     printed = capsys.readouterr().out
     assert status == {"alpha": "trained", "beta": "trained", "gamma": "already done"}
     assert "alpha: its finished KM is damaged" in printed and "adapter_model.safetensors: unreadable" in printed
     assert f"alpha: {cache}: damaged teacher cache" in printed and "rebuilding it" in printed
+    assert f"beta: {beta_cache}: damaged teacher cache (content sha256" in printed
+    assert beta_cache.read_bytes() != bytes(data)  # rebuilt, not trained on
     assert "beta: " + str(out / "beta" / "km.json") + " is unreadable, retraining" in printed
     assert (out / "gamma" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
     for d in ("alpha", "beta"):  # the same KM as before, from the same data and seed in the same wave

@@ -42,8 +42,9 @@ def test_teacher_cache_round_trip(tiny_model, tmp_path, dtype, tol):
 
 
 def test_damaged_teacher_cache_is_refused(tiny_model, tmp_path):
-    """A truncated file, a file of another run's example count, or tensors whose shapes disagree
-    raise ValueError naming the file (index rebuilds the cache on it)."""
+    """A truncated file, a file of another run's example count, tensors whose shapes disagree, or
+    (verify=True) any changed byte of the tensors raise ValueError naming the file (index rebuilds
+    the cache on it)."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
@@ -65,6 +66,20 @@ def test_damaged_teacher_cache_is_refused(tiny_model, tmp_path):
     bad.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(ValueError, match=f"{bad}: damaged teacher cache"):
         TeacherCache(bad)
+    # verify: the bytes against the content hash recorded when the file was written
+    assert len(TeacherCache(path, examples=2, verify=True)) == 2
+    data = path.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    for at in (header, (header + len(data)) // 2, len(data) - 1):  # first, middle and last byte of the tensors
+        flipped = bytearray(data)
+        flipped[at] ^= 0x10
+        bad.write_bytes(bytes(flipped))
+        TeacherCache(bad, examples=2)  # parses, shapes agree: only the hash can tell
+        with pytest.raises(ValueError, match=r"damaged teacher cache \(content sha256 \w+ is not the \w+ recorded"):
+            TeacherCache(bad, examples=2, verify=True)
+    save_file(tensors, str(bad))  # the same tensors without the hash in the header (an earlier version's file)
+    with pytest.raises(ValueError, match="no content_sha256 in its header"):
+        TeacherCache(bad, verify=True)
 
 
 def test_teacher_cache_shares_prefixes(tiny_model, tmp_path, monkeypatch):
