@@ -159,6 +159,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, DocumentError, OutputBusyError) as e:
         print(f"kmtrain: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine's, not the input's: out of disk, permissions, a file system gone
+        done = ("; finished KMs and stage outputs are kept (every file is written whole or not at all): "
+                "run the same command again to resume") if a.cmd == "index" else ""
+        print(f"kmtrain: error: {e}{done}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -162,7 +162,10 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent that is a file, a read-only or missing mount
+        raise ValueError(f"--out {out}: cannot create this folder ({e.strerror or e})") from None
     with out_lock(out):
         return _index_locked(documents, cfg, out)
 
@@ -184,6 +187,8 @@ def out_lock(out: Path):
         raise OutputBusyError(f"--out {out}: another kmtrain index run is writing to this folder "
                            f"(it holds {out / '.lock'}); wait for it to finish, or index into another "
                            f"--out") from None
+    except OSError as e:  # no write permission, a read-only file system
+        raise ValueError(f"--out {out}: cannot write in this folder ({e.strerror or e})") from None
 
 
 def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> List[dict]:

@@ -249,6 +249,43 @@ def test_second_run_on_one_output_folder_is_refused(tiny_model, docs_dir, tmp_pa
     assert sorted(s["id"] for s in summaries) == sorted(DOCS) and all(s["status"] == "trained" for s in summaries)
 
 
+def test_machine_errors_keep_finished_work(tiny_model, docs_dir, tmp_path, capsys, monkeypatch):
+    """An --out that cannot be created is an input error (exit 2); the disk filling up mid-run is
+    the machine's (exit 1), said in one line with how to resume, and the KMs finished before it are
+    kept and not redone."""
+    import errno
+    import importlib
+
+    from kmtrain.cli import main
+
+    kindex = importlib.import_module("kmtrain.index")
+    flags = ["--model", tiny_model, "--steps", "1", "--docs-per-step", "1", "--summaries-per-chunk", "1",
+             "--qa-per-chunk", "1", "--max-new-tokens", "8", "--chunk-tokens", "64", "--no-progress"]
+    assert main(["index", str(docs_dir), "--out", str(docs_dir / "alpha.txt" / "kms"), *flags]) == 2
+    assert "alpha.txt/kms: cannot create this folder (Not a directory)" in capsys.readouterr().err
+
+    out = tmp_path / "kms"
+    real_export, written = kindex.export_peft, []
+
+    def export_until_full(model, slot, path, **kw):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        written.append(path.name)
+        return real_export(model, slot, path, **kw)
+
+    monkeypatch.setattr(kindex, "export_peft", export_until_full)
+    assert main(["index", str(docs_dir), "--out", str(out), *flags]) == 1
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("kmtrain: error:")]  # one line, no traceback
+    assert "No space left on device" in line and "run the same command again to resume" in line
+    assert "Traceback" not in err
+    monkeypatch.setattr(kindex, "export_peft", real_export)
+    assert main(["index", str(docs_dir), "--out", str(out), *flags]) == 0
+    printed = capsys.readouterr().out
+    assert f"{written[0]}: already done" in printed
+    assert all((out / d / "km.json").is_file() for d in DOCS)
+
+
 def test_changed_document_is_retrained_others_kept(tiny_model, docs_dir, tmp_path):
     out = tmp_path / "kms"
     cfg = tiny_cfg(tiny_model, out, steps=2)
