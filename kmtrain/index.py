@@ -6,7 +6,8 @@ Stages, each with its output on disk under OUT/.work/<doc id>/ so that a killed 
 the cache key hashes their tokens, so a changed layout never meets a stale cache). The last two run
 wave by wave (D documents at a time), and a teacher cache is deleted once its KM is written unless
 cfg.keep_teacher_cache. A finished KM (OUT/<id>/km.json readable, its files intact) is never
-retrained unless cfg.retrain; damaged outputs are redone, never used.
+retrained unless cfg.retrain; damaged outputs are redone, never used. One run at a time holds OUT
+(out_lock).
 """
 from __future__ import annotations
 
@@ -185,8 +186,8 @@ def out_lock(out: Path):
         return FileLock(str(out / ".lock"), timeout=0).acquire()  # a context manager that releases it
     except Timeout:
         raise OutputBusyError(f"--out {out}: another kmtrain index run is writing to this folder "
-                           f"(it holds {out / '.lock'}); wait for it to finish, or index into another "
-                           f"--out") from None
+                              f"(it holds {out / '.lock'}); wait for it to finish, or index into another "
+                              f"--out") from None
     except OSError as e:  # no write permission, a read-only file system
         raise ValueError(f"--out {out}: cannot write in this folder ({e.strerror or e})") from None
 
