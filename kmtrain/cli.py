@@ -160,10 +160,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"kmtrain: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the machine's, not the input's: out of disk, permissions, a file system gone
-        done = ("; finished KMs and stage outputs are kept (every file is written whole or not at all): "
-                "run the same command again to resume") if a.cmd == "index" else ""
-        print(f"kmtrain: error: {e}{done}", file=sys.stderr)
+        print(f"kmtrain: error: {e}{_RESUME if a.cmd == 'index' else ''}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback
+        print(f"\nkmtrain: interrupted{_RESUME if a.cmd == 'index' else ''}", file=sys.stderr)
+        return 130
+
+
+_RESUME = ("; finished KMs and stage outputs are kept (every file is written whole or not at all): "
+           "run the same command again to resume")
 
 
 if __name__ == "__main__":

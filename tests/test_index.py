@@ -251,8 +251,8 @@ def test_second_run_on_one_output_folder_is_refused(tiny_model, docs_dir, tmp_pa
 
 def test_machine_errors_keep_finished_work(tiny_model, docs_dir, tmp_path, capsys, monkeypatch):
     """An --out that cannot be created is an input error (exit 2); the disk filling up mid-run is
-    the machine's (exit 1), said in one line with how to resume, and the KMs finished before it are
-    kept and not redone."""
+    the machine's (exit 1), said in one line with how to resume, as is Ctrl-C (exit 130), and the KMs
+    finished before them are kept and not redone."""
     import errno
     import importlib
 
@@ -279,6 +279,13 @@ def test_machine_errors_keep_finished_work(tiny_model, docs_dir, tmp_path, capsy
     (line,) = [x for x in err.splitlines() if x.startswith("kmtrain: error:")]  # one line, no traceback
     assert "No space left on device" in line and "run the same command again to resume" in line
     assert "Traceback" not in err
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kindex, "export_peft", interrupted)  # Ctrl-C: one line, exit 130, the same kept work
+    assert main(["index", str(docs_dir), "--out", str(out), *flags]) == 130
+    err = capsys.readouterr().err
+    assert "kmtrain: interrupted; finished KMs" in err and "Traceback" not in err
     monkeypatch.setattr(kindex, "export_peft", real_export)
     assert main(["index", str(docs_dir), "--out", str(out), *flags]) == 0
     printed = capsys.readouterr().out
