@@ -26,7 +26,7 @@ import torch
 from kmkernels import attach_grouped_lora, export_peft, load_peft, read_adapter_config, set_adapter_ids
 
 from .config import IndexConfig
-from .data import Document, atomic_write_text, chunk_tokens, load_documents, recitation_items
+from .data import Document, atomic_write_text, chunk_tokens, file_sha256, load_documents, recitation_items
 from .evaluate import generate_answers, question_prompt
 from .models import load_model, native_bf16, resolve_model, weights_hash
 from .synth import split_heldout, synthesize
@@ -146,12 +146,9 @@ def km_problem(folder: Path, sha256: Optional[str] = None) -> Optional[str]:
     except Exception as e:  # safetensors raises its own error type for a truncated or damaged file
         return f"{weights}: unreadable ({e})"
     if sha256:
-        h = hashlib.sha256()
-        with open(weights, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        if h.hexdigest() != sha256:
-            return (f"{weights}: sha256 {h.hexdigest()[:12]} is not the {sha256[:12]} recorded in km.json "
+        got = file_sha256(str(weights))
+        if got != sha256:
+            return (f"{weights}: sha256 {got[:12]} is not the {sha256[:12]} recorded in km.json "
                     f"(the file changed after it was written)")
     return None
 

@@ -24,7 +24,6 @@ Read back through safetensors' memory map, one example slice at a time.
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,37 +276,28 @@ def _decode(enc: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
     return enc if scale is None else enc.float() * scale[:, None, None]
 
 
-def _update_with(h, t: torch.Tensor) -> None:
-    t = t.detach().cpu().contiguous().reshape(-1)
-    h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+def _tensor_bytes(t: torch.Tensor):
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def tensors_sha256(tensors: Dict[str, object], block_bytes: int = 1 << 26) -> str:
-    """sha256 over name, dtype, shape and bytes of each tensor in name order. ``tensors`` maps a
+    """sha256 over name, shape, dtype and bytes of each tensor in name order. ``tensors`` maps a
     name to a tensor or to a safetensors slice (read ~``block_bytes`` at a time along dim 0, so a
     memory-mapped cache of several GB is hashed without loading it whole); both give one digest."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name]
-        if isinstance(t, torch.Tensor):
-            shape, dtype = tuple(t.shape), str(t.dtype).removeprefix("torch.")
-        else:  # a safetensors slice: its dtype reads as "BF16", "F32", ...
-            shape, dtype = tuple(t.get_shape()), _SAFETENSORS_DTYPE[t.get_dtype()]
-        h.update(f"{name}|{dtype}|{shape};".encode())
-        if isinstance(t, torch.Tensor) or len(shape) == 0:
-            _update_with(h, t if isinstance(t, torch.Tensor) else t[...])
-            continue
-        row = max(1, (math.prod(shape[1:]) if len(shape) > 1 else 1) * _ITEMSIZE[dtype])
-        step = max(1, block_bytes // row)
-        for a in range(0, shape[0], step):
-            _update_with(h, t[a:a + step])
+        if not isinstance(t, torch.Tensor) and len(t.get_shape()) and t.get_shape()[0] > 1:
+            shape, row = tuple(t.get_shape()), t[0:1]
+            step = max(1, block_bytes // max(1, row.numel() * row.element_size()))
+            dtype, blocks = row.dtype, (t[a:a + step] for a in range(0, shape[0], step))
+        else:
+            t = t if isinstance(t, torch.Tensor) else t[...]
+            shape, dtype, blocks = tuple(t.shape), t.dtype, (t,)
+        h.update(f"{name}|{shape}|{dtype};".encode())
+        for b in blocks:
+            h.update(_tensor_bytes(b))
     return h.hexdigest()
-
-
-_SAFETENSORS_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
-                      "I32": "int32", "F8_E4M3": "float8_e4m3fn", "U8": "uint8"}
-_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "int64": 8, "int32": 4, "float8_e4m3fn": 1,
-             "uint8": 1}
 
 
 def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg, pad_id: int,

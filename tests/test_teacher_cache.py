@@ -68,6 +68,12 @@ def test_damaged_teacher_cache_is_refused(tiny_model, tmp_path):
         TeacherCache(bad)
     # verify: the bytes against the content hash recorded when the file was written
     assert len(TeacherCache(path, examples=2, verify=True)) == 2
+    from safetensors import safe_open
+
+    from kmtrain.teacher_cache import tensors_sha256
+
+    with safe_open(str(path), framework="pt") as f:  # read in many small blocks: the same digest
+        assert tensors_sha256({k: f.get_slice(k) for k in f.keys()}, block_bytes=64) == f.metadata()["content_sha256"]
     data = path.read_bytes()
     header = 8 + int.from_bytes(data[:8], "little")
     for at in (header, (header + len(data)) // 2, len(data) - 1):  # first, middle and last byte of the tensors
