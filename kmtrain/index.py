@@ -189,6 +189,27 @@ def out_lock(out: Path):
         raise ValueError(f"--out {out}: cannot write in this folder ({e.strerror or e})") from None
 
 
+def check_same_base(out: Path, model: str, finished: Dict[str, Optional[dict]]) -> None:
+    """Refuses a run whose base weights differ from those the finished KMs in ``out`` were trained on
+    (``finished``: document id -> its km.json, or None). Without it a run with another --model
+    skipped those KMs as "already done", leaving a folder of KMs for two bases that the summary
+    called finished; retraining them instead would overwrite finished work unasked. Runs before the
+    model loads (the weights hash is memoised beside the weights); Hub models without local files
+    are not hashed ("unknown") and not compared."""
+    recorded = {i: m.get("base_model_sha256") for i, m in finished.items() if isinstance(m, dict)}
+    recorded = {i: h for i, h in recorded.items() if h and h != "unknown"}
+    if not recorded:
+        return
+    current = weights_hash(resolve_model(model)[0])
+    other = sorted(i for i, h in recorded.items() if h != current)
+    if current == "unknown" or not other:
+        return
+    names = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+    raise ValueError(f"--out {out}: {len(other)} finished KM(s) ({names}) were trained on other base weights "
+                     f"(sha256 {recorded[other[0]][:12]}) than --model {model} ({current[:12]}); index into "
+                     f"another --out, or pass --retrain to replace them")
+
+
 def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> List[dict]:
     work = out / ".work"
     remove_stale_temp(out)
@@ -196,11 +217,15 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     amp = _amp_dtype(cfg, device)
     t_start = time.time()
 
+    finished = {d.id: _read_json(out / d.id / "km.json") for d in documents}
+    if not cfg.retrain:
+        check_same_base(out, cfg.model, finished)
+
     summaries: List[dict] = []
     todo = []
     for d in documents:
         km_json = out / d.id / "km.json"
-        done = _read_json(km_json)
+        done = finished[d.id]
         done = done if isinstance(done, dict) else None
         if cfg.retrain:
             todo.append(d)

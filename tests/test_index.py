@@ -428,3 +428,30 @@ def test_smollm2_one_document_end_to_end(tmp_path):
         return float(lp.gather(1, torch.tensor(ans)[:, None]).sum())
 
     assert answer_logprob(True) > answer_logprob(False)
+
+
+def test_other_base_model_is_refused_not_mixed(tiny_model, docs_dir, tmp_path):
+    """A run with other base weights into a folder of finished KMs stops before loading anything,
+    naming the KMs; before, it skipped them as "already done" and the folder mixed two bases."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    other = tmp_path / "other_model"
+    m = LlamaForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        m.model.layers[0].mlp.down_proj.weight.add_(0.01)  # same shapes, other weights
+    m.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(other)
+
+    out = tmp_path / "kms"
+    index(str(docs_dir), tiny_cfg(tiny_model, out, steps=2))
+    stamps = {d: (out / d / "adapter_model.safetensors").stat().st_mtime_ns for d in DOCS}
+    first_hash = json.loads((out / "alpha" / "km.json").read_text())["base_model_sha256"]
+    with pytest.raises(ValueError, match=r"3 finished KM\(s\) \(alpha, beta, gamma\) were trained on other base "
+                                         r"weights .* --retrain to replace them"):
+        index(str(docs_dir), tiny_cfg(str(other), out, steps=2))
+    assert {d: (out / d / "adapter_model.safetensors").stat().st_mtime_ns for d in DOCS} == stamps
+    # the same model again is still a resume, and --retrain replaces them
+    assert {s["status"] for s in index(str(docs_dir), tiny_cfg(tiny_model, out, steps=2))} == {"already done"}
+    assert {s["status"] for s in index(str(docs_dir), tiny_cfg(str(other), out, steps=2, retrain=True))} == {"trained"}
+    hashes = {json.loads((out / d / "km.json").read_text())["base_model_sha256"] for d in DOCS}
+    assert len(hashes) == 1 and hashes != {first_hash}
