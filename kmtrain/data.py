@@ -73,7 +73,7 @@ def _not_utf8(path, e: UnicodeDecodeError) -> str:
 
 def load_documents(source: str, *, split: str = "train", id_field: str = "id", text_field: str = "text",
                    limit: Optional[int] = None) -> List[Document]:
-    """Documents from a folder of .txt/.md files (id = file stem), a .jsonl of {"id", "text"},
+    """Documents from a folder of .txt/.md files (id = file stem; hidden files skipped), a .jsonl of {"id", "text"},
     or a Hugging Face dataset name (``datasets.load_dataset(source, split=split)``).
 
     Every problem (duplicate id, empty document, non-UTF-8 file, bad JSON line) is collected
@@ -84,19 +84,22 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
     problems: List[str] = []
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".txt", ".md") and p.is_file())
+        # Hidden files are not documents: macOS writes "._name.txt" (binary resource forks) beside
+        # every file copied to a non-Apple disk, which would otherwise fail as non-UTF-8.
+        files = sorted(p for p in path.iterdir()
+                       if p.suffix.lower() in (".txt", ".md") and not p.name.startswith(".") and p.is_file())
         if not files:
             raise DocumentError(f"{source}: no .txt or .md files in this folder")
         for p in files:
             try:
-                text = p.read_bytes().decode("utf-8")
+                text = p.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows editors) is not text
             except UnicodeDecodeError as e:
                 problems.append(_not_utf8(p, e))
                 continue
             _add(docs, problems, p.stem, text, str(p))
     elif path.is_file() and path.suffix.lower() == ".jsonl":
         try:
-            lines = path.read_bytes().decode("utf-8").splitlines()
+            lines = path.read_bytes().decode("utf-8-sig").splitlines()
         except UnicodeDecodeError as e:
             raise DocumentError(_not_utf8(path, e)) from None
         for i, line in enumerate(lines, 1):

@@ -110,3 +110,17 @@ def test_recitation_items_cover_each_chunk_in_sentence_pieces(tiny_model):
         for it, n in zip(pieces, sizes):
             first = it["target"][:-1].split(". ")
             assert n - len(tok(first[-1] + ".", add_special_tokens=False)["input_ids"]) < budget
+
+
+def test_hidden_files_and_byte_order_marks(tmp_path):
+    """What editors and operating systems leave in a documents folder is read as the user meant it."""
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "notes.txt").write_bytes("\ufeffThe bell rings at noon.".encode("utf-8"))  # Windows Notepad's BOM
+    (d / "._notes.txt").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \xff\xfe")  # macOS resource fork
+    (d / ".draft.md").write_text("not a document")
+    docs = load_documents(str(d))
+    assert [(x.id, x.text) for x in docs] == [("notes", "The bell rings at noon.")]
+    j = tmp_path / "docs.jsonl"
+    j.write_bytes('\ufeff{"id": "a", "text": "x"}\n'.encode("utf-8"))
+    assert [(x.id, x.text) for x in load_documents(str(j))] == [("a", "x")]
