@@ -56,6 +56,9 @@ def _add(docs: Dict[str, Document], problems: List[str], raw_id, text, source: s
     if not isinstance(text, str):
         problems.append(f"{source}: document text must be a string, got {type(text).__name__}")
         return
+    if raw_id is None:  # str(None) would make it the document "None"
+        problems.append(f"{source}: document id is missing (null)")
+        return
     doc_id = sanitize_id(raw_id)
     if not doc_id:
         problems.append(f"{source}: document id {raw_id!r} is empty after sanitising")

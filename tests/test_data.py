@@ -30,6 +30,9 @@ def test_bad_inputs_name_the_file(tmp_path, tiny_model):
     j.write_text('{"id": "a", "text": "x"}\nnot json\n')
     with pytest.raises(DocumentError, match=r"docs.jsonl:2: invalid JSON"):
         load_documents(str(j))
+    j.write_text('{"id": null, "text": "x"}\n{"id": 7, "text": "y"}\n')
+    with pytest.raises(DocumentError, match=r"docs.jsonl:1: document id is missing \(null\)$"):
+        load_documents(str(j))
     # nothing is written when the input is bad
     out = tmp_path / "never"
     with pytest.raises(DocumentError):
