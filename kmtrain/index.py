@@ -402,6 +402,11 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
     All questions go through one model in one batch stream, each with its own KM slot."""
     if not pairs:
         return []
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    for k, (km, question) in enumerate(pairs, 1):
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"question {k} (for {km or 'the base model'}) is empty")
     kms = sorted({km for km, _ in pairs if km is not None})
     base = model
     configs, trained_on = [], {}

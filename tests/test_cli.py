@@ -36,6 +36,12 @@ def test_cli_errors(tmp_path, capsys):
                            (["--model", str(tmp_path / "no_model")], "no such model folder")):
         assert main(out + flags) == 2
         assert message in capsys.readouterr().err, flags
+    # ask: checked before the model loads (the missing model folder would be the error otherwise)
+    ask = ["ask", "--model", str(tmp_path / "no_model")]
+    for args, message in ((["--max-new-tokens", "0", "q?"], "--max-new-tokens must be at least 1, got 0"),
+                          (["q?", "--km", str(tmp_path / "x"), "  "], f"question 2 (for {tmp_path / 'x'}) is empty")):
+        assert main(ask + args) == 2
+        assert message in capsys.readouterr().err, args
     (tmp_path / "a_file").write_text("")
     assert main(["index", str(d), "--out", str(tmp_path / "a_file")]) == 2
     assert "a_file: exists and is not a folder" in capsys.readouterr().err
