@@ -83,6 +83,8 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
     and raised as one DocumentError that names each file or record, so one run lists everything
     to fix; nothing is written before the whole input is checked.
     """
+    if limit is not None and limit < 1:  # 0 indexed nothing and said nothing; -1 dropped the last document
+        raise ValueError(f"--limit must be at least 1, got {limit}")
     docs: Dict[str, Document] = {}
     problems: List[str] = []
     path = Path(source)

@@ -33,7 +33,9 @@ def test_cli_errors(tmp_path, capsys):
     for flags, message in ((["--chunk-overlap", "1.5"], "chunk_overlap must be in [0, 1), got 1.5"),
                            (["--temperature", "0"], "temperature must be > 0"),
                            (["--cache-layers", "1,x"], "--cache-layers takes comma-separated layer numbers"),
-                           (["--model", str(tmp_path / "no_model")], "no such model folder")):
+                           (["--model", str(tmp_path / "no_model")], "no such model folder"),
+                           (["--limit", "0"], "--limit must be at least 1, got 0"),
+                           (["--limit", "-1"], "--limit must be at least 1, got -1")):
         assert main(out + flags) == 2
         assert message in capsys.readouterr().err, flags
     # ask: checked before the model loads (the missing model folder would be the error otherwise)
