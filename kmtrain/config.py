@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -129,9 +130,21 @@ class IndexConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        for name in ("lr", "clip"):
+        for name in ("lr", "clip", "alpha"):  # alpha 0 would scale every KM to nothing
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        # inf passed the checks above; lr=inf trained NaN weights and wrote them as a finished KM
+        for name in ("lr", "alpha", "lr_b_ratio", "temperature", "kl_weight", "hidden_weight", "weight_decay"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        for name in ("kl_weight", "hidden_weight", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.objective in ("sdcd", "ddcd") and self.kl_weight == 0 and self.hidden_weight == 0:
+            raise ValueError("kl_weight and hidden_weight are both 0: the DCD loss would be 0 and train nothing")
+        for name, least in (("lm_seq_tokens", 2), ("ddcd_window_tokens", 4), ("ddcd_windows_per_chunk", 1)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if not 0 <= self.warmup_frac <= 1:
             raise ValueError(f"warmup_frac must be in [0, 1], got {self.warmup_frac}")
         for name in ("heldout_per_chunk", "heldout_every", "recite_tokens", "focus_parts"):
@@ -153,6 +166,7 @@ class IndexConfig:
             raise ValueError(f"lr_b_ratio must be > 0, got {self.lr_b_ratio}")
         if not 0 < self.ddcd_student_frac < 1:
             raise ValueError(f"ddcd_student_frac must be in (0, 1), got {self.ddcd_student_frac}")
+        check_device(self.device)
         return self
 
     def replace(self, **kw) -> "IndexConfig":
@@ -187,6 +201,27 @@ class IndexConfig:
             return field, kind(text)
         except ValueError as e:
             raise ValueError(f"--set {item}: {field} takes {getattr(kind, '__name__', kind)}, got {text!r} ({e})") from None
+
+def check_device(device: str) -> None:
+    """ValueError naming the problem for a device that torch does not know or that this machine lacks
+    ("cuda" without a GPU ended in an AssertionError traceback from inside torch, after the model
+    had loaded). "auto" picks a CUDA GPU when there is one, else the CPU."""
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a device torch knows (auto, cpu, cuda, cuda:1, mps, ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA GPU is available here (use auto or cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: Apple's MPS is not available here (use auto or cpu)")
+
 
 PRESETS = {
     # The paper's recipe (SPEC.md section 2), for GPUs.

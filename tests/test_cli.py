@@ -35,6 +35,10 @@ def test_cli_errors(tmp_path, capsys):
                            (["--cache-layers", "1,x"], "--cache-layers takes comma-separated layer numbers"),
                            (["--model", str(tmp_path / "no_model")], "no such model folder"),
                            (["--limit", "0"], "--limit must be at least 1, got 0"),
+                           (["--alpha", "0"], "alpha must be > 0, got 0.0"),
+                           (["--lr", "inf"], "lr must be a finite number, got inf"),
+                           (["--device", "gpu"], "device 'gpu' is not a device torch knows"),
+                           (["--device", "cuda:99"], "device 'cuda:99': "),
                            (["--limit", "-1"], "--limit must be at least 1, got -1")):
         assert main(out + flags) == 2
         assert message in capsys.readouterr().err, flags
@@ -99,3 +103,16 @@ def test_set_overrides_parse_to_each_fields_type(capsys):
         with pytest.raises(SystemExit) as e:
             demo_main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_config_rejects_what_would_train_nothing_or_garbage():
+    import pytest
+
+    for kw, message in ((dict(kl_weight=0.0, hidden_weight=0.0), "both 0"),
+                        (dict(hidden_weight=-1.0), "hidden_weight must be >= 0"),
+                        (dict(weight_decay=float("nan")), "weight_decay must be a finite number"),
+                        (dict(objective="lm", lm_seq_tokens=1), "lm_seq_tokens must be >= 2"),
+                        (dict(ddcd_windows_per_chunk=0), "ddcd_windows_per_chunk must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            IndexConfig(**kw).validate()
+    IndexConfig(objective="lm", kl_weight=0.0, hidden_weight=0.0).validate()  # lm takes neither
