@@ -146,7 +146,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             cfg = _config_from_args(a)
             docs = load_documents(a.docs, split=a.split, id_field=a.id_field, text_field=a.text_field, limit=a.limit)
-            index(docs, cfg)
+            diverged = [s["id"] for s in index(docs, cfg) if s["status"] == "diverged"]
+            if diverged:  # the others are written; a script must still learn that these are missing
+                print(f"kmtrain: error: training diverged for {', '.join(diverged)}; no KM written for "
+                      f"{'it' if len(diverged) == 1 else 'them'}", file=sys.stderr)
+                return 1
             return 0
         pairs = _ask_pairs(list(sys.argv[1:] if argv is None else argv))
         if not pairs:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -23,9 +24,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from kmkernels import attach_grouped_lora, export_peft, load_peft, read_adapter_config, set_adapter_ids
+from kmkernels import attach_grouped_lora, export_peft, load_peft, read_adapter_config, set_adapter_ids, slot_parameters
 
-from .config import IndexConfig
+from .config import IndexConfig, check_device
 from .data import Document, atomic_write_text, chunk_tokens, file_sha256, load_documents, recitation_items
 from .evaluate import generate_answers, question_prompt
 from .models import load_model, native_bf16, resolve_model, weights_hash
@@ -356,6 +357,15 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         wave_s = time.time() - t0
         for slot, st in enumerate(wave):
             doc = next(d for d in todo if d.id == st.id)
+            if not all(bool(torch.isfinite(p[slot]).all()) for p in slot_parameters(model)):
+                # Never written as finished: a re-run retrains it. The other slots are unaffected
+                # (per-slot losses, clipping and AdamW state).
+                bad = next((i + 1 for i, x in enumerate(st.losses) if not math.isfinite(x["loss"])), None)
+                when = f"its loss was not finite from step {bad}" if bad else "its weights are not finite"
+                print(f"{st.id}: training diverged ({when}); no KM written. Run again with a lower --lr "
+                      f"(now {cfg.lr:g}) to train it", flush=True)
+                summaries.append({"id": st.id, "status": "diverged", "diverged_at_step": bad})
+                continue
             tail = st.losses[-max(1, cfg.steps // 10):]
             final = {k: sum(x[k] for x in tail) / len(tail) for k in tail[0]}
             heldout = None
@@ -392,7 +402,9 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
             if st.cache is not None and not cfg.keep_teacher_cache:  # its KM is written: the cache is done with
                 path, st.cache = st.cache.path, None
                 path.unlink()
-    print(f"indexed {len(states)} documents in {time.time() - t_start:.1f} s", flush=True)
+    diverged = sum(s["status"] == "diverged" for s in summaries)
+    print(f"indexed {len(states) - diverged} documents in {time.time() - t_start:.1f} s"
+          + (f"; {diverged} diverged, no KM written for them" if diverged else ""), flush=True)
     return summaries
 
 
@@ -404,6 +416,7 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
         return []
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    check_device(device)
     for k, (km, question) in enumerate(pairs, 1):
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"question {k} (for {km or 'the base model'}) is empty")

@@ -1,6 +1,7 @@
 """kmtrain.index: index + ask end to end (tiny random Llama, and the bundled SmolLM2), resume, precision choices."""
 import hashlib
 import json
+import math
 
 import pytest
 import torch
@@ -455,3 +456,24 @@ def test_other_base_model_is_refused_not_mixed(tiny_model, docs_dir, tmp_path):
     assert {s["status"] for s in index(str(docs_dir), tiny_cfg(str(other), out, steps=2, retrain=True))} == {"trained"}
     hashes = {json.loads((out / d / "km.json").read_text())["base_model_sha256"] for d in DOCS}
     assert len(hashes) == 1 and hashes != {first_hash}
+
+
+def test_diverged_training_writes_no_km(tiny_model, docs_dir, tmp_path, capsys):
+    """A KM whose training blew up (non-finite weights) is not written as finished; before, lr=inf
+    wrote NaN weights and km.json called them done. The re-run trains it."""
+    from kmtrain.cli import main
+
+    out = tmp_path / "kms"
+    args = ["index", str(docs_dir), "--out", str(out), "--model", tiny_model, "--steps", "3", "--docs-per-step", "2",
+            "--summaries-per-chunk", "1", "--qa-per-chunk", "1", "--max-new-tokens", "8", "--rank", "4",
+            "--no-progress"]
+    assert main(args + ["--lr", "1e30"]) == 1  # finite, so allowed; Adam steps of 1e30 overflow the next forward
+    printed = capsys.readouterr()
+    assert "training diverged for alpha, beta, gamma; no KM written for them" in printed.err
+    assert "alpha: training diverged (its loss was not finite from step 2); no KM written" in printed.out
+    assert "indexed 0 documents" in printed.out and "3 diverged" in printed.out
+    assert not any((out / d).exists() for d in DOCS)
+    assert main(args) == 0
+    for d in DOCS:
+        meta = json.loads((out / d / "km.json").read_text())
+        assert meta["lr"] == IndexConfig().lr and all(map(math.isfinite, meta["final_loss"].values()))
