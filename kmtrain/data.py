@@ -77,7 +77,8 @@ def _not_utf8(path, e: UnicodeDecodeError) -> str:
 def load_documents(source: str, *, split: str = "train", id_field: str = "id", text_field: str = "text",
                    limit: Optional[int] = None) -> List[Document]:
     """Documents from a folder of .txt/.md files (id = file stem; hidden files skipped), a .jsonl of {"id", "text"},
-    or a Hugging Face dataset name (``datasets.load_dataset(source, split=split)``).
+    or a Hugging Face dataset: a Hub name or a local folder of its data files
+    (``datasets.load_dataset(source, split=split)``), or a folder written by ``save_to_disk``.
 
     Every problem (duplicate id, empty document, non-UTF-8 file, bad JSON line) is collected
     and raised as one DocumentError that names each file or record, so one run lists everything
@@ -88,13 +89,15 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
     docs: Dict[str, Document] = {}
     problems: List[str] = []
     path = Path(source)
+    files = []
     if path.is_dir():
         # Hidden files are not documents: macOS writes "._name.txt" (binary resource forks) beside
         # every file copied to a non-Apple disk, which would otherwise fail as non-UTF-8.
         files = sorted(p for p in path.iterdir()
                        if p.suffix.lower() in (".txt", ".md") and not p.name.startswith(".") and p.is_file())
-        if not files:
-            raise DocumentError(f"{source}: no .txt or .md files in this folder")
+        if not files and not _dataset_folder(path):
+            raise DocumentError(f"{source}: no .txt or .md files in this folder (nor a dataset's data files)")
+    if files:
         for p in files:
             try:
                 text = p.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows editors) is not text
@@ -120,17 +123,10 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
                 problems.append(f"{where}: each line needs {id_field!r} and {text_field!r} fields")
                 continue
             _add(docs, problems, rec[id_field], rec[text_field], where)
-    elif path.exists():
+    elif path.is_file():
         raise DocumentError(f"{source}: expected a folder of .txt/.md files or a .jsonl file")
-    else:
-        try:
-            import datasets
-        except ImportError:
-            raise DocumentError(f"{source}: no such file or folder (and `datasets` is not installed for Hub names)") from None
-        try:
-            ds = datasets.load_dataset(source, split=split)
-        except Exception as e:  # network or name problems: say what was asked for
-            raise DocumentError(f"{source}: not a local path, and loading it as a dataset failed: {e}") from None
+    else:  # a Hub dataset name, or a local dataset folder (data files, or datasets' save_to_disk)
+        ds = _load_dataset(source, path, split)
         for field in (id_field, text_field):
             if field not in ds.column_names:
                 raise DocumentError(f"{source}[{split}]: no field {field!r} (fields: {ds.column_names})")
@@ -152,6 +148,40 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
         raise DocumentError(f"{len(problems)} problems in the input documents:\n  " + "\n  ".join(problems))
     out = list(docs.values())
     return out[:limit] if limit is not None else out
+
+
+_DATA_SUFFIXES = (".parquet", ".arrow", ".csv", ".json", ".jsonl", ".jsonl.gz", ".json.gz")
+
+
+def _dataset_folder(path: Path) -> bool:
+    """A folder ``datasets`` can read: save_to_disk's output, or data files (also in split subfolders)."""
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return True
+    return any(p.is_file() and p.name.lower().endswith(_DATA_SUFFIXES) and not p.name.startswith(".")
+               for p in path.rglob("*"))
+
+
+def _load_dataset(source: str, path: Path, split: str):
+    """One split of a dataset: a local folder (save_to_disk's output, or data files) or a Hub name."""
+    try:
+        import datasets
+    except ImportError:
+        raise DocumentError(f"{source}: no such file or folder (and `datasets` is not installed for datasets: "
+                            f"pip install 'kmkernels[train]')") from None
+    try:
+        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DocumentError(f"{source}: no split {split!r} (splits: {', '.join(ds)})")
+                ds = ds[split]
+            return ds
+        return datasets.load_dataset(source, split=split)
+    except DocumentError:
+        raise
+    except Exception as e:  # network, name, split or file problems: say what was asked for
+        what = "loading this folder as a dataset" if path.is_dir() else "not a local path, and loading it as a dataset"
+        raise DocumentError(f"{source}: {what} failed: {e}") from None
 
 
 def chunk_tokens(ids: Sequence[int], chunk_tokens: int, overlap: float) -> List[List[int]]:

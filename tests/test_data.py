@@ -127,3 +127,35 @@ def test_hidden_files_and_byte_order_marks(tmp_path):
     j = tmp_path / "docs.jsonl"
     j.write_bytes('\ufeff{"id": "a", "text": "x"}\n'.encode("utf-8"))
     assert [(x.id, x.text) for x in load_documents(str(j))] == [("a", "x")]
+
+
+def test_local_hugging_face_datasets(tmp_path):
+    """A dataset's split and fields through `datasets`: a folder of its data files, and a folder
+    written by save_to_disk (the Hub names take the same path, network allowing)."""
+    import datasets
+
+    rows = {"doc_id": ["tower", "bell", None], "body": ["The tower has seven faces.", "The bell is named Moro.", "x"]}
+    ds = datasets.Dataset.from_dict({k: v[:2] for k, v in rows.items()})
+    files = tmp_path / "files"
+    files.mkdir()
+    ds.to_parquet(str(files / "train-00000.parquet"))
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": ds, "test": ds.select([1])}).save_to_disk(str(saved))
+    for source, split, ids in ((files, "train", ["tower", "bell"]), (saved, "train", ["tower", "bell"]),
+                               (saved, "test", ["bell"])):
+        docs = load_documents(str(source), split=split, id_field="doc_id", text_field="body")
+        assert [(d.id, d.text) for d in docs] == [(i, rows["body"][rows["doc_id"].index(i)]) for i in ids]
+        assert docs[0].source == f"{source}[{split}][0]"
+    assert [d.id for d in load_documents(str(files), id_field="doc_id", text_field="body", limit=1)] == ["tower"]
+    with pytest.raises(DocumentError, match=r"saved: no split 'validation' \(splits: train, test\)"):
+        load_documents(str(saved), split="validation", id_field="doc_id", text_field="body")
+    with pytest.raises(DocumentError, match=r"no field 'text' \(fields: \['doc_id', 'body'\]\)"):
+        load_documents(str(files), id_field="doc_id")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    datasets.Dataset.from_dict(rows).to_parquet(str(bad / "train.parquet"))
+    with pytest.raises(DocumentError, match=r"bad\[train\]\[2\]: document id is missing \(null\)"):
+        load_documents(str(bad), id_field="doc_id", text_field="body")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DocumentError, match=r"empty: no \.txt or \.md files in this folder \(nor a dataset's data files\)"):
+        load_documents(str(tmp_path / "empty"))
