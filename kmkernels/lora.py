@@ -704,6 +704,23 @@ def export_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike], *,
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
 
 
+def adapter_targets(path: Union[str, os.PathLike]) -> List[str]:
+    """Last name components of the modules a PEFT folder's weights file holds LoRA weights for
+    (what attach_grouped_lora's ``target_modules`` takes), read from its tensor names without
+    loading a tensor. adapter_config.json's ``target_modules`` may be a regex or "all-linear";
+    the weights say what is there."""
+    from safetensors import safe_open
+
+    weights_path = os.path.join(os.fspath(path), "adapter_model.safetensors")
+    try:
+        with safe_open(weights_path, "pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # missing, truncated or not safetensors
+        raise ValueError(f"{weights_path}: unreadable safetensors file ({e})") from None
+    names = (m.group("module").rsplit(".", 1)[-1] for m in map(_KEY_RE.match, keys) if m is not None)
+    return list(dict.fromkeys(names))
+
+
 def read_adapter_config(path: Union[str, os.PathLike]) -> dict:
     """The adapter_config.json of a PEFT folder, checked to be JSON with an integer rank ``r``;
     a missing or damaged file raises ValueError naming it."""

@@ -24,7 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from kmkernels import attach_grouped_lora, export_peft, load_peft, read_adapter_config, set_adapter_ids, slot_parameters
+from kmkernels import (adapter_targets, attach_grouped_lora, export_peft, load_peft, read_adapter_config,
+                       set_adapter_ids, slot_parameters)
 
 from .config import IndexConfig, check_device
 from .data import Document, atomic_write_text, chunk_tokens, file_sha256, load_documents, recitation_items
@@ -458,8 +459,10 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
     if kms:
         cfg = configs[0]
         rank = max(c["r"] for c in configs)
+        # every KM's targets are wrapped (a KM without some has zeros there); each slot keeps its own alpha / r
+        targets = tuple(dict.fromkeys(t for km in kms for t in adapter_targets(km)))
         attach_grouped_lora(m, len(kms), rank=rank, alpha=cfg.get("lora_alpha", rank),
-                            target_modules=tuple(cfg["target_modules"]), backend=backend)
+                            target_modules=targets, backend=backend)
         for slot, km in enumerate(kms):
             load_peft(m, slot, km)
             slot_of[km] = slot

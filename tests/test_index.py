@@ -477,3 +477,17 @@ def test_diverged_training_writes_no_km(tiny_model, docs_dir, tmp_path, capsys):
     for d in DOCS:
         meta = json.loads((out / d / "km.json").read_text())
         assert meta["lr"] == IndexConfig().lr and all(map(math.isfinite, meta["final_loss"].values()))
+
+
+def test_ask_batches_kms_with_different_targets(tiny_model, docs_dir, tmp_path):
+    """KMs trained on different projections (one of them a PEFT adapter whose config names its targets
+    by a regex) answer in one batch exactly as each does alone; before, the first KM's targets were
+    the only ones wrapped and the second KM failed to load."""
+    index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "a_qv", steps=2, target_modules=("q_proj", "v_proj")))
+    index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "b_all", steps=2))
+    conf = tmp_path / "b_all" / "beta" / "adapter_config.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "target_modules": r".*\.(q|k|v|o|gate|up|down)_proj"}))
+    pairs = [(str(tmp_path / "a_qv" / "alpha"), "Which bell?"), (str(tmp_path / "b_all" / "beta"), "What grows?")]
+    together = ask(pairs, max_new_tokens=6)
+    alone = [ask([p], max_new_tokens=6)[0] for p in pairs]
+    assert together == alone

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import DEVICE, KERNEL_DTYPES
-from kmkernels.lora import (AdapterIds, GroupedLoRALinear, attach_grouped_lora, build_segments, export_peft, grouped_lora,
-                            grouped_lora_modules, load_peft, reset_slot, set_adapter_ids, slot_parameters)
+from kmkernels.lora import (AdapterIds, GroupedLoRALinear, adapter_targets, attach_grouped_lora, build_segments,
+                            export_peft, grouped_lora, grouped_lora_modules, load_peft, reset_slot, set_adapter_ids,
+                            slot_parameters)
 from reference import rel_err
 
 BACKENDS = ["torch", "triton"]
@@ -346,6 +347,13 @@ def test_export_peft_round_trip(tmp_path):
         plain = base(input_ids=input_ids).logits
     assert rel_err(theirs, ours) < 1e-5
     assert rel_err(plain, ours) > 1e-3  # the adapter matters
+    # the targets as the weights file has them, in PEFT's own save too (config may hold a regex)
+    assert sorted(adapter_targets(tmp_path / "km")) == sorted(TARGETS)
+    loaded.save_pretrained(tmp_path / "peft_saved")
+    assert sorted(adapter_targets(tmp_path / "peft_saved")) == sorted(TARGETS)
+    (tmp_path / "km" / "adapter_model.safetensors").write_bytes(b"\x08\x00")
+    with pytest.raises(ValueError, match="adapter_model.safetensors: unreadable safetensors file"):
+        adapter_targets(tmp_path / "km")
 
 
 def test_smaller_rank_slot_and_errors(tmp_path):
