@@ -134,6 +134,25 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
             if limit is not None and len(docs) >= limit:
                 break
             _add(docs, problems, rec[id_field], rec[text_field], f"{source}[{split}][{i}]")
+    return _checked(docs, problems, limit)
+
+
+def check_documents(documents: Sequence[Document]) -> List[Document]:
+    """Documents handed to index() as objects get load_documents' checks: ids sanitised for use as
+    folder names (an id like "../x" wrote its KM outside --out), duplicate and case-colliding ids,
+    empty texts; every problem in one DocumentError."""
+    docs: Dict[str, Document] = {}
+    problems: List[str] = []
+    for k, d in enumerate(documents):
+        if not isinstance(d, Document):
+            problems.append(f"document {k}: expected a kmtrain Document, got {type(d).__name__}")
+            continue
+        _add(docs, problems, d.id, d.text, d.source or f"document {k} ({d.id!r})")
+    return _checked(docs, problems)
+
+
+def _checked(docs: Dict[str, Document], problems: List[str], limit: Optional[int] = None) -> List[Document]:
+    """The documents, after the checks that need all of them; every problem found so far in one error."""
     # Ids that differ only in letter case name one folder on case-insensitive file systems (macOS,
     # Windows): one KM would overwrite the other there, so they are refused everywhere.
     first_of: Dict[str, Document] = {}

@@ -28,7 +28,8 @@ from kmkernels import (adapter_targets, attach_grouped_lora, export_peft, load_p
                        set_adapter_ids, slot_parameters)
 
 from .config import IndexConfig, check_device
-from .data import Document, atomic_write_text, chunk_tokens, file_sha256, load_documents, recitation_items
+from .data import (Document, atomic_write_text, check_documents, chunk_tokens, file_sha256, load_documents,
+                   recitation_items)
 from .evaluate import generate_answers, question_prompt
 from .models import load_model, native_bf16, resolve_model, weights_hash
 from .synth import split_heldout, synthesize
@@ -158,7 +159,7 @@ def km_problem(folder: Path, sha256: Optional[str] = None) -> Optional[str]:
 def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = None, **overrides) -> List[dict]:
     """Train one KM per document. Returns one summary dict per document (also printed, one line each)."""
     cfg = (cfg or IndexConfig()).replace(**overrides).validate() if overrides else (cfg or IndexConfig()).validate()
-    documents = load_documents(docs) if isinstance(docs, (str, os.PathLike)) else list(docs)
+    documents = load_documents(docs) if isinstance(docs, (str, os.PathLike)) else check_documents(docs)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")

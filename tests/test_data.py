@@ -159,3 +159,13 @@ def test_local_hugging_face_datasets(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DocumentError, match=r"empty: no \.txt or \.md files in this folder \(nor a dataset's data files\)"):
         load_documents(str(tmp_path / "empty"))
+
+
+def test_check_documents_sanitises_and_refuses_like_load_documents():
+    from kmtrain.data import Document, check_documents
+
+    docs = check_documents([Document("My Doc/../x", "text", "api"), Document("CON", "text", "")])
+    assert [(d.id, d.source) for d in docs] == [("My_Doc_.._x", "api"), ("CON_", "document 1 ('CON')")]
+    with pytest.raises(DocumentError, match=r"(?s)3 problems.*document 0: expected a kmtrain Document, got str"
+                                            r".*document 'b' is empty.*'B' differs from 'b'.* only in letter case"):
+        check_documents(["just text", Document("b", "", "x"), Document("b", "fine", "y"), Document("B", "z", "w")])

@@ -491,3 +491,17 @@ def test_ask_batches_kms_with_different_targets(tiny_model, docs_dir, tmp_path):
     together = ask(pairs, max_new_tokens=6)
     alone = [ask([p], max_new_tokens=6)[0] for p in pairs]
     assert together == alone
+
+
+def test_documents_given_as_objects_are_checked_like_files(tiny_model, tmp_path):
+    """index() with Document objects: an id like "../x" wrote its KM outside --out before."""
+    from kmtrain import DocumentError
+    from kmtrain.data import Document
+
+    out = tmp_path / "kms"
+    with pytest.raises(DocumentError, match=r"(?s)2 problems.*duplicate document id 'a'.*document 'b' is empty"):
+        index([Document("a", "x", "one"), Document("a", "y", "two"), Document("b", " ", "three")], tiny_cfg(tiny_model, out))
+    assert not out.exists()
+    got = index([Document("../escaped", DOCS["alpha"], "api")], tiny_cfg(tiny_model, out, steps=1))
+    assert [s["id"] for s in got] == ["escaped"] and (out / "escaped" / "km.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kms"]
