@@ -303,7 +303,12 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         seed = doc_seed(cfg.seed, d.id)
         examples = build_examples(cfg.objective, tok, texts, ids, items, cfg, seed)
         if not examples:
-            print(f"{d.id}: no training examples (all synthetic outputs dropped?), skipped", flush=True)
+            if cfg.objective in ("sdcd", "pit"):
+                made = synth.get(d.id, {})
+                why = f"all {made.get('requested', 0)} synthetic outputs were dropped (empty, or no Q/A pair parsed)"
+            else:  # the examples are windows of the document itself
+                why = f"the document is {sum(map(len, ids))} token(s), too short for a {cfg.objective} example"
+            print(f"{d.id}: no training examples ({why}), skipped", flush=True)
             summaries.append({"id": d.id, "status": "no examples"})
             continue
         held = build_examples(cfg.objective, tok, texts, ids, held_items, cfg, seed) if held_items else []

@@ -505,3 +505,13 @@ def test_documents_given_as_objects_are_checked_like_files(tiny_model, tmp_path)
     got = index([Document("../escaped", DOCS["alpha"], "api")], tiny_cfg(tiny_model, out, steps=1))
     assert [s["id"] for s in got] == ["escaped"] and (out / "escaped" / "km.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kms"]
+
+
+def test_a_document_too_short_to_train_says_why(tiny_model, tmp_path, capsys):
+    from kmtrain.data import Document
+
+    got = index([Document("tiny", "x", "api"), Document("ok", DOCS["alpha"], "api")],
+                tiny_cfg(tiny_model, tmp_path / "kms", steps=1, objective="ddcd"))
+    assert [(s["id"], s["status"]) for s in got] == [("tiny", "no examples"), ("ok", "trained")]
+    assert "tiny: no training examples (the document is 1 token(s), too short for a ddcd example), skipped" \
+        in capsys.readouterr().out
