@@ -77,7 +77,7 @@ def _not_utf8(path, e: UnicodeDecodeError) -> str:
 def load_documents(source: str, *, split: str = "train", id_field: str = "id", text_field: str = "text",
                    limit: Optional[int] = None) -> List[Document]:
     """Documents from a folder of .txt/.md files (id = file stem; hidden files skipped), a .jsonl of {"id", "text"},
-    or a Hugging Face dataset: a Hub name or a local folder of its data files
+    or a Hugging Face dataset: a Hub name, a local folder of its data files or one data file
     (``datasets.load_dataset(source, split=split)``), or a folder written by ``save_to_disk``.
 
     Every problem (duplicate id, empty document, non-UTF-8 file, bad JSON line) is collected
@@ -123,9 +123,10 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
                 problems.append(f"{where}: each line needs {id_field!r} and {text_field!r} fields")
                 continue
             _add(docs, problems, rec[id_field], rec[text_field], where)
-    elif path.is_file():
-        raise DocumentError(f"{source}: expected a folder of .txt/.md files or a .jsonl file")
-    else:  # a Hub dataset name, or a local dataset folder (data files, or datasets' save_to_disk)
+    elif path.is_file() and not path.name.lower().endswith(_DATA_SUFFIXES):
+        raise DocumentError(f"{source}: expected a folder of .txt/.md files, a .jsonl file, or a dataset's data "
+                            f"file ({', '.join(_DATA_SUFFIXES)})")
+    else:  # a Hub dataset name, a local dataset folder (data files, or save_to_disk's), a data file
         ds = _load_dataset(source, path, split)
         for field in (id_field, text_field):
             if field not in ds.column_names:
@@ -169,7 +170,10 @@ def _checked(docs: Dict[str, Document], problems: List[str], limit: Optional[int
     return out[:limit] if limit is not None else out
 
 
-_DATA_SUFFIXES = (".parquet", ".arrow", ".csv", ".json", ".jsonl", ".jsonl.gz", ".json.gz")
+# data files `datasets` reads, and its builder for each
+_BUILDER_OF = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json",
+               ".json.gz": "json", ".jsonl.gz": "json"}
+_DATA_SUFFIXES = tuple(_BUILDER_OF)
 
 
 def _dataset_folder(path: Path) -> bool:
@@ -181,25 +185,33 @@ def _dataset_folder(path: Path) -> bool:
 
 
 def _load_dataset(source: str, path: Path, split: str):
-    """One split of a dataset: a local folder (save_to_disk's output, or data files) or a Hub name."""
+    """One split of a dataset: a local folder (save_to_disk's output, or data files), one data file
+    (whose one split is "train"), or a Hub name."""
     try:
         import datasets
     except ImportError:
-        raise DocumentError(f"{source}: no such file or folder (and `datasets` is not installed for datasets: "
-                            f"pip install 'kmkernels[train]')") from None
+        what = "reading it" if path.exists() else "no such file or folder; reading it as a Hub dataset name"
+        raise DocumentError(f"{source}: {what} needs `datasets` (pip install 'kmkernels[train]')") from None
+    saved = path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
     try:
-        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        if saved:
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
                     raise DocumentError(f"{source}: no split {split!r} (splits: {', '.join(ds)})")
                 ds = ds[split]
             return ds
+        if path.is_file():
+            if split != "train":
+                raise DocumentError(f"{source}: one data file is one split, 'train' (asked for {split!r})")
+            builder = next(b for suffix, b in _BUILDER_OF.items() if path.name.lower().endswith(suffix))
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
         return datasets.load_dataset(source, split=split)
     except DocumentError:
         raise
     except Exception as e:  # network, name, split or file problems: say what was asked for
-        what = "loading this folder as a dataset" if path.is_dir() else "not a local path, and loading it as a dataset"
+        what = ("loading it as a dataset" if path.exists()
+                else "no such file or folder, and loading it as a Hub dataset name")
         raise DocumentError(f"{source}: {what} failed: {e}") from None
 
 

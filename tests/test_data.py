@@ -147,6 +147,15 @@ def test_local_hugging_face_datasets(tmp_path):
         assert [(d.id, d.text) for d in docs] == [(i, rows["body"][rows["doc_id"].index(i)]) for i in ids]
         assert docs[0].source == f"{source}[{split}][0]"
     assert [d.id for d in load_documents(str(files), id_field="doc_id", text_field="body", limit=1)] == ["tower"]
+    one_file = files / "train-00000.parquet"  # a data file alone: its one split is "train"
+    assert [d.id for d in load_documents(str(one_file), id_field="doc_id", text_field="body")] == ["tower", "bell"]
+    ds.to_csv(str(tmp_path / "docs.csv"))
+    assert [d.text for d in load_documents(str(tmp_path / "docs.csv"), id_field="doc_id", text_field="body")] == rows["body"][:2]
+    with pytest.raises(DocumentError, match=r"one data file is one split, 'train' \(asked for 'test'\)"):
+        load_documents(str(one_file), split="test", id_field="doc_id", text_field="body")
+    (tmp_path / "notes.pdf").write_bytes(b"%PDF")
+    with pytest.raises(DocumentError, match=r"notes.pdf: expected a folder of .txt/.md files, a .jsonl file, or a dataset's"):
+        load_documents(str(tmp_path / "notes.pdf"))
     with pytest.raises(DocumentError, match=r"saved: no split 'validation' \(splits: train, test\)"):
         load_documents(str(saved), split="validation", id_field="doc_id", text_field="body")
     with pytest.raises(DocumentError, match=r"no field 'text' \(fields: \['doc_id', 'body'\]\)"):
