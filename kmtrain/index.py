@@ -89,11 +89,35 @@ def document_items(cfg, doc_id: str, items: List[dict], chunk_texts: Sequence[st
     return train, held
 
 
-def _read_json(path: Path):
+def _read_json(path: Path) -> Optional[dict]:
+    """A JSON object from ``path``; None for a missing or unreadable file, or JSON that is not an object."""
     try:
-        return json.loads(path.read_text())
+        got = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return got if isinstance(got, dict) else None
+
+
+def _stage_problem(got: dict, n_chunks: Optional[int] = None) -> Optional[str]:
+    """What is wrong with a chunks.json (``n_chunks`` None) or synth.json (the document's chunk
+    count given) that parses as an object: the stage file is redone, never trained on. A hand-edited
+    synth.json (curating targets is a fair thing to do) with a slip in it failed deep in training."""
+    if n_chunks is None:
+        texts, ids = got.get("texts"), got.get("ids")
+        if not (isinstance(texts, list) and isinstance(ids, list) and len(texts) == len(ids) > 0
+                and all(isinstance(t, str) for t in texts)
+                and all(isinstance(c, list) and all(type(i) is int for i in c) for c in ids)):
+            return "needs non-empty lists 'texts' (strings) and 'ids' (token id lists) of one length"
+        return None
+    items = got.get("items")
+    if not isinstance(items, list):
+        return "needs a list 'items'"
+    for k, it in enumerate(items):
+        if not (isinstance(it, dict) and type(it.get("chunk")) is int and 0 <= it["chunk"] < n_chunks
+                and isinstance(it.get("prompt"), str) and isinstance(it.get("target"), str)):
+            return (f"item {k} needs an integer 'chunk' in [0, {n_chunks}) and string 'prompt' and 'target', "
+                    f"got {json.dumps(it)[:120]}")
+    return None
 
 
 # Temporary names with the pid of the process writing them: data.atomic_write's .<name>.tmp-<pid>
@@ -261,6 +285,9 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         remove_stale_temp(work / d.id)  # what a dead run left in this document's stage folder
         path = work / d.id / "chunks.json"
         got = _read_json(path)
+        if got and (problem := _stage_problem(got)) is not None:
+            print(f"{d.id}: {path} is damaged ({problem}), redoing it", flush=True)
+            got = None
         if not got or got.get("doc_sha") != d.sha256 or got.get("setting") != setting:
             ids = tok(d.text, add_special_tokens=False)["input_ids"]
             pieces = chunk_tokens(ids, cfg.chunk_tokens, cfg.chunk_overlap)
@@ -278,7 +305,11 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     if needs_synth:
         missing = []
         for d in todo:
-            got = _read_json(work / d.id / "synth.json")
+            path = work / d.id / "synth.json"
+            got = _read_json(path)
+            if got and (problem := _stage_problem(got, len(chunks[d.id][0]))) is not None:
+                print(f"{d.id}: {path} is damaged ({problem}), redoing it", flush=True)
+                got = None
             if got and got.get("setting") == synth_setting and got.get("doc_sha") == d.sha256:
                 synth[d.id] = got
             else:

@@ -515,3 +515,24 @@ def test_a_document_too_short_to_train_says_why(tiny_model, tmp_path, capsys):
     assert [(s["id"], s["status"]) for s in got] == [("tiny", "no examples"), ("ok", "trained")]
     assert "tiny: no training examples (the document is 1 token(s), too short for a ddcd example), skipped" \
         in capsys.readouterr().out
+
+
+def test_damaged_stage_files_are_redone(tiny_model, docs_dir, tmp_path, capsys):
+    """chunks.json / synth.json that parse but are not in their form (a slip in a hand-curated
+    synth.json, say) are redone with a line saying why; before, errors from deep in the run."""
+    out = tmp_path / "kms"
+    cfg = tiny_cfg(tiny_model, out, steps=1)
+    index(str(docs_dir), cfg)
+    work = out / ".work"
+    chunks = json.loads((work / "alpha" / "chunks.json").read_text())
+    (work / "alpha" / "chunks.json").write_text(json.dumps({**chunks, "texts": "not a list"}))
+    synth = json.loads((work / "beta" / "synth.json").read_text())
+    synth["items"][0]["chunk"] = 7
+    (work / "beta" / "synth.json").write_text(json.dumps(synth))
+    (work / "gamma" / "synth.json").write_text("[1, 2]")  # JSON, not an object
+    capsys.readouterr()
+    assert {s["status"] for s in index(str(docs_dir), cfg.replace(retrain=True))} == {"trained"}
+    printed = capsys.readouterr().out
+    assert f"alpha: {work / 'alpha' / 'chunks.json'} is damaged (needs non-empty lists 'texts'" in printed
+    assert f"beta: {work / 'beta' / 'synth.json'} is damaged (item 0 needs an integer 'chunk' in [0, 1)" in printed
+    assert json.loads((work / "gamma" / "synth.json").read_text())["items"]
