@@ -275,6 +275,10 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
 
     base_dtype = _base_dtype(cfg, device, amp)
     model, tok, model_name, model_hash = load_model(cfg.model, str(device), dtype=base_dtype)
+    # what km.json records for `ask`: a local folder as an absolute path (a relative one would name
+    # another folder, or none, when asked from elsewhere); aliases and Hub names as given
+    local = os.path.expanduser(cfg.model)
+    model_path = os.path.abspath(local) if os.path.isdir(local) else cfg.model
     num_layers = model.config.num_hidden_layers
     select_layers(num_layers, cfg.cache_layers)  # a layer the model lacks fails now, not after generation
     setting = {"model": model_hash, "chunk_tokens": cfg.chunk_tokens, "chunk_overlap": cfg.chunk_overlap}
@@ -415,7 +419,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                            "curve": [[c["step"], c["loss"]] for c in st.heldout_curve]}
             s = synth.get(st.id, {})
             meta = {
-                "id": st.id, "base_model": model_name, "base_model_path": cfg.model, "base_model_sha256": model_hash,
+                "id": st.id, "base_model": model_name, "base_model_path": model_path, "base_model_sha256": model_hash,
                 "document_sha256": doc.sha256, "objective": cfg.objective, "steps": cfg.steps,
                 "docs_per_step": len(wave), "examples_per_doc": cfg.examples_per_doc,
                 "chunks": len(chunks[st.id][0]), "examples": len(st.examples) - len(st.heldout),
@@ -486,7 +490,13 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
     # A KM is a delta on its own base weights; on other weights of the same shapes it loads and
     # answers, wrongly. Checked from the weight files' hash (memoised beside them) before the model
     # loads. ("unknown": a Hub model without local files, whose weights are not hashed.)
-    model_hash = weights_hash(resolve_model(base)[0])
+    try:
+        model_hash = weights_hash(resolve_model(base)[0])
+    except ValueError as e:
+        if model is not None:
+            raise
+        raise ValueError(f"{e}. It is the base model the KMs' km.json records; if its weights are elsewhere "
+                         f"now, pass --model (model=) with their folder") from None
     for km, h in trained_on.items():
         if h and h != "unknown" and model_hash != "unknown" and h != model_hash:
             raise ValueError(f"{km} was trained on other base weights (sha256 {h[:12]}) than {base}'s "

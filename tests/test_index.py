@@ -536,3 +536,23 @@ def test_damaged_stage_files_are_redone(tiny_model, docs_dir, tmp_path, capsys):
     assert f"alpha: {work / 'alpha' / 'chunks.json'} is damaged (needs non-empty lists 'texts'" in printed
     assert f"beta: {work / 'beta' / 'synth.json'} is damaged (item 0 needs an integer 'chunk' in [0, 1)" in printed
     assert json.loads((work / "gamma" / "synth.json").read_text())["items"]
+
+
+def test_km_records_a_local_base_by_absolute_path(tiny_model, docs_dir, tmp_path, monkeypatch):
+    """A model folder given relative to where index ran is found by ask from anywhere else; a base
+    moved away is an error that says --model takes its new place."""
+    import os
+    import shutil
+
+    shutil.copytree(tiny_model, tmp_path / "base")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    index(str(docs_dir), tiny_cfg("base", tmp_path / "kms", steps=1))
+    assert json.loads((tmp_path / "kms" / "alpha" / "km.json").read_text())["base_model_path"] == str(tmp_path / "base")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    alone = ask([(str(tmp_path / "kms" / "alpha"), "Which bell?")], max_new_tokens=3)
+    os.rename(tmp_path / "base", tmp_path / "moved")
+    with pytest.raises(ValueError, match=r"no such model folder.*km.json records; if its weights are elsewhere now, "
+                                         r"pass --model"):
+        ask([(str(tmp_path / "kms" / "alpha"), "Which bell?")], max_new_tokens=3)
+    assert ask([(str(tmp_path / "kms" / "alpha"), "Which bell?")], model=str(tmp_path / "moved"), max_new_tokens=3) == alone
