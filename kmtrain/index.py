@@ -281,6 +281,11 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     model_path = os.path.abspath(local) if os.path.isdir(local) else cfg.model
     num_layers = model.config.num_hidden_layers
     select_layers(num_layers, cfg.cache_layers)  # a layer the model lacks fails now, not after generation
+    linears = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if not linears & set(cfg.target_modules):  # else attach_grouped_lora fails, but after generation
+        raise ValueError(f"--model {cfg.model}: no linear layer named any of the LoRA targets "
+                         f"{', '.join(cfg.target_modules)}; its linear layers: {', '.join(sorted(linears)) or 'none'} "
+                         f"(IndexConfig.target_modules names the ones to adapt)")
     setting = {"model": model_hash, "chunk_tokens": cfg.chunk_tokens, "chunk_overlap": cfg.chunk_overlap}
 
     # 2. chunks

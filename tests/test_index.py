@@ -556,3 +556,13 @@ def test_km_records_a_local_base_by_absolute_path(tiny_model, docs_dir, tmp_path
                                          r"pass --model"):
         ask([(str(tmp_path / "kms" / "alpha"), "Which bell?")], max_new_tokens=3)
     assert ask([(str(tmp_path / "kms" / "alpha"), "Which bell?")], model=str(tmp_path / "moved"), max_new_tokens=3) == alone
+
+
+def test_a_model_without_the_lora_targets_fails_before_generation(tiny_model, docs_dir, tmp_path, monkeypatch):
+    import importlib
+
+    kindex = importlib.import_module("kmtrain.index")  # the module, not the function of the same name
+    monkeypatch.setattr(kindex, "synthesize", lambda *a, **k: pytest.fail("generation ran"))
+    with pytest.raises(ValueError, match=r"no linear layer named any of the LoRA targets wq, wo; its linear layers: "
+                                         r"down_proj, gate_proj, .*q_proj, up_proj, v_proj"):
+        index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", target_modules=("wq", "wo")))
