@@ -568,7 +568,7 @@ def test_a_model_without_the_lora_targets_fails_before_generation(tiny_model, do
         index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", target_modules=("wq", "wo")))
 
 
-def test_triton_path_writes_the_same_kms_as_the_torch_path(tiny_model, docs_dir, tmp_path):
+def test_triton_path_writes_the_same_kms_as_the_torch_path(tiny_model, docs_dir, tmp_path, monkeypatch):
     """The whole indexing run on the Triton kernels (grouped LoRA forward and backward, the KL from
     cached teacher statistics, the hidden-state term; through the interpreter on a CPU, compiled on a
     GPU) trains the same KMs as on the PyTorch path, in fp32, to rounding."""
@@ -586,3 +586,25 @@ def test_triton_path_writes_the_same_kms_as_the_torch_path(tiny_model, docs_dir,
         assert ours.keys() == ref.keys()
         assert rel_err(torch.cat([ours[k].flatten() for k in ref]), torch.cat([ref[k].flatten() for k in ref])) < 1e-5, d
         assert any(float(ref[k].abs().max()) > 0 for k in ref if "lora_B" in k)  # trained: B moved off zero
+    # Several KMs answer in one batch on either path alike. Three steps barely move a KM, so each is
+    # given large B weights first (a plain PEFT folder: no km.json) to make its answer its own.
+    import importlib
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    pairs = []
+    for d in DOCS:
+        loud = tmp_path / "loud" / d
+        loud.mkdir(parents=True)
+        (loud / "adapter_config.json").write_text((tmp_path / "torch" / d / "adapter_config.json").read_text())
+        save_file({k: v + torch.randn_like(v) if "lora_B" in k else v for k, v in kms["torch"][d].items()},
+                  str(loud / "adapter_model.safetensors"))
+        pairs.append((str(loud), "Which bell?"))
+    pairs.append((None, "Which bell?"))
+    # ask loads the base in bf16 where bf16 is native (this CI CPU has it), and the Triton
+    # interpreter cannot load bf16; fp32 on both paths also makes the comparison exact
+    monkeypatch.setattr(importlib.import_module("kmtrain.index"), "native_bf16", lambda device: False)
+    answers = ask(pairs, model=tiny_model, max_new_tokens=4, backend="triton")
+    assert answers == ask(pairs, model=tiny_model, max_new_tokens=4, backend="torch")
+    assert len(set(answers)) == len(answers)  # every KM's answer differs from the base's and the others'
