@@ -78,6 +78,12 @@ def resolve_model(name_or_path: str) -> Tuple[str, str]:
         target = cache_root() / "models" / name_or_path
         if (target / "config.json").is_file():
             return str(target), display
+        try:  # before the minute of dequantising, not after: an unwritable cache is a setting to fix
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=target.parent).close()
+        except OSError as e:
+            raise ValueError(f"model {name_or_path!r} is converted once into {target.parent}, which cannot be "
+                             f"created or written ({e.strerror or e}); set KMTRAIN_CACHE to a writable folder") from None
         gguf = _gguf_path(package, filename)
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 

@@ -1,4 +1,5 @@
 """kmtrain.models: hidden states as the trainer reads them, native-bf16 detection."""
+import importlib
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,15 @@ def test_resolve_model_local_folders(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="no such model folder"):
             resolve_model(missing)
     assert resolve_model("some-org/some-model") == ("some-org/some-model", "some-org/some-model")  # a Hub name
+    # the alias's conversion cache must be writable, checked before the GGUF is read (a file where its
+    # folder should be: mkdir fails whoever runs the test, root included)
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("KMTRAIN_CACHE", str(tmp_path / "a_file" / "cache"))
+    monkeypatch.setattr(importlib.import_module("kmtrain.models"), "_gguf_path",
+                        lambda *a: pytest.fail("the GGUF was looked for"))
+    with pytest.raises(ValueError, match=r"a_file/cache/models, which cannot be created or written .*"
+                                         r"set KMTRAIN_CACHE to a writable folder"):
+        resolve_model("smollm2-135m")
 
 
 def test_one_gguf_parse_shares_readers_inside_and_restores_gguf_after(tmp_path):
