@@ -104,6 +104,9 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
             except UnicodeDecodeError as e:
                 problems.append(_not_utf8(p, e))
                 continue
+            except OSError as e:  # no read permission, a file gone since listed: one problem among the rest
+                problems.append(f"{p}: cannot be read ({e.strerror or e})")
+                continue
             _add(docs, problems, p.stem, text, str(p))
     elif path.is_file() and path.suffix.lower() == ".jsonl":
         try:

@@ -178,3 +178,24 @@ def test_check_documents_sanitises_and_refuses_like_load_documents():
     with pytest.raises(DocumentError, match=r"(?s)3 problems.*document 0: expected a kmtrain Document, got str"
                                             r".*document 'b' is empty.*'B' differs from 'b'.* only in letter case"):
         check_documents(["just text", Document("b", "", "x"), Document("b", "fine", "y"), Document("B", "z", "w")])
+
+
+def test_an_unreadable_file_is_one_problem_among_the_rest(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "locked.txt").write_text("secret")
+    (d / "empty.txt").write_text("")
+    (d / "fine.txt").write_text("fine")
+    real = Path.read_bytes
+
+    def read_bytes(self):  # chmod cannot stop root, who runs CI here: the OS error is made instead
+        if self.name == "locked.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(DocumentError, match=r"(?s)2 problems.*empty.txt: document 'empty' is empty"
+                                            r".*locked.txt: cannot be read \(Permission denied\)"):
+        load_documents(str(d))
