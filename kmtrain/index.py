@@ -354,6 +354,11 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         held = build_examples(cfg.objective, tok, texts, ids, held_items, cfg, seed) if held_items else []
         # the held-out examples go last: the cache holds them too, training never draws them
         states.append(DocState(d.id, examples + held, seed, heldout=list(range(len(examples), len(examples) + len(held)))))
+        drawn = cfg.steps * cfg.examples_per_doc
+        if drawn < len(examples):  # steps do not grow with a document: a long one outruns them
+            print(f"{d.id}: {len(examples)} training examples, but {cfg.steps} steps x {cfg.examples_per_doc} per step "
+                  f"draw only {drawn}, so some are never trained on (--steps "
+                  f"{math.ceil(len(examples) / cfg.examples_per_doc)} draws each once)", flush=True)
     if not states:
         return summaries
     attach_grouped_lora(model, min(cfg.docs_per_step, len(states)), rank=cfg.rank, alpha=cfg.alpha,

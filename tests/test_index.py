@@ -608,3 +608,14 @@ def test_triton_path_writes_the_same_kms_as_the_torch_path(tiny_model, docs_dir,
     answers = ask(pairs, model=tiny_model, max_new_tokens=4, backend="triton")
     assert answers == ask(pairs, model=tiny_model, max_new_tokens=4, backend="torch")
     assert len(set(answers)) == len(answers)  # every KM's answer differs from the base's and the others'
+
+
+def test_a_document_with_more_examples_than_draws_is_told(tiny_model, docs_dir, tmp_path, capsys):
+    got = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", steps=1, examples_per_doc=1))
+    n = {s["id"]: s["examples"] for s in got}
+    printed = capsys.readouterr().out
+    for d in DOCS:
+        assert (f"{d}: {n[d]} training examples, but 1 steps x 1 per step draw only 1, so some are never trained on "
+                f"(--steps {n[d]} draws each once)") in printed
+    index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "enough", steps=max(n.values()), examples_per_doc=1))
+    assert "never trained on" not in capsys.readouterr().out
