@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import typing
 from dataclasses import dataclass
@@ -156,6 +157,8 @@ class IndexConfig:
             raise ValueError(f"cache_dtype must be bf16, fp8 or fp32, got {self.cache_dtype!r}")
         if self.generator not in ("hf", "vllm"):
             raise ValueError(f"generator must be 'hf' or 'vllm', got {self.generator!r}")
+        if self.generator == "vllm" and importlib.util.find_spec("vllm") is None:  # now, not after loading
+            raise ValueError("--generator vllm needs vllm installed (pip install 'kmkernels[vllm]')")
         if self.qa_format not in ("pair", "chat", "both"):
             raise ValueError(f"qa_format must be pair, chat or both, got {self.qa_format!r}")
         if self.amp not in ("auto", "bf16", "off"):

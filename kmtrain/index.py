@@ -275,6 +275,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
 
     base_dtype = _base_dtype(cfg, device, amp)
     model, tok, model_name, model_hash = load_model(cfg.model, str(device), dtype=base_dtype)
+    model_folder = resolve_model(cfg.model)[0]  # what vLLM loads: the converted folder for an alias
     # what km.json records for `ask`: a local folder as an absolute path (a relative one would name
     # another folder, or none, when asked from elsewhere); aliases and Hub names as given
     local = os.path.expanduser(cfg.model)
@@ -331,7 +332,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 atomic_write_text(work / doc_id / "synth.json", json.dumps(rec))
                 synth[doc_id] = rec
 
-            synthesize(model, tok, {d.id: chunks[d.id][0] for d in missing}, cfg, model_path=cfg.model,
+            synthesize(model, tok, {d.id: chunks[d.id][0] for d in missing}, cfg, model_path=model_folder,
                        progress_factory=lambda **kw: _bar(cfg, **kw), on_document=save)
 
     # 4. examples (their teacher caches are built wave by wave below)

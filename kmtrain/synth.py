@@ -1,6 +1,7 @@
 """Synthetic targets: the base model writes summaries and Q/A pairs about each chunk."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import random
 import re
@@ -124,14 +125,25 @@ def _generate_hf(model, tokenizer, prompts: List[List[int]], cfg, seeds: List[in
 
 
 def _generate_vllm(model_path: str, tokenizer, prompts: List[List[int]], cfg, seeds: List[int]) -> List[str]:
+    """``model_path``: a local folder or Hub name vLLM can load (not an alias: index resolves those)."""
     try:
         from vllm import LLM, SamplingParams
     except ImportError:
         raise ValueError("--generator vllm needs vllm installed (pip install 'kmkernels[vllm]')") from None
-    llm = LLM(model=model_path, seed=cfg.seed)
+    kw = {}
+    if torch.cuda.is_available():
+        # The trainer's copy of the model already sits on this GPU; vLLM's default claims 90% of
+        # the whole GPU and refuses to start when that much is not free.
+        free, total = torch.cuda.mem_get_info()
+        kw["gpu_memory_utilization"] = round(0.9 * free / total, 3)
+    llm = LLM(model=model_path, seed=cfg.seed, **kw)
     params = [SamplingParams(top_p=cfg.top_p, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=s)
               for s in seeds]  # one seed per request, as with the HF generator
     res = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    del llm  # its weights and KV cache go before the teacher cache and training need the memory
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return [r.outputs[0].text.strip() for r in res]
 
 

@@ -192,3 +192,57 @@ def test_shared_prompt_cache_generates_what_a_batched_prefill_does(tiny_model):
     shared = list(_generate_hf(model, tok, prompts, cfg, seeds))
     assert shared == list(_generate_hf(model, tok, prompts, cfg, seeds, share_prompts=False))
     assert len(set(shared)) > 2 and all(shared)
+
+
+def test_vllm_generator_wiring(tiny_model, docs_dir, tmp_path, monkeypatch):
+    """--generator vllm, with a stand-in for vllm (not installable on a CPU machine): it is handed a
+    folder it can load (an alias resolves to its converted folder), every request as token ids with
+    its own seed and the run's sampling settings, and its outputs become the synthetic items."""
+    import importlib.machinery
+    import json
+    import sys
+    import types
+
+    from conftest import tiny_cfg
+    from kmtrain import IndexConfig, index
+    from kmtrain.models import resolve_model
+
+    seen = {}
+
+    class LLM:
+        def __init__(self, model, seed, **kw):
+            seen["model"], seen["seed"], seen["kw"] = model, seed, kw
+
+        def generate(self, prompts, params):
+            seen["prompts"], seen["params"] = prompts, params
+            out = types.SimpleNamespace(text=" Question: Who rings Moro?\nAnswer: The tide. ")
+            return [types.SimpleNamespace(outputs=[out]) for _ in prompts]
+
+    def sampling_params(**kw):
+        return types.SimpleNamespace(**kw)
+
+    fake = types.ModuleType("vllm")
+    fake.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    fake.LLM, fake.SamplingParams = LLM, sampling_params
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    # the model named as the user may name it, "~/tiny": vLLM gets the folder, not the name
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "tiny").symlink_to(tiny_model)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = tiny_cfg("~/tiny", tmp_path / "kms", steps=1, generator="vllm", recite_tokens=0, temperature=0.7)
+    index(str(docs_dir), cfg)
+    assert seen["model"] == resolve_model("~/tiny")[0] == str(tmp_path / "home" / "tiny") and seen["seed"] == cfg.seed
+    n = 3 * (cfg.summaries_per_chunk + cfg.qa_per_chunk)  # three one-chunk documents
+    assert len(seen["prompts"]) == len(seen["params"]) == n
+    assert all(isinstance(p["prompt_token_ids"], list) and p["prompt_token_ids"] for p in seen["prompts"])
+    assert len({p.seed for p in seen["params"]}) == n  # one seed per request
+    assert {(p.temperature, p.top_p, p.max_tokens) for p in seen["params"]} == {(0.7, cfg.top_p, cfg.max_new_tokens)}
+    synth = json.loads((tmp_path / "kms" / ".work" / "alpha" / "synth.json").read_text())
+    assert synth["qa_pairs"] == cfg.qa_per_chunk and synth["dropped"] == 0
+    assert {it["target"] for it in synth["items"]} == {"Question: Who rings Moro?\nAnswer: The tide.",
+                                                         "\nQuestion: Who rings Moro?\nAnswer: The tide."}
+    # without vllm (None in sys.modules: not importable, even where it is installed) the option
+    # fails at once, before any model loads
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(ValueError, match="--generator vllm needs vllm installed"):
+        IndexConfig(generator="vllm").validate()
