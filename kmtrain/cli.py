@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from typing import List, Optional, Tuple
 
 from .config import OBJECTIVES, PRESETS, IndexConfig
@@ -10,57 +11,67 @@ from .data import DocumentError
 from .index import OutputBusyError
 
 
+# Flags that set an IndexConfig field of the same name (dashes for underscores), with their help.
+# Each flag's default is None ("not given"), so that a preset only fills what the command line leaves
+# unset: comparing values with the defaults, as before, let --preset paper override --steps 60.
+_FIELD_FLAGS = {
+    "model": "alias (smollm2-135m), local folder or Hub name",
+    "objective": "what a KM is trained with",
+    "steps": "training steps",
+    "docs_per_step": "documents trained together (one grouped-LoRA slot each)",
+    "examples_per_doc": "examples of each document per step",
+    "lr": "AdamW learning rate",
+    "lr_b_ratio": "LoRA+: the B matrices learn at lr times this (1: one lr for A and B)",
+    "rank": "LoRA rank",
+    "alpha": "LoRA alpha (scale alpha / rank)",
+    "chunk_tokens": "chunk length in tokens",
+    "chunk_overlap": "fraction of a chunk shared with the next",
+    "summaries_per_chunk": "summaries the generator writes per chunk",
+    "qa_per_chunk": "Q/A generations per chunk (each may hold several pairs)",
+    "max_new_tokens": "generation length of a synthetic target",
+    "temperature": "sampling temperature of the generator",
+    "focus_parts": "the generator also reads up to N runs of each chunk's paragraphs in turn (0: whole chunk only)",
+    "recite_tokens": "sdcd: also distil each chunk itself, in sentence pieces of about N tokens cued by their "
+                     "first words (0: generated targets only)",
+    "qa_format": "sdcd: distil Q/A pairs as generated (pair), as the question a KM is asked (chat), or both",
+    "heldout_per_chunk": "synthetic targets per chunk kept out of training; the KM written is the checkpoint of "
+                         "lowest DCD loss on them (sdcd; 0: train on all, keep the last step)",
+    "heldout_every": "steps between held-out evaluations (0: steps // 10; the last step is always evaluated)",
+    "generator": "what writes the synthetic targets (vllm: when installed)",
+    "cache_dtype": "teacher cache precision",
+    "backend": "kernels: triton or torch (auto: triton on a GPU)",
+    "amp": "bf16 autocast (auto: where the device multiplies bf16 natively)",
+    "base_dtype": "base weights in memory (auto: bf16 under bf16 autocast, else fp32)",
+    "device": "auto, cpu, cuda, cuda:1, ...",
+    "seed": "run seed (each document's own seed derives from it and its id)",
+}
+_CHOICES = {"objective": OBJECTIVES, "qa_format": ("pair", "chat", "both"), "generator": ("hf", "vllm"),
+            "cache_dtype": ("bf16", "fp8", "fp32"), "backend": ("auto", "triton", "torch"),
+            "amp": ("auto", "bf16", "off"), "base_dtype": ("auto", "fp32", "bf16")}
+
+
 def _index_parser(sub):
     p = sub.add_parser("index", help="train one Knowledge Module per document")
-    p.add_argument("docs", help="folder of .txt/.md files, a .jsonl of {id, text}, or a Hugging Face dataset name")
+    p.add_argument("docs", help="folder of .txt/.md files, a .jsonl of {id, text}, or a Hugging Face dataset "
+                                "(Hub name, folder or one of its data files, save_to_disk output)")
     p.add_argument("--out", required=True, help="output folder: one PEFT adapter folder per document")
-    p.add_argument("--split", default="train", help="dataset split (Hugging Face dataset input)")
-    p.add_argument("--id-field", default="id", help="id field (.jsonl or dataset input)")
-    p.add_argument("--text-field", default="text", help="text field (.jsonl or dataset input)")
+    p.add_argument("--split", default="train", help="dataset split (Hugging Face dataset input; default train)")
+    p.add_argument("--id-field", default="id", help="id field (.jsonl or dataset input; default id)")
+    p.add_argument("--text-field", default="text", help="text field (.jsonl or dataset input; default text)")
     p.add_argument("--limit", type=int, help="index at most this many documents")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="'paper': 2048-token chunks, 16 targets, 1500 steps, batch 8")
-    d = IndexConfig()
-    p.add_argument("--model", default=d.model, help="alias (smollm2-135m), local folder or Hub name")
-    p.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--docs-per-step", type=int, default=d.docs_per_step)
-    p.add_argument("--examples-per-doc", type=int, default=d.examples_per_doc, help="examples of each document per step")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--lr-b-ratio", type=float, default=d.lr_b_ratio,
-                   help="LoRA+: the B matrices learn at lr times this (1: one lr for A and B)")
-    p.add_argument("--rank", type=int, default=d.rank)
-    p.add_argument("--alpha", type=float, default=d.alpha)
-    p.add_argument("--chunk-tokens", type=int, default=d.chunk_tokens)
-    p.add_argument("--chunk-overlap", type=float, default=d.chunk_overlap)
-    p.add_argument("--summaries-per-chunk", type=int, default=d.summaries_per_chunk)
-    p.add_argument("--qa-per-chunk", type=int, default=d.qa_per_chunk)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature of the generator")
-    p.add_argument("--focus-parts", type=int, default=d.focus_parts,
-                   help="the generator also reads up to N runs of each chunk's paragraphs in turn (0: whole chunk only)")
-    p.add_argument("--recite-tokens", type=int, default=d.recite_tokens,
-                   help="sdcd: also distil each chunk itself, in sentence pieces of about N tokens cued by their "
-                        "first words (0: generated targets only)")
-    p.add_argument("--qa-format", choices=("pair", "chat", "both"), default=d.qa_format,
-                   help="sdcd: distil Q/A pairs as generated (pair), as the question a KM is asked (chat), or both")
-    p.add_argument("--heldout-per-chunk", type=int, default=d.heldout_per_chunk,
-                   help="synthetic targets per chunk kept out of training; the KM written is the checkpoint of "
-                        "lowest DCD loss on them (sdcd; 0: train on all, keep the last step)")
-    p.add_argument("--heldout-every", type=int, default=d.heldout_every,
-                   help="steps between held-out evaluations (0: steps // 10; the last step is always evaluated)")
-    p.add_argument("--generator", choices=("hf", "vllm"), default=d.generator)
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="'paper': 2048-token chunks, 16 targets, 1500 steps, batch 8; flags given win over it")
+    d, types = IndexConfig(), typing.get_type_hints(IndexConfig)
+    for name, text in _FIELD_FLAGS.items():
+        default = f"default {getattr(d, name)}"
+        shown = "; ".join([default] + [f"{k} preset {v[name]}" for k, v in PRESETS.items() if v.get(name, getattr(d, name)) != getattr(d, name)])
+        p.add_argument("--" + name.replace("_", "-"), type=types[name], choices=_CHOICES.get(name),
+                       help=f"{text} ({shown})")
     p.add_argument("--no-teacher-cache", action="store_true", help="re-run the teacher every step (reference recipe)")
     p.add_argument("--keep-teacher-cache", action="store_true",
                    help="keep each document's teacher cache after its KM is written (default: delete it; "
                         "kept, a retrain with other training settings reuses it)")
-    p.add_argument("--cache-dtype", choices=("bf16", "fp8", "fp32"), default=d.cache_dtype)
     p.add_argument("--cache-layers", help="comma-separated decoder layers to cache (the last is always kept)")
-    p.add_argument("--backend", choices=("auto", "triton", "torch"), default=d.backend)
-    p.add_argument("--amp", choices=("auto", "bf16", "off"), default=d.amp)
-    p.add_argument("--base-dtype", choices=("auto", "fp32", "bf16"), default=d.base_dtype,
-                   help="base weights in memory (auto: bf16 under bf16 autocast on a GPU, else fp32)")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--retrain", action="store_true", help="retrain documents whose KM already exists")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -77,18 +88,9 @@ def _config_from_args(a) -> IndexConfig:
     cfg = IndexConfig(out=a.out)
     if a.preset:
         cfg = cfg.replace(**PRESETS[a.preset])
-    explicit = {
-        "model": a.model, "objective": a.objective, "rank": a.rank, "alpha": a.alpha,
-        "chunk_overlap": a.chunk_overlap, "generator": a.generator, "cache_dtype": a.cache_dtype,
-        "backend": a.backend, "amp": a.amp, "base_dtype": a.base_dtype, "device": a.device, "seed": a.seed, "qa_format": a.qa_format,
-    }
-    defaults = IndexConfig()
-    for name in ("steps", "docs_per_step", "examples_per_doc", "chunk_tokens", "summaries_per_chunk", "qa_per_chunk",
-                 "max_new_tokens", "temperature", "focus_parts", "recite_tokens", "lr", "lr_b_ratio", "heldout_per_chunk", "heldout_every"):
-        v = getattr(a, name)
-        if not a.preset or v != getattr(defaults, name):  # flags given explicitly win over the preset
-            explicit[name] = v
-    cfg = cfg.replace(**explicit, teacher_cache=not a.no_teacher_cache, keep_teacher_cache=a.keep_teacher_cache, retrain=a.retrain, progress=not a.no_progress,
+    given = {name: v for name in _FIELD_FLAGS if (v := getattr(a, name)) is not None}
+    cfg = cfg.replace(**given, teacher_cache=not a.no_teacher_cache, keep_teacher_cache=a.keep_teacher_cache,
+                      retrain=a.retrain, progress=not a.no_progress,
                       cache_layers=_layer_list(a.cache_layers) if a.cache_layers else None)
     return cfg.validate()
 

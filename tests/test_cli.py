@@ -62,6 +62,18 @@ def test_cli_flags_to_config():
     paper = parse("--preset", "paper")
     assert (paper.steps, paper.temperature, paper.summaries_per_chunk, paper.lr) == (1500, 1.0, 8, 1e-3)
     assert parse("--preset", "paper", "--lr", "2e-3").lr == 2e-3
+    # a flag given with the library default's value still wins over the preset (it did not: 1500, 1e-3)
+    same = parse("--preset", "paper", "--steps", "60", "--lr", "0.005", "--recite-tokens", "96")
+    assert (same.steps, same.lr, same.recite_tokens, same.chunk_tokens) == (60, 0.005, 96, 2048)
+    # every flag of an IndexConfig field sets that field
+    from kmtrain.cli import _FIELD_FLAGS
+
+    for name in _FIELD_FLAGS:
+        value = {"model": "m", "objective": "lm", "qa_format": "both", "generator": "hf", "cache_dtype": "fp32",
+                 "backend": "torch", "amp": "off", "base_dtype": "fp32", "device": "cpu", "chunk_overlap": 0.25}.get(name)
+        if value is None:
+            value = getattr(IndexConfig(), name) + 1
+        assert getattr(parse("--" + name.replace("_", "-"), str(value)), name) == value, name
     mixed = parse("--preset", "paper", "--steps", "40", "--temperature", "0.7", "--qa-format", "chat")
     assert (mixed.steps, mixed.temperature, mixed.qa_format, mixed.max_new_tokens) == (40, 0.7, "chat", 768)
     assert parse("--base-dtype", "bf16").base_dtype == "bf16"
