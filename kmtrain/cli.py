@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import typing
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from .config import OBJECTIVES, PRESETS, IndexConfig
 from .data import DocumentError
@@ -137,11 +137,29 @@ def _ask_pairs(argv: List[str]) -> List[Tuple[Optional[str], str]]:
     return pairs
 
 
+def reporting_errors(run: Callable[[], int], prog: str = "kmtrain", resumable: bool = True) -> int:
+    """``run()``'s exit code, or one line on stderr and a code for what it raised: bad input 2, the
+    machine's errors 1, Ctrl-C 130 (with ``resumable``, the line says that finished work is kept)."""
+    resume = _RESUME if resumable else ""
+    try:
+        return run()
+    except (ValueError, DocumentError, OutputBusyError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine's, not the input's: out of disk, permissions, a file system gone
+        print(f"{prog}: error: {e}{resume}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback
+        print(f"\n{prog}: interrupted{resume}", file=sys.stderr)
+        return 130
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     a, rest = build_parser().parse_known_args(argv)
     if a.cmd == "index" and rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
-    try:
+
+    def run() -> int:
         if a.cmd == "index":
             from .data import load_documents
             from .index import index
@@ -162,15 +180,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for (k, question), answer in zip(pairs, ask(pairs, model=a.model, max_new_tokens=a.max_new_tokens)):
             print(f"[{k or 'base'}] {question}\n  {answer}")
         return 0
-    except (ValueError, DocumentError, OutputBusyError) as e:
-        print(f"kmtrain: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # the machine's, not the input's: out of disk, permissions, a file system gone
-        print(f"kmtrain: error: {e}{_RESUME if a.cmd == 'index' else ''}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback
-        print(f"\nkmtrain: interrupted{_RESUME if a.cmd == 'index' else ''}", file=sys.stderr)
-        return 130
+
+    return reporting_errors(run, resumable=a.cmd == "index")
 
 
 _RESUME = ("; finished KMs and stage outputs are kept (every file is written whole or not at all): "

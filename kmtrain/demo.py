@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -17,6 +18,7 @@ import torch
 
 from kmkernels import attach_grouped_lora, load_peft, read_adapter_config
 
+from .cli import reporting_errors
 from .config import IndexConfig
 from .data import load_documents
 from .evaluate import generate_answers, is_correct, question_prompt
@@ -32,8 +34,10 @@ def answer_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=("b
     questions = json.loads((corpus / "questions.json").read_text())
     docs = {d.id: d for d in load_documents(str(corpus))}
     ids = [d for d in questions if d in docs]
-    # As `kmtrain ask` does: the base in bf16 where the CPU multiplies bf16 natively (as it trained).
-    model, tok, _, _ = load_model(model_name, dtype=torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32)
+    # As `kmtrain ask` does: on a CUDA GPU when there is one, the base in bf16 where the device
+    # multiplies bf16 natively (as it trained there). Before, a GPU machine answered on its CPU.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok, _, _ = load_model(model_name, str(device), dtype=torch.bfloat16 if native_bf16(device) else torch.float32)
     rank = 16
     kms = [Path(out_dir) / d for d in ids]
     if "km" in conditions:
@@ -87,11 +91,12 @@ def format_table(result: Dict[str, Dict[str, List[bool]]], conditions=("base", "
     return "\n".join(lines)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--objective", default="sdcd")
-    ap.add_argument("--steps", type=int)
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="make demo: index the bundled corpus with the default settings, then "
+                                             "score the base model, ICL and the KMs on its questions")
+    ap.add_argument("--out", default="runs/demo", help="where the KMs go (default runs/demo)")
+    ap.add_argument("--objective", default="sdcd", help="what the KMs are trained with (default sdcd)")
+    ap.add_argument("--steps", type=int, help=f"training steps (default {IndexConfig().steps})")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="an IndexConfig field for the indexing run (repeatable), e.g. seed=1 or amp=off")
@@ -104,18 +109,24 @@ def main(argv=None):
         cfg.validate()
     except ValueError as e:
         ap.error(str(e))
-    torch.manual_seed(0)
-    t0 = time.time()
-    print(f"indexing {CORPUS} -> {a.out} ({cfg.objective}, {cfg.steps} steps, {cfg.docs_per_step} documents per step)")
-    index(str(CORPUS), cfg)
-    t1 = time.time()
-    result = evaluate_corpus(a.out, cfg.model)
-    table = format_table(result)
-    print()
-    print(table)
-    print(f"\nindexing {t1 - t0:.0f} s, evaluation {time.time() - t1:.0f} s")
-    Path(a.out, "demo_results.md").write_text(table + "\n")
+
+    def run() -> int:
+        torch.manual_seed(0)
+        t0 = time.time()
+        print(f"indexing {CORPUS} -> {a.out} ({cfg.objective}, {cfg.steps} steps, {cfg.docs_per_step} documents per step)")
+        index(str(CORPUS), cfg)
+        t1 = time.time()
+        result = evaluate_corpus(a.out, cfg.model)
+        table = format_table(result)
+        print()
+        print(table)
+        print(f"\nindexing {t1 - t0:.0f} s, evaluation {time.time() - t1:.0f} s")
+        Path(a.out, "demo_results.md").write_text(table + "\n")
+        return 0
+
+    # one line, not a traceback, for a full disk or Ctrl-C; the KMs written so far are kept
+    return reporting_errors(run, prog="make demo")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -59,3 +59,13 @@ def test_demo_needs_a_km_per_question_document(tiny_model, docs_dir, tmp_path):
     (docs_dir / "questions.json").write_text(json.dumps({"alpha": [{"q": "Which bell?", "a": ["Moro"]}]}))
     with pytest.raises(ValueError, match="no KM .*alpha"):
         answer_corpus(str(tmp_path / "no_kms"), tiny_model, ("km",), corpus=docs_dir)
+
+
+def test_demo_reports_errors_in_one_line(tmp_path, capsys):
+    """make demo ends with a line, not a traceback, on bad input (exit 2) as kmtrain does."""
+    from kmtrain.demo import main
+
+    (tmp_path / "a_file").write_text("")
+    assert main(["--out", str(tmp_path / "a_file"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"make demo: error: --out {tmp_path / 'a_file'}: exists and is not a folder"
