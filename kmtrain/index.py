@@ -253,7 +253,6 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     for d in documents:
         km_json = out / d.id / "km.json"
         done = finished[d.id]
-        done = done if isinstance(done, dict) else None
         if cfg.retrain:
             todo.append(d)
         elif done is None:
