@@ -138,7 +138,7 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
             if limit is not None and len(docs) >= limit:
                 break
             _add(docs, problems, rec[id_field], rec[text_field], f"{source}[{split}][{i}]")
-    return _checked(docs, problems, limit)
+    return _checked(docs, problems, limit, source)
 
 
 def check_documents(documents: Sequence[Document]) -> List[Document]:
@@ -152,11 +152,13 @@ def check_documents(documents: Sequence[Document]) -> List[Document]:
             problems.append(f"document {k}: expected a kmtrain Document, got {type(d).__name__}")
             continue
         _add(docs, problems, d.id, d.text, d.source or f"document {k} ({d.id!r})")
-    return _checked(docs, problems)
+    return _checked(docs, problems, source="the documents given")
 
 
-def _checked(docs: Dict[str, Document], problems: List[str], limit: Optional[int] = None) -> List[Document]:
-    """The documents, after the checks that need all of them; every problem found so far in one error."""
+def _checked(docs: Dict[str, Document], problems: List[str], limit: Optional[int] = None,
+             source: str = "the input") -> List[Document]:
+    """The documents, after the checks that need all of them; every problem found so far in one error.
+    No documents at all is an error too: an empty .jsonl indexed nothing and exited 0."""
     # Ids that differ only in letter case name one folder on case-insensitive file systems (macOS,
     # Windows): one KM would overwrite the other there, so they are refused everywhere.
     first_of: Dict[str, Document] = {}
@@ -169,6 +171,8 @@ def _checked(docs: Dict[str, Document], problems: List[str], limit: Optional[int
         raise DocumentError(problems[0])
     if problems:
         raise DocumentError(f"{len(problems)} problems in the input documents:\n  " + "\n  ".join(problems))
+    if not docs:
+        raise DocumentError(f"{source}: no documents in it")
     out = list(docs.values())
     return out[:limit] if limit is not None else out
 

@@ -199,3 +199,14 @@ def test_an_unreadable_file_is_one_problem_among_the_rest(tmp_path, monkeypatch)
     with pytest.raises(DocumentError, match=r"(?s)2 problems.*empty.txt: document 'empty' is empty"
                                             r".*locked.txt: cannot be read \(Permission denied\)"):
         load_documents(str(d))
+
+
+def test_no_documents_at_all_is_an_error(tmp_path):
+    from kmtrain.data import check_documents
+
+    for name, content in (("empty.jsonl", ""), ("blank.jsonl", "\n\n")):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(DocumentError, match=rf"{name}: no documents in it"):
+            load_documents(str(tmp_path / name))
+    with pytest.raises(DocumentError, match="the documents given: no documents in it"):
+        check_documents([])
