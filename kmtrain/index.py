@@ -469,7 +469,10 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     check_device(device)
-    for k, (km, question) in enumerate(pairs, 1):
+    for k, pair in enumerate(pairs, 1):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise ValueError(f"pair {k}: expected (KM folder or None, question), got {pair!r}")
+        km, question = pair
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"question {k} (for {km or 'the base model'}) is empty")
     kms = sorted({km for km, _ in pairs if km is not None})
