@@ -128,12 +128,3 @@ def test_config_rejects_what_would_train_nothing_or_garbage():
         with pytest.raises(ValueError, match=message):
             IndexConfig(**kw).validate()
     IndexConfig(objective="lm", kl_weight=0.0, hidden_weight=0.0).validate()  # lm takes neither
-
-
-def test_ask_api_names_a_malformed_pair():
-    import pytest
-
-    from kmtrain import ask
-
-    with pytest.raises(ValueError, match=r"pair 1: expected \(KM folder or None, question\), got 'Which bell\?'"):
-        ask(["Which bell?"])

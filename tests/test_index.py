@@ -619,3 +619,8 @@ def test_a_document_with_more_examples_than_draws_is_told(tiny_model, docs_dir, 
                 f"(--steps {n[d]} draws each once)") in printed
     index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "enough", steps=max(n.values()), examples_per_doc=1))
     assert "never trained on" not in capsys.readouterr().out
+
+
+def test_ask_names_a_malformed_pair():
+    with pytest.raises(ValueError, match=r"pair 1: expected \(KM folder or None, question\), got 'Which bell\?'"):
+        ask(["Which bell?"])
