@@ -481,7 +481,15 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
     for km in kms:
         # A missing or damaged KM fails here, before the model loads. km.json is optional (any PEFT
         # LoRA folder is accepted) but must read where it exists: it carries the checks below.
-        meta_path = Path(km) / "km.json"
+        folder = Path(km)
+        if not folder.is_dir():
+            raise ValueError(f"--km {km}: no such folder")
+        if not (folder / "adapter_config.json").exists():
+            inside = sorted(p.name for p in folder.iterdir() if (p / "adapter_config.json").is_file())
+            if inside:  # the --out of an index run, not one of its KMs
+                raise ValueError(f"--km {km} is a folder of {len(inside)} KMs, not one KM: name one, "
+                                 f"e.g. --km {folder / inside[0]}")
+        meta_path = folder / "km.json"
         meta = _read_json(meta_path) if meta_path.exists() else {}
         if not isinstance(meta, dict):
             raise ValueError(f"{meta_path}: unreadable (not a JSON object); re-index the document with --retrain")

@@ -11,6 +11,13 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["index", str(d), "--out", str(tmp_path / "o")]) == 2
     assert "a.txt" in capsys.readouterr().err
     assert main(["ask", "--km", str(tmp_path / "nope"), "q?"]) == 2
+    assert f"--km {tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
+    for doc in ("alpha", "beta"):  # an index run's --out handed over instead of one of its KMs
+        (tmp_path / "kms" / doc).mkdir(parents=True)
+        (tmp_path / "kms" / doc / "adapter_config.json").write_text('{"r": 4}')
+    assert main(["ask", "--km", str(tmp_path / "kms"), "q?"]) == 2
+    assert (f"--km {tmp_path / 'kms'} is a folder of 2 KMs, not one KM: name one, e.g. --km {tmp_path / 'kms' / 'alpha'}"
+            in capsys.readouterr().err)
     assert main(["ask", "q?", "--km", str(tmp_path / "x")]) == 2
     assert "has no question after it" in capsys.readouterr().err
     (tmp_path / "damaged").mkdir()
