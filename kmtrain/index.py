@@ -476,7 +476,7 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"question {k} (for {km or 'the base model'}) is empty")
     kms = sorted({km for km, _ in pairs if km is not None})
-    base = model
+    base, base_hash = model, None
     configs, trained_on = [], {}
     for km in kms:
         # A missing or damaged KM fails here, before the model loads. km.json is optional (any PEFT
@@ -497,12 +497,15 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
         if problem is not None:
             raise ValueError(f"{problem}; re-index the document with --retrain")
         configs.append(read_adapter_config(km))
-        trained_on[km] = meta.get("base_model_sha256")
+        trained_on[km] = km_hash = meta.get("base_model_sha256")
         km_base = meta.get("base_model_path")
         if base is None:
-            base = km_base
+            base, base_hash = km_base, km_hash
         elif km_base is not None and model is None and km_base != base:
-            raise ValueError(f"KMs were trained on different base models ({base} vs {km_base}); ask them separately")
+            # the same weights under two paths (an alias and its folder, a copy) are one base
+            if not (km_hash and km_hash != "unknown" and km_hash == base_hash):
+                raise ValueError(f"KMs were trained on different base models ({base} vs {km_base}); "
+                                 f"ask them separately")
     base = base or "smollm2-135m"
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     # Where bf16 is native the base runs in bf16 (as it trained there); the KMs' fp32 weights are

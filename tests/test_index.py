@@ -624,3 +624,19 @@ def test_a_document_with_more_examples_than_draws_is_told(tiny_model, docs_dir, 
 def test_ask_names_a_malformed_pair():
     with pytest.raises(ValueError, match=r"pair 1: expected \(KM folder or None, question\), got 'Which bell\?'"):
         ask(["Which bell?"])
+
+
+def test_ask_takes_kms_of_one_base_under_two_paths(tiny_model, docs_dir, tmp_path):
+    """KMs indexed with the same weights under two paths (a copy, or an alias and its folder) answer
+    together; KMs of other weights are still told apart."""
+    import shutil
+
+    shutil.copytree(tiny_model, tmp_path / "copy", ignore=shutil.ignore_patterns(".kmtrain-hash.json"))
+    index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "a", steps=1))
+    index(str(docs_dir), tiny_cfg(str(tmp_path / "copy"), tmp_path / "b", steps=1))
+    pairs = [(str(tmp_path / "a" / "alpha"), "Which bell?"), (str(tmp_path / "b" / "beta"), "What grows?")]
+    assert len(ask(pairs, max_new_tokens=2)) == 2
+    meta = tmp_path / "b" / "beta" / "km.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "base_model_sha256": "0" * 64}))
+    with pytest.raises(ValueError, match="KMs were trained on different base models"):
+        ask(pairs, max_new_tokens=2)
