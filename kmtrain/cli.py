@@ -6,7 +6,7 @@ import sys
 import typing
 from typing import Callable, List, Optional, Tuple
 
-from .config import OBJECTIVES, PRESETS, IndexConfig
+from .config import CHOICES, PRESETS, IndexConfig
 from .data import DocumentError
 from .index import OutputBusyError
 
@@ -45,9 +45,6 @@ _FIELD_FLAGS = {
     "device": "auto, cpu, cuda, cuda:1, ...",
     "seed": "run seed (each document's own seed derives from it and its id)",
 }
-_CHOICES = {"objective": OBJECTIVES, "qa_format": ("pair", "chat", "both"), "generator": ("hf", "vllm"),
-            "cache_dtype": ("bf16", "fp8", "fp32"), "backend": ("auto", "triton", "torch"),
-            "amp": ("auto", "bf16", "off"), "base_dtype": ("auto", "fp32", "bf16")}
 
 
 def _index_parser(sub):
@@ -63,9 +60,10 @@ def _index_parser(sub):
                    help="'paper': 2048-token chunks, 16 targets, 1500 steps, batch 8; flags given win over it")
     d, types = IndexConfig(), typing.get_type_hints(IndexConfig)
     for name, text in _FIELD_FLAGS.items():
-        default = f"default {getattr(d, name)}"
-        shown = "; ".join([default] + [f"{k} preset {v[name]}" for k, v in PRESETS.items() if v.get(name, getattr(d, name)) != getattr(d, name)])
-        p.add_argument("--" + name.replace("_", "-"), type=types[name], choices=_CHOICES.get(name),
+        default = getattr(d, name)
+        shown = "; ".join([f"default {default}"] + [f"{k} preset {v[name]}" for k, v in PRESETS.items()
+                                                    if v.get(name, default) != default])
+        p.add_argument("--" + name.replace("_", "-"), type=types[name], choices=CHOICES.get(name),
                        help=f"{text} ({shown})")
     p.add_argument("--no-teacher-cache", action="store_true", help="re-run the teacher every step (reference recipe)")
     p.add_argument("--keep-teacher-cache", action="store_true",

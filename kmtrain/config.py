@@ -9,6 +9,10 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 OBJECTIVES = ("sdcd", "ddcd", "lm", "pit")
+# The values each string option takes: validate() checks them, the CLI offers them as choices.
+CHOICES = {"objective": OBJECTIVES, "qa_format": ("pair", "chat", "both"), "generator": ("hf", "vllm"),
+           "cache_dtype": ("bf16", "fp8", "fp32"), "backend": ("auto", "triton", "torch"),
+           "amp": ("auto", "bf16", "off"), "base_dtype": ("auto", "fp32", "bf16")}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -117,8 +121,9 @@ class IndexConfig:
     progress: bool = True
 
     def validate(self) -> "IndexConfig":
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("steps", "docs_per_step", "examples_per_doc", "rank", "max_new_tokens", "gen_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -153,18 +158,8 @@ class IndexConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.summaries_per_chunk < 0 or self.qa_per_chunk < 0 or self.summaries_per_chunk + self.qa_per_chunk < 1:
             raise ValueError("need at least one synthetic target per chunk (summaries_per_chunk + qa_per_chunk >= 1)")
-        if self.cache_dtype not in ("bf16", "fp8", "fp32"):
-            raise ValueError(f"cache_dtype must be bf16, fp8 or fp32, got {self.cache_dtype!r}")
-        if self.generator not in ("hf", "vllm"):
-            raise ValueError(f"generator must be 'hf' or 'vllm', got {self.generator!r}")
         if self.generator == "vllm" and importlib.util.find_spec("vllm") is None:  # now, not after loading
             raise ValueError("--generator vllm needs vllm installed (pip install 'kmkernels[vllm]')")
-        if self.qa_format not in ("pair", "chat", "both"):
-            raise ValueError(f"qa_format must be pair, chat or both, got {self.qa_format!r}")
-        if self.amp not in ("auto", "bf16", "off"):
-            raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
-        if self.base_dtype not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"base_dtype must be auto, fp32 or bf16, got {self.base_dtype!r}")
         if not self.lr_b_ratio > 0:
             raise ValueError(f"lr_b_ratio must be > 0, got {self.lr_b_ratio}")
         if not 0 < self.ddcd_student_frac < 1:
@@ -204,6 +199,7 @@ class IndexConfig:
             return field, kind(text)
         except ValueError as e:
             raise ValueError(f"--set {item}: {field} takes {getattr(kind, '__name__', kind)}, got {text!r} ({e})") from None
+
 
 def check_device(device: str) -> None:
     """ValueError naming the problem for a device that torch does not know or that this machine lacks
