@@ -183,12 +183,15 @@ _BUILDER_OF = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json":
 _DATA_SUFFIXES = tuple(_BUILDER_OF)
 
 
+def _saved_dataset(path: Path) -> bool:
+    """A folder written by ``save_to_disk`` (a DatasetDict, or one Dataset)."""
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+
+
 def _dataset_folder(path: Path) -> bool:
     """A folder ``datasets`` can read: save_to_disk's output, or data files (also in split subfolders)."""
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-        return True
-    return any(p.is_file() and p.name.lower().endswith(_DATA_SUFFIXES) and not p.name.startswith(".")
-               for p in path.rglob("*"))
+    return _saved_dataset(path) or any(p.is_file() and p.name.lower().endswith(_DATA_SUFFIXES)
+                                       and not p.name.startswith(".") for p in path.rglob("*"))
 
 
 def _load_dataset(source: str, path: Path, split: str):
@@ -199,9 +202,8 @@ def _load_dataset(source: str, path: Path, split: str):
     except ImportError:
         what = "reading it" if path.exists() else "no such file or folder; reading it as a Hub dataset name"
         raise DocumentError(f"{source}: {what} needs `datasets` (pip install 'kmkernels[train]')") from None
-    saved = path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
     try:
-        if saved:
+        if _saved_dataset(path):
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:

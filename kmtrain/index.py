@@ -98,17 +98,18 @@ def _read_json(path: Path) -> Optional[dict]:
     return got if isinstance(got, dict) else None
 
 
-def _stage_problem(got: dict, n_chunks: Optional[int] = None) -> Optional[str]:
-    """What is wrong with a chunks.json (``n_chunks`` None) or synth.json (the document's chunk
-    count given) that parses as an object: the stage file is redone, never trained on. A hand-edited
-    synth.json (curating targets is a fair thing to do) with a slip in it failed deep in training."""
-    if n_chunks is None:
-        texts, ids = got.get("texts"), got.get("ids")
-        if not (isinstance(texts, list) and isinstance(ids, list) and len(texts) == len(ids) > 0
-                and all(isinstance(t, str) for t in texts)
-                and all(isinstance(c, list) and all(type(i) is int for i in c) for c in ids)):
-            return "needs non-empty lists 'texts' (strings) and 'ids' (token id lists) of one length"
-        return None
+# What is wrong with a stage file that parses as an object, or None: such a file is redone, never
+# trained on (a hand-edited synth.json, say, with a slip in it failed deep in training).
+def _chunks_problem(got: dict) -> Optional[str]:
+    texts, ids = got.get("texts"), got.get("ids")
+    if not (isinstance(texts, list) and isinstance(ids, list) and len(texts) == len(ids) > 0
+            and all(isinstance(t, str) for t in texts)
+            and all(isinstance(c, list) and all(type(i) is int for i in c) for c in ids)):
+        return "needs non-empty lists 'texts' (strings) and 'ids' (token id lists) of one length"
+    return None
+
+
+def _synth_problem(got: dict, n_chunks: int) -> Optional[str]:
     items = got.get("items")
     if not isinstance(items, list):
         return "needs a list 'items'"
@@ -294,7 +295,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         remove_stale_temp(work / d.id)  # what a dead run left in this document's stage folder
         path = work / d.id / "chunks.json"
         got = _read_json(path)
-        if got and (problem := _stage_problem(got)) is not None:
+        if got and (problem := _chunks_problem(got)) is not None:
             print(f"{d.id}: {path} is damaged ({problem}), redoing it", flush=True)
             got = None
         if not got or got.get("doc_sha") != d.sha256 or got.get("setting") != setting:
@@ -316,7 +317,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         for d in todo:
             path = work / d.id / "synth.json"
             got = _read_json(path)
-            if got and (problem := _stage_problem(got, len(chunks[d.id][0]))) is not None:
+            if got and (problem := _synth_problem(got, len(chunks[d.id][0]))) is not None:
                 print(f"{d.id}: {path} is damaged ({problem}), redoing it", flush=True)
                 got = None
             if got and got.get("setting") == synth_setting and got.get("doc_sha") == d.sha256:
@@ -493,7 +494,7 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
         meta = _read_json(meta_path) if meta_path.exists() else {}
         if not isinstance(meta, dict):
             raise ValueError(f"{meta_path}: unreadable (not a JSON object); re-index the document with --retrain")
-        problem = km_problem(Path(km), meta.get("adapter_sha256"))
+        problem = km_problem(folder, meta.get("adapter_sha256"))
         if problem is not None:
             raise ValueError(f"{problem}; re-index the document with --retrain")
         configs.append(read_adapter_config(km))
