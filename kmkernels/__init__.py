@@ -8,7 +8,7 @@ from .fused_linear_kl import FusedLinearKL, KLDivLogits, fused_linear_kl, kl_div
 from .hidden_l1 import HiddenL1, hidden_l1
 from .kl_from_stats import FusedLinearKLFromStats, fused_linear_kl_from_stats, teacher_kl_stats
 from .lora import (GroupedLoRALinear, adapter_targets, attach_grouped_lora, build_segments, export_peft, grouped_lora,
-                   load_peft, read_adapter_config, reset_slot, set_adapter_ids, slot_parameters)
+                   load_peft, lora_targets, read_adapter_config, reset_slot, set_adapter_ids, slot_parameters)
 from .utils import free_cpu_scratch
 
 __version__ = "0.1.0"
@@ -19,6 +19,6 @@ __all__ = [
     "HiddenL1", "hidden_l1",
     "FusedLinearKLFromStats", "fused_linear_kl_from_stats", "teacher_kl_stats",
     "GroupedLoRALinear", "attach_grouped_lora", "build_segments", "export_peft", "grouped_lora", "load_peft",
-    "adapter_targets", "read_adapter_config", "reset_slot", "set_adapter_ids", "slot_parameters",
+    "adapter_targets", "lora_targets", "read_adapter_config", "reset_slot", "set_adapter_ids", "slot_parameters",
     "free_cpu_scratch",
 ]

@@ -565,6 +565,20 @@ def _module_seed(seed: int, slot_key: str) -> int:
     return h
 
 
+def lora_targets(model: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGETS) -> List[Tuple[str, nn.Linear]]:
+    """(name, module) of each nn.Linear whose last name component is in ``target_modules``: the layers
+    attach_grouped_lora wraps. None at all raises ValueError naming the linear layers the model has,
+    so a caller can check a model before any slow work."""
+    targets = set(target_modules)
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    found = [(name, m) for name, m in linears if name.rsplit(".", 1)[-1] in targets]
+    if not found:
+        have = sorted({name.rsplit(".", 1)[-1] for name, _ in linears})
+        raise ValueError(f"no linear layer named any of the LoRA targets {', '.join(target_modules)}; its linear "
+                         f"layers: {', '.join(have) or 'none'}")
+    return found
+
+
 def attach_grouped_lora(
     model: nn.Module,
     num_adapters: int,
@@ -588,14 +602,7 @@ def attach_grouped_lora(
     if getattr(model, "_grouped_lora", None) is not None:
         raise ValueError("this model already has grouped LoRA attached")
     ids = AdapterIds(num_adapters, backend)
-    targets = set(target_modules)
-    found = []
-    for name, module in list(model.named_modules()):
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in targets and isinstance(module, nn.Linear):
-            found.append((name, module))
-    if not found:
-        raise ValueError(f"no nn.Linear named any of {sorted(targets)} in {type(model).__name__}")
+    found = lora_targets(model, target_modules)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module in found:

@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from kmkernels import (adapter_targets, attach_grouped_lora, export_peft, load_peft, read_adapter_config,
-                       set_adapter_ids, slot_parameters)
+from kmkernels import (adapter_targets, attach_grouped_lora, export_peft, load_peft, lora_targets,
+                       read_adapter_config, set_adapter_ids, slot_parameters)
 
 from .config import IndexConfig, check_device
 from .data import (Document, atomic_write_text, check_documents, chunk_tokens, file_sha256, load_documents,
@@ -282,11 +282,10 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     model_path = os.path.abspath(local) if os.path.isdir(local) else cfg.model
     num_layers = model.config.num_hidden_layers
     select_layers(num_layers, cfg.cache_layers)  # a layer the model lacks fails now, not after generation
-    linears = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    if not linears & set(cfg.target_modules):  # else attach_grouped_lora fails, but after generation
-        raise ValueError(f"--model {cfg.model}: no linear layer named any of the LoRA targets "
-                         f"{', '.join(cfg.target_modules)}; its linear layers: {', '.join(sorted(linears)) or 'none'} "
-                         f"(IndexConfig.target_modules names the ones to adapt)")
+    try:  # attach_grouped_lora would refuse such a model too, but only after generation
+        lora_targets(model, cfg.target_modules)
+    except ValueError as e:
+        raise ValueError(f"--model {cfg.model}: {e} (IndexConfig.target_modules names the ones to adapt)") from None
     setting = {"model": model_hash, "chunk_tokens": cfg.chunk_tokens, "chunk_overlap": cfg.chunk_overlap}
 
     # 2. chunks

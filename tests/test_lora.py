@@ -438,3 +438,9 @@ def test_ids_errors():
         m(input_ids=torch.randint(0, 97, (3, 3)))
     with pytest.raises(ValueError, match="already has grouped LoRA"):
         attach_grouped_lora(m, 2)
+
+
+def test_attach_names_the_linear_layers_when_no_target_matches():
+    with pytest.raises(ValueError, match=r"no linear layer named any of the LoRA targets wq, wo; its linear layers: "
+                                         r"down_proj, gate_proj, k_proj, .*v_proj"):
+        attach_grouped_lora(tiny_llama(1), 2, rank=4, target_modules=("wq", "wo"), backend="torch")
