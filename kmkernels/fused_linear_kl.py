@@ -62,7 +62,8 @@ if HAS_TRITON:
         num_m = tl.cdiv(M, BLOCK_M)
         pid_m = pid % num_m
         pid_v = pid // num_m
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        # int64 rows: OUT holds M * V elements, past 2**31 for a 128k vocab at 16k+ rows per chunk
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         offs_k = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)

@@ -310,3 +310,19 @@ def test_bf16_gpu_large_vocab_no_logit_rounding():
     rgh, rgw = torch.autograd.grad(ref, [hs64, ws64])
     assert rel_err(out, ref) < 1e-3
     assert rel_err(gh, rgh) < 1e-2 and rel_err(gw, rgw) < 1e-2
+
+
+@requires_cuda
+def test_logits_kernel_past_int32_offsets():
+    """A chunk of [M, V] logits with M * V > 2**31 (17k rows at a 128k vocab, chunk_size set by
+    the user): the rows past the int32 range land where they belong instead of wrapping around."""
+    from kmkernels.fused_linear_kl import _logits_fp32_triton
+    g = torch.Generator(device="cuda").manual_seed(11)
+    M, V, K = 17_000, 128_256, 16
+    assert M * V > 2**31
+    x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+    w = torch.randn(V, K, device="cuda", generator=g).to(torch.bfloat16)
+    out = _logits_fp32_triton(x, w)
+    for rows in (slice(0, 64), slice(M - 64, M)):
+        ref = x[rows].double() @ w.double().T
+        assert rel_err(out[rows], ref) < 1e-6
