@@ -19,6 +19,7 @@ import re
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -238,6 +239,22 @@ def check_same_base(out: Path, model: str, finished: Dict[str, Optional[dict]]) 
                      f"another --out, or pass --retrain to replace them")
 
 
+def _print_already_done(done: List[Tuple[str, dict]], shown: int = 10) -> None:
+    """One line for the finished KMs a run skips (document id, its km.json), however many: a run
+    that adds a few documents to a folder of thousands would otherwise print thousands of lines."""
+    if not done:
+        return
+    if len(done) == 1:
+        doc_id, km = done[0]
+        print(f"{doc_id}: already done ({km.get('objective')}, {km.get('steps')} steps), skipped "
+              f"(retrain=True / --retrain redoes it)", flush=True)
+        return
+    kinds = Counter(f"{km.get('objective')}, {km.get('steps')} steps" for _, km in done)
+    ids = ", ".join(i for i, _ in done[:shown]) + (f" and {len(done) - shown} more" if len(done) > shown else "")
+    print(f"{len(done)} documents already done ({'; '.join(f'{n} {k}' for k, n in kinds.items())}), skipped "
+          f"(retrain=True / --retrain redoes them): {ids}", flush=True)
+
+
 def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> List[dict]:
     work = out / ".work"
     remove_stale_temp(out)
@@ -250,7 +267,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         check_same_base(out, cfg.model, finished)
 
     summaries: List[dict] = []
-    todo = []
+    todo, already = [], []
     for d in documents:
         km_json = out / d.id / "km.json"
         done = finished[d.id]
@@ -268,8 +285,8 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
             todo.append(d)
         else:
             summaries.append({**done, "status": "already done"})
-            print(f"{d.id}: already done ({done.get('objective')}, {done.get('steps')} steps), skipped "
-                  f"(retrain=True / --retrain redoes it)", flush=True)
+            already.append((d.id, done))
+    _print_already_done(already)
     if not todo:
         return summaries
 

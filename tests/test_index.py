@@ -1,5 +1,6 @@
 """kmtrain.index: index + ask end to end (tiny random Llama, and the bundled SmolLM2), resume, precision choices."""
 import hashlib
+import importlib
 import json
 import math
 
@@ -431,7 +432,7 @@ def test_smollm2_one_document_end_to_end(tmp_path):
     assert answer_logprob(True) > answer_logprob(False)
 
 
-def test_other_base_model_is_refused_not_mixed(tiny_model, docs_dir, tmp_path):
+def test_other_base_model_is_refused_not_mixed(tiny_model, docs_dir, tmp_path, capsys):
     """A run with other base weights into a folder of finished KMs stops before loading anything,
     naming the KMs; before, it skipped them as "already done" and the folder mixed two bases."""
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -451,8 +452,11 @@ def test_other_base_model_is_refused_not_mixed(tiny_model, docs_dir, tmp_path):
                                          r"weights .* --retrain to replace them"):
         index(str(docs_dir), tiny_cfg(str(other), out, steps=2))
     assert {d: (out / d / "adapter_model.safetensors").stat().st_mtime_ns for d in DOCS} == stamps
-    # the same model again is still a resume, and --retrain replaces them
+    # the same model again is still a resume, said in one line however many KMs it skips
+    capsys.readouterr()
     assert {s["status"] for s in index(str(docs_dir), tiny_cfg(tiny_model, out, steps=2))} == {"already done"}
+    assert capsys.readouterr().out.splitlines() == [
+        "3 documents already done (3 sdcd, 2 steps), skipped (retrain=True / --retrain redoes them): alpha, beta, gamma"]
     assert {s["status"] for s in index(str(docs_dir), tiny_cfg(str(other), out, steps=2, retrain=True))} == {"trained"}
     hashes = {json.loads((out / d / "km.json").read_text())["base_model_sha256"] for d in DOCS}
     assert len(hashes) == 1 and hashes != {first_hash}
@@ -640,3 +644,15 @@ def test_ask_takes_kms_of_one_base_under_two_paths(tiny_model, docs_dir, tmp_pat
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "base_model_sha256": "0" * 64}))
     with pytest.raises(ValueError, match="KMs were trained on different base models"):
         ask(pairs, max_new_tokens=2)
+
+
+def test_already_done_line_lists_a_few_ids_and_counts_the_rest(capsys):
+    kindex = importlib.import_module("kmtrain.index")
+    done = [(f"doc{i:02d}", {"objective": "sdcd" if i < 11 else "lm", "steps": 60}) for i in range(13)]
+    kindex._print_already_done(done)
+    kindex._print_already_done(done[:1])
+    kindex._print_already_done([])
+    assert capsys.readouterr().out.splitlines() == [
+        "13 documents already done (11 sdcd, 60 steps; 2 lm, 60 steps), skipped (retrain=True / --retrain redoes them): "
+        + ", ".join(f"doc{i:02d}" for i in range(10)) + " and 3 more",
+        "doc00: already done (sdcd, 60 steps), skipped (retrain=True / --retrain redoes it)"]
