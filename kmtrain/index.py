@@ -3,8 +3,8 @@
 Stages, each with its output on disk under OUT/.work/<doc id>/ so that a killed run resumes:
   chunks.json -> synth.json -> teacher_<objective>_<key>.safetensors -> OUT/<doc id>/
 (the examples are rebuilt from chunks.json and synth.json, deterministically from the document's seed;
-the cache key hashes their tokens, so a changed layout never meets a stale cache). The last two run
-wave by wave (D documents at a time), and a teacher cache is deleted once its KM is written unless
+the cache key hashes their tokens, so a changed layout never meets a stale cache). The examples and
+the last two run wave by wave (D documents at a time, nothing of a wave kept after it), and a teacher cache is deleted once its KM is written unless
 cfg.keep_teacher_cache. A finished KM (OUT/<id>/km.json readable, its files intact) is never
 retrained unless cfg.retrain; damaged outputs are redone, never used. One run at a time holds OUT
 (out_lock).
@@ -19,6 +19,7 @@ import re
 import shutil
 import sys
 import time
+from array import array
 from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -306,7 +307,8 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     setting = {"model": model_hash, "chunk_tokens": cfg.chunk_tokens, "chunk_overlap": cfg.chunk_overlap}
 
     # 2. chunks
-    chunks: Dict[str, Tuple[List[str], List[List[int]]]] = {}
+    chunks: Dict[str, Tuple[List[str], List[array]]] = {}
+    n_chunks: Dict[str, int] = {}
     for d in todo:
         remove_stale_temp(work / d.id)  # what a dead run left in this document's stage folder
         path = work / d.id / "chunks.json"
@@ -319,7 +321,9 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
             pieces = chunk_tokens(ids, cfg.chunk_tokens, cfg.chunk_overlap)
             got = {"doc_sha": d.sha256, "setting": setting, "ids": pieces, "texts": [tok.decode(p) for p in pieces]}
             atomic_write_text(path, json.dumps(got))
-        chunks[d.id] = (got["texts"], got["ids"])
+        # token ids as int32 arrays until the document's wave: a tenth of a list of Python ints
+        chunks[d.id] = (got["texts"], [array("i", c) for c in got["ids"]])
+        n_chunks[d.id] = len(got["texts"])
 
     # 3. synthetic targets (all documents that need them in one generation stream)
     needs_synth = cfg.objective in ("sdcd", "pit")
@@ -351,48 +355,56 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
             synthesize(model, tok, {d.id: chunks[d.id][0] for d in missing}, cfg, model_path=model_folder,
                        progress_factory=lambda **kw: _bar(cfg, **kw), on_document=save)
 
-    # 4. examples (their teacher caches are built wave by wave below)
-    states: List[DocState] = []
-    for d in todo:
-        texts, ids = chunks[d.id]
-        items = synth.get(d.id, {}).get("items", [])
+    # 4-5. wave by wave: D documents' training examples, their teacher caches, training, and one
+    # PEFT folder per document. A document's examples exist only while its wave runs: they repeat
+    # its chunk once per target (the teacher's context), megabytes of token lists per long
+    # document that, built for all documents up front, made a run's memory grow with the corpus.
+    D = min(cfg.docs_per_step, len(todo))
+    caching = cfg.objective in ("sdcd", "ddcd") and cfg.teacher_cache
+    layers_key = "all" if cfg.cache_layers is None else "-".join(map(str, cfg.cache_layers))
+    no_adapter = lambda b: set_adapter_ids(model, torch.full((b,), -1, dtype=torch.long))  # noqa: E731
+    sha = {d.id: d.sha256 for d in todo}
+    attached, trained = False, 0
+    synth_counts: Dict[str, dict] = {}
+
+    def doc_state(d: Document) -> Optional[DocState]:
+        """The document's training (and held-out) examples, or None (said why) when it has none."""
+        texts, ids = chunks.pop(d.id)  # from here on its examples carry what training needs
+        ids = [list(c) for c in ids]
+        made = synth.pop(d.id, {})
+        synth_counts[d.id] = {"requested": made.get("requested", 0), "dropped": made.get("dropped", 0)}
+        items = made.get("items", [])
         items, held_items = document_items(cfg, d.id, items, texts, tok)
         seed = doc_seed(cfg.seed, d.id)
         examples = build_examples(cfg.objective, tok, texts, ids, items, cfg, seed)
         if not examples:
             if cfg.objective in ("sdcd", "pit"):
-                made = synth.get(d.id, {})
                 why = f"all {made.get('requested', 0)} synthetic outputs were dropped (empty, or no Q/A pair parsed)"
             else:  # the examples are windows of the document itself
                 why = f"the document is {sum(map(len, ids))} token(s), too short for a {cfg.objective} example"
             print(f"{d.id}: no training examples ({why}), skipped", flush=True)
-            summaries.append({"id": d.id, "status": "no examples"})
-            continue
+            return None
         held = build_examples(cfg.objective, tok, texts, ids, held_items, cfg, seed) if held_items else []
-        # the held-out examples go last: the cache holds them too, training never draws them
-        states.append(DocState(d.id, examples + held, seed, heldout=list(range(len(examples), len(examples) + len(held)))))
         drawn = cfg.steps * cfg.examples_per_doc
         if drawn < len(examples):  # steps do not grow with a document: a long one outruns them
             print(f"{d.id}: {len(examples)} training examples, but {cfg.steps} steps x {cfg.examples_per_doc} per step "
                   f"draw only {drawn}, so some are never trained on (--steps "
                   f"{math.ceil(len(examples) / cfg.examples_per_doc)} draws each once)", flush=True)
-    if not states:
-        return summaries
-    attach_grouped_lora(model, min(cfg.docs_per_step, len(states)), rank=cfg.rank, alpha=cfg.alpha,
-                        target_modules=cfg.target_modules, seed=cfg.seed, backend=cfg.backend)
-    cache_info: Dict[str, dict] = {}
-    caching = cfg.objective in ("sdcd", "ddcd") and cfg.teacher_cache
-    layers_key = "all" if cfg.cache_layers is None else "-".join(map(str, cfg.cache_layers))
-    no_adapter = lambda b: set_adapter_ids(model, torch.full((b,), -1, dtype=torch.long))  # noqa: E731
+        # the held-out examples go last: the cache holds them too, training never draws them
+        return DocState(d.id, examples + held, seed, heldout=list(range(len(examples), len(examples) + len(held))))
 
-    # 4-5. per wave of D documents: their teacher caches, training, one PEFT folder per document.
-    # Wave by wave, so the first KMs are written early and, without keep_teacher_cache, the disk
-    # holds one wave's caches at most (a cache is several times its KM's size).
-    D = min(cfg.docs_per_step, len(states))
-    for w in range(0, len(states), D):
-        wave = states[w:w + D]
+    def run_wave(wave: List[DocState], first: int, last: int) -> None:
+        """Teacher caches, training and export of one wave; ``first``-``last``: the positions of its
+        documents among those to index, for the progress bars."""
+        nonlocal attached, trained
+        if not attached:
+            attach_grouped_lora(model, D, rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules,
+                                seed=cfg.seed, backend=cfg.backend)
+            attached = True
+        cache_info: Dict[str, dict] = {}
+        span = f"docs {first}-{last} of {len(todo)}"
         if caching:
-            bar = _bar(cfg, total=len(wave), desc=f"teacher cache docs {w + 1}-{w + len(wave)} of {len(states)}")
+            bar = _bar(cfg, total=len(wave), desc=f"teacher cache {span}")
             for st in wave:
                 # The cache is a function of the teacher weights, what is stored, and the examples' tokens
                 # (which carry the document, the synthetic data and the example layout): a change in any
@@ -420,12 +432,12 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
             bar.close()
 
         t0 = time.time()
-        bar = _bar(cfg, total=cfg.steps, desc=f"training docs {w + 1}-{w + len(wave)} of {len(states)}")
+        bar = _bar(cfg, total=cfg.steps, desc=f"training {span}")
         train_wave(model, tok, wave, cfg, device, amp, progress=bar)
         bar.close()
         wave_s = time.time() - t0
         for slot, st in enumerate(wave):
-            doc = next(d for d in todo if d.id == st.id)
+            cache, st.cache = st.cache, None  # unmapped with the wave, kept on disk or deleted below
             if not all(bool(torch.isfinite(p[slot]).all()) for p in slot_parameters(model)):
                 # Never written as finished: a re-run retrains it. The other slots are unaffected
                 # (per-slot losses, clipping and AdamW state).
@@ -444,12 +456,12 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                            "best": {k: v for k, v in best.items() if k != "step"},
                            "untrained": {k: v for k, v in st.heldout_curve[0].items() if k != "step"},
                            "curve": [[c["step"], c["loss"]] for c in st.heldout_curve]}
-            s = synth.get(st.id, {})
+            s = synth_counts[st.id]
             meta = {
                 "id": st.id, "base_model": model_name, "base_model_path": model_path, "base_model_sha256": model_hash,
-                "document_sha256": doc.sha256, "objective": cfg.objective, "steps": cfg.steps,
+                "document_sha256": sha[st.id], "objective": cfg.objective, "steps": cfg.steps,
                 "docs_per_step": len(wave), "examples_per_doc": cfg.examples_per_doc,
-                "chunks": len(chunks[st.id][0]), "examples": len(st.examples) - len(st.heldout),
+                "chunks": n_chunks[st.id], "examples": len(st.examples) - len(st.heldout),
                 "synthetic_requested": s.get("requested", 0), "synthetic_dropped": s.get("dropped", 0),
                 "teacher_cache": cache_info.get(st.id), "final_loss": final, "heldout": heldout,
                 "train_seconds_wave": round(wave_s, 2), "train_seconds_per_doc": round(wave_s / len(wave), 2),
@@ -461,6 +473,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                                  extra_files={"km.json": lambda sha: json.dumps({**meta, "adapter_sha256": sha}, indent=1)})
             meta["adapter_sha256"] = digest
             summaries.append({**meta, "status": "trained"})
+            trained += 1
             loss_txt = " ".join(f"{k}={v:.4f}" for k, v in final.items())
             cache_txt = f", cache {cache_info[st.id]['bytes'] / 1e6:.1f} MB" if st.id in cache_info else ""
             held_txt = "" if heldout is None else (f", held-out loss {heldout['best']['loss']:.4f} at step "
@@ -468,11 +481,25 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
             n_txt = f"{meta['examples']} examples" + (f" + {len(st.heldout)} held out" if st.heldout else "")
             print(f"{st.id}: {n_txt} ({s.get('dropped', 0)} synthetic outputs dropped){cache_txt}, {cfg.steps} steps, "
                   f"{loss_txt}{held_txt}, {wave_s / len(wave):.1f} s", flush=True)
-            if st.cache is not None and not cfg.keep_teacher_cache:  # its KM is written: the cache is done with
-                path, st.cache = st.cache.path, None
+            if cache is not None and not cfg.keep_teacher_cache:  # its KM is written: the cache is done with
+                path, cache = cache.path, None
                 path.unlink()
+
+    wave: List[DocState] = []
+    first = 1
+    for k, d in enumerate(todo, 1):
+        st = doc_state(d)
+        if st is None:
+            summaries.append({"id": d.id, "status": "no examples"})
+        else:
+            wave.append(st)
+        if len(wave) == D or (k == len(todo) and wave):
+            run_wave(wave, first, k)
+            wave, first = [], k + 1
+        elif not wave:
+            first = k + 1
     diverged = sum(s["status"] == "diverged" for s in summaries)
-    print(f"indexed {len(states) - diverged} documents in {time.time() - t_start:.1f} s"
+    print(f"indexed {trained} documents in {time.time() - t_start:.1f} s"
           + (f"; {diverged} diverged, no KM written for them" if diverged else ""), flush=True)
     return summaries
 
