@@ -5,8 +5,9 @@ import gc
 import hashlib
 import random
 import re
+from array import array
 from collections import Counter
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -139,7 +140,7 @@ def _generate_vllm(model_path: str, tokenizer, prompts: List[List[int]], cfg, se
     llm = LLM(model=model_path, seed=cfg.seed, **kw)
     params = [SamplingParams(top_p=cfg.top_p, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=s)
               for s in seeds]  # one seed per request, as with the HF generator
-    res = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    res = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params)
     del llm  # its weights and KV cache go before the teacher cache and training need the memory
     gc.collect()
     if torch.cuda.is_available():
@@ -189,12 +190,14 @@ def synthesize(model, tokenizer, chunks_by_doc: Dict[str, List[str]], cfg, model
     the requests of each kind cycle over the whole chunk and its parts (`focus_sources`); the
     teacher still reads the whole chunk, so only what the targets talk about changes.
     """
-    jobs: List[Tuple[str, int, str, List[int], int]] = []
+    jobs: List[Tuple[str, int, str, Sequence[int], int]] = []
     for doc_id, chunks in chunks_by_doc.items():
         for c, chunk in enumerate(chunks):
             texts = focus_sources(chunk, cfg.focus_parts)
             for kind, prompt, n in (("summary", SUMMARY_PROMPT, cfg.summaries_per_chunk), ("qa", QA_PROMPT, cfg.qa_per_chunk)):
-                ids = [chat_prompt_ids(tokenizer, text + "\n\n" + prompt) for text in texts]
+                # int32 arrays: every document's prompts exist at once, a chunk's worth of tokens
+                # per prompt, which as lists of Python ints cost ~36 bytes a token
+                ids = [array("i", chat_prompt_ids(tokenizer, text + "\n\n" + prompt)) for text in texts]
                 jobs += [(doc_id, c, kind, ids[i % len(ids)], request_seed(cfg.seed, doc_id, c, kind, i)) for i in range(n)]
     if not jobs:
         return {}
