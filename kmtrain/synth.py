@@ -87,7 +87,7 @@ def _prompt_cache(model, batch: List[List[int]], width: int, kv: Dict[Tuple[int,
     return DynamicCache(layers, config=model.config)
 
 
-def _generate_hf(model, tokenizer, prompts: List[List[int]], cfg, seeds: List[int], progress=None,
+def _generate_hf(model, tokenizer, prompts: Sequence[Sequence[int]], cfg, seeds: List[int], progress=None,
                  share_prompts: bool = True) -> Iterator[str]:
     """Batched top-p sampling with Hugging Face generate (left padding), request i drawn from seeds[i].
     Yields the outputs in request order, each batch's as soon as it is generated.
@@ -125,7 +125,7 @@ def _generate_hf(model, tokenizer, prompts: List[List[int]], cfg, seeds: List[in
             yield tokenizer.decode(out[j, width:], skip_special_tokens=True).strip()
 
 
-def _generate_vllm(model_path: str, tokenizer, prompts: List[List[int]], cfg, seeds: List[int]) -> List[str]:
+def _generate_vllm(model_path: str, tokenizer, prompts: Sequence[Sequence[int]], cfg, seeds: List[int]) -> List[str]:
     """``model_path``: a local folder or Hub name vLLM can load (not an alias: index resolves those)."""
     try:
         from vllm import LLM, SamplingParams
@@ -196,7 +196,7 @@ def synthesize(model, tokenizer, chunks_by_doc: Dict[str, List[str]], cfg, model
             texts = focus_sources(chunk, cfg.focus_parts)
             for kind, prompt, n in (("summary", SUMMARY_PROMPT, cfg.summaries_per_chunk), ("qa", QA_PROMPT, cfg.qa_per_chunk)):
                 # int32 arrays: every document's prompts exist at once, a chunk's worth of tokens
-                # per prompt, which as lists of Python ints cost ~36 bytes a token
+                # per prompt, which as lists of Python ints cost ~43 bytes a token (SmolLM2 tokenizer), 4 here
                 ids = [array("i", chat_prompt_ids(tokenizer, text + "\n\n" + prompt)) for text in texts]
                 jobs += [(doc_id, c, kind, ids[i % len(ids)], request_seed(cfg.seed, doc_id, c, kind, i)) for i in range(n)]
     if not jobs:
