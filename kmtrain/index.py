@@ -4,10 +4,10 @@ Stages, each with its output on disk under OUT/.work/<doc id>/ so that a killed 
   chunks.json -> synth.json -> teacher_<objective>_<key>.safetensors -> OUT/<doc id>/
 (the examples are rebuilt from chunks.json and synth.json, deterministically from the document's seed;
 the cache key hashes their tokens, so a changed layout never meets a stale cache). The examples and
-the last two run wave by wave (D documents at a time, nothing of a wave kept after it), and a teacher cache is deleted once its KM is written unless
-cfg.keep_teacher_cache. A finished KM (OUT/<id>/km.json readable, its files intact) is never
-retrained unless cfg.retrain; damaged outputs are redone, never used. One run at a time holds OUT
-(out_lock).
+the last two run wave by wave (D documents at a time, nothing of a wave kept after it), and a
+teacher cache is deleted once its KM is written unless cfg.keep_teacher_cache. A finished KM
+(OUT/<id>/km.json readable, its files intact) is never retrained unless cfg.retrain; damaged
+outputs are redone, never used. One run at a time holds OUT (out_lock).
 """
 from __future__ import annotations
 
@@ -337,7 +337,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         for d in todo:
             path = work / d.id / "synth.json"
             got = _read_json(path)
-            if got and (problem := _synth_problem(got, len(chunks[d.id][0]))) is not None:
+            if got and (problem := _synth_problem(got, n_chunks[d.id])) is not None:
                 print(f"{d.id}: {path} is damaged ({problem}), redoing it", flush=True)
                 got = None
             if got and got.get("setting") == synth_setting and got.get("doc_sha") == d.sha256:
@@ -486,18 +486,17 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 path.unlink()
 
     wave: List[DocState] = []
-    first = 1
     for k, d in enumerate(todo, 1):
         st = doc_state(d)
         if st is None:
             summaries.append({"id": d.id, "status": "no examples"})
         else:
+            if not wave:
+                first = k  # the wave's first document, for its progress bars
             wave.append(st)
-        if len(wave) == D or (k == len(todo) and wave):
+        if wave and (len(wave) == D or k == len(todo)):
             run_wave(wave, first, k)
-            wave, first = [], k + 1
-        elif not wave:
-            first = k + 1
+            wave = []
     diverged = sum(s["status"] == "diverged" for s in summaries)
     print(f"indexed {trained} documents in {time.time() - t_start:.1f} s"
           + (f"; {diverged} diverged, no KM written for them" if diverged else ""), flush=True)
