@@ -30,7 +30,7 @@ def test_teacher_cache_round_trip(tiny_model, tmp_path, dtype, tol):
         assert ((h.float() - ref).norm() / ref.norm()) < tol
         assert torch.allclose(norms, ref.abs().sum(dim=(1, 2)), rtol=1e-5)
         # the KL's statistics: those of the last layer as the cache returns it, against float64
-        w = model.get_output_embeddings().weight.double()
+        w = model.get_output_embeddings().weight.detach().double()
         z = h[-1].double() @ w.T
         p = z.softmax(-1)
         assert p.max() > 0.2  # peaked enough for a wrong temperature or layer to show
