@@ -96,3 +96,67 @@ def test_dcd_in_hf_llama_with_peft_step(backend):
     for ua, ub in zip(*updates):
         assert rel_err(ua, ub) < 1e-3
         assert ub.abs().sum() > 0
+
+
+def _readme_trainer_class():
+    """The DCDTrainer of the README's "In a Hugging Face `Trainer`" section, executed as written."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### In a Hugging Face `Trainer`", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md (Trainer section)", "exec"), scope)
+    return scope["DCDTrainer"]
+
+
+def test_readme_trainer_recipe_computes_dcd_and_trains(tmp_path):
+    """The README's Trainer subclass, fed as its docstring says (cached teacher states in the target
+    mask's row order, remove_unused_columns=False): its loss on a padded batch is the float64 DCD
+    loss, and 30 Trainer steps of a PEFT LoRA bring it down."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    DCDTrainer = _readme_trainer_class()
+    base = _tiny_llama()
+    with torch.no_grad():
+        base.get_output_embeddings().weight.mul_(20)  # a peaked teacher, so the KL term is not ~0
+    g = torch.Generator().manual_seed(3)
+    chunk = torch.randint(0, 131, (12,), generator=g)
+    rows = []
+    for n in (5, 9, 7, 6, 8, 5, 9, 6):
+        tgt = torch.randint(0, 131, (n,), generator=g)
+        with torch.no_grad():  # the frozen teacher with the chunk in context, on the target positions
+            hs = base(input_ids=torch.cat([chunk, tgt])[None], output_hidden_states=True).hidden_states[1:]
+        rows.append({"ids": tgt, "teacher": torch.stack([h[0, len(chunk):] for h in hs])})
+
+    def collate(batch):
+        T = max(len(r["ids"]) for r in batch)
+        ids = torch.zeros(len(batch), T, dtype=torch.long)
+        target_mask = torch.zeros(len(batch), T, dtype=torch.bool)
+        for b, r in enumerate(batch):
+            ids[b, :len(r["ids"])] = r["ids"]
+            target_mask[b, :len(r["ids"])] = True
+        return {"input_ids": ids, "attention_mask": target_mask.long(), "target_mask": target_mask,
+                "teacher_hiddens": torch.cat([r["teacher"] for r in batch], dim=1)}
+
+    student = get_peft_model(base, LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=30, learning_rate=5e-3,
+                             logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+                             remove_unused_columns=False)
+    trainer = DCDTrainer(model=student, args=args, train_dataset=rows, data_collator=collate)
+
+    batch = collate(rows[:4])  # right-padded: the mask leaves the padding out
+    with torch.no_grad():
+        got = trainer.compute_loss(student, dict(batch))
+        out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        hs = [h[batch["target_mask"]] for h in out.hidden_states[1:]]
+        want = dcd_ref(hs, list(batch["teacher_hiddens"]), student.get_output_embeddings().weight)
+    assert want > 0.01
+    assert rel_err(got, want) < 1e-5
+
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
