@@ -684,3 +684,73 @@ def test_examples_exist_only_for_the_wave_in_training(tiny_model, docs_dir, tmp_
     summaries = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", docs_per_step=2))
     assert [s["status"] for s in summaries] == ["trained"] * 3
     assert alive == [(2, 2), (1, 1)]
+
+
+_KILLED_CHILD = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from conftest import tiny_cfg
+from kmtrain import index
+
+where, seen = {where!r}, []
+real_rename, real_replace = os.rename, os.replace
+
+def die_if(hit):
+    if hit:
+        os.kill(os.getpid(), signal.SIGKILL)  # no except, finally or atexit runs: as a kill -9 or an OOM kill
+
+def rename(src, dst):  # export_peft: a KM's finished temporary folder renamed into place
+    die_if(where == "km" and os.path.basename(src).startswith(".tmp-"))
+    return real_rename(src, dst)
+
+def replace(src, dst):  # data.atomic_write: a stage file's temporary renamed into place
+    name = os.path.basename(dst)
+    seen.append(name)
+    die_if(where == "cache" and name.startswith("teacher_")
+           or where == "synth" and name == "synth.json" and seen.count(name) == 2)
+    return real_replace(src, dst)
+
+os.rename, os.replace = rename, replace
+index({docs!r}, tiny_cfg({model!r}, {out!r}))
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_kms(tiny_model, tmp_path_factory):
+    """The tiny documents' KMs from one run that nobody killed, shared by the kill tests."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    (root / "docs").mkdir()
+    for k, v in DOCS.items():
+        (root / "docs" / f"{k}.txt").write_text(v)
+    index(str(root / "docs"), tiny_cfg(tiny_model, root / "kms"))
+    return root / "kms"
+
+
+@pytest.mark.parametrize("where", ["synth", "cache", "km"])
+def test_a_real_kill_mid_write_resumes_to_the_same_kms(tiny_model, docs_dir, tmp_path, where, uninterrupted_kms):
+    """SIGKILL (no clean-up code runs) with a file written but not yet renamed into place: a
+    document's synthetic targets mid-stream, a teacher cache, a finished KM's folder. The temporary
+    is left under the name the code really gives it, the next run removes it, and the KMs end byte
+    for byte as an uninterrupted run's. (The test with made-up leftover names cannot see a temporary
+    name that the clean-up stopped matching.)"""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "kms"
+    code = _KILLED_CHILD.format(tests=str(Path(__file__).parent), where=where, docs=str(docs_dir),
+                                model=tiny_model, out=str(out))
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    leftovers = [p for p in out.rglob("*") if ".tmp-" in p.name]
+    assert len(leftovers) == 1, leftovers  # the one write the kill interrupted
+    assert {"synth": ".synth.json.tmp-", "cache": ".teacher_", "km": ".tmp-alpha"}[where] in leftovers[0].name
+
+    summaries = index(str(docs_dir), tiny_cfg(tiny_model, out))
+    assert sorted(s["id"] for s in summaries) == sorted(DOCS)
+    assert all(s["status"] in ("trained", "already done") for s in summaries)
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name or p.name.startswith(".old-")]
+    for d in DOCS:
+        assert ((out / d / "adapter_model.safetensors").read_bytes()
+                == (uninterrupted_kms / d / "adapter_model.safetensors").read_bytes())
