@@ -58,13 +58,17 @@ def tiny_model(tmp_path_factory):
     return str(folder)
 
 
+def write_docs(folder):
+    """DOCS as one .txt file each in ``folder`` (made here); returns it."""
+    folder.mkdir()
+    for k, v in DOCS.items():
+        (folder / f"{k}.txt").write_text(v)
+    return folder
+
+
 @pytest.fixture
 def docs_dir(tmp_path):
-    d = tmp_path / "docs"
-    d.mkdir()
-    for k, v in DOCS.items():
-        (d / f"{k}.txt").write_text(v)
-    return d
+    return write_docs(tmp_path / "docs")
 
 
 def tiny_cfg(model, out, **kw):

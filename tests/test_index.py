@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import DOCS, tiny_cfg
+from conftest import DOCS, tiny_cfg, write_docs
 from kmtrain import IndexConfig, ask, index, load_documents
 from kmtrain.config import PRESETS
 
@@ -719,10 +719,7 @@ index({docs!r}, tiny_cfg({model!r}, {out!r}))
 def uninterrupted_kms(tiny_model, tmp_path_factory):
     """The tiny documents' KMs from one run that nobody killed, shared by the kill tests."""
     root = tmp_path_factory.mktemp("uninterrupted")
-    (root / "docs").mkdir()
-    for k, v in DOCS.items():
-        (root / "docs" / f"{k}.txt").write_text(v)
-    index(str(root / "docs"), tiny_cfg(tiny_model, root / "kms"))
+    index(str(write_docs(root / "docs")), tiny_cfg(tiny_model, root / "kms"))
     return root / "kms"
 
 
