@@ -6,7 +6,10 @@ import importlib.util
 import math
 import typing
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
+
+if TYPE_CHECKING:  # for annotations; the functions below import torch where they use it
+    import torch
 
 OBJECTIVES = ("sdcd", "ddcd", "lm", "pit")
 # The values each string option takes: validate() checks them, the CLI offers them as choices.
@@ -164,7 +167,11 @@ class IndexConfig:
             raise ValueError(f"lr_b_ratio must be > 0, got {self.lr_b_ratio}")
         if not 0 < self.ddcd_student_frac < 1:
             raise ValueError(f"ddcd_student_frac must be in (0, 1), got {self.ddcd_student_frac}")
-        check_device(self.device)
+        # --backend triton where it cannot run (triton not installed, as on macOS and Windows, or a
+        # CPU without TRITON_INTERPRET=1) failed only after the model had loaded and generated
+        from kmkernels.utils import resolve_backend
+
+        resolve_backend(self.backend, resolve_device(self.device))
         return self
 
     def replace(self, **kw) -> "IndexConfig":
@@ -220,6 +227,16 @@ def check_device(device: str) -> None:
             raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {device!r}: Apple's MPS is not available here (use auto or cpu)")
+
+
+def resolve_device(device: str) -> torch.device:
+    """The device a run uses, after check_device: "auto" is a CUDA GPU when there is one, else the CPU."""
+    import torch
+
+    check_device(device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 PRESETS = {

@@ -28,8 +28,9 @@ import torch
 
 from kmkernels import (adapter_targets, attach_grouped_lora, export_peft, load_peft, lora_targets,
                        read_adapter_config, set_adapter_ids, slot_parameters)
+from kmkernels.utils import resolve_backend
 
-from .config import IndexConfig, check_device
+from .config import IndexConfig, resolve_device
 from .data import (Document, atomic_write_text, check_documents, chunk_tokens, file_sha256, load_documents,
                    recitation_items)
 from .evaluate import generate_answers, question_prompt
@@ -43,12 +44,6 @@ def _bar(cfg, **kw):
     from tqdm.auto import tqdm
 
     return tqdm(disable=not cfg.progress, file=sys.stderr, **kw)
-
-
-def _device(cfg) -> torch.device:
-    if cfg.device != "auto":
-        return torch.device(cfg.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _amp_dtype(cfg, device: torch.device):
@@ -259,7 +254,7 @@ def _print_already_done(done: List[Tuple[str, dict]], shown: int = 10) -> None:
 def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> List[dict]:
     work = out / ".work"
     remove_stale_temp(out)
-    device = _device(cfg)
+    device = resolve_device(cfg.device)
     amp = _amp_dtype(cfg, device)
     t_start = time.time()
 
@@ -511,7 +506,8 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
         return []
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    check_device(device)
+    dev = resolve_device(device)
+    resolve_backend(backend, dev)  # before the model loads
     for k, pair in enumerate(pairs, 1):
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise ValueError(f"pair {k}: expected (KM folder or None, question), got {pair!r}")
@@ -550,7 +546,6 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
                 raise ValueError(f"KMs were trained on different base models ({base} vs {km_base}); "
                                  f"ask them separately")
     base = base or "smollm2-135m"
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     # Where bf16 is native the base runs in bf16 (as it trained there); the KMs' fp32 weights are
     # rounded per matmul.
     bf16 = native_bf16(dev)

@@ -135,3 +135,27 @@ def test_config_rejects_what_would_train_nothing_or_garbage():
         with pytest.raises(ValueError, match=message):
             IndexConfig(**kw).validate()
     IndexConfig(objective="lm", kl_weight=0.0, hidden_weight=0.0).validate()  # lm takes neither
+
+
+def test_a_triton_backend_that_cannot_run_fails_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """--backend triton on a CPU without the interpreter failed only after the model had loaded and
+    the synthetic targets were generated; now it is a config error, and nothing is written."""
+    from kmtrain.cli import main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.txt").write_text("A document.")
+    out = tmp_path / "o"
+    assert main(["index", str(d), "--out", str(out), "--device", "cpu", "--backend", "triton",
+                 "--model", str(tmp_path / "no_model")]) == 2  # the model's own error would come later
+    assert "backend='triton' needs CUDA tensors (got device cpu)" in capsys.readouterr().err
+    assert not out.exists()
+    import pytest
+
+    from kmtrain import ask
+
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        ask([(None, "q?")], model=str(tmp_path / "no_model"), device="cpu", backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ask([(None, "q?")], model=str(tmp_path / "no_model"), backend="cuda")
