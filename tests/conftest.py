@@ -79,3 +79,25 @@ def tiny_cfg(model, out, **kw):
                 qa_per_chunk=1, max_new_tokens=10, chunk_tokens=64, gen_batch_size=8, progress=False, rank=4, alpha=8)
     base.update(kw)
     return IndexConfig(**base)
+
+
+# Python code that makes `import triton` fail as it does where Triton is not installed (macOS,
+# Windows: Triton ships Linux wheels only). A child process runs it first, before torch.
+WITHOUT_TRITON = """
+import importlib.abc, sys
+class _NoTriton(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "triton":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, _NoTriton())
+"""
+
+
+def run_without_triton(code: str, timeout: float = 300):
+    """Runs WITHOUT_TRITON + ``code`` in a fresh Python, with TRITON_INTERPRET unset as on a laptop."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", WITHOUT_TRITON + code], capture_output=True, text=True,
+                          timeout=timeout, env=env)

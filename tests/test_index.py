@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import DOCS, tiny_cfg, write_docs
+from conftest import DOCS, HAS_CUDA, tiny_cfg, write_docs
 from kmtrain import IndexConfig, ask, index, load_documents
 from kmtrain.config import PRESETS
 
@@ -751,3 +751,40 @@ def test_a_real_kill_mid_write_resumes_to_the_same_kms(tiny_model, docs_dir, tmp
     for d in DOCS:
         assert ((out / d / "adapter_model.safetensors").read_bytes()
                 == (uninterrupted_kms / d / "adapter_model.safetensors").read_bytes())
+
+
+_INDEX_WITHOUT_TRITON = """
+import os
+sys.path.insert(0, {tests!r})
+from conftest import tiny_cfg
+from kmtrain import index
+
+try:
+    index({docs!r}, tiny_cfg({model!r}, {out!r}, backend="triton"))
+    raise SystemExit("--backend triton ran without triton")
+except ValueError as e:
+    assert "triton is not installed" in str(e), e
+assert not os.path.exists({out!r})
+index({docs!r}, tiny_cfg({model!r}, {out!r}, device="cpu"))
+assert not [m for m in sys.modules if m.split(".")[0] == "triton"]
+"""
+
+
+def test_index_without_triton_installed_writes_the_same_kms(tiny_model, docs_dir, tmp_path, uninterrupted_kms):
+    """Where Triton is not installed (macOS, Windows laptops), kmtrain index runs on the PyTorch path and
+    writes the same KMs byte for byte; --backend triton is refused before anything is written."""
+    from pathlib import Path
+
+    from conftest import run_without_triton
+
+    out = tmp_path / "kms"
+    child = run_without_triton(_INDEX_WITHOUT_TRITON.format(tests=str(Path(__file__).parent), docs=str(docs_dir),
+                                                            model=tiny_model, out=str(out)))
+    assert child.returncode == 0, child.stderr[-3000:]
+    reference = uninterrupted_kms
+    if HAS_CUDA:  # the shared reference trained on the GPU; the child trained on the CPU
+        reference = tmp_path / "cpu_kms"
+        index(str(docs_dir), tiny_cfg(tiny_model, reference, device="cpu"))
+    for d in DOCS:
+        assert ((out / d / "adapter_model.safetensors").read_bytes()
+                == (reference / d / "adapter_model.safetensors").read_bytes())
