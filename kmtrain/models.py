@@ -127,7 +127,14 @@ def native_bf16(device: torch.device) -> bool:
     AVX512-BF16 or AMX under oneDNN. There a bf16 matmul measured 5.5x the fp32 rate (AMD EPYC with
     AVX512-BF16, one thread); elsewhere bf16 is emulated and no faster than fp32, so fp32 stays."""
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False
+        if torch.version.hip:  # every ROCm GPU torch supports has bf16
+            return True
+        # bf16 tensor cores start at sm80 (A100, RTX 30xx). torch.cuda.is_bf16_supported() also says
+        # True on a T4 or V100, where bf16 is emulated (its including_emulation defaults to True), and
+        # asks about the current device, not this one.
+        return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
         return cpu_native_bf16()
     return False

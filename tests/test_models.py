@@ -145,3 +145,23 @@ def test_one_gguf_parse_shares_readers_inside_and_restores_gguf_after(tmp_path):
         with _one_gguf_parse():
             raise RuntimeError("an error inside")
     assert gguf.GGUFReader is real_reader and gguf.get_tensor_name_map is real_map
+
+
+def test_native_bf16_on_cuda_means_sm80_not_emulation(monkeypatch):
+    """A T4 or V100 (sm75, sm70) only emulates bf16, though torch.cuda.is_bf16_supported() says
+    True there: kmtrain must train those in fp32, and bf16 from the A100 (sm80) on. The capability
+    asked about is the given device's, not the current one's."""
+    from kmtrain.models import native_bf16
+
+    caps = {0: (7, 5), 1: (8, 0), 2: (9, 0), 3: (7, 0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device=None: caps[torch.cuda.current_device() if device is None or device.index is None
+                                                 else device.index])
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert [native_bf16(torch.device("cuda", i)) for i in range(4)] == [False, True, True, False]
+    assert native_bf16(torch.device("cuda")) is True  # the current device, 1: an A100
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert native_bf16(torch.device("cuda", 1)) is False
