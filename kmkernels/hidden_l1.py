@@ -233,6 +233,7 @@ def hidden_l1(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Mean over layers of sum|h_s - h_t| / sum|h_t| (sums over kept positions and hidden dims).
+    A layer whose sum|h_t| is 0 (no position kept, or an all-zero teacher) adds 0 and no gradient.
 
     Args:
         student_hiddens: L tensors [..., H_l] (H may differ per layer; leading shapes equal).

@@ -107,3 +107,20 @@ def test_module_and_errors():
         hidden_l1(hs, ht, teacher_norms=torch.ones(3))
     with pytest.raises(ValueError, match="backend"):
         hidden_l1(hs, ht, backend="cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_layer_with_an_all_zero_teacher_adds_nothing(backend):
+    """sum|h_t| = 0 in one layer (its positions kept): that layer adds 0 and no gradient, the others
+    are averaged over all L layers as usual (as in the docstring), not inf or NaN."""
+    hs, ht = _layers(3, (7,), 24, torch.float32)
+    ht[1] = torch.zeros_like(ht[1])
+    out = hidden_l1(hs, ht, backend=backend)
+    want = sum((s.detach().double() - t.double()).abs().sum() / t.double().abs().sum()
+               for i, (s, t) in enumerate(zip(hs, ht)) if i != 1) / 3
+    assert rel_err(out, want) < 1e-5
+    grads = torch.autograd.grad(out, hs)
+    assert torch.count_nonzero(grads[1]) == 0 and torch.isfinite(torch.cat([g.flatten() for g in grads])).all()
+    for i in (0, 2):
+        want_g = torch.sign(hs[i].detach().double() - ht[i].double()) / (3 * ht[i].double().abs().sum())
+        assert rel_err(grads[i], want_g) < 1e-5
