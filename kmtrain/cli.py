@@ -103,7 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--km", action="append", metavar="DIR/ID", help="KM folder for the question that follows")
     q.add_argument("--model", help="base model (default: the one each KM was trained on)")
     q.add_argument("--max-new-tokens", type=int, default=64)
+    q.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda:1, ...")
     return ap
+
+
+_ASK_OPTIONS = ("--km", "--model", "--max-new-tokens", "--device")  # each takes a value
 
 
 def _ask_pairs(argv: List[str]) -> List[Tuple[Optional[str], str]]:
@@ -117,7 +121,7 @@ def _ask_pairs(argv: List[str]) -> List[Tuple[Optional[str], str]]:
     while i < len(tokens):
         t = tokens[i]
         name, eq, value = t.partition("=")
-        if name in ("--km", "--model", "--max-new-tokens"):
+        if name in _ASK_OPTIONS:
             if not eq:
                 if i + 1 >= len(tokens):
                     raise ValueError(f"{name} needs a value")
@@ -125,7 +129,7 @@ def _ask_pairs(argv: List[str]) -> List[Tuple[Optional[str], str]]:
             if name == "--km":
                 km = value
         elif t.startswith("--") and t != "--":
-            raise ValueError(f"unknown option {t!r} for ask (options: --km, --model, --max-new-tokens)")
+            raise ValueError(f"unknown option {t!r} for ask (options: {', '.join(_ASK_OPTIONS)})")
         elif t != "--":
             pairs.append((km, t))
             km = None
@@ -175,7 +179,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError("no question given")
         from .index import ask
 
-        for (k, question), answer in zip(pairs, ask(pairs, model=a.model, max_new_tokens=a.max_new_tokens)):
+        for (k, question), answer in zip(pairs, ask(pairs, model=a.model, max_new_tokens=a.max_new_tokens,
+                                                                device=a.device)):
             print(f"[{k or 'base'}] {question}\n  {answer}")
         return 0
 

@@ -24,8 +24,11 @@ def test_cli_errors(tmp_path, capsys):
     (tmp_path / "damaged" / "adapter_config.json").write_text('{"r": 16,')
     assert main(["ask", "--km", str(tmp_path / "damaged"), "q?"]) == 2
     assert "adapter_config.json: unreadable" in capsys.readouterr().err
+    from kmtrain.cli import _ask_pairs
+
+    assert _ask_pairs(["ask", "--device", "cpu", "q?", "--device=cuda", "--km", "k", "r?"]) == [(None, "q?"), ("k", "r?")]
     assert main(["ask", "--kms", "x", "q?"]) == 2
-    assert "unknown option '--kms'" in capsys.readouterr().err
+    assert "unknown option '--kms' for ask (options: --km, --model, --max-new-tokens, --device)" in capsys.readouterr().err
     assert main(["index", str(d), "--out", str(tmp_path / "o"), "--focus-parts", "-1"]) == 2
     assert "focus_parts must be >= 0" in capsys.readouterr().err
     assert main(["index", str(d), "--out", str(tmp_path / "o"), "--heldout-every", "-2"]) == 2
@@ -52,6 +55,8 @@ def test_cli_errors(tmp_path, capsys):
     # ask: checked before the model loads (the missing model folder would be the error otherwise)
     ask = ["ask", "--model", str(tmp_path / "no_model")]
     for args, message in ((["--max-new-tokens", "0", "q?"], "--max-new-tokens must be at least 1, got 0"),
+                          (["--device", "gpu", "q?"], "device 'gpu' is not a device torch knows"),
+                          (["--device=cuda:99", "q?"], "device 'cuda:99': "),
                           (["q?", "--km", str(tmp_path / "x"), "  "], f"question 2 (for {tmp_path / 'x'}) is empty")):
         assert main(ask + args) == 2
         assert message in capsys.readouterr().err, args
