@@ -85,6 +85,9 @@ def resolve_model(name_or_path: str) -> Tuple[str, str]:
             raise ValueError(f"model {name_or_path!r} is converted once into {target.parent}, which cannot be "
                              f"created or written ({e.strerror or e}); set KMTRAIN_CACHE to a writable folder") from None
         gguf = _gguf_path(package, filename)
+        if importlib.util.find_spec("gguf") is None:  # a ModuleNotFoundError traceback, otherwise
+            raise ValueError(f"model {name_or_path!r} is read from a GGUF file, which needs the 'gguf' package: "
+                             f"pip install 'kmkernels[train]' (or pip install gguf)")
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
         with _one_gguf_parse():

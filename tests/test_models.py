@@ -165,3 +165,22 @@ def test_native_bf16_on_cuda_means_sm80_not_emulation(monkeypatch):
     assert native_bf16(torch.device("cuda")) is True  # the current device, 1: an A100
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert native_bf16(torch.device("cuda", 1)) is False
+
+
+def test_the_alias_without_gguf_installed_says_what_to_install(tmp_path, monkeypatch, capsys):
+    """`pip install kmkernels` without the [train] extra has no `gguf`: converting the default model
+    ended in a ModuleNotFoundError traceback; now one line says what to install, exit code 2."""
+    import sys
+
+    from kmtrain.cli import main
+
+    monkeypatch.setenv("KMTRAIN_CACHE", str(tmp_path / "cache"))  # nothing converted yet
+    monkeypatch.setattr(importlib.import_module("kmtrain.models"), "_gguf_path",
+                        lambda *a: tmp_path / "model.gguf")  # the wheel found (or not installed here)
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` fails, find_spec finds nothing
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("A document.")
+    assert main(["index", str(docs), "--out", str(tmp_path / "kms")]) == 2
+    assert ("model 'smollm2-135m' is read from a GGUF file, which needs the 'gguf' package: "
+            "pip install 'kmkernels[train]'") in capsys.readouterr().err
