@@ -179,8 +179,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError("no question given")
         from .index import ask
 
-        for (k, question), answer in zip(pairs, ask(pairs, model=a.model, max_new_tokens=a.max_new_tokens,
-                                                                device=a.device)):
+        answers = ask(pairs, model=a.model, max_new_tokens=a.max_new_tokens, device=a.device)
+        for (k, question), answer in zip(pairs, answers):
             print(f"[{k or 'base'}] {question}\n  {answer}")
         return 0
 

@@ -132,7 +132,7 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return False
-        if torch.version.hip:  # every ROCm GPU torch supports has bf16
+        if torch.version.hip:  # ROCm: as torch.cuda.is_bf16_supported(), which says True for every ROCm GPU
             return True
         # bf16 tensor cores start at sm80 (A100, RTX 30xx). torch.cuda.is_bf16_supported() also says
         # True on a T4 or V100, where bf16 is emulated (its including_emulation defaults to True), and
