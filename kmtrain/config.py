@@ -208,14 +208,14 @@ class IndexConfig:
             raise ValueError(f"--set {item}: {field} takes {getattr(kind, '__name__', kind)}, got {text!r} ({e})") from None
 
 
-def check_device(device: str) -> None:
-    """ValueError naming the problem for a device that torch does not know or that this machine lacks
-    ("cuda" without a GPU ended in an AssertionError traceback from inside torch, after the model
-    had loaded). "auto" picks a CUDA GPU when there is one, else the CPU."""
+def resolve_device(device: str) -> torch.device:
+    """The device a run uses: "auto" is a CUDA GPU when there is one, else the CPU. ValueError naming
+    the problem for a device that torch does not know or that this machine lacks ("cuda" without a
+    GPU ended in an AssertionError traceback from inside torch, after the model had loaded)."""
     import torch
 
     if device == "auto":
-        return
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -227,16 +227,7 @@ def check_device(device: str) -> None:
             raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {device!r}: Apple's MPS is not available here (use auto or cpu)")
-
-
-def resolve_device(device: str) -> torch.device:
-    """The device a run uses, after check_device: "auto" is a CUDA GPU when there is one, else the CPU."""
-    import torch
-
-    check_device(device)
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return dev
 
 
 PRESETS = {

@@ -19,7 +19,7 @@ import torch
 from kmkernels import attach_grouped_lora, load_peft, read_adapter_config
 
 from .cli import reporting_errors
-from .config import IndexConfig
+from .config import IndexConfig, resolve_device
 from .data import load_documents
 from .evaluate import generate_answers, is_correct, question_prompt
 from .index import index
@@ -36,7 +36,7 @@ def answer_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=("b
     ids = [d for d in questions if d in docs]
     # As `kmtrain ask` does: on a CUDA GPU when there is one, the base in bf16 where the device
     # multiplies bf16 natively (as it trained there). Before, a GPU machine answered on its CPU.
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     model, tok, _, _ = load_model(model_name, str(device), dtype=torch.bfloat16 if native_bf16(device) else torch.float32)
     rank = 16
     kms = [Path(out_dir) / d for d in ids]
