@@ -23,7 +23,8 @@ from kmtrain.synth import split_heldout
 
 
 def target_coverage(items: List[dict], accepted: List[str]) -> Tuple[int, int]:
-    """(summaries, Q/A targets) among ``items`` (a synth.json's items) that state an accepted answer."""
+    """(summaries, Q/A targets) among ``items`` (a synth.json's items) that state an accepted answer;
+    fact lists (cfg.facts_per_chunk) count with the summaries: both are distilled as written."""
     in_summary = sum(is_correct(it["target"], accepted) for it in items if it["prompt"] != QA_PROMPT)
     in_qa = sum(is_correct(it["target"], accepted) for it in items if it["prompt"] == QA_PROMPT)
     return in_summary, in_qa

@@ -28,6 +28,7 @@ _FIELD_FLAGS = {
     "chunk_overlap": "fraction of a chunk shared with the next",
     "summaries_per_chunk": "summaries the generator writes per chunk",
     "qa_per_chunk": "Q/A generations per chunk (each may hold several pairs)",
+    "facts_per_chunk": "fact lists per chunk (names, dates, numbers, one sentence each; 0: none)",
     "max_new_tokens": "generation length of a synthetic target",
     "temperature": "sampling temperature of the generator",
     "focus_parts": "the generator also reads up to N runs of each chunk's paragraphs in turn (0: whole chunk only)",

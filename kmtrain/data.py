@@ -11,6 +11,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 SUMMARY_PROMPT = "Summarize the preceding passage."
 QA_PROMPT = "Generate a question-answer pair given the preceding passage."
+# Fact-list targets (cfg.facts_per_chunk): one fact a line, each a whole sentence that names its subject.
+FACTS_PROMPT = ("List the facts stated in the preceding passage, one per line: every name, date, number and "
+                "place, each in a full sentence.")
 # Recitation targets (cfg.recite_tokens): the chunk itself, a piece at a time, cued by its first words.
 RECITE_PROMPT = 'Repeat the preceding passage, starting from "{cue}".'
 # Where a sentence ends (recitation pieces and the generator's focus runs cut there).

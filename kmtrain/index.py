@@ -324,8 +324,11 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     needs_synth = cfg.objective in ("sdcd", "pit")
     synth_setting = {**setting, "n": [cfg.summaries_per_chunk, cfg.qa_per_chunk], "max_new_tokens": cfg.max_new_tokens,
                      "top_p": cfg.top_p, "temperature": cfg.temperature, "seed": cfg.seed}
-    if cfg.focus_parts:  # only when set, so synthetic targets made before this option stay valid
+    # only when set, so synthetic targets made before these options stay valid
+    if cfg.focus_parts:
         synth_setting["focus_parts"] = cfg.focus_parts
+    if cfg.facts_per_chunk:
+        synth_setting["facts"] = cfg.facts_per_chunk
     synth: Dict[str, dict] = {}
     if needs_synth:
         missing = []

@@ -11,8 +11,12 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .data import QA_PROMPT, SENTENCE_END, SUMMARY_PROMPT, chat_prompt_ids, parse_qa, qa_target
+from .data import FACTS_PROMPT, QA_PROMPT, SENTENCE_END, SUMMARY_PROMPT, chat_prompt_ids, parse_qa, qa_target
 from .models import cache_kwarg, prompt_kv
+
+
+# The generator's instruction for each kind of synthetic target, after the chunk.
+PROMPT_OF = {"summary": SUMMARY_PROMPT, "qa": QA_PROMPT, "facts": FACTS_PROMPT}
 
 
 def request_seed(seed: int, doc_id: str, chunk: int, kind: str, i: int) -> int:
@@ -194,10 +198,10 @@ def synthesize(model, tokenizer, chunks_by_doc: Dict[str, List[str]], cfg, model
     for doc_id, chunks in chunks_by_doc.items():
         for c, chunk in enumerate(chunks):
             texts = focus_sources(chunk, cfg.focus_parts)
-            for kind, prompt, n in (("summary", SUMMARY_PROMPT, cfg.summaries_per_chunk), ("qa", QA_PROMPT, cfg.qa_per_chunk)):
+            for kind, n in (("summary", cfg.summaries_per_chunk), ("qa", cfg.qa_per_chunk), ("facts", cfg.facts_per_chunk)):
                 # int32 arrays: every document's prompts exist at once, a chunk's worth of tokens
                 # per prompt, which as lists of Python ints cost ~43 bytes a token (SmolLM2 tokenizer), 4 here
-                ids = [array("i", chat_prompt_ids(tokenizer, text + "\n\n" + prompt)) for text in texts]
+                ids = [array("i", chat_prompt_ids(tokenizer, text + "\n\n" + PROMPT_OF[kind])) for text in texts]
                 jobs += [(doc_id, c, kind, ids[i % len(ids)], request_seed(cfg.seed, doc_id, c, kind, i)) for i in range(n)]
     if not jobs:
         return {}
@@ -214,9 +218,9 @@ def synthesize(model, tokenizer, chunks_by_doc: Dict[str, List[str]], cfg, model
     for (doc_id, c, kind, _, _), text in zip(jobs, texts):  # texts arrive batch by batch
         r = result[doc_id]
         r["requested"] += 1
-        if kind == "summary":
+        if kind != "qa":  # a summary or a fact list is distilled as written
             if text:
-                r["items"].append({"chunk": c, "prompt": SUMMARY_PROMPT, "target": text})
+                r["items"].append({"chunk": c, "prompt": PROMPT_OF[kind], "target": text})
             else:
                 r["dropped"] += 1
         else:

@@ -6,7 +6,7 @@ import torch
 
 from kmtrain import synth
 from kmtrain.config import IndexConfig
-from kmtrain.data import QA_PROMPT, SUMMARY_PROMPT, chat_prompt_ids
+from kmtrain.data import FACTS_PROMPT, QA_PROMPT, SUMMARY_PROMPT, chat_prompt_ids
 from kmtrain.synth import focus_sources, split_heldout, synthesize
 
 
@@ -72,26 +72,35 @@ def test_requests_cycle_over_sources_and_outputs_become_items(monkeypatch, focus
         return outs
 
     monkeypatch.setattr(synth, "_generate_hf", fake_generate)
-    cfg = IndexConfig(summaries_per_chunk=8, qa_per_chunk=4, focus_parts=focus_parts)
+    cfg = IndexConfig(summaries_per_chunk=8, qa_per_chunk=4, facts_per_chunk=3, focus_parts=focus_parts)
     got = synthesize(None, _CharTokenizer(), {"doc": [chunk]}, cfg)["doc"]
     sources = focus_sources(chunk, focus_parts)
     summary_reads = [t for t in seen if SUMMARY_PROMPT in t]
     qa_reads = [t for t in seen if QA_PROMPT in t]
-    assert len(summary_reads) == 8 and len(qa_reads) == 4
-    for reads in (summary_reads, qa_reads):
+    facts_reads = [t for t in seen if FACTS_PROMPT in t]
+    assert len(summary_reads) == 8 and len(qa_reads) == 4 and len(facts_reads) == 3
+    for reads in (summary_reads, qa_reads, facts_reads):
         for i, t in enumerate(reads):
             assert t.startswith("User: " + sources[i % len(sources)] + "\n\n")
     # the teacher reads the whole chunk with the standard prompt, whatever the generator read
     assert all(it["chunk"] == 0 for it in got["items"])
     assert sum(it["prompt"] == SUMMARY_PROMPT for it in got["items"]) == 8
-    assert got["requested"] == 12
+    # a fact list is distilled as written, after its own prompt
+    facts = [it for it in got["items"] if it["prompt"] == FACTS_PROMPT]
+    assert len(facts) == 3 and all(it["target"].startswith("summary ") for it in facts)
+    assert got["requested"] == 15
     assert got["qa_pairs"] == len([it for it in got["items"] if it["prompt"] == QA_PROMPT])
     assert got["qa_pairs"] + got["dropped"] == 4 and got["dropped"] >= 1
 
 
-def test_negative_focus_parts_is_refused():
+def test_negative_focus_parts_or_target_counts_are_refused():
     with pytest.raises(ValueError, match="focus_parts"):
         IndexConfig(focus_parts=-1).validate()
+    with pytest.raises(ValueError, match=r"none negative.*\(12, 6, -1\)"):
+        IndexConfig(facts_per_chunk=-1).validate()
+    with pytest.raises(ValueError, match="at least one synthetic target"):
+        IndexConfig(summaries_per_chunk=0, qa_per_chunk=0).validate()
+    IndexConfig(summaries_per_chunk=0, qa_per_chunk=0, facts_per_chunk=1).validate()  # fact lists alone will do
 
 
 def test_split_heldout_per_chunk_keeps_a_training_target():
