@@ -199,6 +199,8 @@ def synthesize(model, tokenizer, chunks_by_doc: Dict[str, List[str]], cfg, model
         for c, chunk in enumerate(chunks):
             texts = focus_sources(chunk, cfg.focus_parts)
             for kind, n in (("summary", cfg.summaries_per_chunk), ("qa", cfg.qa_per_chunk), ("facts", cfg.facts_per_chunk)):
+                if n == 0:  # fact lists are off by default: no chunk is tokenized again for them
+                    continue
                 # int32 arrays: every document's prompts exist at once, a chunk's worth of tokens
                 # per prompt, which as lists of Python ints cost ~43 bytes a token (SmolLM2 tokenizer), 4 here
                 ids = [array("i", chat_prompt_ids(tokenizer, text + "\n\n" + PROMPT_OF[kind])) for text in texts]

@@ -93,6 +93,23 @@ def test_requests_cycle_over_sources_and_outputs_become_items(monkeypatch, focus
     assert got["qa_pairs"] + got["dropped"] == 4 and got["dropped"] >= 1
 
 
+def test_a_kind_asked_for_zero_times_is_never_tokenized(monkeypatch):
+    """Off by default, fact lists must cost nothing: no chunk is tokenized with their prompt."""
+    read = []
+
+    class Recording(_CharTokenizer):
+        def __call__(self, text, add_special_tokens=False):
+            read.append(text)
+            return super().__call__(text, add_special_tokens)
+
+    monkeypatch.setattr(synth, "_generate_hf", lambda model, tok, prompts, cfg, seeds, progress=None:
+                        ["Question: q?\nAnswer: a" if QA_PROMPT in "".join(map(chr, p)) else "s" for p in prompts])
+    got = synthesize(None, Recording(), {"doc": ["One fact. Another fact."]}, IndexConfig(summaries_per_chunk=2, qa_per_chunk=1))
+    assert got["doc"]["requested"] == 3
+    assert read and not any(FACTS_PROMPT in t for t in read)
+    assert any(SUMMARY_PROMPT in t for t in read) and any(QA_PROMPT in t for t in read)
+
+
 def test_negative_focus_parts_or_target_counts_are_refused():
     with pytest.raises(ValueError, match="focus_parts"):
         IndexConfig(focus_parts=-1).validate()
