@@ -79,7 +79,8 @@ def _not_utf8(path, e: UnicodeDecodeError) -> str:
 
 def load_documents(source: str, *, split: str = "train", id_field: str = "id", text_field: str = "text",
                    limit: Optional[int] = None) -> List[Document]:
-    """Documents from a folder of .txt/.md files (id = file stem; hidden files skipped), a .jsonl of {"id", "text"},
+    """Documents from a folder of .txt/.md files (id = file stem; hidden files skipped), one such file,
+    a .jsonl of {"id", "text"},
     or a Hugging Face dataset: a Hub name, a local folder of its data files or one data file
     (``datasets.load_dataset(source, split=split)``), or a folder written by ``save_to_disk``.
 
@@ -100,6 +101,8 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
                        if p.suffix.lower() in (".txt", ".md") and not p.name.startswith(".") and p.is_file())
         if not files and not _dataset_folder(path):
             raise DocumentError(f"{source}: no .txt or .md files in this folder (nor a dataset's data files)")
+    elif path.is_file() and path.suffix.lower() in (".txt", ".md"):  # one document: `kmtrain index notes.md`
+        files = [path]
     if files:
         for p in files:
             try:
@@ -130,7 +133,7 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
                 continue
             _add(docs, problems, rec[id_field], rec[text_field], where)
     elif path.is_file() and not path.name.lower().endswith(_DATA_SUFFIXES):
-        raise DocumentError(f"{source}: expected a folder of .txt/.md files, a .jsonl file, or a dataset's data "
+        raise DocumentError(f"{source}: expected a folder of .txt/.md files, one .txt/.md file, a .jsonl file, or a dataset's data "
                             f"file ({', '.join(_DATA_SUFFIXES)})")
     else:  # a Hub dataset name, a local dataset folder (data files, or save_to_disk's), a data file
         ds = _load_dataset(source, path, split)

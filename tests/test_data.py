@@ -129,6 +129,19 @@ def test_hidden_files_and_byte_order_marks(tmp_path):
     assert [(x.id, x.text) for x in load_documents(str(j))] == [("a", "x")]
 
 
+def test_one_text_file_is_a_corpus_of_one(tmp_path):
+    """`kmtrain index notes.md` indexes that file, read and checked as in a folder; other files stay refused."""
+    one = tmp_path / "Meeting Notes.MD"
+    one.write_bytes("\ufeffThe bell rings at noon.".encode("utf-8"))
+    assert [(x.id, x.text) for x in load_documents(str(one))] == [("Meeting_Notes", "The bell rings at noon.")]
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(DocumentError, match=r"empty.txt: document 'empty' is empty"):
+        load_documents(str(tmp_path / "empty.txt"))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(DocumentError, match=r"latin1.txt: not valid UTF-8"):
+        load_documents(str(tmp_path / "latin1.txt"))
+
+
 def test_local_hugging_face_datasets(tmp_path):
     """A dataset's split and fields through `datasets`: a folder of its data files, and a folder
     written by save_to_disk (the Hub names take the same path, network allowing)."""
@@ -154,7 +167,7 @@ def test_local_hugging_face_datasets(tmp_path):
     with pytest.raises(DocumentError, match=r"one data file is one split, 'train' \(asked for 'test'\)"):
         load_documents(str(one_file), split="test", id_field="doc_id", text_field="body")
     (tmp_path / "notes.pdf").write_bytes(b"%PDF")
-    with pytest.raises(DocumentError, match=r"notes.pdf: expected a folder of .txt/.md files, a .jsonl file, or a dataset's"):
+    with pytest.raises(DocumentError, match=r"notes.pdf: expected a folder of .txt/.md files, one .txt/.md file, a .jsonl file, or a dataset's"):
         load_documents(str(tmp_path / "notes.pdf"))
     with pytest.raises(DocumentError, match=r"saved: no split 'validation' \(splits: train, test\)"):
         load_documents(str(saved), split="validation", id_field="doc_id", text_field="body")
