@@ -168,7 +168,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .index import index
 
             cfg = _config_from_args(a)
-            docs = load_documents(a.docs, split=a.split, id_field=a.id_field, text_field=a.text_field, limit=a.limit)
+            docs = load_documents(a.docs, split=a.split, id_field=a.id_field, text_field=a.text_field, limit=a.limit,
+                                  progress=not a.no_progress)
             diverged = [s["id"] for s in index(docs, cfg) if s["status"] == "diverged"]
             if diverged:  # the others are written; a script must still learn that these are missing
                 print(f"kmtrain: error: training diverged for {', '.join(diverged)}; no KM written for "

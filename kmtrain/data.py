@@ -78,7 +78,7 @@ def _not_utf8(path, e: UnicodeDecodeError) -> str:
 
 
 def load_documents(source: str, *, split: str = "train", id_field: str = "id", text_field: str = "text",
-                   limit: Optional[int] = None) -> List[Document]:
+                   limit: Optional[int] = None, progress: bool = True) -> List[Document]:
     """Documents from a folder of .txt/.md files (id = file stem; hidden files skipped), one such file,
     a .jsonl of {"id", "text"},
     or a Hugging Face dataset: a Hub name, a local folder of its data files or one data file
@@ -86,7 +86,8 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
 
     Every problem (duplicate id, empty document, non-UTF-8 file, bad JSON line) is collected
     and raised as one DocumentError that names each file or record, so one run lists everything
-    to fix; nothing is written before the whole input is checked.
+    to fix; nothing is written before the whole input is checked. ``progress``: `datasets`' own bars
+    (off for `kmtrain index --no-progress`).
     """
     if limit is not None and limit < 1:  # 0 indexed nothing and said nothing; -1 dropped the last document
         raise ValueError(f"--limit must be at least 1, got {limit}")
@@ -136,7 +137,7 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
         raise DocumentError(f"{source}: expected a folder of .txt/.md files, one .txt/.md file, a .jsonl file, or a dataset's data "
                             f"file ({', '.join(_DATA_SUFFIXES)})")
     else:  # a Hub dataset name, a local dataset folder (data files, or save_to_disk's), a data file
-        ds = _load_dataset(source, path, split)
+        ds = _load_dataset(source, path, split, progress)
         for field in (id_field, text_field):
             if field not in ds.column_names:
                 raise DocumentError(f"{source}[{split}]: no field {field!r} (fields: {ds.column_names})")
@@ -200,7 +201,7 @@ def _dataset_folder(path: Path) -> bool:
                                        and not p.name.startswith(".") for p in path.rglob("*"))
 
 
-def _load_dataset(source: str, path: Path, split: str):
+def _load_dataset(source: str, path: Path, split: str, progress: bool = True):
     """One split of a dataset: a local folder (save_to_disk's output, or data files), one data file
     (whose one split is "train"), or a Hub name."""
     try:
@@ -208,6 +209,8 @@ def _load_dataset(source: str, path: Path, split: str):
     except ImportError:
         what = "reading it" if path.exists() else "no such file or folder; reading it as a Hub dataset name"
         raise DocumentError(f"{source}: {what} needs `datasets` (pip install 'kmkernels[train]')") from None
+    bars_were_on = datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if progress else datasets.disable_progress_bars)()
     try:
         if _saved_dataset(path):
             ds = datasets.load_from_disk(str(path))
@@ -228,6 +231,8 @@ def _load_dataset(source: str, path: Path, split: str):
         what = ("loading it as a dataset" if path.exists()
                 else "no such file or folder, and loading it as a Hub dataset name")
         raise DocumentError(f"{source}: {what} failed: {e}") from None
+    finally:
+        (datasets.enable_progress_bars if bars_were_on else datasets.disable_progress_bars)()
 
 
 def chunk_tokens(ids: Sequence[int], chunk_tokens: int, overlap: float) -> List[List[int]]:

@@ -181,7 +181,10 @@ def km_problem(folder: Path, sha256: Optional[str] = None) -> Optional[str]:
 def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = None, **overrides) -> List[dict]:
     """Train one KM per document. Returns one summary dict per document (also printed, one line each)."""
     cfg = (cfg or IndexConfig()).replace(**overrides).validate() if overrides else (cfg or IndexConfig()).validate()
-    documents = load_documents(docs) if isinstance(docs, (str, os.PathLike)) else check_documents(docs)
+    if isinstance(docs, (str, os.PathLike)):
+        documents = load_documents(docs, progress=cfg.progress)
+    else:
+        documents = check_documents(docs)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
@@ -287,7 +290,8 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         return summaries
 
     base_dtype = _base_dtype(cfg, device, amp)
-    model, tok, model_name, model_hash = load_model(cfg.model, str(device), dtype=base_dtype)
+    model, tok, model_name, model_hash = load_model(cfg.model, str(device), dtype=base_dtype,
+                                                         progress=cfg.progress)
     model_folder = resolve_model(cfg.model)[0]  # what vLLM loads: the converted folder for an alias
     # what km.json records for `ask`: a local folder as an absolute path (a relative one would name
     # another folder, or none, when asked from elsewhere); aliases and Hub names as given

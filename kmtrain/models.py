@@ -143,17 +143,33 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer, display name, weights hash). The model is in eval mode, frozen."""
+@contextlib.contextmanager
+def transformers_progress(enabled: bool) -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights") on or off for the block, then as they were:
+    `kmtrain index --no-progress` promises a log without bars."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True):
+    """(model, tokenizer, display name, weights hash). The model is in eval mode, frozen. ``progress``:
+    transformers' loading bars (off for `--no-progress`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, display = resolve_model(name_or_path)
-    try:
-        tok = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    except OSError as e:  # a Hub name that cannot be reached or does not exist, a folder without weights
-        where = "this folder" if os.path.isdir(folder) else "the Hub (no such local folder)"
-        raise ValueError(f"model {name_or_path!r}: loading it from {where} failed: {e}") from None
+    with transformers_progress(progress):
+        folder, display = resolve_model(name_or_path)
+        try:
+            tok = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        except OSError as e:  # a Hub name that cannot be reached or does not exist, a folder without weights
+            where = "this folder" if os.path.isdir(folder) else "the Hub (no such local folder)"
+            raise ValueError(f"model {name_or_path!r}: loading it from {where} failed: {e}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = model.to(device).eval()

@@ -164,3 +164,25 @@ def test_a_triton_backend_that_cannot_run_fails_before_the_model_loads(tmp_path,
         ask([(None, "q?")], model=str(tmp_path / "no_model"), device="cpu", backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         ask([(None, "q?")], model=str(tmp_path / "no_model"), backend="cuda")
+
+
+def test_no_progress_means_no_bars_from_the_libraries_either(tiny_model, tmp_path, capsys):
+    """`--no-progress` left transformers' "Loading weights" bar and `datasets`' "Generating train split"
+    bar in the log; now stderr has no bar at all, and each library's own setting is restored after."""
+    import json
+
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    from kmtrain.cli import main
+
+    docs = tmp_path / "docs.json"  # a dataset's data file: read through `datasets`
+    docs.write_text(json.dumps({"id": "bell", "text": "The harbour bell Moro rings at every high tide."}) + "\n")
+    out = tmp_path / "kms"
+    assert main(["index", str(docs), "--out", str(out), "--model", tiny_model, "--steps", "1", "--docs-per-step", "1",
+                 "--examples-per-doc", "1", "--summaries-per-chunk", "1", "--qa-per-chunk", "1", "--max-new-tokens",
+                 "4", "--chunk-tokens", "64", "--rank", "4", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert (out / "bell" / "km.json").is_file() and "bell:" in captured.out
+    assert "%|" not in captured.err and "Loading weights" not in captured.err, captured.err
+    assert hf_logging.is_progress_bar_enabled() and datasets.is_progress_bar_enabled()
