@@ -31,8 +31,8 @@ from kmkernels import (adapter_targets, attach_grouped_lora, export_peft, load_p
 from kmkernels.utils import resolve_backend
 
 from .config import IndexConfig, resolve_device
-from .data import (Document, atomic_write_text, check_documents, chunk_tokens, file_sha256, load_documents,
-                   recitation_items)
+from .data import (Document, atomic_write_text, chat_prompt_ids, check_documents, chunk_tokens, file_sha256,
+                   load_documents, recitation_items)
 from .evaluate import generate_answers, question_prompt
 from .models import load_model, native_bf16, resolve_model, weights_hash
 from .synth import split_heldout, synthesize
@@ -584,5 +584,13 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
             slot_of[km] = slot
     else:
         attach_grouped_lora(m, 1, rank=1, backend=backend)
+    # A prompt past the model's positions made transformers warn and the answer come out as noise
+    # (or as nothing): say which question, as every other bad input here is said.
+    positions = getattr(m.config, "max_position_embeddings", None)
+    for k, (km, question) in enumerate(pairs, 1):
+        n = len(chat_prompt_ids(tok, question_prompt(question)))
+        if positions and n + max_new_tokens > positions:
+            raise ValueError(f"question {k} (for {km or 'the base model'}) is {n} tokens as prompted: with "
+                             f"--max-new-tokens {max_new_tokens} it passes the {positions} positions {base} takes")
     slots = [slot_of.get(km, -1) if km is not None else -1 for km, _ in pairs]
     return generate_answers(m, tok, [question_prompt(q) for _, q in pairs], slots, max_new_tokens=max_new_tokens)

@@ -634,6 +634,23 @@ def test_ask_names_a_malformed_pair():
         ask(["Which bell?"])
 
 
+def test_ask_refuses_a_question_past_the_models_positions(tiny_model):
+    """The tiny Llama takes 512 positions: a 600-word question was answered with nothing and a warning."""
+    with pytest.raises(ValueError, match=r"question 2 \(for the base model\) is \d+ tokens as prompted: with "
+                                         r"--max-new-tokens 8 it passes the 512 positions"):
+        ask([(None, "Which bell?"), (None, "word " * 600)], model=tiny_model, max_new_tokens=8)
+    # at the edge: prompt + new tokens = 512 still answers
+    from transformers import AutoTokenizer
+
+    from kmtrain.data import chat_prompt_ids
+    from kmtrain.evaluate import question_prompt
+
+    n = len(chat_prompt_ids(AutoTokenizer.from_pretrained(tiny_model), question_prompt("word " * 100)))
+    assert len(ask([(None, "word " * 100)], model=tiny_model, max_new_tokens=512 - n)) == 1
+    with pytest.raises(ValueError, match="passes the 512 positions"):
+        ask([(None, "word " * 100)], model=tiny_model, max_new_tokens=513 - n)
+
+
 def test_ask_takes_kms_of_one_base_under_two_paths(tiny_model, docs_dir, tmp_path):
     """KMs indexed with the same weights under two paths (a copy, or an alias and its folder) answer
     together; KMs of other weights are still told apart."""
