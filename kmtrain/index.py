@@ -35,7 +35,7 @@ from .data import (Document, atomic_write_text, chat_prompt_ids, check_documents
                    load_documents, recitation_items)
 from .evaluate import generate_answers, question_prompt
 from .models import load_model, native_bf16, resolve_model, weights_hash
-from .synth import split_heldout, synthesize
+from .synth import PROMPT_OF, split_heldout, synthesize
 from .teacher_cache import TeacherCache, build_cache, build_examples, select_layers
 from .train import DocState, train_wave
 
@@ -176,6 +176,34 @@ def km_problem(folder: Path, sha256: Optional[str] = None) -> Optional[str]:
             return (f"{weights}: sha256 {got[:12]} is not the {sha256[:12]} recorded in km.json "
                     f"(the file changed after it was written)")
     return None
+
+
+def _check_positions(cfg: IndexConfig, model, tok, chunks: Dict[str, Tuple[List[str], List[array]]]) -> None:
+    """Refuses, before generation, a run whose sequences would pass the model's positions (a
+    2048-position model under the paper preset's 2048-token chunks and 768 new tokens would generate
+    and distil past its last position, quietly: transformers only warns). ``chunks``: each
+    document's (chunk texts, chunk token ids); the longest chunk decides."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if not positions or not chunks:
+        return
+    doc_id, c = max(((d, i) for d, (_, ids) in chunks.items() for i in range(len(ids))),
+                    key=lambda dc: len(chunks[dc[0]][1][dc[1]]))
+    text, n = chunks[doc_id][0][c], len(chunks[doc_id][1][c])
+    if cfg.objective in ("sdcd", "pit"):  # the generator reads the chunk and an instruction, then writes
+        counts = {"summary": cfg.summaries_per_chunk, "qa": cfg.qa_per_chunk, "facts": cfg.facts_per_chunk}
+        prompt = max(len(chat_prompt_ids(tok, text + "\n\n" + PROMPT_OF[k])) for k, v in counts.items() if v)
+        if prompt + cfg.max_new_tokens > positions:
+            raise ValueError(
+                f"{doc_id}: a chunk of {n} tokens makes a {prompt}-token generation prompt, which with "
+                f"--max-new-tokens {cfg.max_new_tokens} passes the {positions} positions --model {cfg.model} "
+                f"takes: lower --chunk-tokens (by at least {prompt + cfg.max_new_tokens - positions}) "
+                f"or --max-new-tokens")
+    else:  # ddcd: a start token and a window of the chunk; lm: a run of the chunk
+        field, longest = (("ddcd_window_tokens", min(n, cfg.ddcd_window_tokens) + 1) if cfg.objective == "ddcd"
+                          else ("lm_seq_tokens", min(n, cfg.lm_seq_tokens)))
+        if longest > positions:
+            raise ValueError(f"{doc_id}: {cfg.objective} sequences of {longest} tokens pass the {positions} "
+                             f"positions --model {cfg.model} takes: lower --chunk-tokens (or IndexConfig.{field})")
 
 
 def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = None, **overrides) -> List[dict]:
@@ -323,6 +351,8 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         # token ids as int32 arrays until the document's wave: a tenth of a list of Python ints
         chunks[d.id] = (got["texts"], [array("i", c) for c in got["ids"]])
         n_chunks[d.id] = len(got["texts"])
+
+    _check_positions(cfg, model, tok, chunks)
 
     # 3. synthetic targets (all documents that need them in one generation stream)
     needs_synth = cfg.objective in ("sdcd", "pit")

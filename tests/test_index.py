@@ -651,6 +651,27 @@ def test_ask_refuses_a_question_past_the_models_positions(tiny_model):
         ask([(None, "word " * 100)], model=tiny_model, max_new_tokens=513 - n)
 
 
+def test_index_refuses_chunks_past_the_models_positions(tiny_model, docs_dir, tmp_path):
+    """A chunk whose generation prompt and new tokens pass the model's 512 positions is refused
+    before generation (transformers only warned, and the targets and KM came out of positions the
+    model never learnt), naming the document; the KMs of a run before it are kept."""
+    out = tmp_path / "kms"
+    index(str(docs_dir), tiny_cfg(tiny_model, out))
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/adapter_model.safetensors")}
+    (docs_dir / "long.txt").write_text(" ".join(["The harbour bell Moro rings at every high tide."] * 60))
+    with pytest.raises(ValueError, match=r"long: a chunk of \d+ tokens makes a \d+-token generation prompt, which "
+                                         r"with --max-new-tokens 10 passes the 512 positions"):
+        index(str(docs_dir), tiny_cfg(tiny_model, out, chunk_tokens=2048))
+    with pytest.raises(ValueError, match=r"long: ddcd sequences of 513 tokens pass the 512 positions"):
+        index(str(docs_dir), tiny_cfg(tiny_model, out, chunk_tokens=2048, objective="ddcd"))
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/adapter_model.safetensors")} == before
+    assert not (out / "long").exists()
+    # the lm windows (512 tokens) fit; a chunk just short enough fits the generator too
+    index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "lm", chunk_tokens=2048, objective="lm"))
+    index(str(docs_dir), tiny_cfg(tiny_model, out, chunk_tokens=400))
+    assert (out / "long" / "km.json").is_file()
+
+
 def test_ask_takes_kms_of_one_base_under_two_paths(tiny_model, docs_dir, tmp_path):
     """KMs indexed with the same weights under two paths (a copy, or an alias and its folder) answer
     together; KMs of other weights are still told apart."""
