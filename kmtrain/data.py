@@ -7,7 +7,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 SUMMARY_PROMPT = "Summarize the preceding passage."
 QA_PROMPT = "Generate a question-answer pair given the preceding passage."
@@ -274,20 +274,56 @@ def qa_target(q: str, a: str) -> str:
     return f"\nQuestion: {q}\nAnswer: {a}"
 
 
+def text_ids(tokenizer, text: Union[str, List[str]]):
+    """Token ids of ``text`` (or of each text in a list) as plain text. A special token's string in
+    it (a document about chat formats quoting "<|im_end|>", a hostile one opening a fake turn)
+    stays characters: tokenized as the control token, it ended the chat turn in the teacher's and the
+    generator's prompts and put an end-of-turn in the middle of recitation targets. Text without
+    such strings gets the ids it always had."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def _control_strings(tokenizer) -> Tuple[str, ...]:
+    """The strings the tokenizer turns into special tokens."""
+    return tuple(t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content)
+
+
+_CONTENT = "kmtrainusercontentmarker"  # stands for the user text in a rendered template: letters only,
+# so that no template's filters (trim, escaping) change it
+
+
 def chat_prompt_ids(tokenizer, user_text: str) -> List[int]:
-    """Token ids of the chat template with one user turn and the assistant generation prompt."""
-    msgs = [{"role": "user", "content": user_text}]
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        if isinstance(out, dict) or hasattr(out, "keys"):
-            out = out["input_ids"]
-        return list(out)
-    return tokenizer(f"User: {user_text}\nAssistant:", add_special_tokens=False)["input_ids"]
+    """Token ids of the chat template with one user turn and the assistant generation prompt. The
+    user text is plain text (see `text_ids`): the template's own markers are the only control tokens."""
+    if not getattr(tokenizer, "chat_template", None):
+        return text_ids(tokenizer, f"User: {user_text}\nAssistant:")
+    if any(c in user_text for c in _control_strings(tokenizer)):
+        return _spliced_chat_ids(tokenizer, user_text)
+    out = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], add_generation_prompt=True,
+                                        tokenize=True)  # as it always was
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def _spliced_chat_ids(tokenizer, user_text: str) -> List[int]:
+    """The template rendered around a marker, its parts tokenized with their control tokens and the
+    user text as plain text. For text without special strings these are the joint tokenization's
+    ids (tested on the demo corpus): the template's markers and newlines cut the text the same way."""
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _CONTENT}], add_generation_prompt=True,
+                                             tokenize=False)
+    if rendered.count(_CONTENT) != 1:
+        raise ValueError(f"the tokenizer's chat template does not place the user text once, as written, so text "
+                         f"with special-token strings in it ({', '.join(_control_strings(tokenizer)[:3])}) "
+                         f"cannot be kept plain")
+    before, after = rendered.split(_CONTENT)
+    return (tokenizer(before, add_special_tokens=False)["input_ids"] + text_ids(tokenizer, user_text)
+            + tokenizer(after, add_special_tokens=False)["input_ids"])
 
 
 def target_ids(tokenizer, text: str) -> List[int]:
     """Target tokens followed by the end-of-turn token, so a KM also learns where answers end."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = text_ids(tokenizer, text)
     if tokenizer.eos_token_id is not None:
         ids = ids + [tokenizer.eos_token_id]
     return ids
@@ -304,7 +340,7 @@ def recitation_items(chunks: Sequence[str], tokenizer, piece_tokens: int, cue_wo
         piece: List[str] = []
         n = 0
         sentences = [s for s in SENTENCE_END.split(text.strip()) if s]
-        lengths = [len(ids) for ids in tokenizer(sentences, add_special_tokens=False)["input_ids"]] if sentences else []
+        lengths = [len(ids) for ids in text_ids(tokenizer, sentences)] if sentences else []
         for k, sent in enumerate(sentences):
             piece.append(sent)
             n += lengths[k]

@@ -32,7 +32,7 @@ from kmkernels.utils import resolve_backend
 
 from .config import IndexConfig, resolve_device
 from .data import (Document, atomic_write_text, chat_prompt_ids, check_documents, chunk_tokens, file_sha256,
-                   load_documents, recitation_items)
+                   load_documents, recitation_items, text_ids)
 from .evaluate import generate_answers, question_prompt
 from .models import load_model, native_bf16, resolve_model, weights_hash
 from .synth import PROMPT_OF, split_heldout, synthesize
@@ -344,7 +344,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
             print(f"{d.id}: {path} is damaged ({problem}), redoing it", flush=True)
             got = None
         if not got or got.get("doc_sha") != d.sha256 or got.get("setting") != setting:
-            ids = tok(d.text, add_special_tokens=False)["input_ids"]
+            ids = text_ids(tok, d.text)
             pieces = chunk_tokens(ids, cfg.chunk_tokens, cfg.chunk_overlap)
             got = {"doc_sha": d.sha256, "setting": setting, "ids": pieces, "texts": [tok.decode(p) for p in pieces]}
             atomic_write_text(path, json.dumps(got))

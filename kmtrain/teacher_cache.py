@@ -33,7 +33,7 @@ import torch
 
 from kmkernels import teacher_kl_stats
 
-from .data import ANSWER_PROMPT, QA_PROMPT, atomic_write, chat_prompt_ids, parse_qa, target_ids
+from .data import ANSWER_PROMPT, QA_PROMPT, atomic_write, chat_prompt_ids, parse_qa, target_ids, text_ids
 from .models import cache_kwarg, cpu_bf16_attention, decoder_hidden_states, prompt_kv
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -122,7 +122,7 @@ def build_examples(objective: str, tokenizer, chunks: List[str], chunk_ids: List
     elif objective == "pit":
         for it in items:
             text = it["target"].strip() + "\n\n" + chunks[it["chunk"]]
-            seq = tokenizer(text, add_special_tokens=False)["input_ids"][: 2 * cfg.lm_seq_tokens]
+            seq = text_ids(tokenizer, text)[: 2 * cfg.lm_seq_tokens]
             out.append(Example(seq, 0, len(seq) - 1))
     else:
         raise ValueError(f"unknown objective {objective!r}")

@@ -3,6 +3,7 @@ import hashlib
 import importlib
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -430,6 +431,16 @@ def test_smollm2_one_document_end_to_end(tmp_path):
         return float(lp.gather(1, torch.tensor(ans)[:, None]).sum())
 
     assert answer_logprob(True) > answer_logprob(False)
+    # SmolLM2's template spliced around plain user text gives the ids the joint tokenization gives,
+    # on every demo document and prompt: what keeps special-token strings in documents plain changes
+    # no other document's tokens
+    import kmtrain
+    from kmtrain.data import FACTS_PROMPT, QA_PROMPT, SUMMARY_PROMPT, _spliced_chat_ids
+
+    for d in load_documents(os.path.join(os.path.dirname(kmtrain.__file__), "demo_corpus")):
+        for text in (d.text + "\n\n" + SUMMARY_PROMPT, d.text + "\n\n" + QA_PROMPT, d.text + "\n\n" + FACTS_PROMPT,
+                     question_prompt("Who keeps the tower?"), " " + d.text[:300] + "\n"):
+            assert _spliced_chat_ids(tok, text) == chat_prompt_ids(tok, text)
 
 
 def test_other_base_model_is_refused_not_mixed(tiny_model, docs_dir, tmp_path, capsys):

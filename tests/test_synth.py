@@ -51,7 +51,7 @@ class _CharTokenizer:
     chat_template = None
     eos_token_id = None
 
-    def __call__(self, text, add_special_tokens=False):
+    def __call__(self, text, add_special_tokens=False, split_special_tokens=False):
         return {"input_ids": [ord(c) for c in text]}
 
 
@@ -98,7 +98,7 @@ def test_a_kind_asked_for_zero_times_is_never_tokenized(monkeypatch):
     read = []
 
     class Recording(_CharTokenizer):
-        def __call__(self, text, add_special_tokens=False):
+        def __call__(self, text, add_special_tokens=False, split_special_tokens=False):
             read.append(text)
             return super().__call__(text, add_special_tokens)
 
