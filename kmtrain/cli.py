@@ -50,8 +50,8 @@ _FIELD_FLAGS = {
 
 def _index_parser(sub):
     p = sub.add_parser("index", help="train one Knowledge Module per document")
-    p.add_argument("docs", help="folder of .txt/.md files, one such file, a .jsonl of {id, text}, or a Hugging Face dataset "
-                                "(Hub name, folder or one of its data files, save_to_disk output)")
+    p.add_argument("docs", help="folder of .txt/.md files, one such file, a .jsonl of {id, text}, or a Hugging Face "
+                                "dataset (Hub name, folder or one of its data files, save_to_disk output)")
     p.add_argument("--out", required=True, help="output folder: one PEFT adapter folder per document")
     p.add_argument("--split", default="train", help="dataset split (Hugging Face dataset input; default train)")
     p.add_argument("--id-field", default="id", help="id field (.jsonl or dataset input; default id)")

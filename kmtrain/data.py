@@ -134,8 +134,8 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
                 continue
             _add(docs, problems, rec[id_field], rec[text_field], where)
     elif path.is_file() and not path.name.lower().endswith(_DATA_SUFFIXES):
-        raise DocumentError(f"{source}: expected a folder of .txt/.md files, one .txt/.md file, a .jsonl file, or a dataset's data "
-                            f"file ({', '.join(_DATA_SUFFIXES)})")
+        raise DocumentError(f"{source}: expected a folder of .txt/.md files, one .txt/.md file, a .jsonl file, or a "
+                            f"dataset's data file ({', '.join(_DATA_SUFFIXES)})")
     else:  # a Hub dataset name, a local dataset folder (data files, or save_to_disk's), a data file
         ds = _load_dataset(source, path, split, progress)
         for field in (id_field, text_field):

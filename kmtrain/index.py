@@ -318,8 +318,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         return summaries
 
     base_dtype = _base_dtype(cfg, device, amp)
-    model, tok, model_name, model_hash = load_model(cfg.model, str(device), dtype=base_dtype,
-                                                         progress=cfg.progress)
+    model, tok, model_name, model_hash = load_model(cfg.model, str(device), dtype=base_dtype, progress=cfg.progress)
     model_folder = resolve_model(cfg.model)[0]  # what vLLM loads: the converted folder for an alias
     # what km.json records for `ask`: a local folder as an absolute path (a relative one would name
     # another folder, or none, when asked from elsewhere); aliases and Hub names as given

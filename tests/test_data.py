@@ -167,7 +167,8 @@ def test_local_hugging_face_datasets(tmp_path):
     with pytest.raises(DocumentError, match=r"one data file is one split, 'train' \(asked for 'test'\)"):
         load_documents(str(one_file), split="test", id_field="doc_id", text_field="body")
     (tmp_path / "notes.pdf").write_bytes(b"%PDF")
-    with pytest.raises(DocumentError, match=r"notes.pdf: expected a folder of .txt/.md files, one .txt/.md file, a .jsonl file, or a dataset's"):
+    with pytest.raises(DocumentError, match=r"notes.pdf: expected a folder of .txt/.md files, one .txt/.md file, "
+                                            r"a .jsonl file, or a dataset's"):
         load_documents(str(tmp_path / "notes.pdf"))
     with pytest.raises(DocumentError, match=r"saved: no split 'validation' \(splits: train, test\)"):
         load_documents(str(saved), split="validation", id_field="doc_id", text_field="body")
