@@ -32,7 +32,7 @@ from kmkernels.utils import resolve_backend
 
 from .config import IndexConfig, resolve_device
 from .data import (Document, atomic_write_text, chat_prompt_ids, check_documents, chunk_tokens, file_sha256,
-                   load_documents, recitation_items, text_ids)
+                   load_documents, recitation_items, target_ids, text_ids)
 from .evaluate import generate_answers, question_prompt
 from .models import load_model, native_bf16, resolve_model, weights_hash
 from .synth import PROMPT_OF, split_heldout, synthesize
@@ -198,6 +198,13 @@ def _check_positions(cfg: IndexConfig, model, tok, chunks: Dict[str, Tuple[List[
                 f"--max-new-tokens {cfg.max_new_tokens} passes the {positions} positions --model {cfg.model} "
                 f"takes: lower --chunk-tokens (by at least {prompt + cfg.max_new_tokens - positions}) "
                 f"or --max-new-tokens")
+        if cfg.objective == "sdcd" and cfg.recite_tokens:  # the teacher reads the chunk, a cue and a piece of it
+            longest = max(len(chat_prompt_ids(tok, text + "\n\n" + it["prompt"])) + len(target_ids(tok, it["target"]))
+                          for it in recitation_items([text], tok, cfg.recite_tokens))
+            if longest > positions:
+                raise ValueError(f"{doc_id}: a chunk of {n} tokens and its longest recitation piece make a "
+                                 f"{longest}-token teacher sequence, past the {positions} positions --model "
+                                 f"{cfg.model} takes: lower --chunk-tokens or --recite-tokens")
     else:  # ddcd: a start token and a window of the chunk; lm: a run of the chunk
         field, longest = (("ddcd_window_tokens", min(n, cfg.ddcd_window_tokens) + 1) if cfg.objective == "ddcd"
                           else ("lm_seq_tokens", min(n, cfg.lm_seq_tokens)))

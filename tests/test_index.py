@@ -675,11 +675,15 @@ def test_index_refuses_chunks_past_the_models_positions(tiny_model, docs_dir, tm
         index(str(docs_dir), tiny_cfg(tiny_model, out, chunk_tokens=2048))
     with pytest.raises(ValueError, match=r"long: ddcd sequences of 513 tokens pass the 512 positions"):
         index(str(docs_dir), tiny_cfg(tiny_model, out, chunk_tokens=2048, objective="ddcd"))
+    # the generator fits, but a recitation piece the length of the chunk doubles the teacher's sequence
+    with pytest.raises(ValueError, match=r"long: a chunk of \d+ tokens and its longest recitation piece make a "
+                                         r"\d+-token teacher sequence, past the 512 positions"):
+        index(str(docs_dir), tiny_cfg(tiny_model, out, chunk_tokens=400, recite_tokens=2000))
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/adapter_model.safetensors")} == before
     assert not (out / "long").exists()
-    # the lm windows (512 tokens) fit; a chunk just short enough fits the generator too
+    # the lm windows (512 tokens) fit; a chunk short enough fits the generator and the recitation pieces too
     index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "lm", chunk_tokens=2048, objective="lm"))
-    index(str(docs_dir), tiny_cfg(tiny_model, out, chunk_tokens=400))
+    index(str(docs_dir), tiny_cfg(tiny_model, out, chunk_tokens=256))
     assert (out / "long" / "km.json").is_file()
 
 
