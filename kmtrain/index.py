@@ -35,7 +35,7 @@ from .data import (Document, atomic_write_text, chat_prompt_ids, check_documents
                    load_documents, recitation_items, target_ids, text_ids)
 from .evaluate import generate_answers, question_prompt
 from .models import load_model, native_bf16, resolve_model, weights_hash
-from .synth import PROMPT_OF, split_heldout, synthesize
+from .synth import PROMPT_OF, requested_kinds, split_heldout, synthesize
 from .teacher_cache import TeacherCache, build_cache, build_examples, select_layers
 from .train import DocState, train_wave
 
@@ -190,8 +190,7 @@ def _check_positions(cfg: IndexConfig, model, tok, chunks: Dict[str, Tuple[List[
                     key=lambda dc: len(chunks[dc[0]][1][dc[1]]))
     text, n = chunks[doc_id][0][c], len(chunks[doc_id][1][c])
     if cfg.objective in ("sdcd", "pit"):  # the generator reads the chunk and an instruction, then writes
-        counts = {"summary": cfg.summaries_per_chunk, "qa": cfg.qa_per_chunk, "facts": cfg.facts_per_chunk}
-        prompt = max(len(chat_prompt_ids(tok, text + "\n\n" + PROMPT_OF[k])) for k, v in counts.items() if v)
+        prompt = max(len(chat_prompt_ids(tok, text + "\n\n" + PROMPT_OF[k])) for k, _ in requested_kinds(cfg))
         if prompt + cfg.max_new_tokens > positions:
             raise ValueError(
                 f"{doc_id}: a chunk of {n} tokens makes a {prompt}-token generation prompt, which with "

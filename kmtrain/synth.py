@@ -19,6 +19,12 @@ from .models import cache_kwarg, prompt_kv
 PROMPT_OF = {"summary": SUMMARY_PROMPT, "qa": QA_PROMPT, "facts": FACTS_PROMPT}
 
 
+def requested_kinds(cfg) -> List[Tuple[str, int]]:
+    """(kind, requests per chunk) for each kind of synthetic target asked for at least once."""
+    counts = (("summary", cfg.summaries_per_chunk), ("qa", cfg.qa_per_chunk), ("facts", cfg.facts_per_chunk))
+    return [(kind, n) for kind, n in counts if n > 0]
+
+
 def request_seed(seed: int, doc_id: str, chunk: int, kind: str, i: int) -> int:
     """The sampling seed of one generation request: from the run's seed and the request's own
     identity only, so a document's targets do not depend on the documents generated beside it."""
@@ -198,9 +204,7 @@ def synthesize(model, tokenizer, chunks_by_doc: Dict[str, List[str]], cfg, model
     for doc_id, chunks in chunks_by_doc.items():
         for c, chunk in enumerate(chunks):
             texts = focus_sources(chunk, cfg.focus_parts)
-            for kind, n in (("summary", cfg.summaries_per_chunk), ("qa", cfg.qa_per_chunk), ("facts", cfg.facts_per_chunk)):
-                if n == 0:  # fact lists are off by default: no chunk is tokenized again for them
-                    continue
+            for kind, n in requested_kinds(cfg):  # fact lists are off by default: no chunk is tokenized for them
                 # int32 arrays: every document's prompts exist at once, a chunk's worth of tokens
                 # per prompt, which as lists of Python ints cost ~43 bytes a token (SmolLM2 tokenizer), 4 here
                 ids = [array("i", chat_prompt_ids(tokenizer, text + "\n\n" + PROMPT_OF[kind])) for text in texts]
