@@ -1,13 +1,14 @@
 """Documents, chunks, prompts and the token layout of distillation examples (SPEC.md sections 1-2)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 SUMMARY_PROMPT = "Summarize the preceding passage."
 QA_PROMPT = "Generate a question-answer pair given the preceding passage."
@@ -201,6 +202,20 @@ def _dataset_folder(path: Path) -> bool:
                                        and not p.name.startswith(".") for p in path.rglob("*"))
 
 
+@contextlib.contextmanager
+def library_bars(enabled: bool, is_enabled: Callable[[], bool], enable: Callable[[], None],
+                 disable: Callable[[], None]) -> Iterator[None]:
+    """A library's own progress bars (transformers' "Loading weights", `datasets`' "Generating train
+    split") on or off for the block, then as they were: `kmtrain index --no-progress` promises a log
+    without bars. The three callables are the library's switch."""
+    was = is_enabled()
+    (enable if enabled else disable)()
+    try:
+        yield
+    finally:
+        (enable if was else disable)()
+
+
 def _load_dataset(source: str, path: Path, split: str, progress: bool = True):
     """One split of a dataset: a local folder (save_to_disk's output, or data files), one data file
     (whose one split is "train"), or a Hub name."""
@@ -209,30 +224,28 @@ def _load_dataset(source: str, path: Path, split: str, progress: bool = True):
     except ImportError:
         what = "reading it" if path.exists() else "no such file or folder; reading it as a Hub dataset name"
         raise DocumentError(f"{source}: {what} needs `datasets` (pip install 'kmkernels[train]')") from None
-    bars_were_on = datasets.is_progress_bar_enabled()
-    (datasets.enable_progress_bars if progress else datasets.disable_progress_bars)()
+    bars = (datasets.is_progress_bar_enabled, datasets.enable_progress_bars, datasets.disable_progress_bars)
     try:
-        if _saved_dataset(path):
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise DocumentError(f"{source}: no split {split!r} (splits: {', '.join(ds)})")
-                ds = ds[split]
-            return ds
-        if path.is_file():
-            if split != "train":
-                raise DocumentError(f"{source}: one data file is one split, 'train' (asked for {split!r})")
-            builder = next(b for suffix, b in _BUILDER_OF.items() if path.name.lower().endswith(suffix))
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
-        return datasets.load_dataset(source, split=split)
+        with library_bars(progress, *bars):
+            if _saved_dataset(path):
+                ds = datasets.load_from_disk(str(path))
+                if isinstance(ds, datasets.DatasetDict):
+                    if split not in ds:
+                        raise DocumentError(f"{source}: no split {split!r} (splits: {', '.join(ds)})")
+                    ds = ds[split]
+                return ds
+            if path.is_file():
+                if split != "train":
+                    raise DocumentError(f"{source}: one data file is one split, 'train' (asked for {split!r})")
+                builder = next(b for suffix, b in _BUILDER_OF.items() if path.name.lower().endswith(suffix))
+                return datasets.load_dataset(builder, data_files=str(path), split="train")
+            return datasets.load_dataset(source, split=split)
     except DocumentError:
         raise
     except Exception as e:  # network, name, split or file problems: say what was asked for
         what = ("loading it as a dataset" if path.exists()
                 else "no such file or folder, and loading it as a Hub dataset name")
         raise DocumentError(f"{source}: {what} failed: {e}") from None
-    finally:
-        (datasets.enable_progress_bars if bars_were_on else datasets.disable_progress_bars)()
 
 
 def chunk_tokens(ids: Sequence[int], chunk_tokens: int, overlap: float) -> List[List[int]]:

