@@ -186,9 +186,8 @@ def _check_positions(cfg: IndexConfig, model, tok, chunks: Dict[str, Tuple[List[
     positions = getattr(model.config, "max_position_embeddings", None)
     if not positions or not chunks:
         return
-    doc_id, c = max(((d, i) for d, (_, ids) in chunks.items() for i in range(len(ids))),
-                    key=lambda dc: len(chunks[dc[0]][1][dc[1]]))
-    text, n = chunks[doc_id][0][c], len(chunks[doc_id][1][c])
+    n, doc_id, text = max((len(ids), d, t) for d, (texts, chunk_ids) in chunks.items()
+                          for t, ids in zip(texts, chunk_ids))
     if cfg.objective in ("sdcd", "pit"):  # the generator reads the chunk and an instruction, then writes
         prompt = max(len(chat_prompt_ids(tok, text + "\n\n" + PROMPT_OF[k])) for k, _ in requested_kinds(cfg))
         if prompt + cfg.max_new_tokens > positions:
