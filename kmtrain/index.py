@@ -95,6 +95,10 @@ def _read_json(path: Path) -> Optional[dict]:
     return got if isinstance(got, dict) else None
 
 
+# how chunks.json's ids were made (data.text_ids); a record without it, or with another, is redone
+CHUNK_TOKENIZATION = "split_special_tokens"
+
+
 # What is wrong with a stage file that parses as an object, or None: such a file is redone, never
 # trained on (a hand-edited synth.json, say, with a slip in it failed deep in training).
 def _chunks_problem(got: dict) -> Optional[str]:
@@ -347,10 +351,20 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         if got and (problem := _chunks_problem(got)) is not None:
             print(f"{d.id}: {path} is damaged ({problem}), redoing it", flush=True)
             got = None
-        if not got or got.get("doc_sha") != d.sha256 or got.get("setting") != setting:
+        if (not got or got.get("doc_sha") != d.sha256 or got.get("setting") != setting
+                or got.get("tokenized") != CHUNK_TOKENIZATION):
             ids = text_ids(tok, d.text)
             pieces = chunk_tokens(ids, cfg.chunk_tokens, cfg.chunk_overlap)
-            got = {"doc_sha": d.sha256, "setting": setting, "ids": pieces, "texts": [tok.decode(p) for p in pieces]}
+            old, got = got, {"doc_sha": d.sha256, "setting": setting, "tokenized": CHUNK_TOKENIZATION, "ids": pieces,
+                             "texts": [tok.decode(p) for p in pieces]}
+            # chunks.json from before text_ids made a quoted "<|im_end|>" the control token itself.
+            # "tokenized" is kept out of `setting`, which synth.json is keyed on too, so a document
+            # whose ids come out the same keeps its synthetic targets; one whose ids change loses
+            # them, as they were written from a prompt the quoted token had broken.
+            if old and old.get("doc_sha") == d.sha256 and old.get("setting") == setting and old["ids"] != pieces:
+                print(f"{d.id}: the document quotes a special token, which older chunks.json held as the "
+                      f"token itself; rechunked, and its synthetic targets are made again", flush=True)
+                (work / d.id / "synth.json").unlink(missing_ok=True)
             atomic_write_text(path, json.dumps(got))
         # token ids as int32 arrays until the document's wave: a tenth of a list of Python ints
         chunks[d.id] = (got["texts"], [array("i", c) for c in got["ids"]])

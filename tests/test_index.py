@@ -557,6 +557,48 @@ def test_damaged_stage_files_are_redone(tiny_model, docs_dir, tmp_path, capsys):
     assert json.loads((work / "gamma" / "synth.json").read_text())["items"]
 
 
+def test_chunks_from_before_plain_special_tokens_are_redone(tiny_model, tmp_path, monkeypatch, capsys):
+    """chunks.json written before text_ids kept a quoted "<|im_end|>" plain text held the control
+    token itself: on resume such a document is rechunked and its synthetic targets made again (they
+    came from a prompt the token broke); a document without such strings keeps its targets."""
+    from transformers import AutoTokenizer
+
+    kindex = importlib.import_module("kmtrain.index")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "alpha.txt").write_text(DOCS["alpha"])
+    (docs / "quoting.txt").write_text("A chat turn ends with <|im_end|> in the Moro format.")
+    out = tmp_path / "kms"
+    cfg = tiny_cfg(tiny_model, out, steps=1)
+    index(str(docs), cfg)
+    work, tok = out / ".work", AutoTokenizer.from_pretrained(tiny_model)
+    for doc_id in ("alpha", "quoting"):  # as the older code wrote them: no "tokenized", special tokens parsed
+        rec = json.loads((work / doc_id / "chunks.json").read_text())
+        ids = tok((docs / f"{doc_id}.txt").read_text(), add_special_tokens=False)["input_ids"]
+        rec.pop("tokenized", None)
+        (work / doc_id / "chunks.json").write_text(json.dumps({**rec, "ids": [ids], "texts": [tok.decode(ids)]}))
+    synth_alpha = (work / "alpha" / "synth.json").read_text()
+    made, real = [], kindex.synthesize
+
+    def counted(model, tok, texts, *a, **k):  # which documents generation ran for
+        made.append(sorted(texts))
+        return real(model, tok, texts, *a, **k)
+
+    monkeypatch.setattr(kindex, "synthesize", counted)
+    capsys.readouterr()
+    assert {s["status"] for s in index(str(docs), cfg.replace(retrain=True))} == {"trained"}
+    printed = capsys.readouterr().out
+    assert made == [["quoting"]]
+    assert "quoting: the document quotes a special token" in printed and "alpha: the document" not in printed
+    assert (work / "alpha" / "synth.json").read_text() == synth_alpha
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    for doc_id in ("alpha", "quoting"):
+        rec = json.loads((work / doc_id / "chunks.json").read_text())
+        assert rec["tokenized"] == "split_special_tokens" and end not in rec["ids"][0]
+        assert rec["ids"][0] == tok((docs / f"{doc_id}.txt").read_text(), add_special_tokens=False,
+                                    split_special_tokens=True)["input_ids"]
+
+
 def test_km_records_a_local_base_by_absolute_path(tiny_model, docs_dir, tmp_path, monkeypatch):
     """A model folder given relative to where index ran is found by ask from anywhere else; a base
     moved away is an error that says --model takes its new place."""
