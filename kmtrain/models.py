@@ -165,7 +165,20 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torc
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(_contiguous_head_input)
     return model, tok, display, weights_hash(folder)
+
+
+def _contiguous_head_input(module, args):
+    """The lm_head's input made contiguous. A causal LM's forward with ``logits_to_keep=1`` (what
+    ``generate`` asks for on its prefill) hands the lm_head the strided slice hidden[:, -1:]; torch's
+    matmul does not fold that [B, 1, H] into one [B, H] GEMM but broadcasts the [V, H] weight to a
+    [B, H, V] copy for a bmm. On SmolLM2 with 32 prompts that is a 1.8 GB copy: a greedy 24-token
+    answer batch took 11.4 s with it and 5.4 s without, the same answers (CPU, bf16). Copying the
+    [B, 1, H] slice costs nothing; an input that is already contiguous is passed on as it is."""
+    return (args[0].contiguous(),) + tuple(args[1:])
 
 
 def weights_hash(folder: str) -> str:

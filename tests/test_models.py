@@ -25,6 +25,36 @@ def test_decoder_hidden_states_are_the_causal_lm_ones(tiny_model):
     assert torch.allclose(logits, ref.logits, rtol=1e-5, atol=1e-5)
 
 
+def test_last_position_logits_do_not_copy_the_lm_head_per_sequence(tiny_model):
+    """generate's prefill asks for the last position's logits only (logits_to_keep=1), a strided
+    [B, 1, H] slice. A loaded model's lm_head must take it as one GEMM against the [V, H] weight,
+    not as a bmm against a per-sequence [B, H, V] copy of it (1.8 GB at SmolLM2 x 32 prompts);
+    the logits stay those of the full forward's last position."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kmtrain.models import load_model
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen += [(str(func), tuple(a.shape)) for a in args if isinstance(a, torch.Tensor)]
+            return func(*args, **(kwargs or {}))
+
+    model, _, _, _ = load_model(tiny_model)
+    V, H = model.get_output_embeddings().weight.shape
+    ids = torch.randint(0, V, (4, 9))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[:, -1:]
+        with Shapes() as spy:
+            last = model(input_ids=ids, logits_to_keep=1).logits
+    copies = [(f, s) for f, s in spy.seen if len(s) == 3 and s[0] == 4 and sorted(s[1:]) == sorted((V, H))]
+    assert not copies, copies
+    assert torch.allclose(last, full, rtol=1e-5, atol=1e-5)
+
+
 def test_native_bf16_matches_the_cpu_flags():
     """oneDNN's answer agrees with what the CPU says it has (Linux /proc/cpuinfo)."""
     from kmtrain.models import native_bf16
