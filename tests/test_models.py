@@ -53,6 +53,9 @@ def test_last_position_logits_do_not_copy_the_lm_head_per_sequence(tiny_model):
     copies = [(f, s) for f, s in spy.seen if len(s) == 3 and s[0] == 4 and sorted(s[1:]) == sorted((V, H))]
     assert not copies, copies
     assert torch.allclose(last, full, rtol=1e-5, atol=1e-5)
+    h = torch.randn(2, 3, H)
+    head = model.get_output_embeddings()
+    assert torch.equal(head(input=h), head(h))  # a keyword call is left as it was
 
 
 def test_native_bf16_matches_the_cpu_flags():
