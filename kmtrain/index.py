@@ -351,17 +351,17 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         if got and (problem := _chunks_problem(got)) is not None:
             print(f"{d.id}: {path} is damaged ({problem}), redoing it", flush=True)
             got = None
-        if (not got or got.get("doc_sha") != d.sha256 or got.get("setting") != setting
-                or got.get("tokenized") != CHUNK_TOKENIZATION):
+        same_source = bool(got) and got.get("doc_sha") == d.sha256 and got.get("setting") == setting
+        if not same_source or got.get("tokenized") != CHUNK_TOKENIZATION:
             ids = text_ids(tok, d.text)
             pieces = chunk_tokens(ids, cfg.chunk_tokens, cfg.chunk_overlap)
             old, got = got, {"doc_sha": d.sha256, "setting": setting, "tokenized": CHUNK_TOKENIZATION, "ids": pieces,
                              "texts": [tok.decode(p) for p in pieces]}
-            # chunks.json from before text_ids made a quoted "<|im_end|>" the control token itself.
+            # Older code tokenized a "<|im_end|>" quoted in a document as the control token itself.
             # "tokenized" is kept out of `setting`, which synth.json is keyed on too, so a document
             # whose ids come out the same keeps its synthetic targets; one whose ids change loses
             # them, as they were written from a prompt the quoted token had broken.
-            if old and old.get("doc_sha") == d.sha256 and old.get("setting") == setting and old["ids"] != pieces:
+            if same_source and old["ids"] != pieces:
                 print(f"{d.id}: the document quotes a special token, which older chunks.json held as the "
                       f"token itself; rechunked, and its synthetic targets are made again", flush=True)
                 (work / d.id / "synth.json").unlink(missing_ok=True)

@@ -558,9 +558,9 @@ def test_damaged_stage_files_are_redone(tiny_model, docs_dir, tmp_path, capsys):
 
 
 def test_chunks_from_before_plain_special_tokens_are_redone(tiny_model, tmp_path, monkeypatch, capsys):
-    """chunks.json written before text_ids kept a quoted "<|im_end|>" plain text held the control
-    token itself: on resume such a document is rechunked and its synthetic targets made again (they
-    came from a prompt the token broke); a document without such strings keeps its targets."""
+    """Older chunks.json tokenized a "<|im_end|>" quoted in a document as the control token itself:
+    on resume such a document is rechunked and its synthetic targets made again (they came from a
+    prompt the token broke); a document without such strings keeps its targets."""
     from transformers import AutoTokenizer
 
     kindex = importlib.import_module("kmtrain.index")
