@@ -259,8 +259,8 @@ def check_same_base(out: Path, model: str, finished: Dict[str, Optional[dict]]) 
     (``finished``: document id -> its km.json, or None). Without it a run with another --model
     skipped those KMs as "already done", leaving a folder of KMs for two bases that the summary
     called finished; retraining them instead would overwrite finished work unasked. Runs before the
-    model loads (the weights hash is memoised beside the weights); Hub models without local files
-    are not hashed ("unknown") and not compared."""
+    model loads (the weights hash is memoised); a Hub model not downloaded yet is not hashed
+    ("unknown") and not compared."""
     recorded = {i: m.get("base_model_sha256") for i, m in finished.items() if isinstance(m, dict)}
     recorded = {i: h for i, h in recorded.items() if h and h != "unknown"}
     if not recorded:
@@ -606,7 +606,7 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
     bf16 = native_bf16(dev)
     # A KM is a delta on its own base weights; on other weights of the same shapes it loads and
     # answers, wrongly. Checked from the weight files' hash (memoised beside them) before the model
-    # loads. ("unknown": a Hub model without local files, whose weights are not hashed.)
+    # loads. ("unknown": a Hub model not downloaded yet, whose weights are not hashed.)
     try:
         model_hash = weights_hash(resolve_model(base)[0])
     except ValueError as e:

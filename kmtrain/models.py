@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import hashlib
 import importlib.util
@@ -9,7 +10,10 @@ import inspect
 import json
 import os
 import shutil
+import socket
 import tempfile
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -124,7 +128,72 @@ def resolve_model(name_or_path: str) -> Tuple[str, str]:
     if os.path.exists(local) or name_or_path.startswith(("/", ".", "~")) or "\\" in name_or_path:
         raise ValueError(f"model {name_or_path!r}: no such model folder (a folder with config.json, safetensors "
                          f"and a tokenizer), and not a Hub name; aliases: {', '.join(sorted(ALIASES))}")
-    return name_or_path, name_or_path  # a Hub name: transformers resolves it where the network allows
+    snapshot = hub_snapshot(name_or_path)
+    if snapshot is not None:  # downloaded before: loaded, hashed and handed to vLLM from its local files
+        return snapshot, name_or_path
+    return name_or_path, name_or_path  # a Hub name: transformers downloads it where the network allows
+
+
+def hub_snapshot(name: str) -> Optional[str]:
+    """The Hugging Face cache's folder of Hub model ``name`` (at the revision ``main`` named when it
+    was downloaded), or None where it is not there in full: config, tokenizer and every weight file.
+
+    A Hub model is read from these files, as a local folder is: so its weights are hashed like a
+    folder's. (Read by name, its weights hash was "unknown": two Hub models shared the synthetic
+    targets, chunks and teacher cache keyed by that hash, and finished KMs were not checked against
+    the base model of a later run.) And it loads on a machine without network, at once, where
+    transformers would first retry the Hub for half a minute."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(name, "config.json")
+    except (ImportError, ValueError):  # not a valid repo id (HFValidationError is a ValueError)
+        return None
+    if not isinstance(config, str):
+        return None
+    folder = Path(config).parent
+    return str(folder) if _has_weights_and_tokenizer(folder) else None
+
+
+def _has_weights_and_tokenizer(folder: Path) -> bool:
+    """Whether ``folder`` holds a tokenizer and every weight file: a single file, or each shard its
+    index names (a download stopped half way leaves some out)."""
+    if not (folder / "tokenizer_config.json").is_file():
+        return False
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            try:
+                shards = set(json.loads((folder / index).read_text())["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return False
+            return bool(shards) and all((folder / str(s)).is_file() for s in shards)
+    return (folder / "model.safetensors").is_file() or (folder / "pytorch_model.bin").is_file()
+
+
+def hub_unreachable() -> Optional[str]:
+    """Why the Hugging Face Hub cannot be reached from here (its host name does not resolve), or
+    None where it may be: one DNS lookup, milliseconds. Without it, a name that is neither a folder,
+    an alias nor in the cache took 25-55 s of huggingface_hub's retries (five per request, 1-8 s
+    apart) to fail on a machine without network. None as well where offline mode is on (the
+    libraries then fail at once by themselves) or a proxy is set (the proxy resolves names)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(k in urllib.request.getproxies() for k in ("https", "all")):
+        return None
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:  # socket.gaierror: no such host, or no name server answering
+        return f"{host}: {e.strerror or e}"
+    return None
+
+
+def alias_hint(name: str) -> str:
+    """" (did you mean 'smollm2-135m'?)" for a name close to an alias, else ""."""
+    close = difflib.get_close_matches(name.lower(), ALIASES, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -154,12 +223,18 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torc
     bars = (hf_logging.is_progress_bar_enabled, hf_logging.enable_progress_bar, hf_logging.disable_progress_bar)
     with library_bars(progress, *bars):
         folder, display = resolve_model(name_or_path)
+        on_hub = not os.path.isdir(folder)  # a Hub name not (fully) in the cache: transformers downloads it
+        if on_hub and (reason := hub_unreachable()) is not None:
+            raise ValueError(f"model {name_or_path!r}: no such local folder or alias{alias_hint(name_or_path)}, not "
+                             f"in the Hugging Face cache, and the Hub cannot be reached from here ({reason})")
         try:
             tok = AutoTokenizer.from_pretrained(folder)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         except OSError as e:  # a Hub name that cannot be reached or does not exist, a folder without weights
-            where = "this folder" if os.path.isdir(folder) else "the Hub (no such local folder)"
+            where = "this folder" if not on_hub else f"the Hub (no such local folder){alias_hint(name_or_path)}"
             raise ValueError(f"model {name_or_path!r}: loading it from {where} failed: {e}") from None
+        if on_hub:  # downloaded now: hashed from the cache's copy, as a later run will read it
+            folder = hub_snapshot(name_or_path) or folder
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = model.to(device).eval()
@@ -183,12 +258,19 @@ def _contiguous_head_input(module, args):
 
 
 def weights_hash(folder: str) -> str:
-    """sha256 of the safetensors files (cached beside them: hashing 500 MB each run is wasteful)."""
+    """sha256 of the weight files: the safetensors, or where there are none the PyTorch .bin files
+    (which hashed as no file at all, one hash for every such model). Memoised beside them (hashing
+    500 MB each run is wasteful), or under the kmtrain cache for a Hugging Face cache snapshot,
+    whose folders only huggingface_hub writes."""
     if not os.path.isdir(folder):
         return "unknown"
-    files = sorted(p for p in Path(folder).glob("*.safetensors"))
+    files = sorted(Path(folder).glob("*.safetensors")) or sorted(Path(folder).glob("pytorch_model*.bin"))
     stamp = json.dumps([(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files])
-    memo = Path(folder) / ".kmtrain-hash.json"
+    snap = Path(folder)
+    if snap.parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<commit>
+        memo = cache_root() / "weights_sha256" / f"{snap.parent.parent.name}--{snap.name}.json"
+    else:
+        memo = snap / ".kmtrain-hash.json"
     try:
         cached = json.loads(memo.read_text())
         if cached.get("stamp") == stamp:
@@ -202,6 +284,7 @@ def weights_hash(folder: str) -> str:
                 h.update(block)
     digest = h.hexdigest()
     try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
         memo.write_text(json.dumps({"stamp": stamp, "sha256": digest}))
     except OSError:
         pass

@@ -1,5 +1,6 @@
 """kmtrain.models: hidden states as the trainer reads them, native-bf16 detection."""
 import importlib
+import os
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,99 @@ def test_the_alias_without_gguf_installed_says_what_to_install(tmp_path, monkeyp
     assert main(["index", str(docs), "--out", str(tmp_path / "kms")]) == 2
     assert ("model 'smollm2-135m' is read from a GGUF file, which needs the 'gguf' package: "
             "pip install 'kmkernels[train]'") in capsys.readouterr().err
+
+
+def _put_in_hub_cache(cache: Path, repo: str, folder: str, commit: str) -> Path:
+    """``folder``'s files as huggingface_hub lays out a download of ``repo``: blobs, a snapshot of
+    links to them, and refs/main naming the commit. Returns the snapshot folder."""
+    import shutil
+
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snap = root / "snapshots" / commit
+    (root / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in sorted(Path(folder).iterdir()):
+        if f.is_file() and not f.name.startswith("."):
+            blob = root / "blobs" / f"{commit}-{f.name}"
+            shutil.copyfile(f, blob)
+            (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    return snap
+
+
+def test_a_hub_model_is_read_and_hashed_from_the_hugging_face_cache(tiny_model, tmp_path, monkeypatch):
+    """A Hub name downloaded before is loaded from the cache's snapshot without network, and hashed as
+    a folder is (it was "unknown", which two Hub models shared: synthetic targets, chunks and teacher
+    cache keyed by it, and no check of finished KMs against another base). Not downloaded, with no
+    network, the error comes at once and says why; a half-downloaded snapshot is not used."""
+    import huggingface_hub
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kmtrain import models
+    from kmtrain.index import check_same_base
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("KMTRAIN_CACHE", str(tmp_path / "kmtrain"))
+    monkeypatch.setattr(models, "hub_unreachable", lambda: "hub.test: no network in this test")
+    with pytest.raises(ValueError, match=r"model 'kmtest/tiny': no such local folder or alias, not in the Hugging "
+                                         r"Face cache, and the Hub cannot be reached from here \(hub.test: no network"):
+        models.load_model("kmtest/tiny")
+    with pytest.raises(ValueError, match=r"'smollm2': no such local folder or alias \(did you mean 'smollm2-135m'\?\)"):
+        models.load_model("smollm2")
+
+    snap = _put_in_hub_cache(tmp_path / "hub", "kmtest/tiny", tiny_model, "c0ffee")
+    assert models.resolve_model("kmtest/tiny") == (str(snap), "kmtest/tiny")
+    model, tok, name, digest = models.load_model("kmtest/tiny")
+    assert name == "kmtest/tiny" and tok("Lissen").input_ids
+    assert digest == models.weights_hash(tiny_model) != "unknown"  # the same bytes, the same hash
+    assert sorted(p.name for p in snap.iterdir()) == sorted(p.name for p in Path(tiny_model).iterdir()
+                                                            if not p.name.startswith("."))  # nothing written there
+
+    other = tmp_path / "other"  # another model of the same shapes, under another Hub name
+    cfg = LlamaConfig.from_pretrained(tiny_model)
+    torch.manual_seed(1)
+    LlamaForCausalLM(cfg).save_pretrained(other)
+    tok.save_pretrained(other)
+    _put_in_hub_cache(tmp_path / "hub", "kmtest/other", str(other), "beef00")
+    other_digest = models.load_model("kmtest/other")[3]
+    assert other_digest not in (digest, "unknown")
+    with pytest.raises(ValueError, match=r"1 finished KM\(s\) \(alpha\) were trained on other base weights"):
+        check_same_base(tmp_path / "out", "kmtest/other", {"alpha": {"base_model_sha256": digest}})
+    check_same_base(tmp_path / "out", "kmtest/tiny", {"alpha": {"base_model_sha256": digest}})
+
+    (snap / "model.safetensors").unlink()  # a download stopped half way: left to transformers
+    assert models.resolve_model("kmtest/tiny") == ("kmtest/tiny", "kmtest/tiny")
+
+
+def test_hub_unreachable_is_one_name_lookup_of_the_endpoint(monkeypatch):
+    """The lookup of the endpoint's host decides; offline mode or a proxy (which resolves names
+    itself) mean the libraries are left to it."""
+    import socket
+
+    import huggingface_hub.constants as hub
+
+    from kmtrain.models import hub_unreachable
+
+    for var in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "ENDPOINT", "https://hub.example.test")
+    asked = []
+
+    def no_such_host(host, port, *a, **k):
+        asked.append((host, port))
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
+    assert hub_unreachable() == "hub.example.test: Name or service not known"
+    assert asked == [("hub.example.test", 443)]
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.test:3128")
+    assert hub_unreachable() is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    assert hub_unreachable() is None and len(asked) == 1
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    resolved = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", 443))]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: resolved)
+    assert hub_unreachable() is None
