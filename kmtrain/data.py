@@ -225,6 +225,7 @@ def _load_dataset(source: str, path: Path, split: str, progress: bool = True):
         what = "reading it" if path.exists() else "no such file or folder; reading it as a Hub dataset name"
         raise DocumentError(f"{source}: {what} needs `datasets` (pip install 'kmkernels[train]')") from None
     bars = (datasets.is_progress_bar_enabled, datasets.enable_progress_bars, datasets.disable_progress_bars)
+    unreachable = None
     try:
         with library_bars(progress, *bars):
             if _saved_dataset(path):
@@ -239,13 +240,32 @@ def _load_dataset(source: str, path: Path, split: str, progress: bool = True):
                     raise DocumentError(f"{source}: one data file is one split, 'train' (asked for {split!r})")
                 builder = next(b for suffix, b in _BUILDER_OF.items() if path.name.lower().endswith(suffix))
                 return datasets.load_dataset(builder, data_files=str(path), split="train")
-            return datasets.load_dataset(source, split=split)
+            if path.exists():
+                return datasets.load_dataset(source, split=split)
+            from .models import hub_unreachable
+
+            unreachable = hub_unreachable()
+            if unreachable is None:
+                return datasets.load_dataset(source, split=split)
+            # No network: `datasets` in offline mode reads a copy in its cache at once, or fails at
+            # once, where it would otherwise retry the Hub for 25 s first (its setting is read at
+            # import, so the flag is set on its config for this call alone)
+            was = getattr(datasets.config, "HF_HUB_OFFLINE", False)
+            datasets.config.HF_HUB_OFFLINE = True
+            try:
+                return datasets.load_dataset(source, split=split)
+            finally:
+                datasets.config.HF_HUB_OFFLINE = was
     except DocumentError:
         raise
     except Exception as e:  # network, name, split or file problems: say what was asked for
-        what = ("loading it as a dataset" if path.exists()
-                else "no such file or folder, and loading it as a Hub dataset name")
-        raise DocumentError(f"{source}: {what} failed: {e}") from None
+        if path.exists():
+            raise DocumentError(f"{source}: loading it as a dataset failed: {e}") from None
+        if unreachable is not None:
+            raise DocumentError(f"{source}: no such file or folder, not a dataset in the Hugging Face cache, and "
+                                f"the Hub cannot be reached from here ({unreachable})") from None
+        raise DocumentError(f"{source}: no such file or folder, and loading it as a Hub dataset name failed: {e}"
+                            ) from None
 
 
 def chunk_tokens(ids: Sequence[int], chunk_tokens: int, overlap: float) -> List[List[int]]:

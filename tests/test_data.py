@@ -255,3 +255,28 @@ def test_special_token_strings_in_text_stay_plain(tiny_model):
     tok.chat_template = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"
     with pytest.raises(ValueError, match="does not place the user text once"):
         chat_prompt_ids(tok, hostile)
+
+
+def test_a_hub_dataset_name_without_network_fails_at_once_and_says_why(monkeypatch):
+    """With the Hub's host unresolvable, a name that is no file or folder goes to `datasets` in offline
+    mode (a copy in its cache is read, anything else fails at once, where it retried the Hub for 25 s
+    first), and the error names both; the library's setting is left as it was."""
+    import datasets
+
+    from kmtrain import models
+
+    monkeypatch.setattr(models, "hub_unreachable", lambda: "hub.test: no network in this test")
+    real_load, offline_seen = datasets.load_dataset, []
+
+    def spy(*args, **kwargs):
+        offline_seen.append(datasets.config.HF_HUB_OFFLINE)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    was = datasets.config.HF_HUB_OFFLINE
+    missing = "kmtest/no-such-dataset"
+    with pytest.raises(DocumentError, match=re.escape(f"{missing}: no such file or folder, not a dataset in the "
+                                                      f"Hugging Face cache, and the Hub cannot be reached from here "
+                                                      f"(hub.test: no network in this test)")):
+        load_documents(missing)
+    assert offline_seen == [True] and datasets.config.HF_HUB_OFFLINE == was
