@@ -22,7 +22,7 @@ import time
 from array import array
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -93,6 +93,18 @@ def _read_json(path: Path) -> Optional[dict]:
     except (OSError, ValueError):
         return None
     return got if isinstance(got, dict) else None
+
+
+def _read_stage_record(doc_id: str, path: Path, problem: Callable[[dict], Optional[str]]) -> Optional[dict]:
+    """A document's stage record (chunks.json, synth.json), or None where there is none to keep:
+    missing, or damaged, which is said in one line as it is redone (``problem``: what is wrong with
+    a record that parses, or None). A file cut short or overwritten was redone without a word."""
+    got = _read_json(path)
+    why = "unreadable, or not a JSON object" if got is None and path.exists() else (problem(got) if got else None)
+    if why is not None:
+        print(f"{doc_id}: {path} is damaged ({why}), redoing it", flush=True)
+        return None
+    return got
 
 
 # how chunks.json's ids were made (data.text_ids); a record without it, or with another, is redone
@@ -347,10 +359,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     for d in todo:
         remove_stale_temp(work / d.id)  # what a dead run left in this document's stage folder
         path = work / d.id / "chunks.json"
-        got = _read_json(path)
-        if got and (problem := _chunks_problem(got)) is not None:
-            print(f"{d.id}: {path} is damaged ({problem}), redoing it", flush=True)
-            got = None
+        got = _read_stage_record(d.id, path, _chunks_problem)
         same_source = bool(got) and got.get("doc_sha") == d.sha256 and got.get("setting") == setting
         if not same_source or got.get("tokenized") != CHUNK_TOKENIZATION:
             ids = text_ids(tok, d.text)
@@ -386,10 +395,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         missing = []
         for d in todo:
             path = work / d.id / "synth.json"
-            got = _read_json(path)
-            if got and (problem := _synth_problem(got, n_chunks[d.id])) is not None:
-                print(f"{d.id}: {path} is damaged ({problem}), redoing it", flush=True)
-                got = None
+            got = _read_stage_record(d.id, path, lambda rec: _synth_problem(rec, n_chunks[d.id]))
             if got and got.get("setting") == synth_setting and got.get("doc_sha") == d.sha256:
                 synth[d.id] = got
             else:

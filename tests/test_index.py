@@ -538,7 +538,8 @@ def test_a_document_too_short_to_train_says_why(tiny_model, tmp_path, capsys):
 
 def test_damaged_stage_files_are_redone(tiny_model, docs_dir, tmp_path, capsys):
     """chunks.json / synth.json that parse but are not in their form (a slip in a hand-curated
-    synth.json, say) are redone with a line saying why; before, errors from deep in the run."""
+    synth.json, say) are redone with a line saying why; before, errors from deep in the run. So are
+    those that do not parse (cut short), which were redone without a word."""
     out = tmp_path / "kms"
     cfg = tiny_cfg(tiny_model, out, steps=1)
     index(str(docs_dir), cfg)
@@ -549,12 +550,17 @@ def test_damaged_stage_files_are_redone(tiny_model, docs_dir, tmp_path, capsys):
     synth["items"][0]["chunk"] = 7
     (work / "beta" / "synth.json").write_text(json.dumps(synth))
     (work / "gamma" / "synth.json").write_text("[1, 2]")  # JSON, not an object
+    gamma_chunks = (work / "gamma" / "chunks.json").read_text()
+    (work / "gamma" / "chunks.json").write_text(gamma_chunks[: len(gamma_chunks) // 2])  # cut short
     capsys.readouterr()
     assert {s["status"] for s in index(str(docs_dir), cfg.replace(retrain=True))} == {"trained"}
     printed = capsys.readouterr().out
     assert f"alpha: {work / 'alpha' / 'chunks.json'} is damaged (needs non-empty lists 'texts'" in printed
     assert f"beta: {work / 'beta' / 'synth.json'} is damaged (item 0 needs an integer 'chunk' in [0, 1)" in printed
+    for name in ("chunks.json", "synth.json"):
+        assert f"gamma: {work / 'gamma' / name} is damaged (unreadable, or not a JSON object), redoing it" in printed
     assert json.loads((work / "gamma" / "synth.json").read_text())["items"]
+    assert (work / "gamma" / "chunks.json").read_text() == gamma_chunks
 
 
 def test_chunks_from_before_plain_special_tokens_are_redone(tiny_model, tmp_path, monkeypatch, capsys):
