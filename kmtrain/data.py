@@ -224,8 +224,10 @@ def _load_dataset(source: str, path: Path, split: str, progress: bool = True):
     except ImportError:
         what = "reading it" if path.exists() else "no such file or folder; reading it as a Hub dataset name"
         raise DocumentError(f"{source}: {what} needs `datasets` (pip install 'kmkernels[train]')") from None
+    from .models import hub_unreachable
+
     bars = (datasets.is_progress_bar_enabled, datasets.enable_progress_bars, datasets.disable_progress_bars)
-    unreachable = None
+    unreachable = None if path.exists() else hub_unreachable()  # a Hub name: can the Hub be reached?
     try:
         with library_bars(progress, *bars):
             if _saved_dataset(path):
@@ -240,18 +242,11 @@ def _load_dataset(source: str, path: Path, split: str, progress: bool = True):
                     raise DocumentError(f"{source}: one data file is one split, 'train' (asked for {split!r})")
                 builder = next(b for suffix, b in _BUILDER_OF.items() if path.name.lower().endswith(suffix))
                 return datasets.load_dataset(builder, data_files=str(path), split="train")
-            if path.exists():
-                return datasets.load_dataset(source, split=split)
-            from .models import hub_unreachable
-
-            unreachable = hub_unreachable()
-            if unreachable is None:
-                return datasets.load_dataset(source, split=split)
-            # No network: `datasets` in offline mode reads a copy in its cache at once, or fails at
-            # once, where it would otherwise retry the Hub for 25 s first (its setting is read at
-            # import, so the flag is set on its config for this call alone)
+            # A Hub name with no network: `datasets` in offline mode reads a copy in its cache at
+            # once, or fails at once, where it would otherwise retry the Hub for 25 s first (its
+            # setting is read at import, so the flag is set on its config for this call alone)
             was = getattr(datasets.config, "HF_HUB_OFFLINE", False)
-            datasets.config.HF_HUB_OFFLINE = True
+            datasets.config.HF_HUB_OFFLINE = was or unreachable is not None
             try:
                 return datasets.load_dataset(source, split=split)
             finally:
