@@ -330,31 +330,33 @@ def prompt_kv(model, ids: Sequence[int]) -> List[Tuple[torch.Tensor, torch.Tenso
     return [(layer.keys, layer.values) for layer in past.layers]
 
 
-# Longest attended length at which the math path is still used for a training pass (see below).
+# Longest attended length at which the fp32 training attention is still used (see below).
 MATH_ATTENTION_MAX_KEYS = 512
 
 
 def cpu_bf16_attention(device: torch.device, weight_dtype: torch.dtype, keys: int):
-    """PyTorch's math attention for a bf16 training pass (gradient recorded) over at most
-    ``MATH_ATTENTION_MAX_KEYS`` keys on a CPU, else no change (its flash kernel). ``keys``: the
-    longest attended length of the pass (prefix included); no default, so no caller gets the math
-    path on a long context by leaving it out.
+    """For a bf16 training pass (gradient recorded) over at most ``MATH_ATTENTION_MAX_KEYS`` keys
+    on a CPU, the attention of PyTorch's math path in fewer passes (``cpu_attention``); else no
+    change (PyTorch's CPU flash kernel). ``keys``: the longest attended length of the pass (prefix
+    included); no default, so no caller gets the [T, T]-score path on a long context by leaving it out.
 
-    Why: for the forward and backward of 16 x 160 tokens, 9 heads (SmolLM2, one layer) the flash
-    kernel took 55 ms against 39 ms for the math path, which was also as close to float64 (max error
-    0.008 against 0.009); make demo's training step went from 9.2 to 8.3 s. Everywhere else the flash
-    kernel is the faster one (measured on SmolLM2's whole decoder, bf16, 2026-11-24): forward without
-    gradient 9.4 against 10.7 s at 16 x 160 tokens and 14.3 against 26.2 s at 2 x 1750 (a teacher
-    reading a long chunk), forward and backward 43.7 against 76.1 s at 2 x 1750; the math path's
-    [T, T] scores grow with the square of the context. In fp32 the flash kernel is the faster one
-    (32 against 39 ms) and stays. The crossover for training lies between 160 and 1750 keys; 512
-    is a round point inside it, not a measured optimum."""
+    Why the math path's arithmetic (fp32 scores and softmax) rather than the flash kernel: for the
+    forward and backward of 16 x 160 tokens, 9 heads (SmolLM2, one layer) the flash kernel took 55 ms
+    against 39 ms for the math path, which was also as close to float64 (max error 0.008 against
+    0.009); make demo's training step went from 9.2 to 8.3 s. ``cpu_attention`` computes the same in
+    fewer passes: a decoder forward + backward of a make demo training batch in 7.7 against 8.4 s
+    (2026-12-03). Everywhere else the flash kernel is the faster one (measured on SmolLM2's whole
+    decoder, bf16, 2026-11-24): forward without gradient 9.4 against 10.7 s at 16 x 160 tokens and
+    14.3 against 26.2 s at 2 x 1750 (a teacher reading a long chunk), forward and backward 43.7
+    against 76.1 s at 2 x 1750; the [T, T] scores grow with the square of the context. In fp32 the
+    flash kernel is the faster one (32 against 39 ms) and stays. The crossover for training lies
+    between 160 and 1750 keys; 512 is a round point inside it, not a measured optimum."""
     from contextlib import nullcontext
 
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from .cpu_attention import cpu_training_attention
 
     autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     bf16 = autocast_bf16 or weight_dtype == torch.bfloat16
     if device.type == "cpu" and bf16 and torch.is_grad_enabled() and keys <= MATH_ATTENTION_MAX_KEYS:
-        return sdpa_kernel(SDPBackend.MATH)
+        return cpu_training_attention()
     return nullcontext()

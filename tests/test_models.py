@@ -72,7 +72,7 @@ def test_native_bf16_matches_the_cpu_flags():
 
 
 def test_decoder_hidden_states_under_cpu_bf16_autocast_track_float64(tiny_model):
-    """Under bf16 autocast on a CPU the attention takes PyTorch's math path: the hidden states
+    """Under bf16 autocast on a CPU the attention is kmtrain.cpu_attention's: the hidden states
     (and their gradient) stay within bf16 error of a float64 forward, padding mask included."""
     from kmtrain.models import decoder_hidden_states, load_model
 
@@ -97,16 +97,16 @@ def test_decoder_hidden_states_under_cpu_bf16_autocast_track_float64(tiny_model)
     assert (g_bf16.double() - g64).norm() <= 5e-2 * g64.norm()
 
 
-def test_cpu_bf16_attention_takes_the_math_path_only_for_short_training_passes(tiny_model):
-    """Math attention for a bf16 pass with gradient over <= MATH_ATTENTION_MAX_KEYS keys (where it
-    was measured faster); the flash kernel for passes without gradient (teacher, cache) and for long
-    contexts. The no-gradient bf16 forward of a long sequence then still tracks float64."""
+def test_cpu_bf16_attention_takes_the_fp32_training_attention_only_for_short_training_passes(tiny_model):
+    """The fp32 training attention for a bf16 pass with gradient over <= MATH_ATTENTION_MAX_KEYS keys
+    (where it was measured faster); the flash kernel for passes without gradient (teacher, cache)
+    and for long contexts. The no-gradient bf16 forward of a long sequence then still tracks float64."""
     import contextlib
 
     from kmtrain.models import MATH_ATTENTION_MAX_KEYS, cpu_bf16_attention, decoder_hidden_states, load_model
 
     cpu, bf16 = torch.device("cpu"), torch.bfloat16
-    is_math = lambda ctx: not isinstance(ctx, contextlib.nullcontext)  # noqa: E731
+    is_math = lambda ctx: not isinstance(ctx, contextlib.nullcontext)  # noqa: E731 (the fp32 one)
     assert is_math(cpu_bf16_attention(cpu, bf16, keys=MATH_ATTENTION_MAX_KEYS))
     assert not is_math(cpu_bf16_attention(cpu, bf16, keys=MATH_ATTENTION_MAX_KEYS + 1))
     assert not is_math(cpu_bf16_attention(cpu, torch.float32, keys=16))
