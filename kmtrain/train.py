@@ -106,12 +106,74 @@ def chunked_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
                       for i in range(0, h.shape[0], chunk)])
 
 
+# A batch is split in two forwards when that leaves at least this fraction of its padded tokens
+# out: a second decoder call costs about 4% of a make demo batch's forward + backward (measured
+# 2026-12-03 on a 2-core CPU: 16 sequences of 78-166 tokens, 7.4 s in one forward against 6.9 s in
+# two, where the two hold 9% fewer tokens), so smaller savings are not worth a call. make demo's
+# batches would leave 3-21% out (10.5% over its 60 steps). A round threshold, not a tuned one.
+SPLIT_MIN_SAVING = 0.05
+
+
+def length_groups(lengths: List[int]) -> List[List[int]]:
+    """The batch's sequences (indices into ``lengths``) in one group, or in two by length (the
+    shortest ones, then the rest) when padding each group to its own longest sequence leaves at
+    least SPLIT_MIN_SAVING of the padded tokens out. Each group keeps the batch's order."""
+    n = len(lengths)
+    order = sorted(range(n), key=lambda i: lengths[i])
+    longest = lengths[order[-1]] if n else 0
+    best_k, best = 0, n * longest
+    for k in range(1, n):
+        cost = k * lengths[order[k - 1]] + (n - k) * longest
+        if cost < best:
+            best_k, best = k, cost
+    if best_k == 0 or n * longest - best < SPLIT_MIN_SAVING * n * longest:
+        return [list(range(n))]
+    short = set(order[:best_k])
+    return [[i for i in range(n) if i in short], [i for i in range(n) if i not in short]]
+
+
+def _student_rows(model, examples: List[Example], slots: List[int], layers: List[int], device: torch.device,
+                  amp_dtype, pad_id: int, lm_targets: bool) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+    """Each of ``layers``' student hidden states at the examples' distilled positions, [N_pos, H]
+    in the examples' order (example k's rows s_start .. s_start + n - 1, then example k + 1's), and
+    with ``lm_targets`` the next token at each of them [N_pos]. The sequences run in one decoder
+    forward, or two by length (``length_groups``): every sequence's numbers are its own either way
+    (causal attention over its own tokens, its own LoRA slot), only the padding differs."""
+    per_layer: List[List[torch.Tensor]] = [[] for _ in layers]
+    tgt, where = [], []
+    for idx in length_groups([len(e.student_ids) for e in examples]):
+        batch = [examples[i] for i in idx]
+        ids, mask = _pad([e.student_ids for e in batch], pad_id)
+        set_adapter_ids(model, torch.tensor([slots[i] for i in idx]))
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            # no logits: both losses start from hidden states at the target positions
+            hidden = decoder_hidden_states(model, ids.to(device), mask.to(device))
+        T = ids.shape[1]
+        pos = torch.cat([b * T + torch.arange(e.s_start, e.s_start + e.n) for b, e in enumerate(batch)]).to(device)
+        for rows, l in zip(per_layer, layers):
+            rows.append(hidden[l].reshape(-1, hidden[l].shape[-1])[pos])
+        if lm_targets:
+            tgt.append(ids.to(device).reshape(-1)[pos + 1])
+        where.extend(idx)
+    if len(per_layer[0]) == 1:
+        return [rows[0] for rows in per_layer], (tgt[0] if lm_targets else None)
+    # back to the examples' order: the rows came group by group
+    start, at = {}, 0
+    for i in where:
+        start[i] = at
+        at += examples[i].n
+    back = torch.cat([torch.arange(start[k], start[k] + e.n) for k, e in enumerate(examples)]).to(device)
+    return ([torch.cat(rows)[back] for rows in per_layer],
+            torch.cat(tgt)[back] if lm_targets else None)
+
+
 def _batch_losses(model, wave: List[DocState], picks: List[Tuple[int, int]], groups: List[int], cfg,
                   device: torch.device, amp_dtype, layers: List[int], pad_id: int) -> List[Tuple[torch.Tensor, Dict[str, float]]]:
-    """One student forward over ``picks`` [(slot, example index)], each example in its document's slot,
-    and one loss per group: ``groups[k]`` (0..G-1) is the group of ``picks[k]``. A group's loss is its
-    own DCD loss (KL averaged over the group's positions, each layer's sum|h_s - h_t| / sum|h_t| over
-    them) or its mean next-token loss, so no group's value or gradient depends on another's rows."""
+    """The student's pass over ``picks`` [(slot, example index)], each example in its document's slot
+    (one decoder forward, or two by length: ``_student_rows``), and one loss per group: ``groups[k]``
+    (0..G-1) is the group of ``picks[k]``. A group's loss is its own DCD loss (KL averaged over the
+    group's positions, each layer's sum|h_s - h_t| / sum|h_t| over them) or its mean next-token loss,
+    so no group's value or gradient depends on another's rows."""
     distill = cfg.objective in ("sdcd", "ddcd")
     examples = [wave[slot].examples[i] for slot, i in picks]
     G = max(groups) + 1
@@ -136,34 +198,27 @@ def _batch_losses(model, wave: List[DocState], picks: List[Tuple[int, int]], gro
             t_h = [round_like_cache(h, cfg.cache_dtype) for h in fresh]
             t_norms = [h.abs().sum(dim=(1, 2)) for h in fresh]
 
-    # the student: base model + each document's own slot, one forward for the whole batch
-    ids, mask = _pad([e.student_ids for e in examples], pad_id)
-    set_adapter_ids(model, torch.tensor([slot for slot, _ in picks]))
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        # no logits: both losses start from hidden states at the target positions
-        hidden = decoder_hidden_states(model, ids.to(device), mask.to(device))
-
-    T = ids.shape[1]
-    pos = torch.cat([b * T + torch.arange(e.s_start, e.s_start + e.n) for b, e in enumerate(examples)]).to(device)
+    # the student: base model + each document's own slot, its hidden states at the distilled
+    # positions [N_pos, H] of each layer (the LM objectives: of the last, with next-token targets)
+    want = layers if distill else [-1]
+    s_rows, targets = _student_rows(model, examples, [slot for slot, _ in picks], want, device, amp_dtype, pad_id,
+                                    lm_targets=not distill)
     group_of_pos = torch.cat([torch.full((e.n,), g) for g, e in zip(groups, examples)])
     lm_head = model.get_output_embeddings().weight
     out = []
     if distill:
-        s_h = [hidden[l].reshape(-1, hidden[l].shape[-1])[pos] for l in layers]
         t_all = torch.cat(t_h, dim=1).to(device)  # [L_sel, N_pos, H]
         for g in range(G):
             sel = (group_of_pos == g).nonzero().squeeze(1).to(device)
             norms = torch.stack([n for k, n in zip(groups, t_norms) if k == g]).sum(0)
             stats = (t_emb[sel], t_negent[sel]) if t_emb is not None else None
-            loss, parts = dcd_loss([h[sel] for h in s_h], t_all[:, sel], lm_head, kl_weight=cfg.kl_weight,
+            loss, parts = dcd_loss([h[sel] for h in s_rows], t_all[:, sel], lm_head, kl_weight=cfg.kl_weight,
                                    hidden_weight=cfg.hidden_weight, teacher_norms=norms, teacher_kl_stats=stats,
                                    backend=cfg.backend)
             out.append((loss, {"loss": float(loss.detach()), "kl": float(parts["kl"]), "hidden": float(parts["hidden"])}))
     else:
-        last = hidden[-1]
-        tgt = ids.to(device).reshape(-1)[pos + 1]
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            ce = chunked_lm_loss(last.reshape(-1, last.shape[-1])[pos], lm_head, tgt)
+            ce = chunked_lm_loss(s_rows[0], lm_head, targets)
         for g in range(G):
             loss = ce[(group_of_pos == g).to(device)].mean()
             out.append((loss, {"loss": float(loss.detach())}))

@@ -173,3 +173,68 @@ def test_lr_b_ratio_scales_only_the_b_updates(tiny_model):
     assert sum(int((b != 0).sum()) for b in b1) > 0
     for x, y in zip(b1, b3):
         torch.testing.assert_close(y, 3 * x, rtol=1e-5, atol=1e-9)
+
+
+def test_length_groups_split_only_when_it_saves_padding():
+    from kmtrain.train import SPLIT_MIN_SAVING, length_groups
+
+    assert length_groups([100, 12, 100, 15, 100]) == [[1, 3], [0, 2, 4]]  # 500 padded tokens -> 30 + 300
+    assert length_groups([100, 98, 100]) == [[0, 1, 2]]  # 2 of 300 tokens: not worth a second forward
+    assert length_groups([7]) == [[0]] and length_groups([]) == [[]]
+    # the threshold itself: a split saving exactly SPLIT_MIN_SAVING is taken, one saving less is not
+    n = 10
+    short = int(round(100 * (1 - SPLIT_MIN_SAVING * n)))  # one sequence of `short` among 9 of 100
+    assert len(length_groups([short] + [100] * (n - 1))) == 2
+    assert len(length_groups([short + 1] + [100] * (n - 1))) == 1
+
+
+@pytest.mark.parametrize("objective", ["sdcd", "lm"])
+def test_a_batch_split_by_length_has_the_losses_and_gradients_of_one_forward(tiny_model, monkeypatch, objective):
+    """Short and long examples in two decoder forwards give each document the loss and the LoRA
+    gradients of one padded forward (fp32: to rounding), the rows put back in the examples' order."""
+    import kmtrain.train as train
+    from kmkernels import attach_grouped_lora, slot_parameters
+    from kmtrain import IndexConfig
+    from kmtrain.models import load_model
+    from kmtrain.teacher_cache import Example
+
+    model, tok, _, _ = load_model(tiny_model)
+    g = torch.Generator().manual_seed(0)
+
+    def example(n_target):
+        ctx = torch.randint(3, len(tok), (9,), generator=g).tolist()
+        tgt = torch.randint(3, len(tok), (n_target,), generator=g).tolist()
+        if objective == "lm":
+            return Example(tgt, 0, n_target - 1)
+        return Example([1] + tgt, 0, n_target, ctx + [1] + tgt, len(ctx))
+
+    # per document one long and one short example, interleaved so that the groups cut across documents
+    wave = [train.DocState(f"d{k}", [example(30), example(3 + k)], seed=k) for k in range(2)]
+    picks = [(0, 0), (0, 1), (1, 1), (1, 0)]
+    cfg = IndexConfig(model=tiny_model, objective=objective, amp="off", backend="torch", cache_dtype="fp32")
+    attach_grouped_lora(model, 2, rank=4, alpha=8, backend="torch")
+    with torch.no_grad():
+        for p in slot_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    calls = []
+    real = train.decoder_hidden_states
+    monkeypatch.setattr(train, "decoder_hidden_states", lambda m, ids, mask: calls.append(ids.shape) or real(m, ids, mask))
+
+    def run(min_saving):
+        monkeypatch.setattr(train, "SPLIT_MIN_SAVING", min_saving)
+        calls.clear()
+        out = train._batch_losses(model, wave, picks, [0, 0, 1, 1], cfg, torch.device("cpu"), None,
+                                  list(range(model.config.num_hidden_layers)), tok.pad_token_id)
+        model.zero_grad(set_to_none=True)
+        sum(loss for loss, _ in out).backward()
+        return [float(loss.detach()) for loss, _ in out], [p.grad.clone() for p in slot_parameters(model)], list(calls)
+
+    one_losses, one_grads, one_calls = run(1.0)
+    two_losses, two_grads, two_calls = run(0.0)
+    widths = [31, 31] if objective == "sdcd" else [30, 30]
+    assert [s[1] for s in one_calls] == widths[:1] and sorted(s[0] for s in two_calls) == [2, 2], (one_calls, two_calls)
+    assert max(s[1] for s in two_calls) == widths[1] and min(s[1] for s in two_calls) < 10
+    for a, b in zip(one_losses, two_losses):
+        assert abs(a - b) <= 1e-5 * abs(a), (one_losses, two_losses)
+    for a, b in zip(one_grads, two_grads):
+        assert (a - b).norm() <= 1e-5 * a.norm(), float((a - b).norm() / a.norm())
