@@ -86,9 +86,9 @@ def _mask_bias(mask: Optional[torch.Tensor], B: int, Hkv: int, g: int, T: int, S
                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(bias fp32 [B * Hkv, g * T, S], dead rows or None) for a boolean mask [B or 1, 1, T, S]
     (True: attend) or, with ``mask`` None, a causal one."""
-    key = (id(mask), getattr(mask, "_version", None), B, Hkv, g, T, S)
+    key = (getattr(mask, "_version", None), B, Hkv, g, T, S)
     hit = _BIAS.get("entry")
-    if hit is not None and hit[0] == key and hit[1] is mask:  # the held reference keeps id(mask) unique
+    if hit is not None and hit[1] is mask and hit[0] == key:  # the same mask object, unchanged
         return hit[2], hit[3]
     m = torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None] if mask is None else mask
     m = m.expand(B, 1, T, S)
@@ -118,7 +118,7 @@ def training_attention(module, query, key, value, attention_mask, dropout: float
                    or attention_mask is None and causal and T == S))
     if not usable:
         return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+                        is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else D ** -0.5
     bias, dead = _mask_bias(attention_mask, B, Hkv, Hq // Hkv, T, S)
     return CPUTrainingAttentionFunction.apply(query, key, value, bias, dead, float(scale)), None

@@ -144,16 +144,17 @@ def _student_rows(model, examples: List[Example], slots: List[int], layers: List
     for idx in length_groups([len(e.student_ids) for e in examples]):
         batch = [examples[i] for i in idx]
         ids, mask = _pad([e.student_ids for e in batch], pad_id)
+        ids = ids.to(device)
         set_adapter_ids(model, torch.tensor([slots[i] for i in idx]))
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             # no logits: both losses start from hidden states at the target positions
-            hidden = decoder_hidden_states(model, ids.to(device), mask.to(device))
+            hidden = decoder_hidden_states(model, ids, mask.to(device))
         T = ids.shape[1]
         pos = torch.cat([b * T + torch.arange(e.s_start, e.s_start + e.n) for b, e in enumerate(batch)]).to(device)
         for rows, l in zip(per_layer, layers):
             rows.append(hidden[l].reshape(-1, hidden[l].shape[-1])[pos])
         if lm_targets:
-            tgt.append(ids.to(device).reshape(-1)[pos + 1])
+            tgt.append(ids.reshape(-1)[pos + 1])
         where.extend(idx)
     if len(per_layer[0]) == 1:
         return [rows[0] for rows in per_layer], (tgt[0] if lm_targets else None)
