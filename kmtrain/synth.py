@@ -1,6 +1,7 @@
 """Synthetic targets: the base model writes summaries and Q/A pairs about each chunk."""
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import random
@@ -51,50 +52,115 @@ class RowSampler:
         # CPU, sorting all 49k scores of every row at every step was a visible part of generation);
         # a row whose candidates hold less than top_p of the mass falls back to the full sort.
         self.candidates = candidates
+        self._uniform: Optional[torch.Tensor] = None  # [B, V] float64, refilled at every step
 
-    def _outside_nucleus(self, scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(mask of the tokens outside each row's nucleus, found among the k most likely [B, V];
-        whether those k hold top_p of the row's mass [B], i.e. the mask is exact)."""
-        top, order = scores.topk(k, dim=-1)  # descending
+    def _outside_nucleus(self, scores: torch.Tensor) -> torch.Tensor:
+        """[B, V] mask of the tokens outside each row's nucleus, from all V scores of each row."""
+        top, order = scores.topk(scores.shape[-1], dim=-1)  # descending
         p = (top - scores.logsumexp(dim=-1, keepdim=True)).exp()
         before = p.cumsum(dim=-1) - p  # the mass of the more likely tokens
-        outside = torch.ones_like(scores, dtype=torch.bool).scatter(-1, order, before >= self.top_p)
-        return outside, (before[:, -1] + p[:, -1]) >= self.top_p
+        return torch.empty_like(scores, dtype=torch.bool).scatter_(-1, order, before >= self.top_p)
+
+    def _uniforms(self, vocab: int) -> torch.Tensor:
+        """[B, V] float64: each row's next V uniforms from its own generator. The whole row is drawn
+        even where only the nucleus is used: the streams must advance by V per step, as they did
+        when the noise of every token was used, so that each request's sample stays what it was."""
+        if self._uniform is None or self._uniform.shape[1] != vocab:
+            self._uniform = torch.empty(len(self.gens), vocab, dtype=torch.float64)
+        for row, g in zip(self._uniform, self.gens):
+            torch.rand(vocab, generator=g, dtype=torch.float64, out=row)
+        return self._uniform
+
+    @staticmethod
+    def _gumbel(u: torch.Tensor) -> torch.Tensor:
+        return -torch.log(-torch.log(u.clamp(1e-300, 1 - 1e-16)))
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.float() / self.temperature
+        u = self._uniforms(scores.shape[-1])
         if self.top_p < 1.0:
-            outside, covered = self._outside_nucleus(scores, min(self.candidates, scores.shape[-1]))
-            if not bool(covered.all()):
-                outside, _ = self._outside_nucleus(scores, scores.shape[-1])
-            scores = scores.masked_fill(outside, float("-inf"))
-        u = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in self.gens])
-        gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1 - 1e-16)))
-        return scores + gumbel.to(device=scores.device, dtype=scores.dtype)
+            k = min(self.candidates, scores.shape[-1])
+            top, order = scores.topk(k, dim=-1)  # descending
+            p = (top - scores.logsumexp(dim=-1, keepdim=True)).exp()
+            before = p.cumsum(dim=-1) - p  # the mass of the more likely tokens
+            if bool(((before[:, -1] + p[:, -1]) >= self.top_p).all()):
+                # Every nucleus lies among the k candidates: the noise is needed there only (k
+                # tokens a row, not V; at B=48 rows of SmolLM2's 49k this was most of a step's
+                # sampling time). Each kept token gets the very sum it got from the full-row
+                # path below, scores[v] + float32(gumbel(u[v])), and every other token -inf.
+                noise = self._gumbel(u.gather(-1, order.cpu())).to(device=scores.device, dtype=scores.dtype)
+                kept = (top + noise).masked_fill(before >= self.top_p, float("-inf"))
+                return torch.full_like(scores, float("-inf")).scatter_(-1, order, kept)
+            scores = scores.masked_fill(self._outside_nucleus(scores), float("-inf"))
+        return scores + self._gumbel(u).to(device=scores.device, dtype=scores.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _reserved_layer_class():
+    """The class of a cache layer over buffers reserved for a whole ``generate`` call (a function,
+    so that importing this module does not import transformers)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        """A DynamicLayer whose keys and values sit at the front of buffers [B, kv_heads, capacity,
+        head_dim] reserved up front: a decoding step writes its token's keys and values in place,
+        where DynamicLayer copies its whole cache to append them (torch.cat; at make demo's 48 rows
+        of ~450 cached tokens, ~550 MB a step over SmolLM2's 30 layers). ``keys``/``values`` are
+        views of the filled part: the same numbers at another head stride, and the attention's
+        output is the same (tested against DynamicLayer)."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+            super().__init__()
+            self.device, self.is_initialized = keys.device, True
+            self._keys, self._values = keys, values
+            self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            n, m = self.keys.shape[-2], key_states.shape[-2]
+            if n + m > self._keys.shape[-2] or self.keys.data_ptr() != self._keys.data_ptr():
+                # past the reservation, or the keys were replaced (a beam reorder): grow by copying, as DynamicLayer
+                self._keys = self.keys = torch.cat([self.keys, key_states], dim=-2)
+                self._values = self.values = torch.cat([self.values, value_states], dim=-2)
+                return self.keys, self.values
+            self._keys[:, :, n:n + m] = key_states
+            self._values[:, :, n:n + m] = value_states
+            self.keys, self.values = self._keys[:, :, :n + m], self._values[:, :, :n + m]
+            return self.keys, self.values
+
+    return ReservedLayer
 
 
 @torch.no_grad()
-def _prompt_cache(model, batch: List[List[int]], width: int, kv: Dict[Tuple[int, ...], list]):
+def _prompt_cache(model, batch: List[List[int]], width: int, kv: Dict[Tuple[int, ...], list], new_tokens: int):
     """The keys and values of every row's prompt but its last token, left-padded to ``width - 1``
     like the batch's input ids, as a cache ``generate`` continues from. Each distinct prompt runs
     once, alone and unpadded (``kv`` keeps them, keyed by prompt, for the next batch): the requests
     of a chunk share their prompt (12 summaries, 6 Q/A generations at the CPU defaults), so the
-    prompts are read once instead of once per request."""
+    prompts are read once instead of once per request. Room for ``new_tokens`` more tokens is
+    reserved in each layer's buffers (``ReservedLayer``) where every layer of the model's cache
+    would be a plain DynamicLayer (no sliding window)."""
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
     for p in map(tuple, batch):
         if p not in kv:
             kv[p] = prompt_kv(model, p[:-1])
+    cache = DynamicCache(config=model.config)
+    reserve = len(cache.layers) == len(kv[tuple(batch[0])]) and all(type(la) is DynamicLayer for la in cache.layers)
     layers = []
     for li, (k0, v0) in enumerate(kv[tuple(batch[0])]):
-        k = k0.new_zeros(len(batch), k0.shape[1], width - 1, k0.shape[3])
-        v = v0.new_zeros(len(batch), v0.shape[1], width - 1, v0.shape[3])
+        capacity = width - 1 + (new_tokens if reserve else 0)
+        k = k0.new_zeros(len(batch), k0.shape[1], capacity, k0.shape[3])
+        v = v0.new_zeros(len(batch), v0.shape[1], capacity, v0.shape[3])
         for j, p in enumerate(batch):
             pk, pv = kv[tuple(p)][li]
-            k[j, :, width - len(p):] = pk[0]  # masked padding stays zero
-            v[j, :, width - len(p):] = pv[0]
+            k[j, :, width - len(p):width - 1] = pk[0]  # masked padding stays zero
+            v[j, :, width - len(p):width - 1] = pv[0]
         layers.append((k, v))
-    return DynamicCache(layers, config=model.config)
+    if not reserve:
+        return DynamicCache(layers, config=model.config)
+    cache.layers[:] = [_reserved_layer_class()(k, v, width - 1) for k, v in layers]
+    return cache
 
 
 def _generate_hf(model, tokenizer, prompts: Sequence[Sequence[int]], cfg, seeds: List[int], progress=None,
@@ -122,7 +188,7 @@ def _generate_hf(model, tokenizer, prompts: Sequence[Sequence[int]], cfg, seeds:
         sampler = RowSampler(seeds[i:i + cfg.gen_batch_size], cfg.temperature, cfg.top_p)
         cached = {}
         if share_prompts and min(len(p) for p in batch) > 1:
-            cached[cache_kwarg(model)] = _prompt_cache(model, batch, width, kv)
+            cached[cache_kwarg(model)] = _prompt_cache(model, batch, width, kv, cfg.max_new_tokens)
             kv = {p: kv[p] for p in map(tuple, batch)}  # a prompt may go on into the next batch; older ones go
         with torch.no_grad():
             # greedy over the sampler's perturbed scores is sampling (see RowSampler)

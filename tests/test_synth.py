@@ -150,6 +150,29 @@ def test_row_sampler_keeps_the_top_p_nucleus_of_hugging_face():
             assert torch.equal(torch.isinf(ours), torch.isinf(hf)), (top_p, candidates)
 
 
+def test_row_sampler_adds_each_rows_own_noise_to_its_nucleus_step_after_step():
+    """The sampler's output, exactly: scores / T inside Hugging Face's top-p nucleus plus the
+    float64 Gumbel noise of the row's own stream (V uniforms per step) rounded to fp32, -inf
+    outside; over several steps, for batches whose nuclei lie among the candidates (noise drawn
+    for those only) and batches with a flat row (the full-row path)."""
+    from transformers import TopPLogitsWarper
+
+    from kmtrain.synth import RowSampler
+
+    g = torch.Generator().manual_seed(1)
+    T, top_p, V, seeds = 0.5, 0.8, 500, [11, 12, 13]
+    for spread, candidates in (([8.0, 5.0, 4.0], 16), ([8.0, 5.0, 0.05], 16), ([8.0, 5.0, 4.0], V)):
+        sampler = RowSampler(seeds, temperature=T, top_p=top_p, candidates=candidates)
+        streams = [torch.Generator().manual_seed(s) for s in seeds]
+        for step in range(3):
+            scores = torch.randn(3, V, generator=g) * torch.tensor(spread)[:, None]
+            u = torch.stack([torch.rand(V, generator=s, dtype=torch.float64) for s in streams])
+            noise = (-torch.log(-torch.log(u.clamp(1e-300, 1 - 1e-16)))).float()
+            expected = TopPLogitsWarper(top_p)(None, scores / T) + noise
+            got = sampler(None, scores)
+            assert torch.equal(got, expected), (spread, candidates, step)
+
+
 def test_row_sampler_draws_from_the_tempered_nucleus():
     """Frequencies of 20000 draws against the exact probabilities (float64), within 5 standard errors."""
     from kmtrain.synth import RowSampler
@@ -209,7 +232,7 @@ def test_shared_prompt_cache_generates_what_a_batched_prefill_does(tiny_model):
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         whole = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
-        cache = _prompt_cache(model, [list(p) for p in batch], width, {})
+        cache = _prompt_cache(model, [list(p) for p in batch], width, {}, new_tokens=4)
         step = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos[:, -1:],
                      **{cache_kwarg(model): cache}).logits[:, -1]
     torch.testing.assert_close(step, whole, rtol=1e-5, atol=1e-5)
@@ -218,6 +241,40 @@ def test_shared_prompt_cache_generates_what_a_batched_prefill_does(tiny_model):
     shared = list(_generate_hf(model, tok, prompts, cfg, seeds))
     assert shared == list(_generate_hf(model, tok, prompts, cfg, seeds, share_prompts=False))
     assert len(set(shared)) > 2 and all(shared)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reserved_cache_decodes_exactly_as_a_growing_one(tiny_model, dtype):
+    """Decoding from the prompt cache with room reserved for the new tokens (written in place) gives
+    the very logits of decoding from a DynamicCache of the same prompts (grown by torch.cat), step
+    after step, also once the reservation is used up and the layer grows by copying."""
+    from transformers import DynamicCache
+
+    from kmtrain.models import cache_kwarg, load_model
+    from kmtrain.synth import _prompt_cache
+
+    from conftest import DOCS
+
+    model, tok, _, _ = load_model(tiny_model, dtype=dtype)
+    batch = [chat_prompt_ids(tok, DOCS[k] + "\n\n" + SUMMARY_PROMPT) for k in ("alpha", "beta", "gamma")]
+    width = max(map(len, batch))
+    assert len({len(p) for p in batch}) > 1
+    for reserve in (6, 2):
+        cache = _prompt_cache(model, batch, width, {}, new_tokens=reserve)
+        assert {type(layer).__name__ for layer in cache.layers} == {"ReservedLayer"}
+        growing = DynamicCache([(la.keys.clone(), la.values.clone()) for la in cache.layers], config=model.config)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        pos = mask.sum(-1, keepdim=True) - 1
+        step_ids = torch.tensor([[p[-1]] for p in batch])
+        for step in range(5):
+            with torch.no_grad():
+                got, want = (model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
+                                   **{cache_kwarg(model): c}).logits[:, -1] for c in (cache, growing))
+            assert torch.equal(got, want), (reserve, step)
+            step_ids, mask, pos = got.argmax(-1, keepdim=True), torch.cat([mask, torch.ones_like(pos)], 1), pos + 1
+        assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+                   for a, b in zip(cache.layers, growing.layers))
+        assert cache.get_seq_length() == width - 1 + 5
 
 
 def test_vllm_generator_wiring(tiny_model, docs_dir, tmp_path, monkeypatch):
