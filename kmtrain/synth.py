@@ -54,12 +54,14 @@ class RowSampler:
         self.candidates = candidates
         self._uniform: Optional[torch.Tensor] = None  # [B, V] float64, refilled at every step
 
-    def _outside_nucleus(self, scores: torch.Tensor) -> torch.Tensor:
-        """[B, V] mask of the tokens outside each row's nucleus, from all V scores of each row."""
-        top, order = scores.topk(scores.shape[-1], dim=-1)  # descending
+    def _nucleus(self, scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """(each row's k largest scores [B, k], descending, and their token ids [B, k]; which of them
+        lie outside the row's nucleus [B, k]; whether the k hold top_p of every row's mass, i.e. the
+        nucleus of each row is among them)."""
+        top, order = scores.topk(k, dim=-1)  # descending
         p = (top - scores.logsumexp(dim=-1, keepdim=True)).exp()
         before = p.cumsum(dim=-1) - p  # the mass of the more likely tokens
-        return torch.empty_like(scores, dtype=torch.bool).scatter_(-1, order, before >= self.top_p)
+        return top, order, before >= self.top_p, bool(((before[:, -1] + p[:, -1]) >= self.top_p).all())
 
     def _uniforms(self, vocab: int) -> torch.Tensor:
         """[B, V] float64: each row's next V uniforms from its own generator. The whole row is drawn
@@ -79,19 +81,15 @@ class RowSampler:
         scores = scores.float() / self.temperature
         u = self._uniforms(scores.shape[-1])
         if self.top_p < 1.0:
-            k = min(self.candidates, scores.shape[-1])
-            top, order = scores.topk(k, dim=-1)  # descending
-            p = (top - scores.logsumexp(dim=-1, keepdim=True)).exp()
-            before = p.cumsum(dim=-1) - p  # the mass of the more likely tokens
-            if bool(((before[:, -1] + p[:, -1]) >= self.top_p).all()):
-                # Every nucleus lies among the k candidates: the noise is needed there only (k
-                # tokens a row, not V; at B=48 rows of SmolLM2's 49k this was most of a step's
-                # sampling time). Each kept token gets the very sum it got from the full-row
-                # path below, scores[v] + float32(gumbel(u[v])), and every other token -inf.
-                noise = self._gumbel(u.gather(-1, order.cpu())).to(device=scores.device, dtype=scores.dtype)
-                kept = (top + noise).masked_fill(before >= self.top_p, float("-inf"))
-                return torch.full_like(scores, float("-inf")).scatter_(-1, order, kept)
-            scores = scores.masked_fill(self._outside_nucleus(scores), float("-inf"))
+            top, order, outside, covered = self._nucleus(scores, min(self.candidates, scores.shape[-1]))
+            if not covered:
+                top, order, outside, _ = self._nucleus(scores, scores.shape[-1])
+            # The noise is needed inside the nucleus only (k tokens a row, not V: at B=48 rows of
+            # SmolLM2's 49k, the full rows were most of a step's sampling time). Each kept token
+            # gets scores[v] + float32(gumbel(u[v])), as when every token had noise; the rest -inf.
+            noise = self._gumbel(u.gather(-1, order.cpu())).to(device=scores.device, dtype=scores.dtype)
+            kept = (top + noise).masked_fill(outside, float("-inf"))
+            return torch.full_like(scores, float("-inf")).scatter_(-1, order, kept)
         return scores + self._gumbel(u).to(device=scores.device, dtype=scores.dtype)
 
 
@@ -145,13 +143,14 @@ def _prompt_cache(model, batch: List[List[int]], width: int, kv: Dict[Tuple[int,
     for p in map(tuple, batch):
         if p not in kv:
             kv[p] = prompt_kv(model, p[:-1])
+    first = kv[tuple(batch[0])]
     cache = DynamicCache(config=model.config)
-    reserve = len(cache.layers) == len(kv[tuple(batch[0])]) and all(type(la) is DynamicLayer for la in cache.layers)
+    plain = len(cache.layers) == len(first) and all(type(la) is DynamicLayer for la in cache.layers)
+    reserve = new_tokens if plain else 0
     layers = []
-    for li, (k0, v0) in enumerate(kv[tuple(batch[0])]):
-        capacity = width - 1 + (new_tokens if reserve else 0)
-        k = k0.new_zeros(len(batch), k0.shape[1], capacity, k0.shape[3])
-        v = v0.new_zeros(len(batch), v0.shape[1], capacity, v0.shape[3])
+    for li, (k0, v0) in enumerate(first):
+        k = k0.new_zeros(len(batch), k0.shape[1], width - 1 + reserve, k0.shape[3])
+        v = v0.new_zeros(len(batch), v0.shape[1], width - 1 + reserve, v0.shape[3])
         for j, p in enumerate(batch):
             pk, pv = kv[tuple(p)][li]
             k[j, :, width - len(p):width - 1] = pk[0]  # masked padding stays zero
