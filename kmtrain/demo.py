@@ -59,7 +59,9 @@ def answer_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=("b
             for q in questions[d]:
                 prompts.append(question_prompt(q["q"], docs[d].text if cond == "icl" else None))
                 slots.append(slot if cond == "km" else -1)
-        answers = iter(generate_answers(model, tok, prompts, slots, max_new_tokens=24, batch_size=32))
+        # ICL: a document's questions read it once (share_prefixes), where each read it again
+        answers = iter(generate_answers(model, tok, prompts, slots, max_new_tokens=24, batch_size=32,
+                                        share_prefixes=cond == "icl"))
         for d in ids:
             result[d][cond] = [next(answers) for _ in questions[d]]
     return result

@@ -1,4 +1,5 @@
-"""Base model resolution: the bundled SmolLM2 alias, local folders, Hub names."""
+"""Base model resolution (the bundled SmolLM2 alias, local folders, Hub names), and the decoder and
+KV-cache helpers the stages share: hidden states, prompts run once and continued."""
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +16,7 @@ import tempfile
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -321,13 +322,137 @@ def output_kv_cache(out):
 
 
 @torch.no_grad()
-def prompt_kv(model, ids: Sequence[int]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """Each decoder layer's (keys, values) [1, kv_heads, len(ids), head_dim] for the token ids, from
-    the decoder alone (no lm_head): a prompt run once, whose cache several continuations reuse
-    (the teacher cache's shared prefixes, the generator's shared prompts)."""
+def prompt_kv(model, ids: Sequence[int], past: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+              ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Each decoder layer's (keys, values) [1, kv_heads, P + len(ids), head_dim] for the token ids
+    after ``past`` (another call's result, for a prefix of P tokens; None: P = 0), from the decoder
+    alone (no lm_head): a prompt run once, whose cache several continuations reuse (the teacher
+    cache's shared prefixes, the generator's shared prompts, a document asked several questions).
+    ``past`` itself is left as it was."""
+    from transformers import DynamicCache
+
     dev = next(model.parameters()).device
-    past = output_kv_cache(model.get_decoder()(input_ids=torch.tensor([list(ids)], device=dev), use_cache=True))
-    return [(layer.keys, layer.values) for layer in past.layers]
+    decoder = model.get_decoder()
+    kw = {}
+    if past is not None:  # the cache appends by concatenating: new tensors, past's stay as they are
+        kw[cache_kwarg(decoder)] = DynamicCache(list(past), config=model.config)
+    out = output_kv_cache(decoder(input_ids=torch.tensor([list(ids)], device=dev), use_cache=True, **kw))
+    return [(layer.keys, layer.values) for layer in out.layers]
+
+
+def shared_prefixes(prefixes: Sequence[Sequence[int]]) -> Tuple[Dict[Tuple[int, ...], List[int]], List[int]]:
+    """How to run token sequences that share leading tokens: ({prefix: indices} for prefixes shared
+    by two or more sequences, each to be run once; indices of the rest, to be run whole).
+
+    First, equal sequences share all of it. Then the rest share the longest prefix they have in
+    common with their neighbours in sorted order, when it is at least half of each one's own
+    length: a document or chunk several prompts start with, not just the chat template that every
+    prompt begins with."""
+    groups: Dict[Tuple[int, ...], List[int]] = {}
+    for i, p in enumerate(prefixes):
+        groups.setdefault(tuple(p), []).append(i)
+    shared = {prefix: idx for prefix, idx in groups.items() if len(idx) > 1 and len(prefix) > 0}
+    rest = sorted((i for prefix, idx in groups.items() if prefix not in shared for i in idx),
+                  key=lambda i: list(prefixes[i]))
+    alone: List[int] = []
+    run: List[int] = []
+    run_len = run_longest = 0  # the run's common prefix length, and its members' longest prefix
+
+    def close_run() -> None:
+        if len(run) > 1:
+            # the run's common prefix can be another group's whole prefix (a sequence that extends
+            # another): join that group, whose members all start with it
+            key = tuple(prefixes[run[0]][:run_len])
+            shared[key] = sorted(shared.get(key, []) + run)
+        else:
+            alone.extend(run)
+
+    for i in rest:
+        mine = prefixes[i]
+        if run:
+            first = prefixes[run[0]]
+            common = 0
+            while common < min(run_len, len(mine)) and first[common] == mine[common]:
+                common += 1
+            # half of every member's prefix: run_len only shrinks, and each member's prefix is >= the old run_len
+            if common > 0 and 2 * common >= max(len(mine), run_longest):
+                run.append(i)
+                run_len, run_longest = common, max(run_longest, len(mine))
+                continue
+            close_run()
+        run, run_len, run_longest = [i], len(mine), len(mine)
+    close_run()
+    return shared, sorted(alone)
+
+
+@functools.lru_cache(maxsize=None)
+def _reserved_layer_class():
+    """The class of a cache layer over buffers reserved for a whole ``generate`` call (a function,
+    so that importing this module does not import transformers)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        """A DynamicLayer whose keys and values sit at the front of buffers [B, kv_heads, capacity,
+        head_dim] reserved up front: a decoding step writes its token's keys and values in place,
+        where DynamicLayer copies its whole cache to append them (torch.cat; at make demo's 48 rows
+        of ~450 cached tokens, ~550 MB a step over SmolLM2's 30 layers). ``keys``/``values`` are
+        views of the filled part: the same numbers at another head stride, and the attention's
+        output is the same (tested against DynamicLayer)."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+            super().__init__()
+            self.device, self.is_initialized = keys.device, True
+            self._keys, self._values = keys, values
+            self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            n, m = self.keys.shape[-2], key_states.shape[-2]
+            if n + m > self._keys.shape[-2] or self.keys.data_ptr() != self._keys.data_ptr():
+                # past the reservation, or the keys were replaced (a beam reorder): grow by copying, as DynamicLayer
+                self._keys = self.keys = torch.cat([self.keys, key_states], dim=-2)
+                self._values = self.values = torch.cat([self.values, value_states], dim=-2)
+                return self.keys, self.values
+            self._keys[:, :, n:n + m] = key_states
+            self._values[:, :, n:n + m] = value_states
+            self.keys, self.values = self._keys[:, :, :n + m], self._values[:, :, :n + m]
+            return self.keys, self.values
+
+    return ReservedLayer
+
+
+@torch.no_grad()
+def prompt_cache(model, batch: List[List[int]], width: int, kv: Dict[Tuple[int, ...], list], new_tokens: int):
+    """The keys and values of every row's prompt but its last token, left-padded to ``width - 1``
+    like the batch's input ids, as a cache ``generate`` continues from. Each distinct prompt not in
+    ``kv`` (keyed by prompt; a caller may fill it beforehand, e.g. from a prefix several prompts
+    share: ``prompt_kv``'s ``past``) runs once, alone and unpadded, and ``kv`` keeps it for the next
+    batch: the requests of a chunk share their prompt (12 summaries, 6 Q/A generations at the CPU
+    defaults), so the prompts are read once instead of once per request. Room for ``new_tokens`` more tokens is
+    reserved in each layer's buffers (``ReservedLayer``) where every layer of the model's cache
+    would be a plain DynamicLayer (no sliding window)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    for p in map(tuple, batch):
+        if p not in kv:
+            kv[p] = prompt_kv(model, p[:-1])
+    first = kv[tuple(batch[0])]
+    cache = DynamicCache(config=model.config)
+    plain = len(cache.layers) == len(first) and all(type(la) is DynamicLayer for la in cache.layers)
+    reserve = new_tokens if plain else 0
+    layers = []
+    for li, (k0, v0) in enumerate(first):
+        k = k0.new_zeros(len(batch), k0.shape[1], width - 1 + reserve, k0.shape[3])
+        v = v0.new_zeros(len(batch), v0.shape[1], width - 1 + reserve, v0.shape[3])
+        for j, p in enumerate(batch):
+            pk, pv = kv[tuple(p)][li]
+            k[j, :, width - len(p):width - 1] = pk[0]  # masked padding stays zero
+            v[j, :, width - len(p):width - 1] = pv[0]
+        layers.append((k, v))
+    if not reserve:
+        return DynamicCache(layers, config=model.config)
+    cache.layers[:] = [_reserved_layer_class()(k, v, width - 1) for k, v in layers]
+    return cache
 
 
 # Longest attended length at which the fp32 training attention is still used (see below).

@@ -1,7 +1,6 @@
 """Synthetic targets: the base model writes summaries and Q/A pairs about each chunk."""
 from __future__ import annotations
 
-import functools
 import gc
 import hashlib
 import random
@@ -13,7 +12,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from .data import FACTS_PROMPT, QA_PROMPT, SENTENCE_END, SUMMARY_PROMPT, chat_prompt_ids, parse_qa, qa_target
-from .models import cache_kwarg, prompt_kv
+from .models import cache_kwarg, prompt_cache
 
 
 # The generator's instruction for each kind of synthetic target, after the chunk.
@@ -93,82 +92,13 @@ class RowSampler:
         return scores + self._gumbel(u).to(device=scores.device, dtype=scores.dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _reserved_layer_class():
-    """The class of a cache layer over buffers reserved for a whole ``generate`` call (a function,
-    so that importing this module does not import transformers)."""
-    from transformers.cache_utils import DynamicLayer
-
-    class ReservedLayer(DynamicLayer):
-        """A DynamicLayer whose keys and values sit at the front of buffers [B, kv_heads, capacity,
-        head_dim] reserved up front: a decoding step writes its token's keys and values in place,
-        where DynamicLayer copies its whole cache to append them (torch.cat; at make demo's 48 rows
-        of ~450 cached tokens, ~550 MB a step over SmolLM2's 30 layers). ``keys``/``values`` are
-        views of the filled part: the same numbers at another head stride, and the attention's
-        output is the same (tested against DynamicLayer)."""
-
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
-            super().__init__()
-            self.device, self.is_initialized = keys.device, True
-            self._keys, self._values = keys, values
-            self.keys, self.values = keys[:, :, :length], values[:, :, :length]
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-            n, m = self.keys.shape[-2], key_states.shape[-2]
-            if n + m > self._keys.shape[-2] or self.keys.data_ptr() != self._keys.data_ptr():
-                # past the reservation, or the keys were replaced (a beam reorder): grow by copying, as DynamicLayer
-                self._keys = self.keys = torch.cat([self.keys, key_states], dim=-2)
-                self._values = self.values = torch.cat([self.values, value_states], dim=-2)
-                return self.keys, self.values
-            self._keys[:, :, n:n + m] = key_states
-            self._values[:, :, n:n + m] = value_states
-            self.keys, self.values = self._keys[:, :, :n + m], self._values[:, :, :n + m]
-            return self.keys, self.values
-
-    return ReservedLayer
-
-
-@torch.no_grad()
-def _prompt_cache(model, batch: List[List[int]], width: int, kv: Dict[Tuple[int, ...], list], new_tokens: int):
-    """The keys and values of every row's prompt but its last token, left-padded to ``width - 1``
-    like the batch's input ids, as a cache ``generate`` continues from. Each distinct prompt runs
-    once, alone and unpadded (``kv`` keeps them, keyed by prompt, for the next batch): the requests
-    of a chunk share their prompt (12 summaries, 6 Q/A generations at the CPU defaults), so the
-    prompts are read once instead of once per request. Room for ``new_tokens`` more tokens is
-    reserved in each layer's buffers (``ReservedLayer``) where every layer of the model's cache
-    would be a plain DynamicLayer (no sliding window)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    for p in map(tuple, batch):
-        if p not in kv:
-            kv[p] = prompt_kv(model, p[:-1])
-    first = kv[tuple(batch[0])]
-    cache = DynamicCache(config=model.config)
-    plain = len(cache.layers) == len(first) and all(type(la) is DynamicLayer for la in cache.layers)
-    reserve = new_tokens if plain else 0
-    layers = []
-    for li, (k0, v0) in enumerate(first):
-        k = k0.new_zeros(len(batch), k0.shape[1], width - 1 + reserve, k0.shape[3])
-        v = v0.new_zeros(len(batch), v0.shape[1], width - 1 + reserve, v0.shape[3])
-        for j, p in enumerate(batch):
-            pk, pv = kv[tuple(p)][li]
-            k[j, :, width - len(p):width - 1] = pk[0]  # masked padding stays zero
-            v[j, :, width - len(p):width - 1] = pv[0]
-        layers.append((k, v))
-    if not reserve:
-        return DynamicCache(layers, config=model.config)
-    cache.layers[:] = [_reserved_layer_class()(k, v, width - 1) for k, v in layers]
-    return cache
-
-
 def _generate_hf(model, tokenizer, prompts: Sequence[Sequence[int]], cfg, seeds: List[int], progress=None,
                  share_prompts: bool = True) -> Iterator[str]:
     """Batched top-p sampling with Hugging Face generate (left padding), request i drawn from seeds[i].
     Yields the outputs in request order, each batch's as soon as it is generated.
 
     share_prompts: each distinct prompt's keys and values are computed once and reused by every
-    request of it (see _prompt_cache); False runs every row's prompt in the batched prefill (the
+    request of it (see models.prompt_cache); False runs every row's prompt in the batched prefill (the
     oracle of the tests). On the demo corpus the prefill of 144 prompts of ~300 tokens was ~50 s
     of a 2-core CPU's ~160 s of generation."""
     from transformers import LogitsProcessorList
@@ -187,7 +117,7 @@ def _generate_hf(model, tokenizer, prompts: Sequence[Sequence[int]], cfg, seeds:
         sampler = RowSampler(seeds[i:i + cfg.gen_batch_size], cfg.temperature, cfg.top_p)
         cached = {}
         if share_prompts and min(len(p) for p in batch) > 1:
-            cached[cache_kwarg(model)] = _prompt_cache(model, batch, width, kv, cfg.max_new_tokens)
+            cached[cache_kwarg(model)] = prompt_cache(model, batch, width, kv, cfg.max_new_tokens)
             kv = {p: kv[p] for p in map(tuple, batch)}  # a prompt may go on into the next batch; older ones go
         with torch.no_grad():
             # greedy over the sampler's perturbed scores is sampling (see RowSampler)

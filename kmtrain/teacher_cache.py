@@ -34,7 +34,7 @@ import torch
 from kmkernels import teacher_kl_stats
 
 from .data import ANSWER_PROMPT, QA_PROMPT, atomic_write, chat_prompt_ids, parse_qa, target_ids, text_ids
-from .models import cache_kwarg, cpu_bf16_attention, decoder_hidden_states, prompt_kv
+from .models import cache_kwarg, cpu_bf16_attention, decoder_hidden_states, prompt_kv, shared_prefixes
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -173,49 +173,14 @@ def prefix_groups(examples: Sequence[Example]) -> Tuple[Dict[Tuple[int, ...], Li
     """How the cache build runs ``examples``: ({teacher prefix: indices} for prefixes shared by two
     or more examples, run once each by ``shared_prefix_hiddens``; indices of the rest, run whole).
 
-    First, examples whose whole teacher input before the first distilled position (chunk + prompt)
-    is the same share it: every summary of a chunk, every Q/A target of it. Then the examples left
-    with a prompt of their own (recitation pieces, each cued by its own words) share the longest
-    prefix they have in common with their neighbours in sorted order, when it is at least half of
-    each one's own prefix: the chunk before the cue, not just the chat template every example of
-    every chunk begins with. Why: run whole, a recitation piece of a 1700-token chunk costs the
-    teacher 1700 tokens instead of its ~110-token cue and piece (measured on 4 documents of six
-    demo documents each: their cache build took most of the full recipe's time)."""
-    groups: Dict[Tuple[int, ...], List[int]] = {}
-    for i, e in enumerate(examples):
-        groups.setdefault(tuple(e.teacher_ids[:e.t_start]), []).append(i)
-    shared = {prefix: idx for prefix, idx in groups.items() if len(idx) > 1 and len(prefix) > 0}
-    rest = sorted((i for prefix, idx in groups.items() if prefix not in shared for i in idx),
-                  key=lambda i: list(examples[i].teacher_ids[:examples[i].t_start]))
-    alone: List[int] = []
-    run: List[int] = []
-    run_len = run_longest = 0  # the run's common prefix length, and its members' longest prefix
-
-    def close_run() -> None:
-        if len(run) > 1:
-            # the run's common prefix can be another group's whole prefix (a prompt that extends
-            # another): join that group, whose examples all start with it and distil after it
-            key = tuple(examples[run[0]].teacher_ids[:run_len])
-            shared[key] = sorted(shared.get(key, []) + run)
-        else:
-            alone.extend(run)
-
-    for i in rest:
-        mine = examples[i].teacher_ids[:examples[i].t_start]
-        if run:
-            first = examples[run[0]].teacher_ids
-            common = 0
-            while common < min(run_len, len(mine)) and first[common] == mine[common]:
-                common += 1
-            # half of every member's prefix: run_len only shrinks, and each member's prefix is >= the old run_len
-            if common > 0 and 2 * common >= max(len(mine), run_longest):
-                run.append(i)
-                run_len, run_longest = common, max(run_longest, len(mine))
-                continue
-            close_run()
-        run, run_len, run_longest = [i], len(mine), len(mine)
-    close_run()
-    return shared, sorted(alone)
+    An example's prefix is its whole teacher input before the first distilled position (chunk +
+    prompt), grouped by ``models.shared_prefixes``: every summary of a chunk shares one, every Q/A
+    target another; the examples left with a prompt of their own (recitation pieces, each cued by
+    its own words) share the chunk before the cue with their neighbours. Why: run whole, a
+    recitation piece of a 1700-token chunk costs the teacher 1700 tokens instead of its ~110-token
+    cue and piece (measured on 4 documents of six demo documents each: their cache build took most
+    of the full recipe's time)."""
+    return shared_prefixes([e.teacher_ids[:e.t_start] for e in examples])
 
 
 @torch.no_grad()

@@ -25,22 +25,23 @@ def test_demo_routes_each_condition_and_scores_its_own_answer(tiny_model, docs_d
     questions = {d: [{"q": f"First about {d}?", "a": ["x"]}, {"q": "Second?", "a": ["x"]}] for d in ids}
     (docs_dir / "questions.json").write_text(json.dumps(questions))
 
-    def fake_generate(model, tok, prompts, slots, max_new_tokens, batch_size):
+    def fake_generate(model, tok, prompts, slots, max_new_tokens, batch_size, share_prefixes=False):
         params = slot_parameters(model)
         for slot, d in enumerate(ids):  # slot i holds document i's KM, as saved
             saved = sum(t.double().abs().sum() for t in load_file(str(out / d / "adapter_model.safetensors")).values())
             held = sum(p[slot].double().abs().sum() for p in params)
             assert torch.isclose(held, saved, rtol=1e-6), (slot, d)
         ctx = [next((d for d in DOCS if DOCS[d] in p), "none") for p in prompts]
-        calls.append({"km" if s >= 0 else ("base" if c == "none" else "icl") for s, c in zip(slots, ctx)})
+        calls.append(({"km" if s >= 0 else ("base" if c == "none" else "icl") for s, c in zip(slots, ctx)}, share_prefixes))
         return [f"{'km' + str(s) if s >= 0 else 'nokm'} ctx{c} {p.split('Question: ')[-1]}"
                 for p, s, c in zip(prompts, slots, ctx)]
 
     calls = []
     monkeypatch.setattr(demo, "generate_answers", fake_generate)
     answers = answer_corpus(str(out), tiny_model, ("base", "icl", "km"), corpus=docs_dir)
-    # one condition per generation call: no condition's batches (padding, bf16 rounding) depend on another's
-    assert calls == [{"base"}, {"icl"}, {"km"}], calls
+    # one condition per generation call: no condition's batches (padding, bf16 rounding) depend on
+    # another's; ICL's questions of a document share its reading (the base model's, no KM)
+    assert calls == [({"base"}, False), ({"icl"}, True), ({"km"}, False)], calls
     for i, d in enumerate(ids):
         assert answers[d]["km"][0] == f"km{i} ctxnone First about {d}?"
         assert answers[d]["base"][1] == "nokm ctxnone Second?"

@@ -26,6 +26,40 @@ def test_decoder_hidden_states_are_the_causal_lm_ones(tiny_model):
     assert torch.allclose(logits, ref.logits, rtol=1e-5, atol=1e-5)
 
 
+def test_prompt_kv_after_a_prefix_is_the_whole_prompts_and_leaves_the_prefix_as_it_was(tiny_model):
+    """prompt_kv(rest, past=prompt_kv(prefix)) gives the keys and values of prefix + rest as one pass
+    does (fp32, to rounding; against float64 too), and the prefix's own tensors are not changed by it."""
+    from kmtrain.models import load_model, prompt_kv
+
+    ids = torch.randint(0, 300, (23,)).tolist()
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        model, _, _, _ = load_model(tiny_model, dtype=dtype)
+        whole = prompt_kv(model, ids)
+        pre = prompt_kv(model, ids[:15])
+        before = [(k.clone(), v.clone()) for k, v in pre]
+        got = prompt_kv(model, ids[15:], past=pre)
+        assert len(got) == len(whole) == model.config.num_hidden_layers
+        for (k, v), (wk, wv) in zip(got, whole):
+            assert k.shape == wk.shape == (1, model.config.num_key_value_heads, 23, wk.shape[-1])
+            torch.testing.assert_close(k, wk, rtol=tol, atol=tol)
+            torch.testing.assert_close(v, wv, rtol=tol, atol=tol)
+        assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(pre, before))
+        assert all(k.shape[2] == 15 for k, _ in pre)
+
+
+def test_shared_prefixes_groups_sequences_by_their_long_common_start():
+    """Equal sequences share all of themselves; others share their common start with their sorted
+    neighbours when it is at least half of each one; a short common start (a chat header) is not shared."""
+    from kmtrain.models import shared_prefixes
+
+    doc_a, doc_b = list(range(100, 140)), list(range(200, 240))
+    seqs = [[1, 2] + doc_a + [7, 8], [9, 9, 9], [1, 2] + doc_b + [5], [1, 2] + doc_a + [6],
+            [1, 2] + doc_b + [4, 4], [1, 2] + doc_a + [7, 8], [1, 2, 3, 4, 5, 6]]
+    shared, alone = shared_prefixes(seqs)
+    assert shared == {tuple([1, 2] + doc_a + [7, 8]): [0, 5], tuple([1, 2] + doc_b): [2, 4]}
+    assert alone == [1, 3, 6]  # 3 starts like 0 and 5, but they are equal and share their whole selves
+
+
 def test_last_position_logits_do_not_copy_the_lm_head_per_sequence(tiny_model):
     """generate's prefill asks for the last position's logits only (logits_to_keep=1), a strided
     [B, 1, H] slice. A loaded model's lm_head must take it as one GEMM against the [V, H] weight,

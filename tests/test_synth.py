@@ -213,8 +213,8 @@ def test_shared_prompt_cache_generates_what_a_batched_prefill_does(tiny_model):
     """Each distinct prompt's keys and values computed once and left-padded into the batch's cache
     (prompts of different lengths, repeated, one going on into the next batch) give the same samples
     as running every row's prompt in the batched prefill (fp32)."""
-    from kmtrain.models import cache_kwarg, load_model
-    from kmtrain.synth import _generate_hf, _prompt_cache
+    from kmtrain.models import cache_kwarg, load_model, prompt_cache
+    from kmtrain.synth import _generate_hf
 
     from conftest import DOCS
 
@@ -232,7 +232,7 @@ def test_shared_prompt_cache_generates_what_a_batched_prefill_does(tiny_model):
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         whole = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
-        cache = _prompt_cache(model, [list(p) for p in batch], width, {}, new_tokens=4)
+        cache = prompt_cache(model, [list(p) for p in batch], width, {}, new_tokens=4)
         step = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos[:, -1:],
                      **{cache_kwarg(model): cache}).logits[:, -1]
     torch.testing.assert_close(step, whole, rtol=1e-5, atol=1e-5)
@@ -250,8 +250,7 @@ def test_reserved_cache_decodes_exactly_as_a_growing_one(tiny_model, dtype):
     after step, also once the reservation is used up and the layer grows by copying."""
     from transformers import DynamicCache
 
-    from kmtrain.models import cache_kwarg, load_model
-    from kmtrain.synth import _prompt_cache
+    from kmtrain.models import cache_kwarg, load_model, prompt_cache
 
     from conftest import DOCS
 
@@ -260,7 +259,7 @@ def test_reserved_cache_decodes_exactly_as_a_growing_one(tiny_model, dtype):
     width = max(map(len, batch))
     assert len({len(p) for p in batch}) > 1
     for reserve in (6, 2):
-        cache = _prompt_cache(model, batch, width, {}, new_tokens=reserve)
+        cache = prompt_cache(model, batch, width, {}, new_tokens=reserve)
         assert {type(layer).__name__ for layer in cache.layers} == {"ReservedLayer"}
         growing = DynamicCache([(la.keys.clone(), la.values.clone()) for la in cache.layers], config=model.config)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
