@@ -1,4 +1,4 @@
-"""kmtrain.models: hidden states as the trainer reads them, native-bf16 detection."""
+"""kmtrain.models: hidden states as the trainer reads them, prompt caches (shared prefixes, reserved decoding room), native-bf16 detection."""
 import importlib
 import os
 from pathlib import Path
@@ -58,6 +58,40 @@ def test_shared_prefixes_groups_sequences_by_their_long_common_start():
     shared, alone = shared_prefixes(seqs)
     assert shared == {tuple([1, 2] + doc_a + [7, 8]): [0, 5], tuple([1, 2] + doc_b): [2, 4]}
     assert alone == [1, 3, 6]  # 3 starts like 0 and 5, but they are equal and share their whole selves
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reserved_cache_decodes_exactly_as_a_growing_one(tiny_model, dtype):
+    """Decoding from the prompt cache with room reserved for the new tokens (written in place) gives
+    the very logits of decoding from a DynamicCache of the same prompts (grown by torch.cat), step
+    after step, also once the reservation is used up and the layer grows by copying."""
+    from transformers import DynamicCache
+
+    from kmtrain.data import SUMMARY_PROMPT, chat_prompt_ids
+    from kmtrain.models import cache_kwarg, load_model, prompt_cache
+
+    from conftest import DOCS
+
+    model, tok, _, _ = load_model(tiny_model, dtype=dtype)
+    batch = [chat_prompt_ids(tok, DOCS[k] + "\n\n" + SUMMARY_PROMPT) for k in ("alpha", "beta", "gamma")]
+    width = max(map(len, batch))
+    assert len({len(p) for p in batch}) > 1
+    for reserve in (6, 2):
+        cache = prompt_cache(model, batch, width, {}, new_tokens=reserve)
+        assert {type(layer).__name__ for layer in cache.layers} == {"ReservedLayer"}
+        growing = DynamicCache([(la.keys.clone(), la.values.clone()) for la in cache.layers], config=model.config)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        pos = mask.sum(-1, keepdim=True) - 1
+        step_ids = torch.tensor([[p[-1]] for p in batch])
+        for step in range(5):
+            with torch.no_grad():
+                got, want = (model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
+                                   **{cache_kwarg(model): c}).logits[:, -1] for c in (cache, growing))
+            assert torch.equal(got, want), (reserve, step)
+            step_ids, mask, pos = got.argmax(-1, keepdim=True), torch.cat([mask, torch.ones_like(pos)], 1), pos + 1
+        assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+                   for a, b in zip(cache.layers, growing.layers))
+        assert cache.get_seq_length() == width - 1 + 5
 
 
 def test_last_position_logits_do_not_copy_the_lm_head_per_sequence(tiny_model):
