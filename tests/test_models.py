@@ -1,4 +1,5 @@
-"""kmtrain.models: hidden states as the trainer reads them, prompt caches (shared prefixes, reserved decoding room), native-bf16 detection."""
+"""kmtrain.models: hidden states as the trainer reads them, prompt caches (shared prefixes, room
+reserved for decoding), native-bf16 detection."""
 import importlib
 import os
 from pathlib import Path
