@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
 from bench.common import env_block, environment, markdown_table, write_report
 from kmtrain.config import IndexConfig
-from kmtrain.demo import CORPUS
+from kmtrain.demo import CORPUS, in_fresh_process
 from kmtrain.index import index
 
 
@@ -189,10 +187,7 @@ def _index_in_fresh_process(corpus: str, cfg: IndexConfig) -> tuple[list[dict], 
     2026-11-24 the reference took 2.7-3.3 s per step run there after the full recipe, against
     2.3-2.4 s in a separate 12-step run of the same configuration, a gap we could not otherwise
     explain; a fresh process for each gives both recipes the same start, model load included."""
-    # (an executor, not Pool: its shutdown lets the worker exit normally, so the semaphores tqdm
-    # made there are released rather than reported as leaked)
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_timed_index, corpus, cfg).result()
+    return in_fresh_process(_timed_index, corpus, cfg)
 
 
 def main(argv=None):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bench.common import env_block, environment, markdown_table, write_report
 from kmtrain.config import IndexConfig
-from kmtrain.demo import CORPUS, evaluate_corpus
+from kmtrain.demo import CORPUS, evaluate_corpus, in_fresh_process
 from kmtrain.index import index
 
 
@@ -51,7 +51,7 @@ def main(argv=None):
         t_train = max(json.loads((out / s["id"] / "km.json").read_text())["train_seconds_wave"]
                       for s in summary if (out / s["id"] / "km.json").is_file())
         conds = ("km",) if base_icl is not None else ("base", "icl", "km")
-        res = evaluate_corpus(str(out), conditions=conds)
+        res = in_fresh_process(evaluate_corpus, str(out), conditions=conds)  # not in what indexing left
         if base_icl is None:
             base_icl = {d: {c: res[d][c] for c in ("base", "icl")} for d in res}
             for c, name in (("base", "base (closed book)"), ("icl", "ICL (document in context)")):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, TypeVar
 
 import torch
 
@@ -26,6 +28,24 @@ from .index import index
 from .models import load_model, native_bf16
 
 CORPUS = Path(__file__).parent / "demo_corpus"
+
+
+T = TypeVar("T")
+
+
+def in_fresh_process(fn: Callable[..., T], *args, **kwargs) -> T:
+    """``fn(*args, **kwargs)`` in a new Python process (spawned), its result sent back; an exception
+    there is raised here. ``fn`` must be a module-level function, its arguments and result picklable.
+
+    Why: after an indexing run, the process keeps what training left in the C heap (~7 GB freed
+    but held, in pieces), and work run there is slower. make demo's 64 closed-book answers took
+    12.0-17.4 s after a 60-step index against 7.3-11.4 s before it in the same process, and 9.7-11.3 s
+    in a new process started right after (2-core CPU, 2026-12-03); malloc_trim gave the memory back
+    but not the speed. bench.indexing saw the same for training in 2026-11."""
+    # (an executor, not Pool: its shutdown lets the worker exit normally, so the semaphores tqdm
+    # made there are released rather than reported as leaked)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
 
 
 def answer_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=("base", "icl", "km"),
@@ -118,7 +138,7 @@ def main(argv=None) -> int:
         print(f"indexing {CORPUS} -> {a.out} ({cfg.objective}, {cfg.steps} steps, {cfg.docs_per_step} documents per step)")
         index(str(CORPUS), cfg)
         t1 = time.time()
-        result = evaluate_corpus(a.out, cfg.model)
+        result = in_fresh_process(evaluate_corpus, a.out, cfg.model)  # not in what indexing left
         table = format_table(result)
         print()
         print(table)

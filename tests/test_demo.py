@@ -70,3 +70,16 @@ def test_demo_reports_errors_in_one_line(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "a_file"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == f"make demo: error: --out {tmp_path / 'a_file'}: exists and is not a folder"
+
+
+def test_in_fresh_process_runs_in_another_process_and_raises_its_errors_here():
+    """make demo's evaluation and bench.indexing's runs go through in_fresh_process: the function
+    runs in a new process (not this one), its result comes back, and its exception is raised here."""
+    import os
+
+    from kmtrain.demo import in_fresh_process
+
+    assert in_fresh_process(os.getpid) != os.getpid()
+    assert in_fresh_process(divmod, 17, 5) == (3, 2)
+    with pytest.raises(ValueError, match="invalid literal"):
+        in_fresh_process(int, "not a number")
