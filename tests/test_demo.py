@@ -32,7 +32,8 @@ def test_demo_routes_each_condition_and_scores_its_own_answer(tiny_model, docs_d
             held = sum(p[slot].double().abs().sum() for p in params)
             assert torch.isclose(held, saved, rtol=1e-6), (slot, d)
         ctx = [next((d for d in DOCS if DOCS[d] in p), "none") for p in prompts]
-        calls.append(({"km" if s >= 0 else ("base" if c == "none" else "icl") for s, c in zip(slots, ctx)}, share_prefixes))
+        conditions = {"km" if s >= 0 else ("base" if c == "none" else "icl") for s, c in zip(slots, ctx)}
+        calls.append((conditions, share_prefixes))
         return [f"{'km' + str(s) if s >= 0 else 'nokm'} ctx{c} {p.split('Question: ')[-1]}"
                 for p, s, c in zip(prompts, slots, ctx)]
 
