@@ -38,6 +38,7 @@ _FIELD_FLAGS = {
     "heldout_per_chunk": "synthetic targets per chunk kept out of training; the KM written is the checkpoint of "
                          "lowest DCD loss on them (sdcd; 0: train on all, keep the last step)",
     "heldout_every": "steps between held-out evaluations (0: steps // 10; the last step is always evaluated)",
+    "checkpoint_seconds": "save a wave's training state this often, so that a killed run resumes it (0: never)",
     "generator": "what writes the synthetic targets (vllm: when installed)",
     "cache_dtype": "teacher cache precision",
     "backend": "kernels: triton or torch (auto: triton on a GPU)",

@@ -11,6 +11,7 @@ outputs are redone, never used. One run at a time holds OUT (out_lock).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -37,7 +38,10 @@ from .evaluate import generate_answers, question_prompt
 from .models import load_model, native_bf16, resolve_model, weights_hash
 from .synth import PROMPT_OF, requested_kinds, split_heldout, synthesize
 from .teacher_cache import TeacherCache, build_cache, build_examples, select_layers
-from .train import DocState, train_wave
+from .train import DocState, TrainingCheckpoint, train_wave
+
+# IndexConfig fields that do not change a wave's training numbers: a checkpoint stays valid across them.
+NOT_TRAINING_SETTINGS = ("out", "retrain", "progress", "keep_teacher_cache", "checkpoint_seconds")
 
 
 def _bar(cfg, **kw):
@@ -306,6 +310,7 @@ def _print_already_done(done: List[Tuple[str, dict]], shown: int = 10) -> None:
 def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> List[dict]:
     work = out / ".work"
     remove_stale_temp(out)
+    remove_stale_temp(work)  # a training checkpoint's write cut short
     device = resolve_device(cfg.device)
     amp = _amp_dtype(cfg, device)
     t_start = time.time()
@@ -459,6 +464,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
             attached = True
         cache_info: Dict[str, dict] = {}
         span = f"docs {first}-{last} of {len(todo)}"
+        examples_json = {st.id: [e.to_json() for e in st.examples] for st in wave}
         if caching:
             bar = _bar(cfg, total=len(wave), desc=f"teacher cache {span}")
             for st in wave:
@@ -467,7 +473,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 # of them never meets a stale cache.
                 # "kl_stats": the format version (caches from before it lack the KL's teacher statistics)
                 key = hashlib.sha256(json.dumps([model_hash, str(base_dtype), cfg.cache_dtype, layers_key, "kl_stats"]
-                                                + [e.to_json() for e in st.examples]).encode()).hexdigest()[:16]
+                                                + examples_json[st.id]).encode()).hexdigest()[:16]
                 path = work / st.id / f"teacher_{cfg.objective}_{key}.safetensors"
                 for old in (work / st.id).glob(f"teacher_{cfg.objective}_*.safetensors"):
                     if old != path:  # superseded caches only take disk
@@ -487,9 +493,20 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 bar.update(1)
             bar.close()
 
+        # The training checkpoint's key: whatever the wave's numbers depend on. One checkpoint at most is
+        # kept: another wave's is of documents since trained, or of a run with other settings.
+        settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_TRAINING_SETTINGS}
+        key = hashlib.sha256(json.dumps([model_hash, str(base_dtype), str(amp), str(device), caching, settings,
+                                         [[st.id, st.seed, st.heldout, examples_json[st.id]] for st in wave]]
+                                        ).encode()).hexdigest()[:16]
+        del examples_json
+        checkpoint = TrainingCheckpoint(work / f"training_{key}.pt", key, cfg.checkpoint_seconds)
+        for old in work.glob("training_*.pt"):
+            if old != checkpoint.path:
+                old.unlink()
         t0 = time.time()
         bar = _bar(cfg, total=cfg.steps, desc=f"training {span}")
-        train_wave(model, tok, wave, cfg, device, amp, progress=bar)
+        train_wave(model, tok, wave, cfg, device, amp, progress=bar, checkpoint=checkpoint)
         bar.close()
         wave_s = time.time() - t0
         for slot, st in enumerate(wave):
@@ -540,6 +557,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
             if cache is not None and not cfg.keep_teacher_cache:  # its KM is written: the cache is done with
                 path, cache = cache.path, None
                 path.unlink()
+        checkpoint.path.unlink(missing_ok=True)  # every KM of the wave is written (or diverged: retrained from 0)
 
     wave: List[DocState] = []
     for k, d in enumerate(todo, 1):

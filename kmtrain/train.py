@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -26,6 +28,7 @@ import torch
 from kmkernels import dcd_loss, reset_slot, set_adapter_ids, slot_parameters
 from kmkernels.lora import grouped_lora_modules
 
+from .data import atomic_write
 from .models import decoder_hidden_states
 from .teacher_cache import Example, TeacherCache, _pad, select_layers, teacher_hiddens
 
@@ -226,6 +229,92 @@ def _batch_losses(model, wave: List[DocState], picks: List[Tuple[int, int]], gro
     return out
 
 
+@dataclass
+class TrainingCheckpoint:
+    """Where a wave's training state is saved, every ``every_s`` seconds of training (0: never), and
+    resumed from. ``key`` stands for everything the training's numbers depend on (the caller hashes
+    the model, the settings and each document's examples); a file of another key is never resumed."""
+    path: Path
+    key: str
+    every_s: float
+
+
+def _optimizer_params(opt) -> List[torch.Tensor]:
+    return [p for group in opt.param_groups for p in group["params"]]  # the order of its state_dict's indices
+
+
+def save_checkpoint(ck: TrainingCheckpoint, step: int, wave: List[DocState], params: List[torch.Tensor], opt, sched,
+                    best: Dict[int, Tuple[float, List[torch.Tensor]]]) -> None:
+    """The state after ``step`` steps, atomically (a kill mid-write leaves the last checkpoint). Only
+    the wave's slots are kept: a resumed run whose earlier waves are done may attach fewer slots."""
+    n = len(wave)
+    on_cpu = lambda t: (t[:n] if t.dim() else t).to("cpu", copy=True)  # noqa: E731
+    opt_state = opt.state_dict()
+    opt_state["state"] = {i: {k: on_cpu(v) for k, v in st.items()} for i, st in opt_state["state"].items()}
+    state = {"key": ck.key, "step": step, "ids": [d.id for d in wave],
+             "params": [on_cpu(p.detach()) for p in params], "optimizer": opt_state, "schedule": sched.state_dict(),
+             "docs": [{"rng": d._rng.getstate(), "order": list(d._order), "losses": d.losses,
+                       "heldout_curve": d.heldout_curve, "best_step": d.best_step} for d in wave],
+             "best": {slot: [loss, weights] for slot, (loss, weights) in best.items()}}
+    atomic_write(ck.path, lambda tmp: torch.save(state, tmp))
+
+
+def _checkpoint_problem(state, ck: TrainingCheckpoint, wave: List[DocState], params: List[torch.Tensor],
+                        steps: int) -> Optional[str]:
+    if not isinstance(state, dict) or state.get("key") != ck.key:
+        return "not this wave's checkpoint (other documents or settings)"
+    if state.get("ids") != [d.id for d in wave] or len(state.get("docs", ())) != len(wave):
+        return f"holds documents {state.get('ids')}, not this wave's {[d.id for d in wave]}"
+    if not isinstance(state.get("step"), int) or not 0 < state["step"] < steps:
+        return f"its step {state.get('step')!r} is not between 1 and {steps - 1}"
+    shapes = [tuple(t.shape) for t in state.get("params", ())]
+    if shapes != [(len(wave), *p.shape[1:]) for p in params]:
+        return "its LoRA weights do not have this model's shapes"
+    return None
+
+
+def load_checkpoint(ck: TrainingCheckpoint, wave: List[DocState], params: List[torch.Tensor], opt, sched,
+                    best: Dict[int, Tuple[float, List[torch.Tensor]]], steps: int) -> int:
+    """Restores the state saved at ``ck.path`` and returns its step; 0 (nothing restored) when there is
+    no checkpoint, or when it is damaged or not this wave's, which is then said and deleted."""
+    if not ck.path.is_file():
+        return 0
+    try:
+        state = torch.load(ck.path, map_location="cpu", weights_only=True)
+        problem = _checkpoint_problem(state, ck, wave, params, steps)
+    except Exception as e:  # a truncated or damaged file: torch and pickle raise various types
+        problem = f"unreadable ({type(e).__name__}: {e})"
+    if problem is not None:
+        print(f"{ck.path}: {problem}; training this wave from step 0", flush=True)
+        ck.path.unlink(missing_ok=True)
+        return 0
+    n = len(wave)
+
+    def full(saved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """[n, ...] saved slots in a tensor of ``like``'s shape; the slots beyond the wave are 0, as a
+        run that trained only the wave's slots leaves their AdamW moments."""
+        out = torch.zeros_like(like)
+        out[:n].copy_(saved)
+        return out
+
+    with torch.no_grad():
+        for p, saved in zip(params, state["params"]):
+            p[:n].copy_(saved)
+    opt_params = _optimizer_params(opt)
+    opt_state = state["optimizer"]
+    opt_state["state"] = {i: {k: (full(v, opt_params[i]) if v.dim() else v) for k, v in st.items()}
+                          for i, st in opt_state["state"].items()}
+    opt.load_state_dict(opt_state)
+    sched.load_state_dict(state["schedule"])
+    for doc, saved in zip(wave, state["docs"]):
+        doc._rng = random.Random()
+        doc._rng.setstate(saved["rng"])
+        doc._order, doc.losses = list(saved["order"]), list(saved["losses"])
+        doc.heldout_curve, doc.best_step = list(saved["heldout_curve"]), saved["best_step"]
+    best.update({int(slot): (loss, list(weights)) for slot, (loss, weights) in state["best"].items()})
+    return state["step"]
+
+
 @torch.no_grad()
 def heldout_losses(model, wave: List[DocState], cfg, device: torch.device, amp_dtype, layers: List[int],
                    pad_id: int) -> Dict[int, Dict[str, float]]:
@@ -245,11 +334,14 @@ def heldout_losses(model, wave: List[DocState], cfg, device: torch.device, amp_d
     return {slot: {k: sum(p[k] for p in ps) / len(ps) for k in ps[0]} for slot, ps in per_slot.items()}
 
 
-def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device, amp_dtype, progress=None) -> None:
+def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device, amp_dtype, progress=None,
+               checkpoint: Optional[TrainingCheckpoint] = None) -> None:
     """Train up to D documents together for cfg.steps steps. Slots 0..len(wave)-1 are used.
 
     Documents with held-out examples end with their slot holding the checkpoint of lowest held-out
-    loss (doc.best_step; doc.heldout_curve has every evaluation, step 0 being the untrained KM)."""
+    loss (doc.best_step; doc.heldout_curve has every evaluation, step 0 being the untrained KM).
+    With ``checkpoint``, training resumes from its file when there is one, and saves to it every
+    ``checkpoint.every_s`` seconds; the weights come out as a run that was never stopped makes them."""
     distill = cfg.objective in ("sdcd", "ddcd")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     num_layers = model.config.num_hidden_layers
@@ -281,9 +373,16 @@ def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device
                 best[slot] = (parts["loss"], [p.detach()[slot].to("cpu", copy=True) for p in params])
                 doc.best_step = step
 
-    if selecting:
+    start = load_checkpoint(checkpoint, wave, params, opt, sched, best, cfg.steps) if checkpoint else 0
+    if start:
+        print(f"training {', '.join(d.id for d in wave)}: resumed from its checkpoint at step {start} of {cfg.steps}",
+              flush=True)
+        if progress is not None:
+            progress.update(start)
+    elif selecting:
         evaluate(0)
-    for step in range(cfg.steps):
+    saved_at = time.monotonic()
+    for step in range(start, cfg.steps):
         # 1. the batch: examples_per_doc training examples of every document, grouped by slot
         picks = [(slot, doc.next_example()) for slot, doc in enumerate(wave) for _ in range(cfg.examples_per_doc)]
 
@@ -302,6 +401,10 @@ def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device
         sched.step()
         if selecting and ((step + 1) % every == 0 or step + 1 == cfg.steps):
             evaluate(step + 1)
+        if (checkpoint is not None and checkpoint.every_s > 0 and step + 1 < cfg.steps
+                and time.monotonic() - saved_at >= checkpoint.every_s):
+            save_checkpoint(checkpoint, step + 1, wave, params, opt, sched, best)
+            saved_at = time.monotonic()
         if progress is not None:
             progress.set_postfix(loss=f"{float(total.detach()) / len(wave):.4f}")
             progress.update(1)

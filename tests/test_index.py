@@ -808,11 +808,13 @@ def replace(src, dst):  # data.atomic_write: a stage file's temporary renamed in
     name = os.path.basename(dst)
     seen.append(name)
     die_if(where == "cache" and name.startswith("teacher_")
-           or where == "synth" and name == "synth.json" and seen.count(name) == 2)
+           or where == "synth" and name == "synth.json" and seen.count(name) == 2
+           or where == "training" and name.startswith("training_") and seen.count(name) == 2)
     return real_replace(src, dst)
 
 os.rename, os.replace = rename, replace
-index({docs!r}, tiny_cfg({model!r}, {out!r}))
+# where == "training": a checkpoint after every step; killed as the second one (step 2 of 3) is renamed
+index({docs!r}, tiny_cfg({model!r}, {out!r}, checkpoint_seconds=1e-9 if where == "training" else 300.0))
 """
 
 
@@ -824,10 +826,12 @@ def uninterrupted_kms(tiny_model, tmp_path_factory):
     return root / "kms"
 
 
-@pytest.mark.parametrize("where", ["synth", "cache", "km"])
-def test_a_real_kill_mid_write_resumes_to_the_same_kms(tiny_model, docs_dir, tmp_path, where, uninterrupted_kms):
+@pytest.mark.parametrize("where", ["synth", "cache", "training", "km"])
+def test_a_real_kill_mid_write_resumes_to_the_same_kms(tiny_model, docs_dir, tmp_path, where, uninterrupted_kms,
+                                                        capsys):
     """SIGKILL (no clean-up code runs) with a file written but not yet renamed into place: a
-    document's synthetic targets mid-stream, a teacher cache, a finished KM's folder. The temporary
+    document's synthetic targets mid-stream, a teacher cache, a training checkpoint (the run resumes
+    its wave from the one before), a finished KM's folder. The temporary
     is left under the name the code really gives it, the next run removes it, and the KMs end byte
     for byte as an uninterrupted run's. (The test with made-up leftover names cannot see a temporary
     name that the clean-up stopped matching.)"""
@@ -843,9 +847,14 @@ def test_a_real_kill_mid_write_resumes_to_the_same_kms(tiny_model, docs_dir, tmp
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     leftovers = [p for p in out.rglob("*") if ".tmp-" in p.name]
     assert len(leftovers) == 1, leftovers  # the one write the kill interrupted
-    assert {"synth": ".synth.json.tmp-", "cache": ".teacher_", "km": ".tmp-alpha"}[where] in leftovers[0].name
+    assert {"synth": ".synth.json.tmp-", "cache": ".teacher_", "training": ".training_",
+            "km": ".tmp-alpha"}[where] in leftovers[0].name
 
+    capsys.readouterr()
     summaries = index(str(docs_dir), tiny_cfg(tiny_model, out))
+    resumed = "resumed from its checkpoint at step 1 of 3" in capsys.readouterr().out
+    assert resumed == (where == "training")  # the checkpoint of step 1, written before the kill, was used
+    assert not list((out / ".work").glob("training_*.pt"))  # each wave's is deleted once its KMs are written
     assert sorted(s["id"] for s in summaries) == sorted(DOCS)
     assert all(s["status"] in ("trained", "already done") for s in summaries)
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name or p.name.startswith(".old-")]

@@ -238,3 +238,80 @@ def test_a_batch_split_by_length_has_the_losses_and_gradients_of_one_forward(tin
         assert abs(a - b) <= 1e-5 * abs(a), (one_losses, two_losses)
     for a, b in zip(one_grads, two_grads):
         assert (a - b).norm() <= 1e-5 * a.norm(), float((a - b).norm() / a.norm())
+
+
+
+def test_a_wave_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny_model, tmp_path, capsys):
+    """Killed after step 5 of 8 (here: its progress bar raises), a wave resumes from the checkpoint
+    saved then and ends with the weights, losses, held-out curve and best step of a run that was never
+    stopped, bit for bit; also when the resumed run attaches fewer slots (its other waves were done).
+    A damaged checkpoint, or one of another wave, is said, deleted, and training starts from step 0."""
+    from kmkernels import attach_grouped_lora, slot_parameters
+    from kmtrain import IndexConfig
+    from kmtrain.models import load_model
+    from kmtrain.teacher_cache import Example
+    from kmtrain.train import DocState, TrainingCheckpoint, train_wave
+
+    tok = load_model(tiny_model)[1]
+    g = torch.Generator().manual_seed(1)
+
+    def example():
+        ctx, tgt = torch.randint(3, len(tok), (12,), generator=g).tolist(), torch.randint(3, len(tok), (6,), generator=g).tolist()
+        prompt = tok("Summarize", add_special_tokens=False)["input_ids"]
+        return Example(prompt + tgt, len(prompt) - 1, len(tgt), ctx + prompt + tgt, len(ctx) + len(prompt) - 1)
+
+    examples = [[example() for _ in range(5)] for _ in range(2)]
+    cfg = IndexConfig(model=tiny_model, steps=8, lr=0.05, heldout_every=2, examples_per_doc=2, amp="off",
+                      backend="torch", cache_dtype="fp32")
+
+    class Killed(Exception):
+        pass
+
+    class Bar:  # what train_wave updates after each step; raises Killed when it reaches ``kill_at``
+        def __init__(self, kill_at=None):
+            self.n, self.kill_at = 0, kill_at
+
+        def update(self, k):
+            self.n += k
+            if self.n == self.kill_at:
+                raise Killed
+
+        def set_postfix(self, **kw):
+            pass
+
+    def run(slots, docs, checkpoint=None, kill_at=None):
+        """The wave of the first ``docs`` documents in a model with ``slots`` slots: (weights, per
+        document (losses, held-out curve, best step), steps the bar saw), or None when killed."""
+        model = load_model(tiny_model)[0]
+        attach_grouped_lora(model, slots, rank=4, alpha=8, backend="torch")
+        wave = [DocState(f"d{k}", list(examples[k]), seed=k, heldout=[1]) for k in range(docs)]
+        bar = Bar(kill_at)
+        try:
+            train_wave(model, tok, wave, cfg, torch.device("cpu"), None, progress=bar, checkpoint=checkpoint)
+        except Killed:
+            return None
+        weights = [p.detach()[:docs].clone() for p in slot_parameters(model)]
+        return weights, [(d.losses, d.heldout_curve, d.best_step) for d in wave], bar.n
+
+    def same(a, b):
+        return a[1] == b[1] and all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+
+    path = tmp_path / "training_k.pt"
+    every_step = TrainingCheckpoint(path, "k", 1e-9)
+    for slots, docs, resume_slots in ((2, 2, 2), (2, 1, 1)):
+        whole = run(slots, docs)
+        assert any(d[2] < cfg.steps for d in whole[1]), "no slot went back to an earlier best: the test needs one"
+        assert run(slots, docs, every_step, kill_at=5) is None
+        assert torch.load(path, weights_only=True)["step"] == 5
+        capsys.readouterr()
+        resumed = run(resume_slots, docs, TrainingCheckpoint(path, "k", 0.0))
+        assert "resumed from its checkpoint at step 5 of 8" in capsys.readouterr().out
+        assert resumed[2] == 8 and same(resumed, whole)
+
+    # unusable checkpoints: said, deleted, and the wave trained from step 0 as if there were none
+    path.write_bytes(b"not a checkpoint")
+    assert same(run(2, 1, TrainingCheckpoint(path, "k", 0.0)), whole)
+    assert "unreadable" in capsys.readouterr().out and not path.exists()
+    assert run(2, 1, every_step, kill_at=3) is None
+    assert same(run(2, 1, TrainingCheckpoint(path, "other", 0.0)), whole)
+    assert "not this wave's checkpoint" in capsys.readouterr().out and not path.exists()
