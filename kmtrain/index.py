@@ -2,6 +2,7 @@
 
 Stages, each with its output on disk under OUT/.work/<doc id>/ so that a killed run resumes:
   chunks.json -> synth.json -> teacher_<objective>_<key>.safetensors -> OUT/<doc id>/
+(and, while a wave trains, its checkpoint OUT/.work/training_<key>.pt, which a killed run resumes from)
 (the examples are rebuilt from chunks.json and synth.json, deterministically from the document's seed;
 the cache key hashes their tokens, so a changed layout never meets a stale cache). The examples and
 the last two run wave by wave (D documents at a time, nothing of a wave kept after it), and a
@@ -506,7 +507,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 old.unlink()
         t0 = time.time()
         bar = _bar(cfg, total=cfg.steps, desc=f"training {span}")
-        train_wave(model, tok, wave, cfg, device, amp, progress=bar, checkpoint=checkpoint)
+        resumed_from = train_wave(model, tok, wave, cfg, device, amp, progress=bar, checkpoint=checkpoint)
         bar.close()
         wave_s = time.time() - t0
         for slot, st in enumerate(wave):
@@ -537,7 +538,9 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 "chunks": n_chunks[st.id], "examples": len(st.examples) - len(st.heldout),
                 "synthetic_requested": s.get("requested", 0), "synthetic_dropped": s.get("dropped", 0),
                 "teacher_cache": cache_info.get(st.id), "final_loss": final, "heldout": heldout,
+                # a resumed wave's times are of its last run: the steps from resumed_from_step on
                 "train_seconds_wave": round(wave_s, 2), "train_seconds_per_doc": round(wave_s / len(wave), 2),
+                "resumed_from_step": resumed_from,
                 "rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr,
                 "lr_b_ratio": cfg.lr_b_ratio, "seed": cfg.seed,
             }

@@ -335,13 +335,14 @@ def heldout_losses(model, wave: List[DocState], cfg, device: torch.device, amp_d
 
 
 def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device, amp_dtype, progress=None,
-               checkpoint: Optional[TrainingCheckpoint] = None) -> None:
+               checkpoint: Optional[TrainingCheckpoint] = None) -> int:
     """Train up to D documents together for cfg.steps steps. Slots 0..len(wave)-1 are used.
 
     Documents with held-out examples end with their slot holding the checkpoint of lowest held-out
     loss (doc.best_step; doc.heldout_curve has every evaluation, step 0 being the untrained KM).
     With ``checkpoint``, training resumes from its file when there is one, and saves to it every
-    ``checkpoint.every_s`` seconds; the weights come out as a run that was never stopped makes them."""
+    ``checkpoint.every_s`` seconds; the weights come out as a run that was never stopped makes them.
+    Returns the step training started from (0, or the checkpoint's)."""
     distill = cfg.objective in ("sdcd", "ddcd")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     num_layers = model.config.num_hidden_layers
@@ -375,8 +376,8 @@ def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device
 
     start = load_checkpoint(checkpoint, wave, params, opt, sched, best, cfg.steps) if checkpoint else 0
     if start:
-        print(f"training {', '.join(d.id for d in wave)}: resumed from its checkpoint at step {start} of {cfg.steps}",
-              flush=True)
+        ids = ", ".join(d.id for d in wave[:3]) + (f" and {len(wave) - 3} more" if len(wave) > 3 else "")
+        print(f"training {ids}: resumed from its checkpoint at step {start} of {cfg.steps}", flush=True)
         if progress is not None:
             progress.update(start)
     elif selecting:
@@ -417,3 +418,4 @@ def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device
                     p[slot].copy_(w.to(p.device))
     model.eval()
     set_adapter_ids(model, None)
+    return start

@@ -854,6 +854,8 @@ def test_a_real_kill_mid_write_resumes_to_the_same_kms(tiny_model, docs_dir, tmp
     summaries = index(str(docs_dir), tiny_cfg(tiny_model, out))
     resumed = "resumed from its checkpoint at step 1 of 3" in capsys.readouterr().out
     assert resumed == (where == "training")  # the checkpoint of step 1, written before the kill, was used
+    assert [s.get("resumed_from_step") for s in summaries if s["status"] == "trained"][:1] == [
+        1 if where == "training" else 0]
     assert not list((out / ".work").glob("training_*.pt"))  # each wave's is deleted once its KMs are written
     assert sorted(s["id"] for s in summaries) == sorted(DOCS)
     assert all(s["status"] in ("trained", "already done") for s in summaries)

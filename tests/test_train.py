@@ -281,17 +281,18 @@ def test_a_wave_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny_mo
 
     def run(slots, docs, checkpoint=None, kill_at=None):
         """The wave of the first ``docs`` documents in a model with ``slots`` slots: (weights, per
-        document (losses, held-out curve, best step), steps the bar saw), or None when killed."""
+        document (losses, held-out curve, best step), steps the bar saw, step resumed from), or None
+        when killed."""
         model = load_model(tiny_model)[0]
         attach_grouped_lora(model, slots, rank=4, alpha=8, backend="torch")
         wave = [DocState(f"d{k}", list(examples[k]), seed=k, heldout=[1]) for k in range(docs)]
         bar = Bar(kill_at)
         try:
-            train_wave(model, tok, wave, cfg, torch.device("cpu"), None, progress=bar, checkpoint=checkpoint)
+            start = train_wave(model, tok, wave, cfg, torch.device("cpu"), None, progress=bar, checkpoint=checkpoint)
         except Killed:
             return None
         weights = [p.detach()[:docs].clone() for p in slot_parameters(model)]
-        return weights, [(d.losses, d.heldout_curve, d.best_step) for d in wave], bar.n
+        return weights, [(d.losses, d.heldout_curve, d.best_step) for d in wave], bar.n, start
 
     def same(a, b):
         return a[1] == b[1] and all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
@@ -306,7 +307,7 @@ def test_a_wave_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny_mo
         capsys.readouterr()
         resumed = run(resume_slots, docs, TrainingCheckpoint(path, "k", 0.0))
         assert "resumed from its checkpoint at step 5 of 8" in capsys.readouterr().out
-        assert resumed[2] == 8 and same(resumed, whole)
+        assert resumed[2:] == (8, 5) and whole[3] == 0 and same(resumed, whole)
 
     # unusable checkpoints: said, deleted, and the wave trained from step 0 as if there were none
     path.write_bytes(b"not a checkpoint")
