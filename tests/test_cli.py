@@ -47,6 +47,8 @@ def test_cli_errors(tmp_path, capsys):
                            (["--limit", "0"], "--limit must be at least 1, got 0"),
                            (["--alpha", "0"], "alpha must be > 0, got 0.0"),
                            (["--lr", "inf"], "lr must be a finite number, got inf"),
+                           (["--checkpoint-seconds", "-5"], "checkpoint_seconds must be >= 0, got -5.0"),
+                           (["--checkpoint-seconds", "nan"], "checkpoint_seconds must be a finite number"),
                            (["--device", "gpu"], "device 'gpu' is not a device torch knows"),
                            (["--device", "cuda:99"], "device 'cuda:99': "),
                            (["--limit", "-1"], "--limit must be at least 1, got -1")):
