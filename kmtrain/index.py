@@ -42,7 +42,9 @@ from .teacher_cache import TeacherCache, build_cache, build_examples, select_lay
 from .train import DocState, TrainingCheckpoint, train_wave
 
 # IndexConfig fields that do not change a wave's training numbers: a checkpoint stays valid across them.
-NOT_TRAINING_SETTINGS = ("out", "retrain", "progress", "keep_teacher_cache", "checkpoint_seconds")
+# (The generator's settings act through the examples, and the device as resolved, both in the key.)
+NOT_TRAINING_SETTINGS = ("out", "retrain", "progress", "keep_teacher_cache", "checkpoint_seconds", "device",
+                         "generator", "gen_batch_size")
 
 
 def _bar(cfg, **kw):
