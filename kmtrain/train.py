@@ -427,7 +427,11 @@ def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device
             evaluate(step + 1)
         if (checkpoint is not None and checkpoint.every_s > 0 and step + 1 < cfg.steps
                 and time.monotonic() - saved_at >= checkpoint.every_s):
-            save_checkpoint(checkpoint, step + 1, wave, params, opt, sched, best)
+            try:
+                save_checkpoint(checkpoint, step + 1, wave, params, opt, sched, best)
+            except OSError as e:  # out of disk, say: training goes on (its KMs need far less room)
+                print(f"{checkpoint.path}: checkpoint of step {step + 1} not saved ({e}); training goes on, and a "
+                      f"kill now resumes from the checkpoint before, if any", flush=True)
             saved_at = time.monotonic()
         if progress is not None:
             progress.set_postfix(loss=f"{float(total.detach()) / len(wave):.4f}")

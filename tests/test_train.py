@@ -241,11 +241,12 @@ def test_a_batch_split_by_length_has_the_losses_and_gradients_of_one_forward(tin
 
 
 
-def test_a_wave_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny_model, tmp_path, capsys):
+def test_a_wave_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny_model, tmp_path, capsys, monkeypatch):
     """Killed after step 5 of 8 (here: its progress bar raises), a wave resumes from the checkpoint
     saved then and ends with the weights, losses, held-out curve and best step of a run that was never
     stopped, bit for bit; also when the resumed run attaches fewer slots (its other waves were done).
-    A damaged checkpoint, or one of another wave, is said, deleted, and training starts from step 0."""
+    A damaged checkpoint, or one of another wave, is said, deleted, and training starts from step 0.
+    A save that fails (out of disk) is said, and training goes on to the same weights."""
     from kmkernels import attach_grouped_lora, slot_parameters
     from kmtrain import IndexConfig
     from kmtrain.models import load_model
@@ -329,3 +330,17 @@ def test_a_wave_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny_mo
             path.write_bytes(bytes(data))
         assert same(run(2, 1, TrainingCheckpoint(path, "k" if damage == "byte" else "other", 0.0)), whole)
         assert message in capsys.readouterr().out and not path.exists()
+
+    import errno
+
+    import kmtrain.train
+
+    def no_room(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(kmtrain.train, "save_file", no_room)
+    assert same(run(2, 1, every_step), whole)
+    assert "checkpoint of step 7 not saved ([Errno 28] No space left on device); training goes on" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # the partial write was removed
