@@ -2,7 +2,7 @@
 
 Stages, each with its output on disk under OUT/.work/<doc id>/ so that a killed run resumes:
   chunks.json -> synth.json -> teacher_<objective>_<key>.safetensors -> OUT/<doc id>/
-(and, while a wave trains, its checkpoint OUT/.work/training_<key>.pt, which a killed run resumes from)
+(while a wave trains, also its checkpoint OUT/.work/training_<key>.safetensors, see checkpoint.py)
 (the examples are rebuilt from chunks.json and synth.json, deterministically from the document's seed;
 the cache key hashes their tokens, so a changed layout never meets a stale cache). The examples and
 the last two run wave by wave (D documents at a time, nothing of a wave kept after it), and a
@@ -503,8 +503,8 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                                          [[st.id, st.seed, st.heldout, examples_json[st.id]] for st in wave]]
                                         ).encode()).hexdigest()[:16]
         del examples_json
-        checkpoint = TrainingCheckpoint(work / f"training_{key}.pt", key, cfg.checkpoint_seconds)
-        for old in work.glob("training_*.pt"):
+        checkpoint = TrainingCheckpoint(work / f"training_{key}.safetensors", key, cfg.checkpoint_seconds)
+        for old in work.glob("training_*.safetensors"):
             if old != checkpoint.path:
                 old.unlink()
         t0 = time.time()

@@ -858,7 +858,7 @@ def test_a_real_kill_mid_write_resumes_to_the_same_kms(tiny_model, docs_dir, tmp
     assert resumed == (where == "training")  # the checkpoint of step 1, written before the kill, was used
     assert [s.get("resumed_from_step") for s in summaries if s["status"] == "trained"][:1] == [
         1 if where == "training" else 0]
-    assert not list((out / ".work").glob("training_*.pt"))  # each wave's is deleted once its KMs are written
+    assert not list((out / ".work").glob("training_*.safetensors"))  # each wave's is deleted once its KMs are written
     assert sorted(s["id"] for s in summaries) == sorted(DOCS)
     assert all(s["status"] in ("trained", "already done") for s in summaries)
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name or p.name.startswith(".old-")]

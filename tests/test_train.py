@@ -251,13 +251,15 @@ def test_a_wave_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny_mo
     from kmtrain import IndexConfig
     from kmtrain.models import load_model
     from kmtrain.teacher_cache import Example
-    from kmtrain.train import DocState, TrainingCheckpoint, train_wave
+    from kmtrain.checkpoint import TrainingCheckpoint
+    from kmtrain.train import DocState, train_wave
 
     tok = load_model(tiny_model)[1]
     g = torch.Generator().manual_seed(1)
 
     def example():
-        ctx, tgt = torch.randint(3, len(tok), (12,), generator=g).tolist(), torch.randint(3, len(tok), (6,), generator=g).tolist()
+        ctx = torch.randint(3, len(tok), (12,), generator=g).tolist()
+        tgt = torch.randint(3, len(tok), (6,), generator=g).tolist()
         prompt = tok("Summarize", add_special_tokens=False)["input_ids"]
         return Example(prompt + tgt, len(prompt) - 1, len(tgt), ctx + prompt + tgt, len(ctx) + len(prompt) - 1)
 
@@ -306,7 +308,7 @@ def test_a_wave_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny_mo
         with safe_open(str(path), framework="pt") as f:
             return json.loads(f.metadata()["state"])["step"]
 
-    path = tmp_path / "training_k.pt"
+    path = tmp_path / "training_k.safetensors"
     every_step = TrainingCheckpoint(path, "k", 1e-9)
     for slots, docs, resume_slots in ((2, 2, 2), (2, 1, 1)):
         whole = run(slots, docs)
@@ -333,14 +335,15 @@ def test_a_wave_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny_mo
 
     import errno
 
-    import kmtrain.train
+    import kmtrain.checkpoint
 
     def no_room(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(kmtrain.train, "save_file", no_room)
+    monkeypatch.setattr(kmtrain.checkpoint, "save_file", no_room)
     assert same(run(2, 1, every_step), whole)
-    assert "checkpoint of step 7 not saved ([Errno 28] No space left on device); training goes on" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "checkpoint of step 7 not saved ([Errno 28] No space left on device); training goes on" in said
     assert list(tmp_path.iterdir()) == []  # the partial write was removed
