@@ -499,11 +499,11 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         # The training checkpoint's key: whatever the wave's numbers depend on. One checkpoint at most is
         # kept: another wave's is of documents since trained, or of a run with other settings.
         settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_TRAINING_SETTINGS}
-        key = hashlib.sha256(json.dumps([model_hash, str(base_dtype), str(amp), str(device), caching, settings,
-                                         [[st.id, st.seed, st.heldout, examples_json[st.id]] for st in wave]]
-                                        ).encode()).hexdigest()[:16]
+        train_key = hashlib.sha256(json.dumps([model_hash, str(base_dtype), str(amp), str(device), caching, settings,
+                                               [[st.id, st.seed, st.heldout, examples_json[st.id]] for st in wave]]
+                                              ).encode()).hexdigest()[:16]
         del examples_json
-        checkpoint = TrainingCheckpoint(work / f"training_{key}.safetensors", key, cfg.checkpoint_seconds)
+        checkpoint = TrainingCheckpoint(work / f"training_{train_key}.safetensors", train_key, cfg.checkpoint_seconds)
         for old in work.glob("training_*.safetensors"):
             if old != checkpoint.path:
                 old.unlink()

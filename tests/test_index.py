@@ -814,7 +814,7 @@ def replace(src, dst):  # data.atomic_write: a stage file's temporary renamed in
 
 os.rename, os.replace = rename, replace
 # where == "training": a checkpoint after every step; killed as the second one (step 2 of 3) is renamed
-index({docs!r}, tiny_cfg({model!r}, {out!r}, checkpoint_seconds=1e-9 if where == "training" else 300.0))
+index({docs!r}, tiny_cfg({model!r}, {out!r}, **({{"checkpoint_seconds": 1e-9}} if where == "training" else {{}})))
 """
 
 
