@@ -79,6 +79,15 @@ def time_cuda_graph_ms(fn: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median"))
 
 
+def projection_sizes(config) -> Dict[str, int]:
+    """A Llama-layout decoder's linear widths from its HF config: hidden, q (heads x head dim),
+    kv (key/value heads x head dim) and the MLP's intermediate size."""
+    H, heads = config.hidden_size, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or H // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return {"hidden": H, "q": heads * head_dim, "kv": kv_heads * head_dim, "intermediate": config.intermediate_size}
+
+
 def matmul_rate_flops(dtype: torch.dtype, device: str, n: int = 2048) -> float:
     """Measured dense matmul rate (FLOP/s) in ``dtype`` on random data."""
     if device == "cuda":

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import env_block, environment, markdown_table, write_report
+from bench.common import env_block, environment, markdown_table, projection_sizes, write_report
 from kmtrain.config import IndexConfig
 from kmtrain.demo import CORPUS, in_fresh_process
 from kmtrain.index import index
@@ -80,9 +80,9 @@ def random_model_folder(shape: str, tokenizer: str, folder: Path) -> str:
 def decoder_flops_per_token(config) -> float:
     """Forward FLOPs of one token through the decoder's linear layers (2 per weight; Llama layout:
     q, k, v, o, gate, up, down). Embedding lookups are free; the LM head is counted by the caller."""
-    H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    kv = config.num_key_value_heads * (H // config.num_attention_heads)
-    return 2.0 * L * (2 * H * H + 2 * H * kv + 3 * H * I)
+    w = projection_sizes(config)
+    H, kv, I = w["hidden"], w["kv"], w["intermediate"]
+    return 2.0 * config.num_hidden_layers * (2 * H * w["q"] + 2 * H * kv + 3 * H * I)
 
 
 def work_model(cfg, corpus: str, work_dir: Path) -> dict:

@@ -23,7 +23,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from bench.common import env_block, environment, markdown_table, matmul_rate_flops, write_report
+from bench.common import env_block, environment, markdown_table, matmul_rate_flops, projection_sizes, write_report
 from kmtrain.config import IndexConfig, resolve_device
 from kmtrain.demo import CORPUS
 
@@ -92,9 +92,7 @@ def model_sizes(model: str) -> Tuple[int, List[int]]:
     from kmtrain.models import resolve_model
 
     c = AutoConfig.from_pretrained(resolve_model(model)[0])
-    head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    return c.vocab_size, sorted({c.hidden_size, c.intermediate_size, c.num_attention_heads * head, kv_heads * head})
+    return c.vocab_size, sorted(set(projection_sizes(c).values()))
 
 
 def breakdown(events, vocab: int, rank: int, features: List[int]) -> Tuple[Dict[str, float], float]:

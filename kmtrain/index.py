@@ -32,6 +32,7 @@ from kmkernels import (adapter_targets, attach_grouped_lora, export_peft, load_p
                        read_adapter_config, set_adapter_ids, slot_parameters)
 from kmkernels.utils import resolve_backend
 
+from .checkpoint import TrainingCheckpoint
 from .config import IndexConfig, resolve_device
 from .data import (Document, atomic_write_text, chat_prompt_ids, check_documents, chunk_tokens, file_sha256,
                    load_documents, recitation_items, target_ids, text_ids)
@@ -39,7 +40,7 @@ from .evaluate import generate_answers, question_prompt
 from .models import load_model, native_bf16, resolve_model, weights_hash
 from .synth import PROMPT_OF, requested_kinds, split_heldout, synthesize
 from .teacher_cache import TeacherCache, build_cache, build_examples, select_layers
-from .train import DocState, TrainingCheckpoint, train_wave
+from .train import DocState, train_wave
 
 # IndexConfig fields that do not change a wave's training numbers: a checkpoint stays valid across them.
 # (The generator's settings act through the examples, and the device as resolved, both in the key.)
