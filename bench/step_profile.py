@@ -70,13 +70,15 @@ class _ProfiledBar:
 
 @contextlib.contextmanager
 def profiled_training(prof, seen: List[_ProfiledBar]):
-    """`kmtrain.index` with its waves' training bars wrapped in _ProfiledBar (kept in ``seen``)."""
+    """`kmtrain.index` with its waves' training bars wrapped in _ProfiledBar (kept in ``seen``), and
+    without training checkpoints: a wave resumed from an earlier, killed run's checkpoint would skip
+    the steps the profile times, and a save would put disk writes into a profiled step."""
     index_mod = importlib.import_module("kmtrain.index")  # the package's `index` is the function
     train_wave = index_mod.train_wave
 
-    def wrapped(*args, progress=None, **kwargs):
+    def wrapped(*args, progress=None, checkpoint=None, **kwargs):
         seen.append(_ProfiledBar(progress, prof))
-        return train_wave(*args, progress=seen[-1], **kwargs)
+        return train_wave(*args, progress=seen[-1], checkpoint=None, **kwargs)
 
     index_mod.train_wave = wrapped
     try:

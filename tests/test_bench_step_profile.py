@@ -1,7 +1,8 @@
 """bench.step_profile: sorting profiled ops into kinds, and the profiler advanced once per step."""
+import importlib
 import random
 
-from bench.step_profile import KINDS, _ProfiledBar, breakdown, op_kind
+from bench.step_profile import KINDS, _ProfiledBar, breakdown, op_kind, profiled_training
 
 # SmolLM2-135M: hidden 576, MLP 1536, k/v 192, vocab 49152, head dim 64; LoRA rank 16
 FEATURES = [192, 576, 1536]
@@ -63,9 +64,28 @@ def test_the_profiler_steps_with_each_finished_training_step():
 
     bar, prof = Bar(), Prof()
     proxy = _ProfiledBar(bar, prof)
-    proxy.update(0)  # train_wave's first call: the step it starts from (0, or a checkpoint's)
+    proxy.update(0)  # no step finished: the profiler must not advance
     for _ in range(4):
         proxy.update(1)
         proxy.set_postfix(loss="0.5")
     assert (bar.n, prof.steps, len(proxy.ends), bar.postfix) == (4, 4, 4, {"loss": "0.5"})
     assert proxy.ends == sorted(proxy.ends)
+
+
+def test_profiled_training_wraps_the_bar_and_drops_the_checkpoint(monkeypatch):
+    index_mod = importlib.import_module("kmtrain.index")
+    calls = []
+
+    def fake_train_wave(*args, progress=None, checkpoint=None, **kwargs):
+        calls.append((args, progress, checkpoint, kwargs))
+        return 0
+
+    monkeypatch.setattr(index_mod, "train_wave", fake_train_wave)
+    seen, prof, bar = [], object(), object()
+    with profiled_training(prof, seen) as mod:
+        assert mod is index_mod and index_mod.train_wave is not fake_train_wave
+        index_mod.train_wave("model", "tok", progress=bar, checkpoint="a checkpoint", steps=3)
+    assert index_mod.train_wave is fake_train_wave  # restored on leaving
+    assert len(seen) == 1 and seen[0].bar is bar and seen[0].prof is prof
+    # a checkpoint would resume past the profiled steps or save inside them: profiled runs have none
+    assert calls == [(("model", "tok"), seen[0], None, {"steps": 3})]
