@@ -240,7 +240,6 @@ def test_a_batch_split_by_length_has_the_losses_and_gradients_of_one_forward(tin
         assert (a - b).norm() <= 1e-5 * a.norm(), float((a - b).norm() / a.norm())
 
 
-
 def test_a_wave_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny_model, tmp_path, capsys, monkeypatch):
     """Killed after step 5 of 8 (here: its progress bar raises), a wave resumes from the checkpoint
     saved then and ends with the weights, losses, held-out curve and best step of a run that was never
