@@ -30,8 +30,10 @@ def main(argv=None):
         overrides = dict(IndexConfig.parse_override(item) for item in a.set)
     except ValueError as e:
         ap.error(str(e))
+    cfg = IndexConfig(**overrides)
     env = environment()
     rows, per_doc = [], {}
+    base_name = cfg.model
     base_icl = None
     first = None
     for obj in a.objectives:
@@ -48,10 +50,13 @@ def main(argv=None):
         # training time comes from its km.json, not from this call's wall clock.
         summary = index(str(CORPUS), IndexConfig(out=str(out), objective=obj, steps=a.steps, progress=False,
                                                        **overrides))
-        t_train = max(json.loads((out / s["id"] / "km.json").read_text())["train_seconds_wave"]
-                      for s in summary if (out / s["id"] / "km.json").is_file())
+        kms = [json.loads((out / s["id"] / "km.json").read_text())
+               for s in summary if (out / s["id"] / "km.json").is_file()]
+        t_train = max(km["train_seconds_wave"] for km in kms)
+        base_name = kms[0]["base_model"]
         conds = ("km",) if base_icl is not None else ("base", "icl", "km")
-        res = in_fresh_process(evaluate_corpus, str(out), conditions=conds)  # not in what indexing left
+        # on the base the KMs were trained on (`--set model=...`), not the default model
+        res = in_fresh_process(evaluate_corpus, str(out), cfg.model, conditions=conds)  # not in what indexing left
         if base_icl is None:
             base_icl = {d: {c: res[d][c] for c in ("base", "icl")} for d in res}
             for c, name in (("base", "base (closed book)"), ("icl", "ICL (document in context)")):
@@ -67,9 +72,8 @@ def main(argv=None):
     table = markdown_table(["condition", "steps", "correct", "accuracy %", "training s (one wave of 8 documents, from km.json)"], rows)
     docs = list(next(iter(per_doc.values())))
     doc_table = markdown_table(["document"] + list(per_doc), [[d] + [str(per_doc[c][d]) for c in per_doc] for d in docs])
-    cfg = IndexConfig(**overrides)
     changed = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "none"
-    text = (f"# Closed-book accuracy on the demo corpus (SmolLM2-135M-Instruct)\n\n{env_block(env)}\n"
+    text = (f"# Closed-book accuracy on the demo corpus ({base_name})\n\n{env_block(env)}\n"
             f"- overrides of the defaults for every KM here: {changed}\n"
             f"- corpus: kmtrain/demo_corpus, 8 fictional documents, 8 short-answer questions each (64)\n"
             f"- settings (the defaults with the overrides): {cfg.summaries_per_chunk} summaries + {cfg.qa_per_chunk} Q/A "
