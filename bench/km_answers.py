@@ -51,12 +51,18 @@ def trained_items(items: List[dict], meta: dict, doc_id: str) -> List[dict]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kms", required=True, help="a `kmtrain index` output folder of the demo corpus")
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", help="the KMs' base model (default: the one their km.json names)")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     kms = Path(a.kms)
     questions = json.loads((CORPUS / "questions.json").read_text())
-    answers = answer_corpus(str(kms), a.model, conditions=("km",))
+    model = a.model
+    if model is None:  # the base the KMs were trained on; the default SmolLM2 would misread other bases' KMs
+        metas = sorted(kms.glob("*/km.json"))
+        if not metas:
+            ap.error(f"--kms {kms} holds no KM (no <id>/km.json): give a `kmtrain index` output folder")
+        model = json.loads(metas[0].read_text())["base_model_path"]
+    answers = answer_corpus(str(kms), model, conditions=("km",))
     rows, n_items = [], {}
     by_kind, by_count = {}, {}  # two partitions of the questions: which kinds of target, how many targets
     for doc, by in answers.items():
