@@ -30,10 +30,14 @@ def main(argv=None):
     a = ap.parse_args(argv)
     env = environment()
     run = Path(a.run)
-    doc_ids = sorted(p.name for p in run.iterdir() if (p / "km.json").is_file())[: a.docs]
-    model, tok, _, _ = load_model("smollm2-135m")
-    L = model.config.num_hidden_layers
-    attach_grouped_lora(model, 1, rank=16, alpha=16)
+    doc_ids = sorted(p.parent.name for p in run.glob("*/km.json"))[: a.docs]
+    if not doc_ids:
+        ap.error(f"--run {run} holds no KM (no <id>/km.json): give the output folder of a finished sdcd index run")
+    # the run's own base and LoRA shape (this loaded SmolLM2 at r=16 whatever the run trained)
+    km = json.loads((run / doc_ids[0] / "km.json").read_text())
+    model, tok, _, _ = load_model(km["base_model_path"])
+    L, H = model.config.num_hidden_layers, model.config.hidden_size
+    attach_grouped_lora(model, 1, rank=km["rank"], alpha=km["alpha"])
     cfg = IndexConfig()
     variants = {"fp32": ("fp32", list(range(L))), "bf16 (default)": ("bf16", list(range(L))),
                 "fp8 e4m3": ("fp8", list(range(L))), "fp8, every 4th layer": ("fp8", sorted(set(range(3, L, 4)) | {L - 1}))}
@@ -72,7 +76,8 @@ def main(argv=None):
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         rows.append([name, f"{r['bytes_per_tok'] / 1024:.1f} KiB", f"{mean(r['dkl']):.2e}", f"{mean(r['dhid']):.2e}",
                      f"{mean(r['dgrad']):.2e}"])
-    text = (f"# Teacher cache options: size and loss fidelity (SmolLM2-135M, {L} layers, H=576)\n\n{env_block(env)}\n"
+    text = (f"# Teacher cache options: size and loss fidelity ({km['base_model']}, {L} layers, H={H})\n\n"
+            f"{env_block(env)}\n"
             f"- {len(doc_ids)} documents of `{a.run}`, 4 sdcd examples each; student = base + the document's KM\n"
             f"- relative differences against the loss computed from fp32 teacher states (mean over documents);\n"
             f"  the layer subset changes the hidden term's definition (an average over fewer layers), so its\n"
