@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import env_block, environment, markdown_table, write_report
+from bench.common import env_block, environment, km_records, markdown_table, write_report
 from kmkernels import attach_grouped_lora, dcd_loss, load_peft, set_adapter_ids
 from kmtrain.config import IndexConfig
 from kmtrain.models import decoder_hidden_states, load_model
@@ -30,11 +30,12 @@ def main(argv=None):
     a = ap.parse_args(argv)
     env = environment()
     run = Path(a.run)
-    doc_ids = sorted(p.parent.name for p in run.glob("*/km.json"))[: a.docs]
-    if not doc_ids:
+    records = km_records(run)
+    if not records:
         ap.error(f"--run {run} holds no KM (no <id>/km.json): give the output folder of a finished sdcd index run")
+    doc_ids = list(records)[: a.docs]
     # the run's own base and LoRA shape (this loaded SmolLM2 at r=16 whatever the run trained)
-    km = json.loads((run / doc_ids[0] / "km.json").read_text())
+    km = records[doc_ids[0]]
     model, tok, _, _ = load_model(km["base_model_path"])
     L, H = model.config.num_hidden_layers, model.config.hidden_size
     attach_grouped_lora(model, 1, rank=km["rank"], alpha=km["alpha"])

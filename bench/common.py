@@ -173,3 +173,10 @@ def write_report(text: str, out: Optional[str]) -> None:
     print(text)
     if out:
         Path(out).write_text(text)
+
+
+def km_records(folder: Path) -> Dict[str, dict]:
+    """{document id: its km.json} for the KMs in a `kmtrain index` output folder, in id order (empty
+    where there are none). The benches that read finished KMs take their base model and LoRA shape
+    from these records, not from defaults."""
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(folder).glob("*/km.json"))}

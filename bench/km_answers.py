@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import List, Tuple
 
-from bench.common import env_block, environment, markdown_table, write_report
+from bench.common import env_block, environment, km_records, markdown_table, write_report
 from kmtrain.data import QA_PROMPT
 from kmtrain.demo import CORPUS, answer_corpus
 from kmtrain.evaluate import is_correct
@@ -56,19 +56,17 @@ def main(argv=None):
     a = ap.parse_args(argv)
     kms = Path(a.kms)
     questions = json.loads((CORPUS / "questions.json").read_text())
-    model = a.model
-    if model is None:  # the base the KMs were trained on; the default SmolLM2 would misread other bases' KMs
-        metas = sorted(kms.glob("*/km.json"))
-        if not metas:
-            ap.error(f"--kms {kms} holds no KM (no <id>/km.json): give a `kmtrain index` output folder")
-        model = json.loads(metas[0].read_text())["base_model_path"]
+    records = km_records(kms)
+    if not records:
+        ap.error(f"--kms {kms} holds no KM (no <id>/km.json): give a `kmtrain index` output folder")
+    # by default the base the KMs were trained on; the default SmolLM2 would misread other bases' KMs
+    model = a.model or next(iter(records.values()))["base_model_path"]
     answers = answer_corpus(str(kms), model, conditions=("km",))
     rows, n_items = [], {}
     by_kind, by_count = {}, {}  # two partitions of the questions: which kinds of target, how many targets
     for doc, by in answers.items():
         items = json.loads((kms / ".work" / doc / "synth.json").read_text())["items"]
-        meta = json.loads((kms / doc / "km.json").read_text())
-        items = trained_items(items, meta, doc)
+        items = trained_items(items, records[doc], doc)
         n_items[doc] = len(items)
         for q, ans in zip(questions[doc], by["km"]):
             s, qa = target_coverage(items, q["a"])
@@ -79,7 +77,7 @@ def main(argv=None):
                 tally[1] += 1
             rows.append([doc, q["q"], " / ".join(q["a"]), str(s), str(qa), ans.replace("|", "/").replace("\n", " "),
                          "yes" if ok else "no"])
-    km = json.loads((kms / next(iter(answers)) / "km.json").read_text())
+    km = records[next(iter(answers))]
     summary = "\n\n".join(markdown_table([head, "KM correct", "questions"],
                                           [[c, str(k), str(n)] for c, (k, n) in sorted(tallies.items())])
                            for head, tallies in (("targets stating the answer", by_count),
