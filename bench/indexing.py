@@ -167,9 +167,10 @@ def work_model(cfg, corpus: str, work_dir: Path) -> dict:
 
 def _precision(cfg) -> str:
     """The autocast and base-weight dtypes this config resolves to on this machine."""
-    from kmtrain.index import _amp_dtype, _base_dtype, _device
+    from kmtrain.config import resolve_device
+    from kmtrain.index import _amp_dtype, _base_dtype
 
-    dev = _device(cfg)
+    dev = resolve_device(cfg.device)
     amp = _amp_dtype(cfg, dev)
     base = _base_dtype(cfg, dev, amp)
     return f"autocast {'bf16' if amp is not None else 'off (fp32)'}, base weights {str(base).replace('torch.', '')}"

@@ -12,3 +12,26 @@ def test_decoder_flops_are_two_per_linear_weight():
     model = LlamaForCausalLM(cfg)
     weights = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
     assert decoder_flops_per_token(cfg) == 2 * weights
+
+
+def test_side_by_side_run_writes_its_report(tiny_model, docs_dir, tmp_path):
+    """bench.indexing end to end as bench/gpu_session.sh runs it on a lent GPU: random weights at a
+    named shape with a local tokenizer, both recipes in fresh processes, the report written. Its
+    import of a renamed kmtrain helper once failed after both recipes had run, losing the timings."""
+    import re
+
+    from bench.indexing import main
+
+    out = tmp_path / "indexing.md"
+    main(["--random-shape", "tiny", "--tokenizer", tiny_model, "--corpus", str(docs_dir), "--steps", "2",
+          "--work", str(tmp_path / "work" / "run"), "--out", str(out)])
+    text = out.read_text()
+    assert "random weights at tiny shapes" in text
+    assert (tmp_path / "work" / "random-tiny" / "config.json").is_file()  # written once, beside the work folder
+    speedup = float(re.search(r"Speed-up of the full recipe: ([0-9.]+)x", text).group(1))
+    assert speedup > 0
+    # one loss row per document, with and without the cache
+    rows = re.findall(r"^\| (alpha|beta|gamma) \| ([0-9.]+) \| ([0-9.]+) \| ", text, flags=re.M)
+    assert sorted(r[0] for r in rows) == ["alpha", "beta", "gamma"]
+    for _, with_cache, without in rows:
+        assert float(with_cache) > 0 and float(without) > 0
