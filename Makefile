@@ -13,7 +13,7 @@ TORCH_VERSION ?= 2.13.0
 # `make test` from fresh clones 196 and 190 s against 262 and 201 s (run old, new, new, old).
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup test demo bench bench-losses bench-lora clean
+.PHONY: setup test demo bench bench-losses bench-lora gpu-carry clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -47,5 +47,18 @@ bench-lora: setup
 
 bench: bench-losses bench-lora
 
+# What bench/gpu_session.sh needs on a lent GPU, whose image has torch, triton, transformers and peft
+# but nothing else of ours and no network: the other packages as wheels for its Python (3.12), and
+# the bundled model's tokenizer for bench.indexing --random-shape (the model, 270 MB, is too big to
+# carry). Carry .gpu_carry along with the command.
+GPU_WHEELS := datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 gguf==0.19.0 liger-kernel==0.8.5
+gpu-carry: setup
+	rm -rf .gpu_carry && mkdir -p .gpu_carry/wheels
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .gpu_carry/wheels $(GPU_WHEELS)
+	$(PY) -c "import sys; from transformers import AutoTokenizer; from kmtrain.models import resolve_model; \
+	  AutoTokenizer.from_pretrained(resolve_model('smollm2-135m')[0]).save_pretrained(sys.argv[1])" .gpu_carry/tokenizer
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .gpu_carry
