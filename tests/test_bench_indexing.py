@@ -28,8 +28,15 @@ def test_side_by_side_run_writes_its_report(tiny_model, docs_dir, tmp_path):
     text = out.read_text()
     assert "random weights at tiny shapes" in text
     assert (tmp_path / "work" / "random-tiny" / "config.json").is_file()  # written once, beside the work folder
-    speedup = float(re.search(r"Speed-up of the full recipe: ([0-9.]+)x", text).group(1))
-    assert speedup > 0
+    speedup, loaded = map(float, re.search(r"Speed-up of the full recipe: ([0-9.]+)x\*\*; ([0-9.]+)x with the model "
+                                           r"loaded", text).groups())
+    assert speedup > 0 and loaded > 0
+    # each run: its seconds, the load among them, documents/hour with and without the load
+    runs = re.findall(r"^\| (full recipe|reference)[^|]*\| 3 \| 2 \| (\d+) \| (\d+) \| ([0-9.]+) \| ([0-9.]+) \|$",
+                      text, flags=re.M)
+    assert [r[0] for r in runs] == ["full recipe", "reference"]
+    for _, secs, load, per_hour, per_hour_loaded in runs:
+        assert int(load) <= int(secs) and 0 < float(per_hour) <= float(per_hour_loaded)
     # one loss row per document, with and without the cache
     rows = re.findall(r"^\| (alpha|beta|gamma) \| ([0-9.]+) \| ([0-9.]+) \| ", text, flags=re.M)
     assert sorted(r[0] for r in rows) == ["alpha", "beta", "gamma"]
