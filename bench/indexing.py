@@ -194,10 +194,13 @@ def _timed_index(corpus: str, cfg: IndexConfig) -> tuple[list[dict], float, floa
         finally:
             load_s.append(time.time() - t)
 
-    index_module.load_model = timed_load_model  # this is a fresh process: nothing else sees it
-    t0 = time.time()
-    summ = index(corpus, cfg)
-    return summ, time.time() - t0, sum(load_s)
+    index_module.load_model = timed_load_model
+    try:
+        t0 = time.time()
+        summ = index(corpus, cfg)
+        return summ, time.time() - t0, sum(load_s)
+    finally:
+        index_module.load_model = load_model
 
 
 def _index_in_fresh_process(corpus: str, cfg: IndexConfig) -> tuple[list[dict], float, float]:
