@@ -9,10 +9,10 @@
 #
 # with .gpu_carry carried along, and a call's own time limit the stage's plus ~60 s (the wheels'
 # install and the environment lines); `indexing` first, as its target is the one still pending.
-# Stages run in the order given. Each step runs under its own time
-# limit, so a hang costs that step, not the loan. Results go to $OUT (the device tool's folder) or
-# runs/gpu_session: summary.txt (a line a step: exit code and seconds), session.log (every step's
-# output) and each bench's markdown table, to commit under bench/results/ with the device's name.
+# Stages run in the order given. Each step runs under its own time limit, so a hang costs that
+# step, not the loan. Results go to $OUT (the device tool's folder) or runs/gpu_session:
+# summary.txt (a line a step: exit code and seconds), session.log (every step's output) and each
+# bench's markdown table, to commit under bench/results/ with the device's name.
 #
 # The GPU image has torch, triton, transformers and peft of its own; the wheels add what it lacks (gguf,
 # datasets and its two helpers, liger-kernel for bench.losses' comparison rows). Nothing can be fetched
