@@ -7,11 +7,10 @@ base, ICL (document in context), and KMs trained with each objective for the sam
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
-from bench.common import env_block, environment, markdown_table, write_report
+from bench.common import env_block, environment, km_records, markdown_table, write_report
 from kmtrain.config import IndexConfig
 from kmtrain.demo import CORPUS, evaluate_corpus, in_fresh_process
 from kmtrain.index import index
@@ -50,8 +49,8 @@ def main(argv=None):
         # training time comes from its km.json, not from this call's wall clock.
         summary = index(str(CORPUS), IndexConfig(out=str(out), objective=obj, steps=a.steps, progress=False,
                                                        **overrides))
-        kms = [json.loads((out / s["id"] / "km.json").read_text())
-               for s in summary if (out / s["id"] / "km.json").is_file()]
+        records = km_records(out)
+        kms = [records[s["id"]] for s in summary if s["id"] in records]
         t_train = max(km["train_seconds_wave"] for km in kms)
         base_name = kms[0]["base_model"]
         conds = ("km",) if base_icl is not None else ("base", "icl", "km")
