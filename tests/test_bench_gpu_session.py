@@ -8,9 +8,9 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "gpu_session.sh"
 
 
-def run(tmp_path, *args, carry=None):
+def run(tmp_path, *args):
     env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out"), "GPU_WORK": str(tmp_path / "work"),
-           "GPU_CARRY": str(carry or tmp_path / "no_carry")}
+           "GPU_CARRY": str(tmp_path / "no_carry")}
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=60)
 
 
