@@ -28,6 +28,7 @@ def dcd_loss(
     mask: Optional[torch.Tensor] = None,
     teacher_norms: Optional[torch.Tensor] = None,
     teacher_kl_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    kl_teacher_hidden: Optional[torch.Tensor] = None,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -46,6 +47,9 @@ def dcd_loss(
             on the teacher's last hidden state with this lm_head and temperature: the KL is then
             computed from them (``fused_linear_kl_from_stats``, no teacher logits; the lm_head must
             be frozen) and the teacher's last layer serves the L1 term only. Same loss.
+        kl_teacher_hidden: optional [..., H], the teacher's last hidden state for the KL term where
+            it differs from ``teacher_hiddens[-1]``: the states as computed, when ``teacher_hiddens``
+            hold a cache's rounding of them (the L1 term then sees the rounding, the KL does not).
         backend: 'auto' | 'triton' | 'torch'.
     Returns:
         (loss, {"kl": kl, "hidden": hidden}), all fp32 scalars; the dict entries are detached.
@@ -56,13 +60,15 @@ def dcd_loss(
         raise ValueError(f"layer counts differ: {len(hs)} student_hiddens vs {len(ht)} teacher_hiddens")
     if len(hs) == 0:
         raise ValueError("student_hiddens is empty: need at least one layer")
+    if teacher_kl_stats is not None and kl_teacher_hidden is not None:
+        raise ValueError("teacher_kl_stats and kl_teacher_hidden both give the KL's teacher: pass one")
     zero = hs[-1].new_zeros((), dtype=torch.float32)
     kl = zero
     if kl_weight != 0 and teacher_kl_stats is not None:
         kl = fused_linear_kl_from_stats(hs[-1], lm_head_weight, *teacher_kl_stats, temperature=temperature, mask=mask,
                                         reduction="mean", backend=backend, chunk_size=chunk_size)
     elif kl_weight != 0:
-        kl = fused_linear_kl(hs[-1], lm_head_weight, ht[-1], None, temperature=temperature, mask=mask,
+        kl = fused_linear_kl(hs[-1], lm_head_weight, ht[-1] if kl_teacher_hidden is None else kl_teacher_hidden, None, temperature=temperature, mask=mask,
                              reduction="mean", backend=backend, chunk_size=chunk_size)
     hid = zero
     if hidden_weight != 0:
@@ -75,7 +81,7 @@ class DCDLoss(nn.Module):
     """Module form of :func:`dcd_loss`.
 
     ``forward(student_hiddens, teacher_hiddens, lm_head_weight, mask=None, teacher_norms=None,
-    teacher_kl_stats=None)``
+    teacher_kl_stats=None, kl_teacher_hidden=None)``
     returns ``(loss, {"kl", "hidden"})``.
     """
 
@@ -86,8 +92,8 @@ class DCDLoss(nn.Module):
         self.backend, self.chunk_size = backend, chunk_size
 
     def forward(self, student_hiddens, teacher_hiddens, lm_head_weight, mask=None, teacher_norms=None,
-                teacher_kl_stats=None):
+                teacher_kl_stats=None, kl_teacher_hidden=None):
         return dcd_loss(student_hiddens, teacher_hiddens, lm_head_weight, kl_weight=self.kl_weight,
                         hidden_weight=self.hidden_weight, temperature=self.temperature, mask=mask,
-                        teacher_norms=teacher_norms, teacher_kl_stats=teacher_kl_stats, backend=self.backend,
-                        chunk_size=self.chunk_size)
+                        teacher_norms=teacher_norms, teacher_kl_stats=teacher_kl_stats,
+                        kl_teacher_hidden=kl_teacher_hidden, backend=self.backend, chunk_size=self.chunk_size)

@@ -475,8 +475,9 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 # The cache is a function of the teacher weights, what is stored, and the examples' tokens
                 # (which carry the document, the synthetic data and the example layout): a change in any
                 # of them never meets a stale cache.
-                # "kl_stats": the format version (caches from before it lack the KL's teacher statistics)
-                key = hashlib.sha256(json.dumps([model_hash, str(base_dtype), cfg.cache_dtype, layers_key, "kl_stats"]
+                # "kl_stats_exact": the format version (caches from before "kl_stats" lack the KL's teacher
+                # statistics; before "kl_stats_exact" they came from the last layer as rounded for the cache)
+                key = hashlib.sha256(json.dumps([model_hash, str(base_dtype), cfg.cache_dtype, layers_key, "kl_stats_exact"]
                                                 + examples_json[st.id]).encode()).hexdigest()[:16]
                 path = work / st.id / f"teacher_{cfg.objective}_{key}.safetensors"
                 for old in (work / st.id).glob(f"teacher_{cfg.objective}_*.safetensors"):

@@ -290,10 +290,14 @@ def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg
         offsets.append(offsets[-1] + h.shape[1])
     hidden = torch.cat(hidden_parts, dim=1) if hidden_parts else torch.zeros(len(layers), 0, 1)
     enc, scale = _encode(hidden, cfg.cache_dtype)
-    # the KL's teacher statistics, from the last layer as the cache returns it (the re-run teacher
-    # of --no-teacher-cache gets the same rounding, train.round_like_cache)
-    last = _decode(enc[-1:], scale[-1:] if scale is not None else None)[0]
-    emb, negent = teacher_kl_stats(last, model.get_output_embeddings().weight, backend=cfg.backend)
+    # The KL's teacher statistics come from the last layer as the teacher computed it, not as the
+    # cache rounds it: they are fp32 whatever the cache dtype, so the KL stays exact under a bf16 or
+    # fp8 cache and only the hidden-state term sees the rounding. (From the fp8-rounded layer they
+    # moved dKL/dh by ~10%.) --no-teacher-cache does the same (train._batch_losses). In the LM head's
+    # dtype, which the states came in from the model (so no rounding), and which keeps the GEMM on
+    # the head's own dtype (a mixed-dtype GEMM runs without tensor cores).
+    w = model.get_output_embeddings().weight
+    emb, negent = teacher_kl_stats(hidden[-1].to(w.dtype), w, backend=cfg.backend)
     tensors = {"hidden": enc.contiguous(), "norms": torch.stack(norms) if norms else torch.zeros(0, len(layers)),
                "kl_embedding": emb.contiguous(), "kl_neg_entropy": negent.contiguous(),
                "tok_offsets": torch.tensor(offsets, dtype=torch.int64), "layers": torch.tensor(layers, dtype=torch.int64)}
@@ -377,10 +381,7 @@ class TeacherCache:
     def get(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(hidden [L_sel, n, H] in the stored dtype, or fp32 for fp8; norms fp32 [L_sel]) of example i."""
         a, b = self.offsets[i], self.offsets[i + 1]
-        h = self._hidden[:, a:b, :]
-        if self.scale is not None:
-            h = h.float() * self.scale[:, None, None]
-        return h, self.norms[i]
+        return _decode(self._hidden[:, a:b, :], self.scale), self.norms[i]
 
     def kl_stats(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(e_t fp32 [n, H], negent_t fp32 [n]) of example i, for kmkernels.fused_linear_kl_from_stats."""

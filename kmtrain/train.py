@@ -183,6 +183,7 @@ def _batch_losses(model, wave: List[DocState], picks: List[Tuple[int, int]], gro
 
     # the teacher's hidden states: from the cache, or (reference recipe) a teacher forward now
     t_emb = t_negent = None  # the KL's teacher statistics, where the cache has them
+    t_kl = None  # else the KL's teacher: the re-run teacher's last layer, before the cache's rounding
     if distill:
         if wave[0].cache is not None:
             got = [wave[slot].cache.get(i) for slot, i in picks]
@@ -198,8 +199,12 @@ def _batch_losses(model, wave: List[DocState], picks: List[Tuple[int, int]], gro
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 fresh = teacher_hiddens(model, examples, layers, pad_id, _no_adapter(model))
             model.train(was_training)
+            # rounded as the cache would store them; the KL reads them unrounded, as the cache's
+            # statistics are computed (teacher_cache.build_cache)
             t_h = [round_like_cache(h, cfg.cache_dtype) for h in fresh]
             t_norms = [h.abs().sum(dim=(1, 2)) for h in fresh]
+            # (in the LM head's dtype, which the states came in from the model, as build_cache does)
+            t_kl = torch.cat([h[-1] for h in fresh]).to(device, model.get_output_embeddings().weight.dtype)
 
     # the student: base model + each document's own slot, its hidden states at the distilled
     # positions [N_pos, H] of each layer (the LM objectives: of the last, with next-token targets)
@@ -217,7 +222,7 @@ def _batch_losses(model, wave: List[DocState], picks: List[Tuple[int, int]], gro
             stats = (t_emb[sel], t_negent[sel]) if t_emb is not None else None
             loss, parts = dcd_loss([h[sel] for h in s_rows], t_all[:, sel], lm_head, kl_weight=cfg.kl_weight,
                                    hidden_weight=cfg.hidden_weight, teacher_norms=norms, teacher_kl_stats=stats,
-                                   backend=cfg.backend)
+                                   kl_teacher_hidden=t_kl[sel] if t_kl is not None else None, backend=cfg.backend)
             out.append((loss, {"loss": float(loss.detach()), "kl": float(parts["kl"]), "hidden": float(parts["hidden"])}))
     else:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):

@@ -4,7 +4,7 @@ import torch
 
 from conftest import DEVICE
 from kmkernels import DCDLoss, dcd_loss, teacher_kl_stats
-from reference import dcd_ref, rel_err
+from reference import dcd_ref, hidden_l1_ref, linear_kl_ref, rel_err
 
 BACKENDS = ["torch", "triton"]
 
@@ -31,6 +31,29 @@ def test_dcd_loss_matches_reference(backend, dtype, kl_from):
     tol = 2e-5 if dtype == torch.float32 else 3e-3
     for g, rg in zip(grads, rgrads):
         assert rel_err(g, rg) < tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dcd_kl_teacher_hidden_feeds_the_kl_only(backend):
+    """kl_teacher_hidden (the teacher's last layer before a cache's rounding) is the KL's teacher;
+    the L1 term keeps teacher_hiddens (the rounded states), as a cache's fp32 KL statistics do.
+    Against float64, values and gradients; the two teachers differ enough for a mix-up to show."""
+    L, N, H, V = 3, 13, 16, 97
+    hs = [torch.randn(N, H).to(DEVICE).requires_grad_() for _ in range(L)]
+    ht = torch.randn(L, N, H).to(DEVICE)
+    ht_kl = ht[-1] + 0.3 * torch.randn(N, H).to(DEVICE)
+    w = (torch.randn(V, H) / 2).to(DEVICE)
+    loss, parts = dcd_loss(hs, ht, w, kl_weight=0.7, hidden_weight=1.3, kl_teacher_hidden=ht_kl, backend=backend)
+    hs64 = [s.detach().double().cpu().requires_grad_() for s in hs]
+    kl = linear_kl_ref(hs64[-1], w.cpu().double(), ht_kl.cpu().double())
+    hid = hidden_l1_ref(hs64, [t.cpu().double() for t in ht])
+    assert rel_err(parts["kl"], kl) < 1e-5 and rel_err(parts["hidden"], hid) < 1e-5
+    assert rel_err(parts["kl"], linear_kl_ref(hs64[-1], w.cpu().double(), ht[-1].cpu().double())) > 1e-2
+    ref = 0.7 * kl + 1.3 * hid
+    for g, rg in zip(torch.autograd.grad(loss, hs), torch.autograd.grad(ref, hs64)):
+        assert rel_err(g, rg) < 2e-5
+    with pytest.raises(ValueError, match="pass one"):
+        dcd_loss(hs, ht, w, teacher_kl_stats=teacher_kl_stats(ht_kl, w), kl_teacher_hidden=ht_kl)
 
 
 def test_dcd_errors():

@@ -29,16 +29,22 @@ def test_teacher_cache_round_trip(tiny_model, tmp_path, dtype, tol):
         assert h.shape == ref.shape
         assert ((h.float() - ref).norm() / ref.norm()) < tol
         assert torch.allclose(norms, ref.abs().sum(dim=(1, 2)), rtol=1e-5)
-        # the KL's statistics: those of the last layer as the cache returns it, against float64
+        # the KL's statistics: those of the last layer as the teacher computed it, not as the cache
+        # rounds it (so the KL is exact under any cache dtype), against float64
         w = model.get_output_embeddings().weight.detach().double()
-        z = h[-1].double() @ w.T
+        z = ref[-1].double() @ w.T
         p = z.softmax(-1)
         assert p.max() > 0.2  # peaked enough for a wrong temperature or layer to show
         emb, negent = cache.kl_stats(i)
         assert emb.dtype == negent.dtype == torch.float32
-        torch.testing.assert_close(emb.double(), p @ w, rtol=1e-5, atol=1e-6)
-        # negent = e.h - lse: a difference of logit-sized terms, exact to fp32 ulps of them
-        torch.testing.assert_close(negent.double(), (p * p.log()).sum(-1), rtol=0, atol=4e-7 * float(z.abs().max()))
+        # ref is the teacher's whole-sequence pass, the cache the shared-prefix one: the same states to
+        # fp32 rounding, which the peaked softmax (logits up to ~|z|) magnifies
+        torch.testing.assert_close(emb.double(), p @ w, rtol=1e-4, atol=1e-5)
+        # negent = e.h - lse: a difference of logit-sized terms
+        torch.testing.assert_close(negent.double(), (p * p.log()).sum(-1), rtol=0, atol=4e-6 * float(z.abs().max()))
+        if dtype == "fp8":  # from the rounded layer, they would be this far off: farther than the above
+            p_rounded = (h[-1].double() @ w.T).softmax(-1)
+            assert (p_rounded @ w - p @ w).abs().max() > 10 * (emb.double() - p @ w).abs().max()
 
 
 def test_damaged_teacher_cache_is_refused(tiny_model, tmp_path):
