@@ -18,11 +18,13 @@ def test_measures_a_run_on_its_own_base_and_rank(tiny_model, docs_dir, tmp_path,
     text = report.read_text()
     head = text.splitlines()[0]
     assert "SmolLM2" not in head and ", 2 layers, H=" in head  # the tiny model's depth
-    rows = {line.split("|")[1].strip(): line.split("|")[2:6] for line in text.splitlines() if line.startswith("| ")}
-    assert [float(x) for x in rows["fp32"][1:]] == [0.0] * 3  # the reference
-    bf16_kl = float(rows["bf16 (default)"][1])
-    assert 0 < bf16_kl < 5e-2  # bf16-rounded teacher states: a KL off by rounding, not by a wrong model
-    assert rows["fp32"][0].strip() == f"{2 * 32 * 4 / 1024:.1f} KiB"  # 2 layers x H=32 x 4 bytes
+    rows = {line.split("|")[1].strip(): line.split("|")[2:8] for line in text.splitlines() if line.startswith("| ")}
+    assert [float(x) for x in rows["fp32"][1:]] == [0.0] * 5  # the reference
+    kl, hidden, grad, kl_old, grad_old = (float(x) for x in rows["bf16 (default)"][1:])
+    assert kl == 0.0  # the KL's statistics come from the unrounded layer: the cache dtype does not touch it
+    assert 0 < hidden < 5e-2 and 0 < grad  # the L1 term sees the rounding
+    assert 0 < kl_old < 5e-2 and grad_old > 0  # from the rounded layer, a KL off by rounding, not by a wrong model
+    assert rows["fp32"][0].strip() == f"{(2 * 32 * 4 + 33 * 4) / 1024:.1f} KiB"  # 2 layers x H=32 x 4 bytes + e_t, negent_t
 
     with pytest.raises(SystemExit):
         cache_quality.main(["--run", str(tmp_path / "no-run")])
