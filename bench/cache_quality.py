@@ -26,6 +26,10 @@ from kmtrain.models import decoder_hidden_states, load_model
 from kmtrain.teacher_cache import _encode, _pad, build_examples, teacher_hiddens
 
 
+COLUMNS = ["cache", "bytes per target token", "KL rel. diff", "hidden rel. diff", "dLoss/dh_last rel. diff",
+           "KL rel. diff, statistics from the stored layer (before d7cffcb)", "dLoss/dh_last rel. diff, the same"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="runs/demo", help="output folder of a finished sdcd index run")
@@ -98,9 +102,9 @@ def main(argv=None):
             f"- {len(doc_ids)} documents of `{a.run}`, 4 sdcd examples each; student = base + the document's KM\n"
             f"- relative differences against the loss computed from fp32 teacher states (mean over documents);\n"
             f"  the layer subset changes the hidden term's definition (an average over fewer layers), so its\n"
-            f"  hidden-term difference measures that change, not rounding\n\n"
+            f"  hidden-term difference measures that change, not rounding\n"
             f"- bytes per target token: the stored layers and the KL's fp32 statistics (H + 1 values)\n\n"
-            f"{markdown_table(['cache', 'bytes per target token', 'KL rel. diff', 'hidden rel. diff', 'dLoss/dh_last rel. diff', 'KL rel. diff, statistics from the stored layer (before d7cffcb)', 'dLoss/dh_last rel. diff, the same'], rows)}\n")
+            f"{markdown_table(COLUMNS, rows)}\n")
     write_report(text, a.out)
 
 

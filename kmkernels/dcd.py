@@ -68,7 +68,8 @@ def dcd_loss(
         kl = fused_linear_kl_from_stats(hs[-1], lm_head_weight, *teacher_kl_stats, temperature=temperature, mask=mask,
                                         reduction="mean", backend=backend, chunk_size=chunk_size)
     elif kl_weight != 0:
-        kl = fused_linear_kl(hs[-1], lm_head_weight, ht[-1] if kl_teacher_hidden is None else kl_teacher_hidden, None, temperature=temperature, mask=mask,
+        teacher_last = ht[-1] if kl_teacher_hidden is None else kl_teacher_hidden
+        kl = fused_linear_kl(hs[-1], lm_head_weight, teacher_last, None, temperature=temperature, mask=mask,
                              reduction="mean", backend=backend, chunk_size=chunk_size)
     hid = zero
     if hidden_weight != 0:

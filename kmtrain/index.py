@@ -477,7 +477,8 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 # of them never meets a stale cache.
                 # "kl_stats_exact": the format version (caches from before "kl_stats" lack the KL's teacher
                 # statistics; before "kl_stats_exact" they came from the last layer as rounded for the cache)
-                key = hashlib.sha256(json.dumps([model_hash, str(base_dtype), cfg.cache_dtype, layers_key, "kl_stats_exact"]
+                version = "kl_stats_exact"
+                key = hashlib.sha256(json.dumps([model_hash, str(base_dtype), cfg.cache_dtype, layers_key, version]
                                                 + examples_json[st.id]).encode()).hexdigest()[:16]
                 path = work / st.id / f"teacher_{cfg.objective}_{key}.safetensors"
                 for old in (work / st.id).glob(f"teacher_{cfg.objective}_*.safetensors"):

@@ -24,7 +24,8 @@ def test_measures_a_run_on_its_own_base_and_rank(tiny_model, docs_dir, tmp_path,
     assert kl == 0.0  # the KL's statistics come from the unrounded layer: the cache dtype does not touch it
     assert 0 < hidden < 5e-2 and 0 < grad  # the L1 term sees the rounding
     assert 0 < kl_old < 5e-2 and grad_old > 0  # from the rounded layer, a KL off by rounding, not by a wrong model
-    assert rows["fp32"][0].strip() == f"{(2 * 32 * 4 + 33 * 4) / 1024:.1f} KiB"  # 2 layers x H=32 x 4 bytes + e_t, negent_t
+    # 2 layers x H=32 x 4 bytes, and the KL statistics e_t [32] and negent_t in fp32
+    assert rows["fp32"][0].strip() == f"{(2 * 32 * 4 + 33 * 4) / 1024:.1f} KiB"
 
     with pytest.raises(SystemExit):
         cache_quality.main(["--run", str(tmp_path / "no-run")])
