@@ -292,10 +292,11 @@ def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg
     enc, scale = _encode(hidden, cfg.cache_dtype)
     # The KL's teacher statistics come from the last layer as the teacher computed it, not as the
     # cache rounds it: they are fp32 whatever the cache dtype, so the KL stays exact under a bf16 or
-    # fp8 cache and only the hidden-state term sees the rounding. (From the fp8-rounded layer they
-    # moved dKL/dh by ~10%.) --no-teacher-cache does the same (train._batch_losses). In the LM head's
-    # dtype, which the states came in from the model (so no rounding), and which keeps the GEMM on
-    # the head's own dtype (a mixed-dtype GEMM runs without tensor cores).
+    # fp8 cache and only the hidden-state term sees the rounding. (From the rounded layer, on trained
+    # KMs, they moved the last layer's loss gradient by 49% under fp8, and by 3% under bf16 of an fp32
+    # teacher: bench/results/cache_quality_cpu.md.) --no-teacher-cache does the same
+    # (train._batch_losses). The layer goes in the LM head's dtype: the states came from the model in
+    # it (so nothing is rounded), and a mixed-dtype GEMM would run without tensor cores.
     w = model.get_output_embeddings().weight
     emb, negent = teacher_kl_stats(hidden[-1].to(w.dtype), w, backend=cfg.backend)
     tensors = {"hidden": enc.contiguous(), "norms": torch.stack(norms) if norms else torch.zeros(0, len(layers)),
