@@ -23,7 +23,7 @@ from bench.common import env_block, environment, km_records, markdown_table, wri
 from kmkernels import attach_grouped_lora, dcd_loss, load_peft, set_adapter_ids, teacher_kl_stats
 from kmtrain.config import IndexConfig
 from kmtrain.models import decoder_hidden_states, load_model
-from kmtrain.teacher_cache import _encode, _pad, build_examples, teacher_hiddens
+from kmtrain.teacher_cache import _decode, _encode, _pad, build_examples, teacher_hiddens
 
 
 COLUMNS = ["cache", "bytes per target token", "KL rel. diff", "hidden rel. diff", "dLoss/dh_last rel. diff",
@@ -72,7 +72,7 @@ def main(argv=None):
         exact_stats = teacher_kl_stats(ht32[-1], lm_head)  # what every cache now stores, whatever its dtype
         for name, (dt, layers) in variants.items():
             enc, scale = _encode(ht32[layers], dt)
-            ht = enc.float() * scale[:, None, None] if scale is not None else enc.float()
+            ht = _decode(enc, scale).float()
             got = {}
             for how, stats in (("now", exact_stats), ("old", teacher_kl_stats(ht[-1], lm_head))):
                 hs = [hs_all[l].detach().requires_grad_() for l in layers]

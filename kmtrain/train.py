@@ -29,7 +29,7 @@ from kmkernels.lora import grouped_lora_modules
 
 from .checkpoint import TrainingCheckpoint, load_checkpoint, save_checkpoint
 from .models import decoder_hidden_states
-from .teacher_cache import Example, TeacherCache, _pad, select_layers, teacher_hiddens
+from .teacher_cache import Example, TeacherCache, _decode, _encode, _pad, select_layers, teacher_hiddens
 
 
 @dataclass
@@ -82,13 +82,9 @@ def _no_adapter(model):
 
 
 def round_like_cache(h: torch.Tensor, cache_dtype: str) -> torch.Tensor:
-    """On-the-fly teacher states get the cache's rounding, so cached and uncached runs see the same numbers."""
-    if cache_dtype == "bf16":
-        return h.to(torch.bfloat16)
-    if cache_dtype == "fp8":
-        scale = (h.abs().amax(dim=(1, 2)) / 448.0).clamp_min(1e-12)
-        return (h / scale[:, None, None]).to(torch.float8_e4m3fn).float() * scale[:, None, None]
-    return h
+    """On-the-fly teacher states [L, n, H] get the cache's rounding (its own encode and decode), so
+    cached and uncached runs see the same numbers."""
+    return _decode(*_encode(h, cache_dtype))
 
 
 def _ce_rows(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -346,3 +346,25 @@ def test_a_wave_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny_mo
     said = capsys.readouterr().out
     assert "checkpoint of step 7 not saved ([Errno 28] No space left on device); training goes on" in said
     assert list(tmp_path.iterdir()) == []  # the partial write was removed
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8", "fp32"])
+def test_round_like_cache_is_what_the_cache_returns(tiny_model, tmp_path, dtype):
+    """--no-teacher-cache rounds the re-run teacher's states as a cache of one example stores and
+    reads them back: the same numbers, bit for bit."""
+    from kmtrain import IndexConfig
+    from kmtrain.models import load_model
+    from kmtrain.teacher_cache import Example, TeacherCache, build_cache, teacher_hiddens
+    from kmtrain.train import round_like_cache
+
+    model, _, _, _ = load_model(tiny_model)
+    example = Example([1, 2, 3], 0, 5, list(range(3, 12)), 4)
+    path = tmp_path / "c.safetensors"
+    build_cache(model, [example], path, 2, IndexConfig(cache_dtype=dtype), pad_id=0)
+    cached, _ = TeacherCache(path).get(0)
+    (fresh,) = teacher_hiddens(model, [example], [0, 1], pad_id=0)
+    rounded = round_like_cache(fresh, dtype)
+    assert rounded.dtype == cached.dtype
+    assert torch.equal(rounded, cached)
+    if dtype != "fp32":
+        assert not torch.equal(rounded.float(), fresh)  # it did round
