@@ -475,9 +475,10 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 # The cache is a function of the teacher weights, what is stored, and the examples' tokens
                 # (which carry the document, the synthetic data and the example layout): a change in any
                 # of them never meets a stale cache.
-                # "kl_stats_exact": the format version (caches from before "kl_stats" lack the KL's teacher
-                # statistics; before "kl_stats_exact" they came from the last layer as rounded for the cache)
-                version = "kl_stats_exact"
+                # "fp8_scale_per_example": the format version (caches from before "kl_stats" lack the KL's
+                # teacher statistics; before "kl_stats_exact" they came from the last layer as rounded for
+                # the cache; before "fp8_scale_per_example" an fp8 cache had one scale per document and layer)
+                version = "fp8_scale_per_example"
                 key = hashlib.sha256(json.dumps([model_hash, str(base_dtype), cfg.cache_dtype, layers_key, version]
                                                 + examples_json[st.id]).encode()).hexdigest()[:16]
                 path = work / st.id / f"teacher_{cfg.objective}_{key}.safetensors"

@@ -4,13 +4,17 @@ The teacher (frozen base model with the chunk in context) is run once per (chunk
 example, and the chunk + prompt prefix once for all the targets that share it. What the DCD
 loss needs is stored on the distillation positions only: every selected decoder layer's hidden
 state, each example's per-layer sum|h_t|, and for the KL two numbers per position that stand for
-the teacher's whole distribution (kmkernels.teacher_kl_stats, from the cached last hidden state
-as stored, so the cached and the re-run teacher give the same loss): e_t = W^T p_t and
-negent_t = sum_v p_t log p_t. Teacher logits are neither stored nor recomputed: the KL needs
-only these (kmkernels.fused_linear_kl_from_stats), one vocabulary GEMM fewer per step.
+the teacher's whole distribution (kmkernels.teacher_kl_stats, from the last hidden state as the
+teacher computed it, before the cache's rounding, so the KL is exact under every cache dtype):
+e_t = W^T p_t and negent_t = sum_v p_t log p_t. Teacher logits are neither stored nor
+recomputed: the KL needs only these (kmkernels.fused_linear_kl_from_stats), one vocabulary GEMM
+fewer per step.
 
 File per document: ``teacher.safetensors`` with
-  hidden          [L_sel, T_total, H]  bf16 | float8_e4m3fn (with hidden_scale [L_sel]) | fp32
+  hidden          [L_sel, T_total, H]  bf16 | float8_e4m3fn | fp32
+  hidden_scale    [L_sel, n_examples]  fp32, fp8 only: example i's layer l is hidden[l, its tokens] *
+                                       hidden_scale[l, i] (per example, as --no-teacher-cache rounds
+                                       each re-run example, so the two runs see the same numbers)
   norms           [n_examples, L_sel]  fp32, per-example sum|h_t| from the full-precision values
   kl_embedding    [T_total, H]         fp32, e_t (fp32 whatever the hidden dtype: the KL is a small
                                        difference of e_t . h_s and lse_s, bf16 would swamp it)
@@ -270,6 +274,9 @@ def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg
     """Run the teacher over a document's examples and write teacher.safetensors atomically."""
     from safetensors.torch import save_file
 
+    if not examples:  # index drops a document without examples before this
+        raise ValueError(f"{path}: no examples to cache")
+
     layers = select_layers(num_layers, cfg.cache_layers)
     # Examples with a common teacher prefix share one prefix pass (prefix_groups); the rest (DDCD
     # windows: each its own) run whole, batched.
@@ -283,13 +290,17 @@ def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg
         idx = alone[j:j + batch_size]
         for i, h in zip(idx, teacher_hiddens(model, [examples[i] for i in idx], layers, pad_id, no_adapter)):
             got[i] = h
-    hidden_parts, norms, offsets = [], [], [0]
+    norms, offsets = [], [0]
     for h in got:
         norms.append(h.abs().sum(dim=(1, 2)))
-        hidden_parts.append(h)
         offsets.append(offsets[-1] + h.shape[1])
-    hidden = torch.cat(hidden_parts, dim=1) if hidden_parts else torch.zeros(len(layers), 0, 1)
-    enc, scale = _encode(hidden, cfg.cache_dtype)
+    # Each example is encoded on its own: an fp8 scale per example and layer, the rounding that
+    # --no-teacher-cache gives each re-run example (train.round_like_cache). One scale per document
+    # made the two runs' hidden-state terms differ by 2.4% after 3 steps on the tiny test model.
+    parts = [_encode(h, cfg.cache_dtype) for h in got]
+    enc = torch.cat([e for e, _ in parts], dim=1)
+    scale = torch.stack([s for _, s in parts], dim=1) if parts[0][1] is not None else None
+    last = torch.cat([h[-1] for h in got])
     # The KL's teacher statistics come from the last layer as the teacher computed it, not as the
     # cache rounds it: they are fp32 whatever the cache dtype, so the KL stays exact under a bf16 or
     # fp8 cache and only the hidden-state term sees the rounding. (From the rounded layer, on trained
@@ -298,8 +309,8 @@ def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg
     # (train._batch_losses). The layer goes in the LM head's dtype: the states came from the model in
     # it (so nothing is rounded), and a mixed-dtype GEMM would run without tensor cores.
     w = model.get_output_embeddings().weight
-    emb, negent = teacher_kl_stats(hidden[-1].to(w.dtype), w, backend=cfg.backend)
-    tensors = {"hidden": enc.contiguous(), "norms": torch.stack(norms) if norms else torch.zeros(0, len(layers)),
+    emb, negent = teacher_kl_stats(last.to(w.dtype), w, backend=cfg.backend)
+    tensors = {"hidden": enc.contiguous(), "norms": torch.stack(norms),
                "kl_embedding": emb.contiguous(), "kl_neg_entropy": negent.contiguous(),
                "tok_offsets": torch.tensor(offsets, dtype=torch.int64), "layers": torch.tensor(layers, dtype=torch.int64)}
     if scale is not None:
@@ -368,8 +379,8 @@ class TeacherCache:
             return f"hidden {hidden}, expected ({n_layers}, {tokens}, H)"
         if tuple(self.norms.shape) != (n, n_layers):
             return f"norms {tuple(self.norms.shape)}, expected ({n}, {n_layers})"
-        if self.scale is not None and tuple(self.scale.shape) != (n_layers,):
-            return f"hidden_scale {tuple(self.scale.shape)}, expected ({n_layers},)"
+        if self.scale is not None and tuple(self.scale.shape) != (n_layers, n):
+            return f"hidden_scale {tuple(self.scale.shape)}, expected ({n_layers}, {n})"
         if self.has_kl_stats:
             emb, neg = tuple(self._kl_embedding.get_shape()), tuple(self._kl_neg_entropy.get_shape())
             if len(emb) != 2 or emb[0] != tokens or (tokens and emb[1] != hidden[2]) or neg != (tokens,):
@@ -382,7 +393,7 @@ class TeacherCache:
     def get(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(hidden [L_sel, n, H] in the stored dtype, or fp32 for fp8; norms fp32 [L_sel]) of example i."""
         a, b = self.offsets[i], self.offsets[i + 1]
-        return _decode(self._hidden[:, a:b, :], self.scale), self.norms[i]
+        return _decode(self._hidden[:, a:b, :], None if self.scale is None else self.scale[:, i]), self.norms[i]
 
     def kl_stats(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(e_t fp32 [n, H], negent_t fp32 [n]) of example i, for kmkernels.fused_linear_kl_from_stats."""

@@ -46,25 +46,26 @@ def test_km_does_not_depend_on_batch_mates(tiny_model, tmp_path, amp):
         assert mates < 0.1 and other_seed > 10 * mates, (mates, other_seed)
 
 
-@pytest.mark.parametrize("precision", ["default", "fp32"])
+@pytest.mark.parametrize("precision", ["default", "fp32", "fp8"])
 def test_loss_with_cache_equals_loss_without(tiny_model, docs_dir, tmp_path, monkeypatch, precision):
     """Same losses whether the teacher is cached (KL from its cached statistics) or re-run on every
     step (KL from its logits, recomputed): in fp32 to float rounding, under the default bf16 within
-    bf16 noise. The spies check that each run took its own KL path."""
+    bf16 noise, and with an fp8 cache (fp32 training), whose rounding the re-run teacher's states
+    get too. The spies check that each run took its own KL path."""
     import kmkernels.dcd as dcd
 
     calls = {"stats": 0, "logits": 0}
     for name, key in (("fused_linear_kl_from_stats", "stats"), ("fused_linear_kl", "logits")):
         real = getattr(dcd, name)
         monkeypatch.setattr(dcd, name, lambda *a, _real=real, _key=key, **k: calls.__setitem__(_key, calls[_key] + 1) or _real(*a, **k))
-    kw = dict(amp="off", cache_dtype="fp32") if precision == "fp32" else {}
+    kw = dict(amp="off", cache_dtype=precision) if precision != "default" else {}
     a = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "cached", steps=3, **kw))
     assert calls["stats"] > 0 and calls["logits"] == 0, calls
     b = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "fresh", steps=3, teacher_cache=False, **kw))
     assert calls["logits"] > 0, calls
     la = {s["id"]: s["final_loss"] for s in a}
     lb = {s["id"]: s["final_loss"] for s in b}
-    tol = 1e-5 if precision == "fp32" else 1e-3
+    tol = 1e-3 if precision == "default" else 1e-5
     for k in la:
         for part in ("loss", "kl", "hidden"):
             assert abs(la[k][part] - lb[k][part]) <= tol * abs(lb[k][part]) + 1e-6, (k, part, la[k], lb[k])
@@ -350,21 +351,27 @@ def test_a_wave_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny_mo
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp8", "fp32"])
 def test_round_like_cache_is_what_the_cache_returns(tiny_model, tmp_path, dtype):
-    """--no-teacher-cache rounds the re-run teacher's states as a cache of one example stores and
-    reads them back: the same numbers, bit for bit."""
+    """--no-teacher-cache rounds each re-run example's states as the cache stores and reads them
+    back: the same numbers, bit for bit, in a cache of several examples whose magnitudes differ
+    (under fp8, one scale per document and layer would round the smaller example otherwise)."""
     from kmtrain import IndexConfig
     from kmtrain.models import load_model
     from kmtrain.teacher_cache import Example, TeacherCache, build_cache, teacher_hiddens
     from kmtrain.train import round_like_cache
 
     model, _, _, _ = load_model(tiny_model)
-    example = Example([1, 2, 3], 0, 5, list(range(3, 12)), 4)
+    examples = [Example([1, 2, 3], 0, 5, list(range(3, 12)), 4), Example([1, 2], 0, 3, list(range(40, 47)), 4)]
     path = tmp_path / "c.safetensors"
-    build_cache(model, [example], path, 2, IndexConfig(cache_dtype=dtype), pad_id=0)
-    cached, _ = TeacherCache(path).get(0)
-    (fresh,) = teacher_hiddens(model, [example], [0, 1], pad_id=0)
-    rounded = round_like_cache(fresh, dtype)
-    assert rounded.dtype == cached.dtype
-    assert torch.equal(rounded, cached)
-    if dtype != "fp32":
-        assert not torch.equal(rounded.float(), fresh)  # it did round
+    build_cache(model, examples, path, 2, IndexConfig(cache_dtype=dtype), pad_id=0)
+    cache = TeacherCache(path)
+    # one batch, as the cache build runs these two (their prefixes differ), so the states match bit for bit
+    fresh = teacher_hiddens(model, examples, [0, 1], pad_id=0)
+    amax = [h.abs().amax(dim=(1, 2)) for h in fresh]
+    assert ((amax[0] / amax[1] - 1).abs() > 0.05).any(), amax  # their scales differ in a layer
+    for i, h in enumerate(fresh):
+        cached, _ = cache.get(i)
+        rounded = round_like_cache(h, dtype)
+        assert rounded.dtype == cached.dtype
+        assert torch.equal(rounded, cached), i
+        if dtype != "fp32":
+            assert not torch.equal(rounded.float(), h)  # it did round
