@@ -3,11 +3,11 @@ gradient) computed from the cache moves from the loss computed from fp32 teacher
 
 For each document of a finished sdcd run (its examples are rebuilt from OUT/.work), the student is
 the base model with the document's KM; the teacher states are computed fresh in fp32 and then
-stored as fp32, bf16, fp8 (per-layer scale), and bf16 and fp8 with every 4th layer only. The loss
-is computed as training computes it: the KL from the fp32 statistics of the teacher's last layer
-as computed (teacher_cache.build_cache), the L1 term from the stored states. The last two columns
-give what the KL and the gradient moved by when the statistics came from the stored (rounded)
-last layer, as before d7cffcb.
+stored as fp32, bf16, fp8 (a scale per example and layer, as the cache stores it), and bf16 and
+fp8 with every 4th layer only. The loss is computed as training computes it: the KL from the fp32
+statistics of the teacher's last layer as computed (teacher_cache.build_cache), the L1 term from
+the stored states. The last two columns give what the KL and the gradient moved by when the
+statistics came from the stored (rounded) last layer, as before d7cffcb.
 
     python -m bench.cache_quality --run runs/demo [--out bench/results/cache_quality_cpu.md]
 """
@@ -23,7 +23,8 @@ from bench.common import env_block, environment, km_records, markdown_table, wri
 from kmkernels import attach_grouped_lora, dcd_loss, load_peft, set_adapter_ids, teacher_kl_stats
 from kmtrain.config import IndexConfig
 from kmtrain.models import decoder_hidden_states, load_model
-from kmtrain.teacher_cache import _decode, _encode, _pad, build_examples, teacher_hiddens
+from kmtrain.teacher_cache import _pad, build_examples, teacher_hiddens
+from kmtrain.train import round_like_cache
 
 
 COLUMNS = ["cache", "bytes per target token", "KL rel. diff", "hidden rel. diff", "dLoss/dh_last rel. diff",
@@ -60,8 +61,9 @@ def main(argv=None):
         chunks = json.loads((run / ".work" / doc_id / "chunks.json").read_text())
         items = json.loads((run / ".work" / doc_id / "synth.json").read_text())["items"]
         examples = build_examples("sdcd", tok, chunks["texts"], chunks["ids"], items, cfg, 0)[:4]
-        ht32 = torch.cat(teacher_hiddens(model, examples, list(range(L)), tok.pad_token_id,
-                                         lambda b: set_adapter_ids(model, torch.full((b,), -1))), dim=1)
+        per_example = teacher_hiddens(model, examples, list(range(L)), tok.pad_token_id,
+                                      lambda b: set_adapter_ids(model, torch.full((b,), -1)))
+        ht32 = torch.cat(per_example, dim=1)
         ids, mask = _pad([e.student_ids for e in examples], tok.pad_token_id)
         set_adapter_ids(model, torch.zeros(len(examples), dtype=torch.long))
         hidden = decoder_hidden_states(model, ids, mask)
@@ -71,8 +73,8 @@ def main(argv=None):
         ref = {}
         exact_stats = teacher_kl_stats(ht32[-1], lm_head)  # what every cache now stores, whatever its dtype
         for name, (dt, layers) in variants.items():
-            enc, scale = _encode(ht32[layers], dt)
-            ht = _decode(enc, scale).float()
+            # rounded as the cache stores them: each example on its own (fp8: a scale per example and layer)
+            ht = torch.cat([round_like_cache(h[layers], dt) for h in per_example], dim=1).float()
             got = {}
             for how, stats in (("now", exact_stats), ("old", teacher_kl_stats(ht[-1], lm_head))):
                 hs = [hs_all[l].detach().requires_grad_() for l in layers]
@@ -89,7 +91,7 @@ def main(argv=None):
             acc[name]["dkl_old"].append(float((got["old"]["kl"] - ref["kl"]).abs() / ref["kl"]))
             acc[name]["dgrad_old"].append(float((got["old"]["g"] - ref["g"]).norm() / ref["g"].norm()))
             esize = {"fp32": 4, "bf16": 2, "fp8": 1}[dt]
-            # the stored layers, the fp8 scales aside (one fp32 per layer), and the KL's statistics
+            # the stored layers, the fp8 scales aside (one fp32 per example and layer), and the KL's statistics
             # (e_t [H] and negent_t, fp32) that every cache holds
             acc[name]["bytes_per_tok"] = len(layers) * ht32.shape[-1] * esize + (ht32.shape[-1] + 1) * 4
     rows = []
