@@ -297,9 +297,11 @@ def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg
     # Each example is encoded on its own: an fp8 scale per example and layer, the rounding that
     # --no-teacher-cache gives each re-run example (train.round_like_cache). One scale per document
     # made the two runs' hidden-state terms differ by 2.4% after 3 steps on the tiny test model.
-    parts = [_encode(h, cfg.cache_dtype) for h in got]
-    enc = torch.cat([e for e, _ in parts], dim=1)
-    scale = torch.stack([s for _, s in parts], dim=1) if parts[0][1] is not None else None
+    # (Storage, not compute: outside the caller's autocast, whose cat has no rule for fp8.)
+    with torch.autocast(got[0].device.type, enabled=False):
+        parts = [_encode(h, cfg.cache_dtype) for h in got]
+        enc = torch.cat([e for e, _ in parts], dim=1)
+        scale = torch.stack([s for _, s in parts], dim=1) if parts[0][1] is not None else None
     last = torch.cat([h[-1] for h in got])
     # The KL's teacher statistics come from the last layer as the teacher computed it, not as the
     # cache rounds it: they are fp32 whatever the cache dtype, so the KL stays exact under a bf16 or

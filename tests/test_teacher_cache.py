@@ -50,6 +50,25 @@ def test_teacher_cache_round_trip(tiny_model, tmp_path, dtype, tol):
         assert rounded > 10 * stored, errors
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp8", "fp32"])
+def test_teacher_cache_builds_under_bf16_autocast(tiny_model, tmp_path, dtype):
+    """index builds the cache under the training's bf16 autocast: each cache dtype must build there
+    (an fp8 concatenation once failed under it) and store the teacher's states within bf16 compute."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    examples = [Example([1, 2, 3], 0, n, list(range(3 + n, 2 * n + 11)), 4) for n in (3, 5)]
+    path = tmp_path / "c.safetensors"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        build_cache(model, examples, path, 2, IndexConfig(cache_dtype=dtype), pad_id=0)
+    cache = TeacherCache(path, examples=2, verify=True)
+    for i, e in enumerate(examples):
+        (ref,) = teacher_hiddens(model, [e], [0, 1], pad_id=0)  # fp32
+        h, _ = cache.get(i)
+        assert h.shape == ref.shape
+        assert ((h.float() - ref).norm() / ref.norm()) < 0.1, i
+
+
 def test_damaged_teacher_cache_is_refused(tiny_model, tmp_path):
     """A truncated file, a file of another run's example count, tensors whose shapes disagree, or
     (verify=True) any changed byte of the tensors raise ValueError naming the file (index rebuilds
