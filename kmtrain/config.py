@@ -78,8 +78,9 @@ class IndexConfig:
     # Smaller caches, for disks that cannot hold one wave's: fp8 halves the bytes and every 4th layer
     # (cache_layers) cuts them 3.2x, 5.3x together (the L1 term then averages the layers kept). On the
     # demo corpus, KMs trained with them scored 32-36/64 against 36 with bf16 at seeds 3 and 4, where
-    # rounding alone moves a total by ~2; fp8 36 and 34 (bench/results/ablations/sdcd_cache_fp8_layer_subset_cpu.md).
-    # The KL is exact under all of them: its statistics are fp32 from the unrounded last layer.
+    # rounding alone moves a total by ~2; fp8 35 and 35 (bench/results/ablations/sdcd_cache_fp8_layer_subset_cpu.md).
+    # The KL is exact under all of them: its statistics are fp32 from the unrounded last layer. fp8
+    # scales each example's layer on its own, as --no-teacher-cache rounds it: the same loss either way.
     cache_dtype: str = "bf16"  # bf16 | fp8 | fp32
     cache_layers: Optional[Tuple[int, ...]] = None  # None = every decoder layer; the last is always kept
     # training (paper defaults but the lr: AdamW, warm-up + cosine, clip 1.0, r=16, alpha=16, all projections)
