@@ -66,7 +66,8 @@ def test_teacher_cache_builds_under_bf16_autocast(tiny_model, tmp_path, dtype):
         (ref,) = teacher_hiddens(model, [e], [0, 1], pad_id=0)  # fp32
         h, _ = cache.get(i)
         assert h.shape == ref.shape
-        assert ((h.float() - ref).norm() / ref.norm()) < 0.1, i
+        # measured: 2e-3 (bf16 compute, any cache but fp8), 2.6e-2 (fp8)
+        assert ((h.float() - ref).norm() / ref.norm()) < (6e-2 if dtype == "fp8" else 1e-2), i
 
 
 def test_damaged_teacher_cache_is_refused(tiny_model, tmp_path):
