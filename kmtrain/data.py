@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -39,17 +40,24 @@ class Document:
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
 
 
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# Letters and digits of any script (\w is Unicode-aware), "_", "." and "-" are kept; everything else
+# (separators, spaces, punctuation, control and bidi characters) becomes "_". ASCII-only would turn
+# "报告 2024" and "计划 2024" both into "2024", and "日本語" into nothing.
+_UNSAFE = re.compile(r"[^\w.-]+")
+_MAX_ID_BYTES = 100  # UTF-8 bytes: a file name may have 255, and temporaries add a prefix and suffix
 # Names Windows reserves for devices, whatever the extension ("nul.txt" is the device too)
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
 
 
 def sanitize_id(raw: str) -> str:
-    """A document id usable as a folder name on any OS: [A-Za-z0-9._-], no leading or trailing
-    dot, not a Windows device name (those get a trailing "_"), <= 100 chars."""
-    s = _SAFE.sub("_", str(raw).strip()).strip("._")
-    if len(s) > 100:  # keep it unique: a short hash of the full id
-        s = s[:88] + "_" + hashlib.sha1(str(raw).encode()).hexdigest()[:11]
+    """A document id usable as a folder name on any OS: letters and digits of any script, "_", "."
+    and "-"; Unicode NFC (macOS hands out file names decomposed: "café" is one id whichever way it
+    came); no leading or trailing dot; not a Windows device name (those get a trailing "_");
+    <= 100 UTF-8 bytes (a longer id is cut and ends in a short hash of the whole, so it stays unique)."""
+    s = _UNSAFE.sub("_", unicodedata.normalize("NFC", str(raw).strip())).strip("._")
+    if len(s.encode()) > _MAX_ID_BYTES:
+        head = s.encode()[:_MAX_ID_BYTES - 12].decode("utf-8", errors="ignore")  # never half a character
+        s = head + "_" + hashlib.sha1(str(raw).encode()).hexdigest()[:11]
     if s.split(".", 1)[0].upper() in _WINDOWS_RESERVED:
         s += "_"
     return s

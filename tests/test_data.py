@@ -1,4 +1,6 @@
 """kmtrain.data: reading documents (and the errors that name the bad file), ids, chunks, Q/A parsing."""
+import hashlib
+import json
 import re
 
 import pytest
@@ -84,6 +86,38 @@ def test_ids_chunks_and_qa_parsing():
     assert chunks[0] == list(range(40)) and chunks[1][0] == 36 and chunks[-1][-1] == 99
     assert parse_qa("Question: Who? Answer: Ida.\nQuestion: When?\nAnswer: Tuesday") == [("Who?", "Ida."), ("When?", "Tuesday")]
     assert parse_qa("no pairs here") == []
+
+
+def test_ids_keep_the_letters_of_every_script():
+    """Ids were cut to ASCII: "日本語" was refused as empty, and "报告 2024" and "计划 2024" were both
+    "2024", a duplicate; "café" lost its "é". Letters of any script are kept, in NFC."""
+    import unicodedata
+
+    assert [sanitize_id(x) for x in ("日本語", "报告 2024", "计划 2024", "Müller Bericht", "rapport_été")] == [
+        "日本語", "报告_2024", "计划_2024", "Müller_Bericht", "rapport_été"]
+    nfd = unicodedata.normalize("NFD", "café")
+    assert nfd != "café" and sanitize_id(nfd) == "café"  # a macOS file name and a typed id are one id
+    assert sanitize_id("a\u202eb\u0007c") == "a_b_c"  # bidi override and control characters are not kept
+    assert sanitize_id("ａ／ｂ") == "ａ_ｂ"  # a fullwidth solidus is not a letter either
+    long_a, long_b = "日" * 300, "日" * 299 + "月"
+    cut_a, cut_b = sanitize_id(long_a), sanitize_id(long_b)
+    assert len(cut_a.encode()) <= 100 and len(cut_b.encode()) <= 100 and cut_a != cut_b
+    cut_a.encode().decode("utf-8")  # cut between characters, never inside one
+    assert sanitize_id("x" * 300) == "x" * 88 + "_" + hashlib.sha1(b"x" * 300).hexdigest()[:11]  # ASCII: as before
+
+
+def test_non_ascii_file_names_are_distinct_documents(tmp_path):
+    import unicodedata
+
+    d = tmp_path / "docs"
+    d.mkdir()
+    for name in ("报告 2024", "计划 2024", unicodedata.normalize("NFD", "café")):
+        (d / f"{name}.txt").write_text(f"about {name}")
+    assert sorted(doc.id for doc in load_documents(str(d))) == sorted(["报告_2024", "计划_2024", "café"])
+    j = tmp_path / "docs.jsonl"  # the same id typed composed and decomposed is one id: a duplicate
+    j.write_text("\n".join(json.dumps({"id": unicodedata.normalize(form, "café"), "text": "x"}) for form in ("NFC", "NFD")))
+    with pytest.raises(DocumentError, match=r"docs\.jsonl:2: duplicate document id 'café' \(also in .*docs\.jsonl:1\)"):
+        load_documents(str(j))
 
 
 def test_recitation_items_cover_each_chunk_in_sentence_pieces(tiny_model):

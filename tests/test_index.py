@@ -522,6 +522,29 @@ def test_documents_given_as_objects_are_checked_like_files(tiny_model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kms"]
 
 
+def test_non_ascii_ids_index_resume_and_answer(tiny_model, tmp_path, capsys):
+    """Documents named in other scripts get KM folders of their own names, found again on resume and
+    by ask. Before, "报告 2024" and "计划 2024" were both refused as the duplicate id "2024"."""
+    import unicodedata
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    names = {"报告 2024": DOCS["alpha"], "计划 2024": DOCS["beta"], unicodedata.normalize("NFD", "café"): DOCS["alpha"]}
+    for name, text in names.items():
+        (docs / f"{name}.txt").write_text(text)
+    out = tmp_path / "kms"
+    ids = ["café", "报告_2024", "计划_2024"]
+    assert sorted(s["id"] for s in index(str(docs), tiny_cfg(tiny_model, out, steps=1))) == ids
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ids
+    capsys.readouterr()
+    again = index(str(docs), tiny_cfg(tiny_model, out, steps=1))  # nothing retrained: each id finds its folder
+    assert sorted(s["id"] for s in again) == ids and all(s["status"] == "already done" for s in again), again
+    assert "3 documents already done" in capsys.readouterr().out
+    answers = ask([(str(out / "报告_2024"), "Which bell?"), (str(out / "café"), "Which bell?")], model=tiny_model,
+                  max_new_tokens=3)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
 def test_a_document_too_short_to_train_says_why(tiny_model, tmp_path, capsys):
     from kmtrain.data import Document
 
