@@ -71,6 +71,9 @@ def _add(docs: Dict[str, Document], problems: List[str], raw_id, text, source: s
     if raw_id is None:  # str(None) would make it the document "None"
         problems.append(f"{source}: document id is missing (null)")
         return
+    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):  # {"a": 1} became the folder "a_1"
+        problems.append(f"{source}: document id must be a string or an integer, got {type(raw_id).__name__} {raw_id!r}")
+        return
     doc_id = sanitize_id(raw_id)
     if not doc_id:
         problems.append(f"{source}: document id {raw_id!r} is empty after sanitising")

@@ -88,6 +88,21 @@ def test_ids_chunks_and_qa_parsing():
     assert parse_qa("no pairs here") == []
 
 
+def test_an_id_that_is_not_a_string_or_integer_is_refused(tmp_path):
+    """A JSON object or list as the id was made a folder name ({"a": 1} -> "a_1"), true became "True"."""
+    j = tmp_path / "docs.jsonl"
+    ids = [{"a": 1}, [1, 2], True, 1.5, 7, "seven"]
+    j.write_text("\n".join(json.dumps({"id": i, "text": f"text {k}"}) for k, i in enumerate(ids)))
+    with pytest.raises(DocumentError) as err:
+        load_documents(str(j))
+    lines = str(err.value).splitlines()
+    assert lines[0] == "4 problems in the input documents:"
+    for line, kind in zip(lines[1:], ["dict", "list", "bool", "float"]):
+        assert re.fullmatch(rf".*docs\.jsonl:\d: document id must be a string or an integer, got {kind} .*", line)
+    j.write_text("\n".join(json.dumps({"id": i, "text": f"text {k}"}) for k, i in enumerate(ids[4:])))
+    assert [d.id for d in load_documents(str(j))] == ["7", "seven"]
+
+
 def test_ids_keep_the_letters_of_every_script():
     """Ids were cut to ASCII: "日本語" was refused as empty, and "报告 2024" and "计划 2024" were both
     "2024", a duplicate; "café" lost its "é". Letters of any script are kept, in NFC."""
