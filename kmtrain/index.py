@@ -610,7 +610,7 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
         # LoRA folder is accepted) but must read where it exists: it carries the checks below.
         folder = Path(km)
         if not folder.is_dir():
-            raise ValueError(f"--km {km}: no such folder")
+            raise ValueError(f"--km {km}: " + ("a file, not a KM folder" if folder.exists() else "no such folder"))
         if not (folder / "adapter_config.json").exists():
             inside = sorted(p.name for p in folder.iterdir() if (p / "adapter_config.json").is_file())
             if inside:  # the --out of an index run, not one of its KMs

@@ -12,6 +12,8 @@ def test_cli_errors(tmp_path, capsys):
     assert "a.txt" in capsys.readouterr().err
     assert main(["ask", "--km", str(tmp_path / "nope"), "q?"]) == 2
     assert f"--km {tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
+    assert main(["ask", "--km", str(d / "a.txt"), "q?"]) == 2  # a document given for its KM
+    assert f"--km {d / 'a.txt'}: a file, not a KM folder" in capsys.readouterr().err
     for doc in ("alpha", "beta"):  # an index run's --out handed over instead of one of its KMs
         (tmp_path / "kms" / doc).mkdir(parents=True)
         (tmp_path / "kms" / doc / "adapter_config.json").write_text('{"r": 4}')
