@@ -113,7 +113,12 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
         files = sorted(p for p in path.iterdir()
                        if p.suffix.lower() in (".txt", ".md") and not p.name.startswith(".") and p.is_file())
         if not files and not _dataset_folder(path):
-            raise DocumentError(f"{source}: no .txt or .md files in this folder (nor a dataset's data files)")
+            nested = sorted({q.parent for q in path.glob("*/**/*") if q.suffix.lower() in (".txt", ".md")
+                             and not any(part.startswith(".") for part in q.relative_to(path).parts)})
+            hint = (f"; its subfolders hold some ({', '.join(str(q) for q in nested[:3])}"
+                    f"{f' and {len(nested) - 3} more' if len(nested) > 3 else ''}): index each of them"
+                    if nested else "")
+            raise DocumentError(f"{source}: no .txt or .md files in this folder (nor a dataset's data files){hint}")
     elif path.is_file() and path.suffix.lower() in (".txt", ".md"):  # one document: `kmtrain index notes.md`
         files = [path]
     if files:

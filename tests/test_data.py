@@ -229,8 +229,15 @@ def test_local_hugging_face_datasets(tmp_path):
     with pytest.raises(DocumentError, match=r"bad\[train\]\[2\]: document id is missing \(null\)"):
         load_documents(str(bad), id_field="doc_id", text_field="body")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DocumentError, match=r"empty: no \.txt or \.md files in this folder \(nor a dataset's data files\)"):
+    with pytest.raises(DocumentError, match=r"empty: no \.txt or \.md files in this folder \(nor a dataset's data files\)$"):
         load_documents(str(tmp_path / "empty"))
+    for sub in ("2023", "2024/q1", ".git"):  # documents one level down or more are named, hidden folders are not
+        (tmp_path / "empty" / sub).mkdir(parents=True)
+        (tmp_path / "empty" / sub / "notes.md").write_text("notes")
+    with pytest.raises(DocumentError) as err:
+        load_documents(str(tmp_path / "empty"))
+    assert str(err.value).endswith(f"its subfolders hold some ({tmp_path / 'empty' / '2023'}, "
+                                   f"{tmp_path / 'empty' / '2024' / 'q1'}): index each of them")
 
 
 def test_check_documents_sanitises_and_refuses_like_load_documents():
