@@ -95,8 +95,26 @@ def _config_from_args(a) -> IndexConfig:
     return cfg.validate()
 
 
+def _versions() -> str:
+    """kmtrain's version and those of the libraries a KM's numbers depend on, for bug reports."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from kmkernels import __version__
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"kmtrain {__version__} (torch {of('torch')}, triton {of('triton')}, transformers {of('transformers')}, " \
+           f"peft {of('peft')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="kmtrain", description="Knowledge Modules: index documents, ask questions")
+    ap = argparse.ArgumentParser(prog="kmtrain", description="Knowledge Modules: index documents, ask questions",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # --version on one line
+    ap.add_argument("--version", action="version", version=_versions())
     sub = ap.add_subparsers(dest="cmd", required=True)
     _index_parser(sub)
     q = sub.add_parser("ask", help="answer questions closed book with KMs")

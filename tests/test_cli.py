@@ -190,3 +190,20 @@ def test_no_progress_means_no_bars_from_the_libraries_either(tiny_model, tmp_pat
     assert (out / "bell" / "km.json").is_file() and "bell:" in captured.out
     assert "%|" not in captured.err and "Loading weights" not in captured.err, captured.err
     assert hf_logging.is_progress_bar_enabled() and datasets.is_progress_bar_enabled()
+
+
+def test_version_names_the_libraries_behind_the_numbers(capsys, monkeypatch):
+    import pytest
+    import torch
+    import transformers
+
+    from kmkernels import __version__
+    from kmtrain.cli import main
+
+    monkeypatch.setenv("COLUMNS", "40")  # one line however narrow the terminal: it is pasted into bug reports
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith(f"kmtrain {__version__} (torch {torch.__version__}, ")
+    assert f"transformers {transformers.__version__}" in out and "peft " in out
