@@ -8,7 +8,7 @@ from typing import Callable, List, Optional, Tuple
 
 from .config import CHOICES, PRESETS, IndexConfig
 from .data import DocumentError
-from .index import OutputBusyError
+from .index import OutputBusyError, library_versions
 
 
 # Flags that set an IndexConfig field of the same name (dashes for underscores), with their help.
@@ -96,19 +96,8 @@ def _config_from_args(a) -> IndexConfig:
 
 
 def _versions() -> str:
-    """kmtrain's version and those of the libraries a KM's numbers depend on, for bug reports."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from kmkernels import __version__
-
-    def of(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
-
-    return f"kmtrain {__version__} (torch {of('torch')}, triton {of('triton')}, transformers {of('transformers')}, " \
-           f"peft {of('peft')})"
+    v = library_versions()
+    return f"kmtrain {v.pop('kmkernels')} ({', '.join(f'{name} {ver}' for name, ver in v.items())})"
 
 
 def build_parser() -> argparse.ArgumentParser:

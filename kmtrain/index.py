@@ -48,6 +48,21 @@ NOT_TRAINING_SETTINGS = ("out", "retrain", "progress", "keep_teacher_cache", "ch
                          "generator", "gen_batch_size")
 
 
+def library_versions() -> Dict[str, str]:
+    """The installed versions of the libraries a KM's numbers depend on (km.json, ``kmtrain --version``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from kmkernels import __version__
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {"kmkernels": __version__, **{name: of(name) for name in ("torch", "triton", "transformers", "peft")}}
+
+
 def _bar(cfg, **kw):
     from tqdm.auto import tqdm
 
@@ -549,6 +564,9 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 "resumed_from_step": resumed_from,
                 "rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr,
                 "lr_b_ratio": cfg.lr_b_ratio, "seed": cfg.seed,
+                # what else the KM's numbers depend on, so a KM can be remade or its difference explained
+                "settings": settings, "device": str(device), "autocast": str(amp), "base_dtype": str(base_dtype),
+                "versions": library_versions(),
             }
             # km.json records the adapter file's sha256, which ask checks before loading it
             digest = export_peft(model, slot, out / st.id, base_model_name_or_path=model_name,

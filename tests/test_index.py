@@ -1,4 +1,5 @@
 """kmtrain.index: index + ask end to end (tiny random Llama, and the bundled SmolLM2), resume, precision choices."""
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -23,6 +24,11 @@ def test_index_and_ask_end_to_end(tiny_model, docs_dir, tmp_path, capsys):
         assert (km / "adapter_model.safetensors").is_file() and (km / "adapter_config.json").is_file()
         assert meta["objective"] == "sdcd" and meta["steps"] == 3 and meta["teacher_cache"]["bytes"] > 0
         assert meta["base_model_sha256"] and len(meta["document_sha256"]) == 64
+        # every setting the KM's numbers depend on, enough to remake it: the run's config comes back from it
+        again = IndexConfig(out=str(out), **meta["settings"])
+        assert json.loads(json.dumps({k: v for k, v in dataclasses.asdict(again).items() if k in meta["settings"]})) \
+            == meta["settings"] and meta["settings"]["steps"] == 3 and meta["settings"]["heldout_per_chunk"] == 1
+        assert meta["device"] == "cpu" and meta["versions"]["torch"] == torch.__version__
         assert set(meta["final_loss"]) == {"loss", "kl", "hidden"} and all(v == v for v in meta["final_loss"].values())
         # one of the chunk's synthetic targets held out, evaluated at every step (3 steps // 10 rounds up to 1)
         held = meta["heldout"]
