@@ -65,6 +65,9 @@ def sanitize_id(raw: str) -> str:
 
 def _add(docs: Dict[str, Document], problems: List[str], raw_id, text, source: str) -> None:
     """Adds one document, or records why it cannot be added (the caller reports every problem at once)."""
+    if text is None:  # an empty CSV cell, a JSON null
+        problems.append(f"{source}: document {raw_id!r} has no text (null)")
+        return
     if not isinstance(text, str):
         problems.append(f"{source}: document text must be a string, got {type(text).__name__}")
         return

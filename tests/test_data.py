@@ -35,6 +35,10 @@ def test_bad_inputs_name_the_file(tmp_path, tiny_model):
     j.write_text('{"id": null, "text": "x"}\n{"id": 7, "text": "y"}\n')
     with pytest.raises(DocumentError, match=r"docs.jsonl:1: document id is missing \(null\)$"):
         load_documents(str(j))
+    j.write_text('{"id": "a", "text": null}\n{"id": "b", "text": ["x"]}\n')  # null: an empty CSV cell, too
+    with pytest.raises(DocumentError, match=r"(?s)docs.jsonl:1: document 'a' has no text \(null\)\n"
+                                            r".*docs.jsonl:2: document text must be a string, got list$"):
+        load_documents(str(j))
     # nothing is written when the input is bad
     out = tmp_path / "never"
     with pytest.raises(DocumentError):
