@@ -48,6 +48,10 @@ NOT_TRAINING_SETTINGS = ("out", "retrain", "progress", "keep_teacher_cache", "ch
                          "generator", "gen_batch_size")
 
 
+# km.json's names for the training precision, as the --amp / --base-dtype flags spell them
+_DTYPE_NAME = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
 def library_versions() -> Dict[str, str]:
     """The installed versions of the libraries a KM's numbers depend on (km.json, ``kmtrain --version``)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -565,7 +569,8 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 "rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr,
                 "lr_b_ratio": cfg.lr_b_ratio, "seed": cfg.seed,
                 # what else the KM's numbers depend on, so a KM can be remade or its difference explained
-                "settings": settings, "device": str(device), "autocast": str(amp), "base_dtype": str(base_dtype),
+                "settings": settings, "device": str(device),
+                "autocast": _DTYPE_NAME[amp] if amp is not None else "off", "base_dtype": _DTYPE_NAME[base_dtype],
                 "versions": library_versions(),
             }
             # km.json records the adapter file's sha256, which ask checks before loading it

@@ -29,6 +29,8 @@ def test_index_and_ask_end_to_end(tiny_model, docs_dir, tmp_path, capsys):
         assert json.loads(json.dumps({k: v for k, v in dataclasses.asdict(again).items() if k in meta["settings"]})) \
             == meta["settings"] and meta["settings"]["steps"] == 3 and meta["settings"]["heldout_per_chunk"] == 1
         assert meta["device"] == "cpu" and meta["versions"]["torch"] == torch.__version__
+        native_bf16 = importlib.import_module("kmtrain.index")._amp_dtype(again, torch.device("cpu")) is torch.bfloat16
+        assert (meta["autocast"], meta["base_dtype"]) == (("bf16", "bf16") if native_bf16 else ("off", "fp32"))
         assert set(meta["final_loss"]) == {"loss", "kl", "hidden"} and all(v == v for v in meta["final_loss"].values())
         # one of the chunk's synthetic targets held out, evaluated at every step (3 steps // 10 rounds up to 1)
         held = meta["heldout"]
