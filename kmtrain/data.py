@@ -18,8 +18,9 @@ FACTS_PROMPT = ("List the facts stated in the preceding passage, one per line: e
                 "place, each in a full sentence.")
 # Recitation targets (cfg.recite_tokens): the chunk itself, a piece at a time, cued by its first words.
 RECITE_PROMPT = 'Repeat the preceding passage, starting from "{cue}".'
-# Where a sentence ends (recitation pieces and the generator's focus runs cut there).
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# Where a sentence ends (recitation pieces and the generator's focus runs cut there): ". ", "! ", "? ",
+# and the CJK full stops, which no space follows ("。", "！", "？").
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*")
 # How a KM is asked (kmtrain ask, the demo, the evaluations); Q/A targets can be distilled in this form.
 ANSWER_PROMPT = ("Answer the following question. Give only the answer, and no extra commentary, formatting, "
                  "or chattiness. Question: {question}")
@@ -376,22 +377,42 @@ def target_ids(tokenizer, text: str) -> List[int]:
     return ids
 
 
+def _cut_long(sentence: str, tokenizer, n_tokens: int, piece_tokens: int) -> List[Tuple[str, int]]:
+    """A run of text of more than 2 x ``piece_tokens`` tokens with no sentence end in it (code, a
+    transcript, a list, a table) as (text, tokens) parts of about ``piece_tokens`` tokens each: cut
+    at spaces, and a word longer than that (a URL, CJK text without full stops) by characters in
+    proportion to its tokens. Left whole, it made one recitation target of up to a whole chunk."""
+    words = sentence.split()
+    parts: List[Tuple[str, int]] = []
+    for word, n in zip(words, [len(ids) for ids in text_ids(tokenizer, words)] if len(words) > 1 else [n_tokens]):
+        if n <= piece_tokens:
+            parts.append((word, n))
+            continue
+        step = max(1, len(word) * piece_tokens // n)
+        for i in range(0, len(word), step):
+            parts.append((word[i:i + step], min(piece_tokens, n)))
+    return parts
+
+
 def recitation_items(chunks: Sequence[str], tokenizer, piece_tokens: int, cue_words: int = 6) -> List[dict]:
     """Synthetic items that need no generator: each chunk cut at sentence ends into pieces of about
-    ``piece_tokens`` tokens (a sentence longer than that is a piece of its own), each piece a target
-    under RECITE_PROMPT cued by its first ``cue_words`` words. The teacher, with the chunk in
-    context, copies the piece; the student learns to recall it from the cue, so every fact of the
-    chunk is in some target, not only what the generated summaries mention."""
+    ``piece_tokens`` tokens (a sentence longer than that is a piece of its own, up to twice that;
+    a longer one is cut: ``_cut_long``), each piece a target under RECITE_PROMPT cued by its first
+    ``cue_words`` words. The teacher, with the chunk in context, copies the piece; the student learns
+    to recall it from the cue, so every fact of the chunk is in some target, not only what the
+    generated summaries mention."""
     items = []
     for c, text in enumerate(chunks):
+        sentences = [s for s in SENTENCE_END.split(text.strip()) if s]
+        units: List[Tuple[str, int]] = []
+        for sent, n in zip(sentences, [len(ids) for ids in text_ids(tokenizer, sentences)] if sentences else []):
+            units += [(sent, n)] if n <= 2 * piece_tokens else _cut_long(sent, tokenizer, n, piece_tokens)
         piece: List[str] = []
         n = 0
-        sentences = [s for s in SENTENCE_END.split(text.strip()) if s]
-        lengths = [len(ids) for ids in text_ids(tokenizer, sentences)] if sentences else []
-        for k, sent in enumerate(sentences):
-            piece.append(sent)
-            n += lengths[k]
-            if n >= piece_tokens or k == len(sentences) - 1:
+        for k, (unit, length) in enumerate(units):
+            piece.append(unit)
+            n += length
+            if n >= piece_tokens or k == len(units) - 1:
                 target = " ".join(piece)
                 cue = " ".join(target.split()[:cue_words])
                 items.append({"chunk": c, "prompt": RECITE_PROMPT.format(cue=cue), "target": target})

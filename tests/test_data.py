@@ -144,14 +144,15 @@ def test_recitation_items_cover_each_chunk_in_sentence_pieces(tiny_model):
 
     from transformers import AutoTokenizer
 
-    from kmtrain.data import RECITE_PROMPT, recitation_items
+    from kmtrain.data import RECITE_PROMPT, SENTENCE_END, recitation_items
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     rng = random.Random()
     words = ["bell", "harbour", "Lissen", "barley", "violet", "keeper", "tower", "market"]
     chunks = [" ".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + "." for _ in range(rng.randint(4, 9)))
               for _ in range(3)]
-    budget = rng.randint(8, 30)
+    longest = max(len(tok(s, add_special_tokens=False)["input_ids"]) for c in chunks for s in SENTENCE_END.split(c))
+    budget = max(rng.randint(8, 30), (longest + 1) // 2)  # a sentence up to twice the budget stays whole
     items = recitation_items(chunks, tok, budget, cue_words=3)
     for c, text in enumerate(chunks):
         pieces = [it for it in items if it["chunk"] == c]
@@ -166,6 +167,36 @@ def test_recitation_items_cover_each_chunk_in_sentence_pieces(tiny_model):
         for it, n in zip(pieces, sizes):
             first = it["target"][:-1].split(". ")
             assert n - len(tok(first[-1] + ".", add_special_tokens=False)["input_ids"]) < budget
+
+
+def test_recitation_pieces_stay_short_without_sentence_ends(tiny_model):
+    """Text with no ". " in it (code, a transcript, a list, Chinese) made one recitation target of the
+    whole chunk. A run of more than twice the budget is cut at spaces (or, with none, by characters);
+    Chinese is cut at its own full stops, which no space follows."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from kmtrain.data import recitation_items
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rng = random.Random()
+    budget = rng.randint(8, 20)
+    n_tokens = lambda t: len(tok(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+    words = ["bell", "harbour", "Lissen", "barley", "violet", "keeper", "tower", "market", "def", "x=1"]
+    run = " ".join(rng.choice(words) for _ in range(rng.randint(150, 250)))
+    assert n_tokens(run) > 4 * budget
+    han = "".join(rng.choice("钟楼港口大麦紫罗兰守护者市场") for _ in range(rng.randint(150, 250)))
+    sentences = ["".join(rng.choice("钟楼港口大麦") for _ in range(rng.randint(3, 8))) + "。" for _ in range(6)]
+    items = recitation_items([run, han], tok, budget, cue_words=3)
+    pieces = [[it["target"] for it in items if it["chunk"] == c] for c in range(2)]
+    # sentences of at most twice the budget (a Han character is ~3 byte-level tokens of this tokenizer)
+    pieces.append([it["target"] for it in recitation_items(["".join(sentences)], tok, max(n_tokens(s) for s in sentences))])
+    assert " ".join(pieces[0]) == run and len(pieces[0]) > 2  # at spaces: the same words, in order
+    assert "".join(p.replace(" ", "") for p in pieces[1]) == han and len(pieces[1]) > 2  # by characters
+    assert all(n_tokens(p) <= 2.5 * budget for p in pieces[0] + pieces[1]), [n_tokens(p) for p in pieces[0] + pieces[1]]
+    assert [s for p in pieces[2] for s in p.replace("。 ", "。").split("。") if s] == [s[:-1] for s in sentences]
+    assert all(p.endswith("。") for p in pieces[2])  # cut at the full stops only
 
 
 def test_hidden_files_and_byte_order_marks(tmp_path):
