@@ -125,6 +125,9 @@ def resolve_model(name_or_path: str) -> Tuple[str, str]:
         return str(target), display
     local = os.path.expanduser(name_or_path)
     if os.path.isdir(local):
+        problem = model_folder_problem(Path(local))
+        if problem is not None:  # else transformers' own error, about tokenizers and sentencepiece
+            raise ValueError(f"model {name_or_path!r}: {problem}")
         return local, os.path.basename(os.path.normpath(local))
     if os.path.exists(local) or name_or_path.startswith(("/", ".", "~")) or "\\" in name_or_path:
         raise ValueError(f"model {name_or_path!r}: no such model folder (a folder with config.json, safetensors "
@@ -159,8 +162,10 @@ def hub_snapshot(name: str) -> Optional[str]:
 def _has_weights_and_tokenizer(folder: Path) -> bool:
     """Whether ``folder`` holds a tokenizer and every weight file: a single file, or each shard its
     index names (a download stopped half way leaves some out)."""
-    if not (folder / "tokenizer_config.json").is_file():
-        return False
+    return (folder / "tokenizer_config.json").is_file() and _weights_complete(folder)
+
+
+def _weights_complete(folder: Path) -> bool:
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index).is_file():
             try:
@@ -169,6 +174,23 @@ def _has_weights_and_tokenizer(folder: Path) -> bool:
                 return False
             return bool(shards) and all((folder / str(s)).is_file() for s in shards)
     return (folder / "model.safetensors").is_file() or (folder / "pytorch_model.bin").is_file()
+
+
+def model_folder_problem(folder: Path) -> Optional[str]:
+    """Why a local folder given as the model is not one, or None: a KM's folder, the documents
+    folder or a half-copied model otherwise failed inside transformers, saying to install
+    sentencepiece or tiktoken."""
+    if not (folder / "config.json").is_file():
+        if (folder / "adapter_config.json").is_file():
+            return ("a LoRA adapter (a KM), not a base model: give it with --km, and its base model with --model "
+                    "(its km.json names it)")
+        return "not a model folder: no config.json (a model folder holds config.json, the weights and a tokenizer)"
+    if not _weights_complete(folder):
+        return ("no weights: neither model.safetensors nor pytorch_model.bin, or a shard that the index names "
+                "is missing (a copy or download stopped half way?)")
+    if not any((folder / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")):
+        return "no tokenizer: none of tokenizer_config.json, tokenizer.json or tokenizer.model"
+    return None
 
 
 def hub_unreachable() -> Optional[str]:

@@ -197,10 +197,26 @@ def test_cpu_bf16_attention_takes_the_fp32_training_attention_only_for_short_tra
 def test_resolve_model_local_folders(tmp_path, monkeypatch):
     from kmtrain.models import resolve_model
 
-    (tmp_path / "my_model").mkdir()
+    my = tmp_path / "my_model"
+    my.mkdir()
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert resolve_model("~/my_model") == (str(tmp_path / "my_model"), "my_model")
-    assert resolve_model(str(tmp_path / "my_model")) == (str(tmp_path / "my_model"), "my_model")
+    # a folder that is not a model says what it lacks (transformers said to install sentencepiece)
+    with pytest.raises(ValueError, match=r"my_model': not a model folder: no config\.json"):
+        resolve_model(str(my))
+    (my / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"a LoRA adapter \(a KM\), not a base model: give it with --km"):
+        resolve_model(str(my))
+    (my / "config.json").write_text('{"model_type": "llama"}')
+    (my / "model.safetensors.index.json").write_text('{"weight_map": {"a": "model-1.safetensors", "b": "model-2.safetensors"}}')
+    (my / "model-1.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"no weights: .*a shard that the index names is missing"):
+        resolve_model(str(my))
+    (my / "model-2.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"no tokenizer: none of tokenizer_config\.json, tokenizer\.json"):
+        resolve_model(str(my))
+    (my / "tokenizer.json").write_text("{}")
+    assert resolve_model("~/my_model") == (str(my), "my_model")
+    assert resolve_model(str(my)) == (str(my), "my_model")
     for missing in ("~/not_there", str(tmp_path / "not_there"), "./not_there"):
         with pytest.raises(ValueError, match="no such model folder"):
             resolve_model(missing)
