@@ -20,6 +20,7 @@ FACTS_PROMPT = ("List the facts stated in the preceding passage, one per line: e
 RECITE_PROMPT = 'Repeat the preceding passage, starting from "{cue}".'
 # Where a sentence ends (recitation pieces and the generator's focus runs cut there): ". ", "! ", "? ",
 # and the CJK full stops, which no space follows ("。", "！", "？").
+_CJK_ENDS = ("。", "！", "？")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*")
 # How a KM is asked (kmtrain ask, the demo, the evaluations); Q/A targets can be distilled in this form.
 ANSWER_PROMPT = ("Answer the following question. Give only the answer, and no extra commentary, formatting, "
@@ -377,20 +378,21 @@ def target_ids(tokenizer, text: str) -> List[int]:
     return ids
 
 
-def _cut_long(sentence: str, tokenizer, n_tokens: int, piece_tokens: int) -> List[Tuple[str, int]]:
+def _cut_long(sentence: str, tokenizer, n_tokens: int, piece_tokens: int) -> List[Tuple[str, int, str]]:
     """A run of text of more than 2 x ``piece_tokens`` tokens with no sentence end in it (code, a
     transcript, a list, a table) as (text, tokens) parts of about ``piece_tokens`` tokens each: cut
     at spaces, and a word longer than that (a URL, CJK text without full stops) by characters in
-    proportion to its tokens. Left whole, it made one recitation target of up to a whole chunk."""
+    proportion to its tokens. Left whole, it made one recitation target of up to a whole chunk.
+    Each part comes with the separator that goes before it in a piece: " ", or "" inside a word."""
     words = sentence.split()
-    parts: List[Tuple[str, int]] = []
+    parts: List[Tuple[str, int, str]] = []
     for word, n in zip(words, [len(ids) for ids in text_ids(tokenizer, words)] if len(words) > 1 else [n_tokens]):
         if n <= piece_tokens:
-            parts.append((word, n))
+            parts.append((word, n, " "))
             continue
         step = max(1, len(word) * piece_tokens // n)
-        for i in range(0, len(word), step):
-            parts.append((word[i:i + step], min(piece_tokens, n)))
+        for i in range(0, len(word), step):  # the parts of one word join again with no space
+            parts.append((word[i:i + step], min(piece_tokens, n), " " if i == 0 else ""))
     return parts
 
 
@@ -404,16 +406,19 @@ def recitation_items(chunks: Sequence[str], tokenizer, piece_tokens: int, cue_wo
     items = []
     for c, text in enumerate(chunks):
         sentences = [s for s in SENTENCE_END.split(text.strip()) if s]
-        units: List[Tuple[str, int]] = []
+        units: List[Tuple[str, int, str]] = []  # (text, tokens, separator before it)
         for sent, n in zip(sentences, [len(ids) for ids in text_ids(tokenizer, sentences)] if sentences else []):
-            units += [(sent, n)] if n <= 2 * piece_tokens else _cut_long(sent, tokenizer, n, piece_tokens)
+            cut = [(sent, n, " ")] if n <= 2 * piece_tokens else _cut_long(sent, tokenizer, n, piece_tokens)
+            if units and units[-1][0].endswith(_CJK_ENDS):  # no space follows a CJK full stop
+                cut[0] = (*cut[0][:2], "")
+            units += cut
         piece: List[str] = []
         n = 0
-        for k, (unit, length) in enumerate(units):
-            piece.append(unit)
+        for k, (unit, length, sep) in enumerate(units):
+            piece.append(sep + unit if piece else unit)
             n += length
             if n >= piece_tokens or k == len(units) - 1:
-                target = " ".join(piece)
+                target = "".join(piece)
                 cue = " ".join(target.split()[:cue_words])
                 items.append({"chunk": c, "prompt": RECITE_PROMPT.format(cue=cue), "target": target})
                 piece, n = [], 0
