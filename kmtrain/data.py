@@ -284,8 +284,16 @@ def _load_dataset(source: str, path: Path, split: str, progress: bool = True):
                             ) from None
 
 
-def chunk_tokens(ids: Sequence[int], chunk_tokens: int, overlap: float) -> List[List[int]]:
-    """Windows of ``chunk_tokens`` tokens with ``overlap`` (a fraction) shared between neighbours."""
+def chunk_tokens(ids: Sequence[int], chunk_tokens: int, overlap: float,
+                 clean_cut: Optional[Callable[[int], bool]] = None) -> List[List[int]]:
+    """Windows of ``chunk_tokens`` tokens with ``overlap`` (a fraction) shared between neighbours.
+
+    ``clean_cut(i)``: whether a cut before token i splits no character (``whole_character_cuts``
+    makes it for a tokenizer). Where given, each cut moves back, by up to 7 tokens, to the nearest
+    clean one: a byte-level tokenizer spells a rare character (most CJK ones for an English model)
+    in several tokens, and a chunk cut between them began or ended in U+FFFD, in the teacher's
+    context and in recitation targets. A chunk stays within ``chunk_tokens`` and the chunks still
+    cover the document."""
     if chunk_tokens < 8:
         raise ValueError(f"chunk_tokens must be >= 8, got {chunk_tokens}")
     if not 0 <= overlap < 1:
@@ -294,12 +302,26 @@ def chunk_tokens(ids: Sequence[int], chunk_tokens: int, overlap: float) -> List[
     if len(ids) <= chunk_tokens:
         return [ids]
     stride = max(1, int(round(chunk_tokens * (1 - overlap))))
+
+    def snap(i: int) -> int:  # monotone in i, so the next chunk never starts after this one ends
+        if clean_cut is None:
+            return i
+        return next((j for j in range(i, max(i - 8, 0), -1) if clean_cut(j)), i)
+
     chunks = []
-    for start in range(0, len(ids), stride):
-        chunks.append(ids[start:start + chunk_tokens])
-        if start + chunk_tokens >= len(ids):
-            break
+    start = 0
+    while start + chunk_tokens < len(ids):
+        chunks.append(ids[start:snap(start + chunk_tokens)])
+        following = snap(start + stride)
+        start = following if following > start else start + stride
+    chunks.append(ids[start:])
     return chunks
+
+
+def whole_character_cuts(tokenizer, ids: Sequence[int]) -> Callable[[int], bool]:
+    """``chunk_tokens``' test of a cut before ``ids[i]``: the text decoded from there begins with a
+    whole character, not with the rest of one (U+FFFD)."""
+    return lambda i: not tokenizer.decode(ids[i:i + 4]).startswith("\ufffd")
 
 
 _Q = r"(?<![\w])(?:Question|Q)\s*\d*\s*[:：]"

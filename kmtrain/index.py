@@ -35,7 +35,7 @@ from kmkernels.utils import resolve_backend
 from .checkpoint import TrainingCheckpoint
 from .config import IndexConfig, resolve_device
 from .data import (Document, atomic_write_text, chat_prompt_ids, check_documents, chunk_tokens, file_sha256,
-                   load_documents, recitation_items, target_ids, text_ids)
+                   load_documents, recitation_items, target_ids, text_ids, whole_character_cuts)
 from .evaluate import generate_answers, question_prompt
 from .models import load_model, native_bf16, resolve_model, weights_hash
 from .synth import PROMPT_OF, requested_kinds, split_heldout, synthesize
@@ -391,7 +391,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         same_source = bool(got) and got.get("doc_sha") == d.sha256 and got.get("setting") == setting
         if not same_source or got.get("tokenized") != CHUNK_TOKENIZATION:
             ids = text_ids(tok, d.text)
-            pieces = chunk_tokens(ids, cfg.chunk_tokens, cfg.chunk_overlap)
+            pieces = chunk_tokens(ids, cfg.chunk_tokens, cfg.chunk_overlap, whole_character_cuts(tok, ids))
             old, got = got, {"doc_sha": d.sha256, "setting": setting, "tokenized": CHUNK_TOKENIZATION, "ids": pieces,
                              "texts": [tok.decode(p) for p in pieces]}
             # Older code tokenized a "<|im_end|>" quoted in a document as the control token itself.

@@ -92,6 +92,49 @@ def test_ids_chunks_and_qa_parsing():
     assert parse_qa("no pairs here") == []
 
 
+def test_chunks_cut_only_where_a_character_ends_and_still_cover_the_document():
+    import random
+
+    rng = random.Random()
+    for _ in range(300):
+        n, size, overlap = rng.randint(1, 400), rng.randint(8, 64), rng.choice([0.0, 0.05, 0.1, rng.random() * 0.9])
+        ids = list(range(n))  # token i is i: a chunk's first token is where it starts
+        stride = max(1, int(round(size * (1 - overlap))))
+        plain = []  # fixed windows, which is what chunk_tokens gives without the test
+        for s in range(0, n, stride):
+            plain.append(ids[s:s + size])
+            if s + size >= n:
+                break
+        assert chunk_tokens(ids, size, overlap) == plain
+        clean = {i for i in range(1, n) if rng.random() < rng.choice([0.2, 0.5, 0.9])}
+        got = chunk_tokens(ids, size, overlap, clean_cut=clean.__contains__)
+        spans = [(c[0], c[-1] + 1) for c in got]
+        assert all(c == ids[s:e] for c, (s, e) in zip(got, spans))
+        assert spans[0][0] == 0 and spans[-1][1] == n and all(0 < e - s <= size for s, e in spans)
+        assert all(a[0] < b[0] <= a[1] for a, b in zip(spans, spans[1:]))  # in order, nothing left out between
+        # every cut is clean, or there was no clean one within 7 tokens before it (nor after the chunk's start)
+        cuts = [(s, prev) for (prev, _), (s, _) in zip(spans, spans[1:])] + [(e, s) for s, e in spans[:-1]]
+        for cut, after in cuts:
+            assert cut in clean or not any(j in clean for j in range(max(cut - 7, after + 1), cut + 1)), (cut, after)
+
+
+def test_chunks_of_text_in_another_script_hold_whole_characters(tiny_model):
+    """The tiny tokenizer knows only English: each Han character is several byte tokens, and fixed
+    windows cut through them."""
+    from transformers import AutoTokenizer
+
+    from kmtrain.data import text_ids, whole_character_cuts
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    text = "钟楼港口大麦紫罗兰守护者市场。" * 40
+    ids = text_ids(tok, text)
+    fixed = chunk_tokens(ids, 64, 0.1)
+    assert sum(tok.decode(c).count("\ufffd") for c in fixed) > 0  # what whole_character_cuts avoids
+    whole = chunk_tokens(ids, 64, 0.1, whole_character_cuts(tok, ids))
+    assert all("\ufffd" not in tok.decode(c) for c in whole) and all(len(c) <= 64 for c in whole)
+    assert whole[0] == ids[:len(whole[0])] and whole[-1] == ids[-len(whole[-1]):]
+
+
 def test_an_id_that_is_not_a_string_or_integer_is_refused(tmp_path):
     """A JSON object or list as the id was made a folder name ({"a": 1} -> "a_1"), true became "True"."""
     j = tmp_path / "docs.jsonl"
