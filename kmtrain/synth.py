@@ -217,6 +217,9 @@ def synthesize(model, tokenizer, chunks_by_doc: Dict[str, List[str]], cfg, model
     result = {d: {"items": [], "dropped": 0, "requested": 0, "qa_pairs": 0} for d in chunks_by_doc}
     left = Counter(j[0] for j in jobs)  # requests not yet generated, per document
     for (doc_id, c, kind, _, _), text in zip(jobs, texts):  # texts arrive batch by batch
+        # A generation stopped by --max-new-tokens inside a character (several byte-level tokens
+        # spell a rare one) decodes its last bytes as U+FFFD: not text to distil.
+        text = text.rstrip("\ufffd").rstrip()
         r = result[doc_id]
         r["requested"] += 1
         if kind != "qa":  # a summary or a fact list is distilled as written

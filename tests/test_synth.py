@@ -110,6 +110,17 @@ def test_a_kind_asked_for_zero_times_is_never_tokenized(monkeypatch):
     assert any(SUMMARY_PROMPT in t for t in read) and any(QA_PROMPT in t for t in read)
 
 
+def test_a_generation_cut_inside_a_character_loses_only_that_character(monkeypatch):
+    """The token cap can stop a generation between the byte tokens of one character, which decode
+    to U+FFFD: it was distilled as part of the target."""
+    monkeypatch.setattr(synth, "_generate_hf", lambda model, tok, prompts, cfg, seeds, progress=None:
+                        ["Question: 钟楼?\nAnswer: 港口\ufffd" if QA_PROMPT in "".join(map(chr, p)) else "大麦 \ufffd\ufffd"
+                         for p in prompts])
+    got = synthesize(None, _CharTokenizer(), {"doc": ["One fact."]}, IndexConfig(summaries_per_chunk=1, qa_per_chunk=1))
+    assert [(it["prompt"], it["target"]) for it in got["doc"]["items"]] == [
+        (SUMMARY_PROMPT, "大麦"), (QA_PROMPT, "\nQuestion: 钟楼?\nAnswer: 港口")]
+
+
 def test_negative_focus_parts_or_target_counts_are_refused():
     with pytest.raises(ValueError, match="focus_parts"):
         IndexConfig(focus_parts=-1).validate()
