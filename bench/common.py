@@ -17,23 +17,16 @@ import torch
 
 def environment() -> Dict[str, str]:
     """Device, versions and date: every results table carries them."""
-    import transformers
+    from kmtrain.index import library_versions
 
-    try:
-        import triton
-
-        triton_v = triton.__version__
-    except Exception:
-        triton_v = "not installed"
+    versions = library_versions()
     if torch.cuda.is_available():
         dev = torch.cuda.get_device_name(0)
     else:
         dev = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     return {
         "device": dev,
-        "torch": torch.__version__,
-        "triton": triton_v,
-        "transformers": transformers.__version__,
+        **{name: versions[name] for name in ("torch", "triton", "transformers")},
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
     }
