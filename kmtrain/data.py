@@ -21,7 +21,7 @@ RECITE_PROMPT = 'Repeat the preceding passage, starting from "{cue}".'
 # Where a sentence ends (recitation pieces and the generator's focus runs cut there): ". ", "! ", "? ",
 # and the CJK full stops, which no space follows ("。", "！", "？").
 _CJK_ENDS = ("。", "！", "？")
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*")
+SENTENCE_END = re.compile(rf"(?<=[.!?])\s+|(?<=[{''.join(_CJK_ENDS)}])\s*")
 # How a KM is asked (kmtrain ask, the demo, the evaluations); Q/A targets can be distilled in this form.
 ANSWER_PROMPT = ("Answer the following question. Give only the answer, and no extra commentary, formatting, "
                  "or chattiness. Question: {question}")
