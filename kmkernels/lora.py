@@ -36,7 +36,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .utils import HAS_TRITON, resolve_backend
+from .utils import HAS_TRITON, check_one_device, resolve_backend
 
 if HAS_TRITON:
     import triton
@@ -374,6 +374,7 @@ def _check_lora_args(x, lora_a, lora_b, adapter_ids, scaling):
         raise ValueError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
     if isinstance(scaling, torch.Tensor) and scaling.shape not in ((D,), ()):
         raise ValueError(f"scaling must be a float or a [D]={D} tensor, got shape {tuple(scaling.shape)}")
+    check_one_device("grouped_lora", [("x", x), ("lora_a", lora_a), ("lora_b", lora_b)])  # ids and scaling are moved
 
 
 def _scaling_vector(scaling, D, device) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, Tuple
 
 import torch
 
@@ -44,6 +44,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def check_reduction(reduction: str) -> None:
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def check_one_device(op: str, tensors: Sequence[Tuple[str, torch.Tensor]]) -> None:
+    """Raise ValueError naming the first of ``tensors`` (name, tensor) that is not on the first's device.
+
+    Why: hidden_l1's Triton kernels reach the layers through a table of raw addresses, so a
+    host tensor among CUDA ones is read on the GPU: an illegal memory access that ends the
+    process. Elsewhere torch or Triton would raise, but deep inside the op and without names."""
+    first_name, first = tensors[0]
+    for name, t in tensors[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                             f"move {name} to {first.device} first")
 
 
 def flatten_mask(mask: torch.Tensor | None, lead_shape: Sequence[int], name: str = "mask") -> torch.Tensor | None:

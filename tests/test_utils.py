@@ -1,7 +1,9 @@
 """kmkernels.utils: where Triton is not installed, every op runs its PyTorch path."""
 import importlib.metadata
 
-from conftest import run_without_triton
+import pytest
+
+from conftest import requires_cuda, run_without_triton
 
 _OPS_WITHOUT_TRITON = """
 import torch
@@ -60,3 +62,47 @@ def test_triton_is_required_only_where_it_has_wheels():
         assert triton[0].marker.evaluate(env) is wanted, system
         # torch itself is required everywhere: the PyTorch paths need it
         assert any(r.name == "torch" and (r.marker is None or r.marker.evaluate(env)) for r in reqs)
+
+
+
+def _device_mismatch_calls(dev: str, other: str):
+    """(op, the tensor named in the error, call(backend)) for each public op, that tensor on ``other``."""
+    import torch
+
+    from kmkernels import (fused_linear_kl, fused_linear_kl_from_stats, grouped_lora, hidden_l1, kl_div_logits,
+                           teacher_kl_stats)
+
+    def r(*shape, on=dev):
+        return torch.randn(*shape, device=on)
+
+    ids = torch.tensor([0, 1, -1], device=dev)
+    return [
+        ("fused_linear_kl", "student_weight", lambda be: fused_linear_kl(r(3, 8), r(16, 8, on=other), r(3, 8), backend=be)),
+        ("fused_linear_kl", "teacher_hidden", lambda be: fused_linear_kl(r(3, 8), r(16, 8), r(3, 8, on=other), backend=be)),
+        ("fused_linear_kl", "teacher_weight",
+         lambda be: fused_linear_kl(r(3, 8), r(16, 8), r(3, 4), teacher_weight=r(16, 4, on=other), backend=be)),
+        ("kl_div_logits", "teacher_logits", lambda be: kl_div_logits(r(3, 16), r(3, 16, on=other), backend=be)),
+        ("hidden_l1", "teacher_hiddens[1]",
+         lambda be: hidden_l1([r(3, 8), r(3, 8)], [r(3, 8), r(3, 8, on=other)], backend=be)),
+        ("hidden_l1", "student_hiddens[1]",
+         lambda be: hidden_l1([r(3, 8), r(3, 8, on=other)], [r(3, 8), r(3, 8)], backend=be)),
+        ("teacher_kl_stats", "weight", lambda be: teacher_kl_stats(r(3, 8), r(16, 8, on=other), backend=be)),
+        ("fused_linear_kl_from_stats", "weight",
+         lambda be: fused_linear_kl_from_stats(r(3, 8), r(16, 8, on=other), r(3, 8), r(3), backend=be)),
+        ("grouped_lora", "lora_b", lambda be: grouped_lora(r(3, 8), r(2, 4, 8), r(2, 8, 4, on=other), ids, backend=be)),
+    ]
+
+
+@pytest.mark.parametrize("dev,other", [("cpu", "meta"), pytest.param("cuda", "cpu", marks=requires_cuda)])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_tensors_on_two_devices_are_refused_by_name(dev, other, backend, monkeypatch):
+    """A host tensor among CUDA ones (a teacher state read from a memory-mapped cache) used to reach
+    hidden_l1's Triton kernels through its table of addresses: an illegal memory access that ends
+    the process. Every op now refuses mixed devices first, naming the tensor and both devices."""
+    if backend == "triton" and dev == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for op, name, call in _device_mismatch_calls(dev, other):
+        with pytest.raises(ValueError) as err:
+            call(backend)
+        msg = str(err.value)
+        assert msg.startswith(f"{op}: {name} is on {other}") and f"is on {dev}" in msg, (op, msg)
