@@ -32,8 +32,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .utils import (HAS_TRITON, check_one_device, check_reduction, cpu_bf16_products, cpu_native_bf16, cpu_scratch, flatten_mask, is_16bit,
-                    resolve_backend)
+from .utils import (HAS_TRITON, check_operands, check_reduction, cpu_bf16_products, cpu_native_bf16, cpu_scratch,
+                    flatten_mask, is_16bit, resolve_backend)
 
 if HAS_TRITON:
     import triton
@@ -471,7 +471,9 @@ def _check_kl_hidden_args(student_hidden, student_weight, teacher_hidden, teache
             f"student_hidden {tuple(student_hidden.shape)}, teacher_hidden {tuple(teacher_hidden.shape)}"
         )
     named = [("student_hidden", student_hidden), ("student_weight", student_weight), ("teacher_hidden", teacher_hidden)]
-    check_one_device("fused_linear_kl", named + ([("teacher_weight", teacher_weight)] if teacher_weight is not None else []))
+    if teacher_weight is not None:
+        named.append(("teacher_weight", teacher_weight))
+    check_operands("fused_linear_kl", named)
     _check_temperature(temperature)
 
 
@@ -631,7 +633,7 @@ def kl_div_logits(
             f"student_logits and teacher_logits must have the same leading shape (N positions): "
             f"{tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
         )
-    check_one_device("kl_div_logits", [("student_logits", student_logits), ("teacher_logits", teacher_logits)])
+    check_operands("kl_div_logits", [("student_logits", student_logits), ("teacher_logits", teacher_logits)])
     _check_temperature(temperature)
     be = resolve_backend(backend, student_logits.device)
     lead_shape = student_logits.shape[:-1]

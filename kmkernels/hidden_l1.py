@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .utils import HAS_TRITON, check_one_device, flatten_mask, resolve_backend
+from .utils import HAS_TRITON, check_operands, flatten_mask, resolve_backend
 
 if HAS_TRITON:
     import triton
@@ -257,8 +257,8 @@ def hidden_l1(
             raise ValueError(f"layer {l}: student_hiddens shape {tuple(s.shape)} != teacher_hiddens shape {tuple(t.shape)}")
         if s.shape[:-1] != lead:
             raise ValueError(f"layer {l}: leading shape {tuple(s.shape[:-1])} differs from layer 0's {tuple(lead)}")
-    # One device for every layer: the Triton path reads them all through one table of addresses.
-    check_one_device("hidden_l1", [(f"student_hiddens[{l}]", s) for l, s in enumerate(hs)]
+    # Float tensors on one device for every layer: the Triton path reads them through one table of addresses.
+    check_operands("hidden_l1", [(f"student_hiddens[{l}]", s) for l, s in enumerate(hs)]
                      + [(f"teacher_hiddens[{l}]", t) for l, t in enumerate(ht)])
     if teacher_norms is not None:
         if not isinstance(teacher_norms, torch.Tensor) or tuple(teacher_norms.shape) != (len(hs),):

@@ -40,7 +40,8 @@ from torch import nn
 
 from .fused_linear_kl import (_check_temperature, _fp32_copy, _kept_rows, _logits_fp32, _mm_fp32_acc, _pick_block,
                               _scatter_rows, chunk_rows)
-from .utils import HAS_TRITON, check_one_device, check_reduction, cpu_bf16_products, cpu_native_bf16, cpu_scratch, flatten_mask, resolve_backend
+from .utils import (HAS_TRITON, check_operands, check_reduction, cpu_bf16_products, cpu_native_bf16, cpu_scratch,
+                    flatten_mask, resolve_backend)
 
 if HAS_TRITON:
     import triton
@@ -182,7 +183,7 @@ def teacher_kl_stats(
     if not isinstance(teacher_hidden, torch.Tensor) or teacher_hidden.dim() < 1 or teacher_hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"teacher_hidden must be [..., H] with H = weight.shape[1] = {weight.shape[1]}, "
                          f"got {tuple(getattr(teacher_hidden, 'shape', ()))}")
-    check_one_device("teacher_kl_stats", [("teacher_hidden", teacher_hidden), ("weight", weight)])
+    check_operands("teacher_kl_stats", [("teacher_hidden", teacher_hidden), ("weight", weight)])
     be = resolve_backend(backend, teacher_hidden.device)
     lead = teacher_hidden.shape[:-1]
     ht = teacher_hidden.detach().reshape(-1, weight.shape[1]).contiguous()
@@ -302,7 +303,7 @@ def fused_linear_kl_from_stats(
         raise ValueError(f"teacher_neg_entropy must have the leading shape {tuple(lead_shape)}, "
                          f"got {tuple(teacher_neg_entropy.shape)}")
     # The teacher's statistics may stay on the host (a memory-mapped cache): they are copied below.
-    check_one_device("fused_linear_kl_from_stats", [("student_hidden", student_hidden), ("weight", weight)])
+    check_operands("fused_linear_kl_from_stats", [("student_hidden", student_hidden), ("weight", weight)])
     be = resolve_backend(backend, student_hidden.device)
     keep_mask = flatten_mask(mask, lead_shape)
     H = weight.shape[1]

@@ -36,7 +36,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .utils import HAS_TRITON, check_one_device, resolve_backend
+from .utils import HAS_TRITON, check_operands, resolve_backend
 
 if HAS_TRITON:
     import triton
@@ -361,20 +361,25 @@ def _grouped_lora_torch(x, lora_a, lora_b, adapter_ids, scaling):
 def _check_lora_args(x, lora_a, lora_b, adapter_ids, scaling):
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be [N, in], got {getattr(x, 'shape', type(x).__name__)}")
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("adapter_ids", adapter_ids)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if lora_a.dim() != 3 or lora_b.dim() != 3:
         raise ValueError(f"lora_a must be [D, r, in] and lora_b [D, out, r], got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
     D, r, din = lora_a.shape
+    if D == 0:
+        raise ValueError("lora_a holds no adapters (D=0); every row's delta would be zero, so skip the call")
     if lora_b.shape[0] != D or lora_b.shape[2] != r:
         raise ValueError(f"lora_b must be [D={D}, out, r={r}], got {tuple(lora_b.shape)}")
     if x.shape[1] != din:
         raise ValueError(f"x [N, in] has in={x.shape[1]} but lora_a [D, r, in] has in={din}")
     if adapter_ids.shape != (x.shape[0],):
         raise ValueError(f"adapter_ids must be [N]={x.shape[0]}, got {tuple(adapter_ids.shape)}")
-    if adapter_ids.dtype.is_floating_point or adapter_ids.dtype == torch.bool:
+    if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
         raise ValueError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
     if isinstance(scaling, torch.Tensor) and scaling.shape not in ((D,), ()):
         raise ValueError(f"scaling must be a float or a [D]={D} tensor, got shape {tuple(scaling.shape)}")
-    check_one_device("grouped_lora", [("x", x), ("lora_a", lora_a), ("lora_b", lora_b)])  # ids and scaling are moved
+    check_operands("grouped_lora", [("x", x), ("lora_a", lora_a), ("lora_b", lora_b)])  # ids and scaling are moved
 
 
 def _scaling_vector(scaling, D, device) -> torch.Tensor:

@@ -46,14 +46,22 @@ def check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-def check_one_device(op: str, tensors: Sequence[Tuple[str, torch.Tensor]]) -> None:
-    """Raise ValueError naming the first of ``tensors`` (name, tensor) that is not on the first's device.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_operands(op: str, tensors: Sequence[Tuple[str, torch.Tensor]]) -> None:
+    """Raise ValueError naming the first of ``tensors`` (name, tensor) that is not a fp16, bf16,
+    fp32 or fp64 tensor, or not on the first's device.
 
     Why: hidden_l1's Triton kernels reach the layers through a table of raw addresses, so a
     host tensor among CUDA ones is read on the GPU: an illegal memory access that ends the
-    process. Elsewhere torch or Triton would raise, but deep inside the op and without names."""
+    process. An integer or complex operand (token ids passed for hidden states) was cast in
+    silence by the torch paths and failed inside the Triton ones. Elsewhere torch would raise,
+    but deep inside the op and without names."""
     first_name, first = tensors[0]
-    for name, t in tensors[1:]:
+    for name, t in tensors:
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{op}: {name} must be a float16, bfloat16, float32 or float64 tensor, got {t.dtype}")
         if t.device != first.device:
             raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
                              f"move {name} to {first.device} first")

@@ -206,6 +206,9 @@ def test_deterministic_triton():
     (dict(x=torch.randn(3, 5)), "in=5"),
     (dict(scaling=torch.ones(4)), "scaling"),
     (dict(backend="gpu"), "backend"),
+    (dict(A=torch.randn(0, 2, 4), B=torch.randn(0, 6, 2), ids=torch.full((3,), -1)), r"no adapters \(D=0\)"),
+    (dict(ids=[0, 1, 2]), "adapter_ids must be a torch.Tensor, got list"),
+    (dict(ids=torch.tensor([0, 1, 2], dtype=torch.complex64)), "integer"),
 ])
 def test_bad_input(kwargs, match):
     args = dict(x=torch.randn(3, 4), A=torch.randn(3, 2, 4), B=torch.randn(3, 6, 2), ids=torch.tensor([0, 1, 2]),

@@ -106,3 +106,32 @@ def test_tensors_on_two_devices_are_refused_by_name(dev, other, backend, monkeyp
             call(backend)
         msg = str(err.value)
         assert msg.startswith(f"{op}: {name} is on {other}") and f"is on {dev}" in msg, (op, msg)
+
+
+def test_operands_that_are_not_real_floats_are_refused_by_name():
+    """Token ids or a complex tensor passed for hidden states, logits or LoRA weights: the torch
+    paths cast them in silence (a loss from token ids) and the Triton paths failed inside a
+    kernel. Each op now names the tensor and its dtype."""
+    import torch
+
+    from kmkernels import (fused_linear_kl, fused_linear_kl_from_stats, grouped_lora, hidden_l1, kl_div_logits,
+                           teacher_kl_stats)
+
+    h, w, ids = torch.randn(3, 8), torch.randn(16, 8), torch.tensor([0, 1, -1])
+    tokens = torch.randint(0, 16, (3, 8))
+    calls = [
+        ("fused_linear_kl", "student_hidden", torch.int64, lambda: fused_linear_kl(tokens, w, h)),
+        ("fused_linear_kl", "teacher_hidden", torch.complex64, lambda: fused_linear_kl(h, w, h.to(torch.complex64))),
+        ("kl_div_logits", "student_logits", torch.int64, lambda: kl_div_logits(tokens, h)),
+        ("hidden_l1", "teacher_hiddens[0]", torch.int64, lambda: hidden_l1([h], [tokens])),
+        ("teacher_kl_stats", "teacher_hidden", torch.int64, lambda: teacher_kl_stats(tokens, w)),
+        ("fused_linear_kl_from_stats", "student_hidden", torch.int64,
+         lambda: fused_linear_kl_from_stats(tokens, w, h, h[:, 0])),
+        ("grouped_lora", "x", torch.int64, lambda: grouped_lora(tokens, torch.randn(2, 4, 8), torch.randn(2, 8, 4), ids)),
+        ("grouped_lora", "lora_a", torch.float8_e4m3fn,
+         lambda: grouped_lora(h, torch.randn(2, 4, 8).to(torch.float8_e4m3fn), torch.randn(2, 8, 4), ids)),
+    ]
+    for op, name, dtype, call in calls:
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == f"{op}: {name} must be a float16, bfloat16, float32 or float64 tensor, got {dtype}"
