@@ -1,6 +1,7 @@
 """Documents, chunks, prompts and the token layout of distillation examples (SPEC.md sections 1-2)."""
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -84,6 +85,9 @@ def _add(docs: Dict[str, Document], problems: List[str], raw_id, text, source: s
         problems.append(f"{source}: document id {raw_id!r} is empty after sanitising")
     elif not text.strip():
         problems.append(f"{source}: document {raw_id!r} is empty")
+    elif "\x00" in text:  # UTF-16 without a byte-order mark decodes as UTF-8: a NUL after every ASCII letter
+        problems.append(f"{source}: document {raw_id!r} holds {text.count(chr(0))} NUL characters (the first at "
+                        f"character {text.index(chr(0))}): a UTF-16 file, or not text; save it as UTF-8")
     elif doc_id in docs:
         problems.append(f"{source}: duplicate document id {doc_id!r} (also in {docs[doc_id].source})")
     else:
@@ -91,6 +95,12 @@ def _add(docs: Dict[str, Document], problems: List[str], raw_id, text, source: s
 
 
 def _not_utf8(path, e: UnicodeDecodeError) -> str:
+    # Windows PowerShell 5's `>` and Out-File write UTF-16 with a byte-order mark: say so, not just "byte 0".
+    head = e.object[:4]
+    for bom, name in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                      (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):
+        if head.startswith(bom):
+            return f"{path}: a {name} file (it starts with a {name} byte-order mark), not UTF-8: save it as UTF-8"
     return f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})"
 
 

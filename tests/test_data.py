@@ -1,4 +1,5 @@
 """kmtrain.data: reading documents (and the errors that name the bad file), ids, chunks, Q/A parsing."""
+import codecs
 import hashlib
 import json
 import re
@@ -54,7 +55,7 @@ def test_every_bad_input_is_reported_in_one_error(tmp_path):
     d.mkdir()
     (d / "a.txt").write_text("fine text")
     (d / "a.md").write_text("same stem as a.txt")
-    (d / "b.txt").write_bytes(b"\xff\xfe not utf-8")
+    (d / "b.txt").write_bytes(b"caf\xe9 not utf-8")  # Latin-1
     (d / "c.md").write_text("")
     (d / "d.txt").write_text("also fine")
     with pytest.raises(DocumentError) as err:
@@ -254,6 +255,41 @@ def test_hidden_files_and_byte_order_marks(tmp_path):
     j = tmp_path / "docs.jsonl"
     j.write_bytes('\ufeff{"id": "a", "text": "x"}\n'.encode("utf-8"))
     assert [(x.id, x.text) for x in load_documents(str(j))] == [("a", "x")]
+
+
+def test_utf16_files_and_nul_characters_are_named(tmp_path):
+    """Windows PowerShell 5's `>` writes UTF-16: with its byte-order mark the error said only
+    "invalid start byte at byte 0"; without one every ASCII letter is valid UTF-8, so the document
+    was indexed with a NUL after each letter. A binary file with a .txt name went the same way."""
+    text = "The lighthouse keeper counted 41 ships in the winter of 1882.\n"
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "ps.txt").write_bytes(text.encode("utf-16"))  # with a byte-order mark
+    (d / "be.txt").write_bytes(codecs.BOM_UTF16_BE + text.encode("utf-16-be"))
+    (d / "wide.txt").write_bytes(codecs.BOM_UTF32_LE + text.encode("utf-32-le"))
+    (d / "bare.txt").write_bytes(text.encode("utf-16-le"))  # without one
+    (d / "blob.txt").write_bytes(text.encode() + b"\x00\x00\x01\x02")
+    (d / "fine.txt").write_text(text)
+    with pytest.raises(DocumentError) as err:
+        load_documents(str(d))
+    lines = str(err.value).splitlines()
+    assert lines[0] == "5 problems in the input documents:"
+    assert lines[1:] == [
+        f"  {d / 'bare.txt'}: document 'bare' holds {len(text)} NUL characters (the first at character 1): "
+        "a UTF-16 file, or not text; save it as UTF-8",
+        f"  {d / 'be.txt'}: a UTF-16 file (it starts with a UTF-16 byte-order mark), not UTF-8: save it as UTF-8",
+        f"  {d / 'blob.txt'}: document 'blob' holds 2 NUL characters (the first at character {len(text)}): "
+        "a UTF-16 file, or not text; save it as UTF-8",
+        f"  {d / 'ps.txt'}: a UTF-16 file (it starts with a UTF-16 byte-order mark), not UTF-8: save it as UTF-8",
+        f"  {d / 'wide.txt'}: a UTF-32 file (it starts with a UTF-32 byte-order mark), not UTF-8: save it as UTF-8",
+    ], lines
+    j = tmp_path / "docs.jsonl"  # a NUL escaped in JSON is refused the same way
+    j.write_text('{"id": "a", "text": "one\\u0000two"}\n')
+    with pytest.raises(DocumentError, match=r"docs.jsonl:1: document 'a' holds 1 NUL characters \(the first at character 3\)"):
+        load_documents(str(j))
+    (tmp_path / "ps.jsonl").write_bytes('{"id": "a", "text": "x"}\n'.encode("utf-16"))
+    with pytest.raises(DocumentError, match=r"ps.jsonl: a UTF-16 file \(it starts with a UTF-16 byte-order mark\)"):
+        load_documents(str(tmp_path / "ps.jsonl"))
 
 
 def test_one_text_file_is_a_corpus_of_one(tmp_path):
