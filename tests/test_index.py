@@ -12,6 +12,7 @@ import torch
 from conftest import DOCS, HAS_CUDA, tiny_cfg, write_docs
 from kmtrain import IndexConfig, ask, index, load_documents
 from kmtrain.config import PRESETS
+from kmtrain.teacher_cache import TeacherCache
 
 
 def test_index_and_ask_end_to_end(tiny_model, docs_dir, tmp_path, capsys):
@@ -94,9 +95,11 @@ def test_recitation_targets_join_the_synthetic_ones(tiny_model, tmp_path):
         (docs_dir / f"{name}.txt").write_text(" ".join(texts[k:] + texts[:k]))
 
     assert IndexConfig().recite_tokens == 96 and PRESETS["paper"]["recite_tokens"] == 0
-    plain = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "plain", heldout_per_chunk=1, recite_tokens=0))
-    recite = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "recite", heldout_per_chunk=1, recite_tokens=8))
+    # enough steps to draw every example, so that each is in the cache
+    plain = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "plain", heldout_per_chunk=1, recite_tokens=0, steps=30))
+    recite = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "recite", heldout_per_chunk=1, recite_tokens=8, steps=30))
     tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert all(s["examples_not_drawn"] == 0 for s in plain + recite)
     for a, b in zip(sorted(plain, key=lambda s: s["id"]), sorted(recite, key=lambda s: s["id"])):
         chunk_texts = json.loads((tmp_path / "recite" / ".work" / a["id"] / "chunks.json").read_text())["texts"]
         pieces = len(recitation_items(chunk_texts, tok, 8))
@@ -709,14 +712,21 @@ def test_triton_path_writes_the_same_kms_as_the_torch_path(tiny_model, docs_dir,
 
 
 def test_a_document_with_more_examples_than_draws_is_told(tiny_model, docs_dir, tmp_path, capsys):
-    got = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", steps=1, examples_per_doc=1))
-    n = {s["id"]: s["examples"] for s in got}
+    """Only the examples training will draw are cached: the others cost teacher time and disk and
+    were never read (a 2.5 MB text made 35,401 examples for 4 draws)."""
+    cfg = tiny_cfg(tiny_model, tmp_path / "kms", steps=2, examples_per_doc=1, keep_teacher_cache=True)
+    got = {s["id"]: s for s in index(str(docs_dir), cfg)}
+    n = {d: s["examples"] + s["examples_not_drawn"] for d, s in got.items()}
     printed = capsys.readouterr().out
     for d in DOCS:
-        assert (f"{d}: {n[d]} training examples, but 1 steps x 1 per step draw only 1, so some are never trained on "
-                f"(--steps {n[d]} draws each once)") in printed
-    index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "enough", steps=max(n.values()), examples_per_doc=1))
-    assert "never trained on" not in capsys.readouterr().out
+        assert n[d] > 2 and got[d]["examples"] == 2
+        assert (f"{d}: {n[d]} training examples, but 2 steps x 1 per step draw only 2: a random 2 of them are "
+                f"cached and trained on, the rest never (--steps {n[d]} draws each once)") in printed
+        (path,) = (tmp_path / "kms" / ".work" / d).glob("teacher_*.safetensors")
+        assert len(TeacherCache(path)) == 2
+    enough = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "enough", steps=max(n.values()), examples_per_doc=1))
+    assert "trained on, the rest never" not in capsys.readouterr().out
+    assert all(s["examples"] == n[s["id"]] and s["examples_not_drawn"] == 0 for s in enough)
 
 
 def test_ask_names_a_malformed_pair():
