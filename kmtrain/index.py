@@ -13,6 +13,7 @@ outputs are redone, never used. One run at a time holds OUT (out_lock).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -40,7 +41,7 @@ from .data import (Document, atomic_write_text, chat_prompt_ids, check_documents
 from .evaluate import generate_answers, question_prompt
 from .models import load_model, native_bf16, resolve_model, weights_hash
 from .synth import PROMPT_OF, requested_kinds, split_heldout, synthesize
-from .teacher_cache import TeacherCache, build_cache, build_examples, select_layers
+from .teacher_cache import TeacherCache, build_cache, build_examples, cache_bytes, select_layers
 from .train import DocState, train_wave
 
 # IndexConfig fields that do not change a wave's training numbers: a checkpoint stays valid across them.
@@ -277,6 +278,31 @@ class OutputBusyError(RuntimeError):
     """Another run holds the output folder's lock."""
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def check_cache_space(work: Path, need: Dict[str, int], cfg: IndexConfig) -> None:
+    """Raise OSError (ENOSPC) before the teacher runs when a wave's new teacher caches (``need``: bytes
+    by document, from ``cache_bytes``) do not fit in the free space of ``work``'s file system. Why: a
+    full disk showed only when the cache was written, after the teacher's minutes, and again on
+    every re-run. At Llama-3.1-8B shapes a bf16 cache takes 278 KB per target token (32 layers of 4096
+    values, and the KL's fp32 statistics)."""
+    total, free = sum(need.values()), shutil.disk_usage(work).free
+    if total <= free:
+        return
+    largest = max(need, key=need.__getitem__)
+    ways = [] if cfg.cache_dtype == "fp8" else ["--cache-dtype fp8 (a byte a value)"]
+    if cfg.cache_layers is None:
+        ways.append("--cache-layers (some layers only)")
+    if len(need) > 1 and not cfg.keep_teacher_cache:
+        ways.append("a lower --docs-per-step (a wave's caches are deleted before the next)")
+    ways.append("--no-teacher-cache (no cache; the teacher runs every step)")
+    raise OSError(errno.ENOSPC, f"the teacher caches of {len(need)} document(s) (the largest: {largest}, "
+                                f"{_size(need[largest])}) need {_size(total)} in {work}, which has {_size(free)} free: "
+                                f"free some space, or make them smaller with {', or '.join(ways)}")
+
+
 def out_lock(out: Path):
     """An exclusive lock on the output folder for one run's lifetime (OUT/.lock, an OS file lock that
     the kernel releases when the process dies, so a killed run never leaves it held). Two runs on one
@@ -496,7 +522,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         span = f"docs {first}-{last} of {len(todo)}"
         examples_json = {st.id: [e.to_json() for e in st.examples] for st in wave}
         if caching:
-            bar = _bar(cfg, total=len(wave), desc=f"teacher cache {span}")
+            paths = {}
             for st in wave:
                 # The cache is a function of the teacher weights, what is stored, and the examples' tokens
                 # (which carry the document, the synthetic data and the example layout): a change in any
@@ -507,10 +533,15 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 version = "fp8_scale_per_example"
                 key = hashlib.sha256(json.dumps([model_hash, str(base_dtype), cfg.cache_dtype, layers_key, version]
                                                 + examples_json[st.id]).encode()).hexdigest()[:16]
-                path = work / st.id / f"teacher_{cfg.objective}_{key}.safetensors"
+                path = paths[st.id] = work / st.id / f"teacher_{cfg.objective}_{key}.safetensors"
                 for old in (work / st.id).glob(f"teacher_{cfg.objective}_*.safetensors"):
                     if old != path:  # superseded caches only take disk
                         old.unlink()
+            check_cache_space(work, {st.id: cache_bytes(st.examples, num_layers, model.config.hidden_size, cfg)
+                                     for st in wave if not paths[st.id].is_file()}, cfg)
+            bar = _bar(cfg, total=len(wave), desc=f"teacher cache {span}")
+            for st in wave:
+                path = paths[st.id]
                 if path.is_file():
                     try:
                         # written by an earlier run: its bytes are checked against its recorded hash too

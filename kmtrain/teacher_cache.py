@@ -269,6 +269,19 @@ def tensors_sha256(tensors: Dict[str, object], block_bytes: int = 1 << 26) -> st
     return h.hexdigest()
 
 
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
+
+
+def cache_bytes(examples: Sequence[Example], num_layers: int, hidden_size: int, cfg) -> int:
+    """Bytes of the tensors ``build_cache`` writes for ``examples`` (the file adds its header, < 4 KB):
+    known before the teacher runs, so that a disk too small is found before its minutes are spent."""
+    L, n, T = len(select_layers(num_layers, cfg.cache_layers)), len(examples), sum(e.n for e in examples)
+    return (L * T * hidden_size * _DTYPE_BYTES[cfg.cache_dtype]  # hidden
+            + n * L * 4 + T * hidden_size * 4 + T * 4  # norms, kl_embedding, kl_neg_entropy (fp32)
+            + (n + 1) * 8 + L * 8  # tok_offsets, layers (int64)
+            + (L * n * 4 if cfg.cache_dtype == "fp8" else 0))  # hidden_scale
+
+
 def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg, pad_id: int,
                 no_adapter=None, batch_size: int = 8) -> dict:
     """Run the teacher over a document's examples and write teacher.safetensors atomically."""

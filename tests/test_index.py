@@ -307,6 +307,60 @@ def test_machine_errors_keep_finished_work(tiny_model, docs_dir, tmp_path, capsy
     assert all((out / d / "km.json").is_file() for d in DOCS)
 
 
+def test_a_disk_too_small_for_the_teacher_caches_stops_before_the_teacher(tiny_model, docs_dir, tmp_path, capsys,
+                                                                         monkeypatch):
+    """A wave's teacher caches are sized before the teacher runs: a disk without room for them stops
+    the run there (exit 1, one line saying what they need and what makes them smaller), not after
+    the teacher's minutes when the file is written; the waves before it keep their KMs."""
+    import collections
+    import importlib
+
+    from kmtrain.cli import main
+
+    kindex = importlib.import_module("kmtrain.index")
+    real_build, calls = kindex.build_cache, []
+    free = {"bytes": 10**15}
+
+    def usage(path):
+        calls.append(str(path))
+        return collections.namedtuple("usage", "total used free")(2 * 10**15, 10**15, free["bytes"])
+
+    def build(model, examples, path, *a, **kw):
+        built.append(path.parent.name)
+        return real_build(model, examples, path, *a, **kw)
+
+    built = []
+    monkeypatch.setattr(kindex.shutil, "disk_usage", usage)
+    monkeypatch.setattr(kindex, "build_cache", build)
+    out = tmp_path / "kms"
+    flags = ["--model", tiny_model, "--steps", "1", "--docs-per-step", "2", "--summaries-per-chunk", "1",
+             "--qa-per-chunk", "1", "--max-new-tokens", "8", "--chunk-tokens", "64", "--no-progress"]
+    real_cache_bytes, sizes = kindex.cache_bytes, {}
+
+    def sized(examples, *a):
+        n = real_cache_bytes(examples, *a)
+        sizes[len(sizes)] = n
+        if len(sizes) == 3:  # the second wave (one document): room for all but its last byte
+            free["bytes"] = n - 1
+        return n
+
+    monkeypatch.setattr(kindex, "cache_bytes", sized)
+    assert main(["index", str(docs_dir), "--out", str(out), *flags]) == 1
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("kmtrain: error:")]
+    third = sorted(DOCS)[2]
+    assert (f"the teacher caches of 1 document(s) (the largest: {third}, {sizes[2] / 1e6:.1f} MB) need "
+            f"{sizes[2] / 1e6:.1f} MB in {out / '.work'}, which has {(sizes[2] - 1) / 1e6:.1f} MB free: free some "
+            f"space, or make them smaller with --cache-dtype fp8 (a byte a value), or --cache-layers (some layers "
+            f"only), or --no-teacher-cache (no cache; the teacher runs every step)") in line
+    assert "run the same command again to resume" in line and "Traceback" not in err
+    assert built == sorted(DOCS)[:2] and calls == [str(out / ".work")] * 2  # its teacher never ran
+    assert all((out / d / "km.json").is_file() for d in sorted(DOCS)[:2]) and not (out / third).exists()
+    free["bytes"] = 10**15
+    assert main(["index", str(docs_dir), "--out", str(out), *flags]) == 0
+    assert built == sorted(DOCS) and (out / third / "km.json").is_file()
+
+
 def test_changed_document_is_retrained_others_kept(tiny_model, docs_dir, tmp_path):
     out = tmp_path / "kms"
     cfg = tiny_cfg(tiny_model, out, steps=2)

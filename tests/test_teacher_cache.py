@@ -6,7 +6,8 @@ import torch
 
 from kmtrain import IndexConfig
 from kmtrain.data import ANSWER_PROMPT, QA_PROMPT, SUMMARY_PROMPT, qa_target
-from kmtrain.teacher_cache import Example, TeacherCache, build_cache, build_examples, select_layers, teacher_hiddens
+from kmtrain.teacher_cache import (Example, TeacherCache, build_cache, build_examples, cache_bytes, select_layers,
+                                   teacher_hiddens)
 
 
 @pytest.mark.parametrize("dtype,tol", [("bf16", 1e-2), ("fp8", 8e-2), ("fp32", 1e-6)])
@@ -23,6 +24,9 @@ def test_teacher_cache_round_trip(tiny_model, tmp_path, dtype, tol):
     build_cache(model, examples, path, 2, cfg, pad_id=0, batch_size=2)
     cache = TeacherCache(path)
     assert len(cache) == 3 and cache.layers == [0, 1]  # fp8 asked for layer 0: the last is always kept
+    # the estimate index checks free disk space with, before the teacher runs: the file less its header
+    header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    assert path.stat().st_size - header == cache_bytes(examples, 2, model.config.hidden_size, cfg)
     errors = []  # (the stored statistics', those from the rounded layer's) largest error of e_t, per example
     for i, e in enumerate(examples):
         (ref,) = teacher_hiddens(model, [e], cache.layers, pad_id=0)
