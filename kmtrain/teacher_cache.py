@@ -291,31 +291,51 @@ def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg
         raise ValueError(f"{path}: no examples to cache")
 
     layers = select_layers(num_layers, cfg.cache_layers)
+    offsets = [0]
+    for e in examples:
+        offsets.append(offsets[-1] + e.n)
+    # Each example's states are stored as they come, into host tensors of the file's final shapes:
+    # the device holds one group's fp32 states at a time (the targets of one chunk and prompt, or
+    # one batch) and the host the cache once. (All of a
+    # document's were kept on the device in fp32 and concatenated there: 8 bytes a value at the peak,
+    # 1 MB a target token at Llama-3.1-8B shapes, so a book's ~200k target tokens could not fit.)
+    enc: Optional[torch.Tensor] = None
+    scale: Optional[torch.Tensor] = None
+    norms: List[Optional[torch.Tensor]] = [None] * len(examples)
+    last: List[Optional[torch.Tensor]] = [None] * len(examples)
+
+    def store(i: int, h: torch.Tensor) -> None:  # h: fp32 [L_sel, n, H] on the model's device
+        nonlocal enc, scale
+        norms[i] = h.abs().sum(dim=(1, 2))
+        last[i] = h[-1].clone()  # a copy: a view would keep all of h
+        # Each example is encoded on its own: an fp8 scale per example and layer, the rounding that
+        # --no-teacher-cache gives each re-run example (train.round_like_cache). One scale per document
+        # made the two runs' hidden-state terms differ by 2.4% after 3 steps on the tiny test model.
+        # (Storage, not compute: outside the caller's autocast.)
+        with torch.autocast(h.device.type, enabled=False):
+            e, s = _encode(h, cfg.cache_dtype)
+        if enc is None:
+            enc = torch.empty((len(layers), offsets[-1], h.shape[2]), dtype=e.dtype)
+            scale = None if s is None else torch.empty((len(layers), len(examples)), dtype=torch.float32)
+        enc[:, offsets[i]:offsets[i + 1]].copy_(e)
+        if s is not None:
+            scale[:, i].copy_(s)
+
+    def store_all(idx: List[int], hs: List[torch.Tensor]) -> None:
+        for k, i in enumerate(idx):
+            store(i, hs[k])
+            hs[k] = None  # freed once stored
+
     # Examples with a common teacher prefix share one prefix pass (prefix_groups); the rest (DDCD
     # windows: each its own) run whole, batched.
     shared, alone = prefix_groups(examples)
-    got: List[Optional[torch.Tensor]] = [None] * len(examples)
     for prefix, idx in shared.items():
-        hs = shared_prefix_hiddens(model, prefix, [examples[i] for i in idx], layers, pad_id, no_adapter, batch_size)
-        for i, h in zip(idx, hs):
-            got[i] = h
+        store_all(idx, shared_prefix_hiddens(model, prefix, [examples[i] for i in idx], layers, pad_id, no_adapter,
+                                             batch_size))
     for j in range(0, len(alone), batch_size):
         idx = alone[j:j + batch_size]
-        for i, h in zip(idx, teacher_hiddens(model, [examples[i] for i in idx], layers, pad_id, no_adapter)):
-            got[i] = h
-    norms, offsets = [], [0]
-    for h in got:
-        norms.append(h.abs().sum(dim=(1, 2)))
-        offsets.append(offsets[-1] + h.shape[1])
-    # Each example is encoded on its own: an fp8 scale per example and layer, the rounding that
-    # --no-teacher-cache gives each re-run example (train.round_like_cache). One scale per document
-    # made the two runs' hidden-state terms differ by 2.4% after 3 steps on the tiny test model.
-    # (Storage, not compute: outside the caller's autocast, whose cat has no rule for fp8.)
-    with torch.autocast(got[0].device.type, enabled=False):
-        parts = [_encode(h, cfg.cache_dtype) for h in got]
-        enc = torch.cat([e for e, _ in parts], dim=1)
-        scale = torch.stack([s for _, s in parts], dim=1) if parts[0][1] is not None else None
-    last = torch.cat([h[-1] for h in got])
+        store_all(idx, teacher_hiddens(model, [examples[i] for i in idx], layers, pad_id, no_adapter))
+    last = torch.cat(last)
     # The KL's teacher statistics come from the last layer as the teacher computed it, not as the
     # cache rounds it: they are fp32 whatever the cache dtype, so the KL stays exact under a bf16 or
     # fp8 cache and only the hidden-state term sees the rounding. (From the rounded layer, on trained
@@ -325,11 +345,11 @@ def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg
     # it (so nothing is rounded), and a mixed-dtype GEMM would run without tensor cores.
     w = model.get_output_embeddings().weight
     emb, negent = teacher_kl_stats(last.to(w.dtype), w, backend=cfg.backend)
-    tensors = {"hidden": enc.contiguous(), "norms": torch.stack(norms),
+    tensors = {"hidden": enc, "norms": torch.stack(norms),
                "kl_embedding": emb.contiguous(), "kl_neg_entropy": negent.contiguous(),
                "tok_offsets": torch.tensor(offsets, dtype=torch.int64), "layers": torch.tensor(layers, dtype=torch.int64)}
     if scale is not None:
-        tensors["hidden_scale"] = scale.float()
+        tensors["hidden_scale"] = scale
     tensors = {k: v.cpu() for k, v in tensors.items()}  # once, for the hash and the file (a GPU's cache)
     meta = {"dtype": cfg.cache_dtype, "examples": str(len(examples)), "content_sha256": tensors_sha256(tensors)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))

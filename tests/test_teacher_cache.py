@@ -268,3 +268,39 @@ def test_select_layers():
     for bad in ((30,), (0, -31)):
         with pytest.raises(ValueError, match=r"do not exist \(the model has 30 decoder layers"):
             select_layers(30, bad)
+
+
+def test_cache_build_keeps_one_group_of_states_at_a_time(tiny_model, tmp_path, monkeypatch):
+    """The build stores each group's fp32 states as they come and lets them go: it kept all of a
+    document's on the device until the end (1 MB a target token at Llama-3.1-8B shapes)."""
+    import gc
+    import weakref
+
+    from transformers import AutoModelForCausalLM
+
+    import kmtrain.teacher_cache as tc
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    g = torch.Generator().manual_seed(2)
+    examples = []
+    for _ in range(3):  # three chunks, two targets each, and a DDCD-like example of its own
+        prefix = torch.randint(3, 300, (9,), generator=g).tolist()
+        examples += [Example([1, 2], 0, n, prefix + torch.randint(3, 300, (n,), generator=g).tolist(), 9)
+                     for n in (4, 6)]
+    examples.append(Example([1, 2], 0, 5, torch.randint(3, 300, (12,), generator=g).tolist(), 7))
+    refs, alive = [], []
+    for name in ("shared_prefix_hiddens", "teacher_hiddens"):
+        def spy(*a, _real=getattr(tc, name), **kw):
+            gc.collect()
+            alive.append(sum(r() is not None for r in refs))  # states of the groups before this one
+            out = _real(*a, **kw)
+            refs.extend(weakref.ref(h) for h in out)
+            return out
+        monkeypatch.setattr(tc, name, spy)
+    path = tmp_path / "c.safetensors"
+    build_cache(model, examples, path, 2, IndexConfig(cache_dtype="fp32"), pad_id=0)
+    assert alive == [0, 0, 0, 0] and len(refs) == len(examples)
+    cache = TeacherCache(path)
+    for i, e in enumerate(examples):  # and every example's states landed in its own place
+        (ref,) = teacher_hiddens(model, [e], cache.layers, pad_id=0)
+        torch.testing.assert_close(cache.get(i)[0], ref, rtol=1e-5, atol=1e-5)
