@@ -74,6 +74,34 @@ def _one_gguf_parse() -> Iterator[None]:
         gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
 
 
+def _convert_gguf(gguf: Path, display: str, target: Path) -> None:
+    """Dequantise ``gguf`` into a plain safetensors model + tokenizer folder at ``target`` (temp
+    folder + rename; the caller holds the conversion lock)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    with _one_gguf_parse():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model is marked quantized and refuses save_pretrained: rebuild a plain one.
+    cfg = quant.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg._name_or_path = display
+    plain = LlamaForCausalLM(cfg)
+    plain.load_state_dict(quant.state_dict(), strict=False)
+    plain.tie_weights()
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():  # a folder left without its config.json (a copy cut short, say)
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def resolve_model(name_or_path: str) -> Tuple[str, str]:
     """Return (local folder with safetensors + tokenizer, display name).
 
@@ -95,33 +123,15 @@ def resolve_model(name_or_path: str) -> Tuple[str, str]:
         if importlib.util.find_spec("gguf") is None:  # a ModuleNotFoundError traceback, otherwise
             raise ValueError(f"model {name_or_path!r} is read from a GGUF file, which needs the 'gguf' package: "
                              f"pip install 'kmkernels[train]' (or pip install gguf)")
-        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+        from filelock import FileLock
 
-        with _one_gguf_parse():
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # A GGUF-loaded model is marked quantized and refuses save_pretrained: rebuild a plain one.
-        cfg = quant.config
-        if hasattr(cfg, "quantization_config"):
-            del cfg.quantization_config
-        cfg._name_or_path = display
-        plain = LlamaForCausalLM(cfg)
-        plain.load_state_dict(quant.state_dict(), strict=False)
-        plain.tie_weights()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-        try:
-            plain.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            if (target / "config.json").is_file():  # another process won the race
-                shutil.rmtree(tmp)
-            else:
-                if target.exists():
-                    shutil.rmtree(target)
-                os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        # One conversion at a time per cache folder: processes started together (torchrun, several
+        # shells on a fresh machine) each dequantised the model and raced to rename it into place,
+        # where one could delete the folder another had just finished and was loading. Now the
+        # others wait for the first and read its result.
+        with FileLock(str(target.parent / f".{name_or_path}.lock")):
+            if not (target / "config.json").is_file():
+                _convert_gguf(gguf, display, target)
         return str(target), display
     local = os.path.expanduser(name_or_path)
     if os.path.isdir(local):

@@ -305,6 +305,35 @@ def test_the_alias_without_gguf_installed_says_what_to_install(tmp_path, monkeyp
             "pip install 'kmkernels[train]'") in capsys.readouterr().err
 
 
+def test_processes_started_together_convert_the_alias_once(tmp_path, monkeypatch):
+    """torchrun's ranks, or shells started together on a fresh machine: each dequantised the GGUF
+    and raced to rename its copy into place (one could delete the folder another was loading). The
+    conversion lock makes the others wait for the first and read its folder."""
+    import threading
+    import time
+
+    models = importlib.import_module("kmtrain.models")
+    monkeypatch.setenv("KMTRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_gguf_path", lambda *a: tmp_path / "model.gguf")
+    converted = []
+
+    def convert(gguf, display, target):  # as slow as a conversion's rename is late, to overlap the others
+        converted.append(threading.get_ident())
+        time.sleep(0.5)
+        target.mkdir()
+        (target / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(models.resolve_model("smollm2-135m"))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    target = tmp_path / "cache" / "models" / "smollm2-135m"
+    assert len(converted) == 1 and got == [(str(target), models.ALIASES["smollm2-135m"][2])] * 4
+
+
 def _put_in_hub_cache(cache: Path, repo: str, folder: str, commit: str) -> Path:
     """``folder``'s files as huggingface_hub lays out a download of ``repo``: blobs, a snapshot of
     links to them, and refs/main naming the commit. Returns the snapshot folder."""
