@@ -80,8 +80,8 @@ def _read_checkpoint(ck: TrainingCheckpoint, wave: List[DocState], params: List[
         return None, {}, "not this wave's checkpoint (other documents or settings)"
     if state.get("ids") != [d.id for d in wave]:
         return None, {}, f"holds documents {state.get('ids')}, not this wave's {[d.id for d in wave]}"
-    if not 0 < state.get("step", 0) < steps:
-        return None, {}, f"its step {state.get('step')!r} is not between 1 and {steps - 1}"
+    if not 0 < state.get("step", 0) <= steps:  # at ``steps``: saved by a stop in the last step
+        return None, {}, f"its step {state.get('step')!r} is not between 1 and {steps}"
     if [tuple(tensors[f"param.{k}"].shape) if f"param.{k}" in tensors else None for k in range(len(params))] != [
             (len(wave), *p.shape[1:]) for p in params]:
         return None, {}, "its LoRA weights do not have this model's shapes"

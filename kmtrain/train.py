@@ -16,11 +16,15 @@ Why the KM of a document does not depend on its batch-mates:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -54,6 +58,40 @@ class DocState:
             self._order = [i for i in range(len(self.examples)) if i not in held]
             self._rng.shuffle(self._order)
         return self._order.pop()
+
+
+@dataclass
+class StopRequest:
+    signum: Optional[int] = None  # the first SIGINT or SIGTERM received, if any
+
+
+@contextlib.contextmanager
+def stop_at_step_end(enabled: bool) -> Iterator[StopRequest]:
+    """While training, a first Ctrl-C (SIGINT) or SIGTERM (a scheduler's or a spot machine's notice)
+    is recorded for the loop, which saves its state at the end of the step and then stops; a second
+    Ctrl-C stops at once. Why: such a stop lost up to --checkpoint-seconds of training, and a
+    handler that saved mid-step would save weights that AdamW had half updated. Off (signals as
+    usual) when ``enabled`` is False (no checkpoint to save) or outside the main thread, where
+    Python cannot install handlers."""
+    request = StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum, frame):
+        if request.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        request.signum = signum
+        print(f"\nkmtrain: {signal.Signals(signum).name}: the training state is saved at the end of this step, then "
+              f"the run stops (Ctrl-C again to stop at once, losing the steps since the last save)",
+              file=sys.stderr, flush=True)
+
+    before = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 def lr_lambda(cfg, step: int) -> float:
@@ -297,36 +335,42 @@ def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device
     elif selecting:
         evaluate(0)
     saved_at = time.monotonic()
-    for step in range(start, cfg.steps):
-        # 1. the batch: examples_per_doc training examples of every document, grouped by slot
-        picks = [(slot, doc.next_example()) for slot, doc in enumerate(wave) for _ in range(cfg.examples_per_doc)]
+    with stop_at_step_end(checkpoint is not None and checkpoint.every_s > 0) as stop:
+        for step in range(start, cfg.steps):
+            # 1. the batch: examples_per_doc training examples of every document, grouped by slot
+            picks = [(slot, doc.next_example()) for slot, doc in enumerate(wave) for _ in range(cfg.examples_per_doc)]
 
-        # 2. the loss: a sum over documents of each document's own DCD (or LM) loss
-        total = 0.0
-        for doc, (loss_d, parts) in zip(wave, _batch_losses(model, wave, picks, [slot for slot, _ in picks], cfg,
-                                                             device, amp_dtype, layers, pad_id)):
-            doc.losses.append(parts)
-            total = total + loss_d
+            # 2. the loss: a sum over documents of each document's own DCD (or LM) loss
+            total = 0.0
+            for doc, (loss_d, parts) in zip(wave, _batch_losses(model, wave, picks, [slot for slot, _ in picks], cfg,
+                                                                 device, amp_dtype, layers, pad_id)):
+                doc.losses.append(parts)
+                total = total + loss_d
 
-        # 3. the update: per-slot clipping, AdamW, schedule
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        clip_per_slot(model, cfg.clip)
-        opt.step()
-        sched.step()
-        if selecting and ((step + 1) % every == 0 or step + 1 == cfg.steps):
-            evaluate(step + 1)
-        if (checkpoint is not None and checkpoint.every_s > 0 and step + 1 < cfg.steps
-                and time.monotonic() - saved_at >= checkpoint.every_s):
-            try:
+            # 3. the update: per-slot clipping, AdamW, schedule
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            clip_per_slot(model, cfg.clip)
+            opt.step()
+            sched.step()
+            if selecting and ((step + 1) % every == 0 or step + 1 == cfg.steps):
+                evaluate(step + 1)
+            if (checkpoint is not None and checkpoint.every_s > 0 and step + 1 < cfg.steps
+                    and time.monotonic() - saved_at >= checkpoint.every_s):
+                try:
+                    save_checkpoint(checkpoint, step + 1, wave, params, opt, sched, best)
+                except OSError as e:  # out of disk, say: training goes on (its KMs need far less room)
+                    print(f"{checkpoint.path}: checkpoint of step {step + 1} not saved ({e}); training goes on, and a "
+                          f"kill now resumes from the checkpoint before, if any", flush=True)
+                saved_at = time.monotonic()
+            if progress is not None:
+                progress.set_postfix(loss=f"{float(total.detach()) / len(wave):.4f}")
+                progress.update(1)
+            if stop.signum is not None:  # asked to stop (stop_at_step_end): this step's state is saved, then stop
                 save_checkpoint(checkpoint, step + 1, wave, params, opt, sched, best)
-            except OSError as e:  # out of disk, say: training goes on (its KMs need far less room)
-                print(f"{checkpoint.path}: checkpoint of step {step + 1} not saved ({e}); training goes on, and a "
-                      f"kill now resumes from the checkpoint before, if any", flush=True)
-            saved_at = time.monotonic()
-        if progress is not None:
-            progress.set_postfix(loss=f"{float(total.detach()) / len(wave):.4f}")
-            progress.update(1)
+                print(f"kmtrain: training state saved at step {step + 1} of {cfg.steps} ({checkpoint.path.name}): "
+                      f"the same command resumes from there", file=sys.stderr, flush=True)
+                raise KeyboardInterrupt
 
     # 4. each selecting slot goes back to its best checkpoint (the caller exports the slots)
     with torch.no_grad():

@@ -347,6 +347,46 @@ def test_a_wave_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny_mo
     said = capsys.readouterr().out
     assert "checkpoint of step 7 not saved ([Errno 28] No space left on device); training goes on" in said
     assert list(tmp_path.iterdir()) == []  # the partial write was removed
+    monkeypatch.undo()
+
+    # SIGTERM or a first Ctrl-C mid-step: the step ends, its state is saved, the run stops; resumed,
+    # it ends as the uninterrupted one (also from the last step). A second Ctrl-C stops at once.
+    import os
+    import signal
+
+    class Signalled(Bar):  # sends ``signals`` to this process while step ``at`` is being finished
+        def __init__(self, at, signals):
+            super().__init__()
+            self.at, self.signals = at, signals
+
+        def update(self, k):
+            self.n += k
+            if self.n == self.at:
+                for s in self.signals:
+                    os.kill(os.getpid(), s)
+
+    def signalled(at, *signals):
+        model = load_model(tiny_model)[0]
+        attach_grouped_lora(model, 2, rank=4, alpha=8, backend="torch")
+        wave = [DocState(f"d{k}", list(examples[k]), seed=k, heldout=[1]) for k in range(1)]
+        with pytest.raises(KeyboardInterrupt):  # what `kmtrain index` reports as an interrupt (exit 130)
+            train_wave(model, tok, wave, cfg, torch.device("cpu"), None, progress=Signalled(at, signals),
+                       checkpoint=TrainingCheckpoint(path, "k", 1e6))  # no periodic save in 8 steps
+        return capsys.readouterr().err
+
+    handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    for at, sig in ((3, signal.SIGTERM), (8, signal.SIGINT)):
+        err = signalled(at, sig)
+        assert f"kmtrain: {sig.name}: the training state is saved at the end of this step" in err
+        assert f"training state saved at step {at} of 8" in err and saved_step(path) == at
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+        resumed = run(2, 1, TrainingCheckpoint(path, "k", 0.0))
+        assert f"resumed from its checkpoint at step {at} of 8" in capsys.readouterr().out
+        assert resumed[2:] == (8, at) and same(resumed, whole)
+        path.unlink()
+    err = signalled(5, signal.SIGINT, signal.SIGINT)
+    assert "SIGINT: the training state is saved" in err and "saved at step" not in err and not path.exists()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp8", "fp32"])
