@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import typing
 from typing import Callable, List, Optional, Tuple
 
@@ -194,7 +196,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"[{k or 'base'}] {question}\n  {answer}")
         return 0
 
-    return reporting_errors(run, resumable=a.cmd == "index")
+    # SIGTERM (a scheduler's stop, `kill`) ends the run as Ctrl-C does: one line, exit 130, temporaries
+    # removed. By default it ended the process where it stood, without a word. (Training saves its
+    # state first: train.stop_at_step_end.)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where handlers can be set
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main_thread else None
+    try:
+        return reporting_errors(run, resumable=a.cmd == "index")
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 _RESUME = ("; finished KMs and stage outputs are kept (every file is written whole or not at all): "

@@ -300,6 +300,18 @@ def test_machine_errors_keep_finished_work(tiny_model, docs_dir, tmp_path, capsy
     assert main(["index", str(docs_dir), "--out", str(out), *flags]) == 130
     err = capsys.readouterr().err
     assert "kmtrain: interrupted; finished KMs" in err and "Traceback" not in err
+    import os
+    import signal
+
+    def terminated(*a, **kw):  # SIGTERM outside training (`kill`, a scheduler): as Ctrl-C, not a silent death
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    default = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(kindex, "export_peft", terminated)
+    assert main(["index", str(docs_dir), "--out", str(out), *flags]) == 130
+    err = capsys.readouterr().err
+    assert "kmtrain: interrupted; finished KMs" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) == default  # put back when main returns
     monkeypatch.setattr(kindex, "export_peft", real_export)
     assert main(["index", str(docs_dir), "--out", str(out), *flags]) == 0
     printed = capsys.readouterr().out
