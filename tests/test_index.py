@@ -585,6 +585,27 @@ def test_ask_batches_kms_with_different_targets(tiny_model, docs_dir, tmp_path):
     assert together == alone
 
 
+def test_ask_loads_at_most_kms_at_once(tiny_model, docs_dir, tmp_path, monkeypatch):
+    """A thousand KMs in one call all sat in memory at once (84 MB each at 8B shapes): they are
+    loaded kms_at_once at a time, into the same slots, each group's questions answered before the
+    next, and every answer is the one a single batch gives (fp32 here, so the batches' other
+    padding cannot change a greedy token)."""
+    kindex = importlib.import_module("kmtrain.index")
+    monkeypatch.setattr(kindex, "native_bf16", lambda device: False)
+    index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", steps=2, lr=0.05))
+    pairs = [(str(tmp_path / "kms" / d), q) for d in DOCS for q in ("Which bell?", "What grows?")]
+    pairs = [(None, "Which bell?")] + pairs[::-1]
+    slots, real_attach = [], kindex.attach_grouped_lora
+    monkeypatch.setattr(kindex, "attach_grouped_lora", lambda m, n, **kw: slots.append(n) or real_attach(m, n, **kw))
+    one_batch = ask(pairs, max_new_tokens=6)
+    assert slots == [len(DOCS)] and len(set(one_batch)) > 2  # the KMs' answers differ: a mix-up would show
+    for at_once in (1, 2):
+        slots.clear()
+        assert ask(pairs, max_new_tokens=6, kms_at_once=at_once) == one_batch and slots == [at_once]
+    with pytest.raises(ValueError, match="kms_at_once must be at least 1, got 0"):
+        ask(pairs, kms_at_once=0)
+
+
 def test_documents_given_as_objects_are_checked_like_files(tiny_model, tmp_path):
     """index() with Document objects: an id like "../x" wrote its KM outside --out before."""
     from kmtrain import DocumentError
