@@ -82,9 +82,12 @@ def stop_at_step_end(enabled: bool) -> Iterator[StopRequest]:
         if request.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         request.signum = signum
-        print(f"\nkmtrain: {signal.Signals(signum).name}: the training state is saved at the end of this step, then "
-              f"the run stops (Ctrl-C again to stop at once, losing the steps since the last save)",
-              file=sys.stderr, flush=True)
+        try:
+            print(f"\nkmtrain: {signal.Signals(signum).name}: the training state is saved at the end of this step, "
+                  f"then the run stops (Ctrl-C again to stop at once, losing the steps since the last save)",
+                  file=sys.stderr, flush=True)
+        except RuntimeError:  # the signal came in the middle of a write to stderr (a progress bar's): the
+            pass              # stream refuses a reentrant write; the line after the save still comes
 
     before = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

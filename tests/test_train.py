@@ -353,24 +353,36 @@ def test_a_wave_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny_mo
     # it ends as the uninterrupted one (also from the last step). A second Ctrl-C stops at once.
     import os
     import signal
+    import sys
+
+    class Busy:  # stderr in the middle of a progress bar's write: io refuses a reentrant one this way
+        def write(self, s):
+            raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")
+
+        def flush(self):
+            pass
 
     class Signalled(Bar):  # sends ``signals`` to this process while step ``at`` is being finished
-        def __init__(self, at, signals):
+        def __init__(self, at, signals, busy):
             super().__init__()
-            self.at, self.signals = at, signals
+            self.at, self.signals, self.busy = at, signals, busy
 
         def update(self, k):
             self.n += k
             if self.n == self.at:
-                for s in self.signals:
-                    os.kill(os.getpid(), s)
+                stderr, sys.stderr = sys.stderr, (Busy() if self.busy else sys.stderr)
+                try:
+                    for s in self.signals:
+                        os.kill(os.getpid(), s)
+                finally:
+                    sys.stderr = stderr
 
-    def signalled(at, *signals):
+    def signalled(at, *signals, busy=False):
         model = load_model(tiny_model)[0]
         attach_grouped_lora(model, 2, rank=4, alpha=8, backend="torch")
         wave = [DocState(f"d{k}", list(examples[k]), seed=k, heldout=[1]) for k in range(1)]
         with pytest.raises(KeyboardInterrupt):  # what `kmtrain index` reports as an interrupt (exit 130)
-            train_wave(model, tok, wave, cfg, torch.device("cpu"), None, progress=Signalled(at, signals),
+            train_wave(model, tok, wave, cfg, torch.device("cpu"), None, progress=Signalled(at, signals, busy),
                        checkpoint=TrainingCheckpoint(path, "k", 1e6))  # no periodic save in 8 steps
         return capsys.readouterr().err
 
@@ -384,6 +396,10 @@ def test_a_wave_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny_mo
         assert f"resumed from its checkpoint at step {at} of 8" in capsys.readouterr().out
         assert resumed[2:] == (8, at) and same(resumed, whole)
         path.unlink()
+    err = signalled(4, signal.SIGTERM, busy=True)  # the handler's line is lost, never the save
+    assert "the training state is saved" not in err and "training state saved at step 4 of 8" in err
+    assert saved_step(path) == 4
+    path.unlink()
     err = signalled(5, signal.SIGINT, signal.SIGINT)
     assert "SIGINT: the training state is saved" in err and "saved at step" not in err and not path.exists()
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
