@@ -125,8 +125,11 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
     if path.is_dir():
         # Hidden files are not documents: macOS writes "._name.txt" (binary resource forks) beside
         # every file copied to a non-Apple disk, which would otherwise fail as non-UTF-8.
+        # A link to a file that is gone is kept, to be reported as unreadable: skipped, its document
+        # went missing without a word.
         files = sorted(p for p in path.iterdir()
-                       if p.suffix.lower() in (".txt", ".md") and not p.name.startswith(".") and p.is_file())
+                       if p.suffix.lower() in (".txt", ".md") and not p.name.startswith(".")
+                       and (p.is_file() or (p.is_symlink() and not p.exists())))
         if not files and not _dataset_folder(path):
             nested = sorted({q.parent for q in path.glob("*/**/*") if q.suffix.lower() in (".txt", ".md")
                              and not any(part.startswith(".") for part in q.relative_to(path).parts)})
@@ -144,7 +147,9 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
                 problems.append(_not_utf8(p, e))
                 continue
             except OSError as e:  # no read permission, a file gone since listed: one problem among the rest
-                problems.append(f"{p}: cannot be read ({e.strerror or e})")
+                gone = p.is_symlink() and not p.exists()
+                problems.append(f"{p}: a link to {os.readlink(p)}, which does not exist" if gone
+                                else f"{p}: cannot be read ({e.strerror or e})")
                 continue
             _add(docs, problems, p.stem, text, str(p))
     elif path.is_file() and path.suffix.lower() == ".jsonl":

@@ -383,6 +383,22 @@ def test_an_unreadable_file_is_one_problem_among_the_rest(tmp_path, monkeypatch)
     with pytest.raises(DocumentError, match=r"(?s)2 problems.*empty.txt: document 'empty' is empty"
                                             r".*locked.txt: cannot be read \(Permission denied\)"):
         load_documents(str(d))
+    # a link whose file is gone (a moved share, a deleted download) was skipped without a word; a
+    # folder named like a document is still not one
+    (d / "moved.md").symlink_to(tmp_path / "elsewhere" / "moved.md")
+    (d / "notes.txt").mkdir()
+    (d / "linked.txt").symlink_to(d / "fine.txt")  # a link that works is read as its file
+    with pytest.raises(DocumentError) as err:
+        load_documents(str(d))
+    assert str(err.value).splitlines()[1:] == [
+        f"  {d / 'empty.txt'}: document 'empty' is empty",
+        f"  {d / 'locked.txt'}: cannot be read (Permission denied)",
+        f"  {d / 'moved.md'}: a link to {tmp_path / 'elsewhere' / 'moved.md'}, which does not exist",
+    ]
+    (d / "empty.txt").unlink()
+    (d / "locked.txt").unlink()
+    (d / "moved.md").unlink()
+    assert [(x.id, x.text) for x in load_documents(str(d))] == [("fine", "fine"), ("linked", "fine")]
 
 
 def test_no_documents_at_all_is_an_error(tmp_path):
