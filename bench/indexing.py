@@ -47,11 +47,13 @@ def random_model_folder(shape: str, tokenizer: str, folder: Path) -> str:
     the tokenizer found at ``tokenizer`` (a folder or the smollm2-135m alias) into ``folder``, once."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from kmtrain.models import resolve_model
+    from kmtrain.models import ALIASES, resolve_model
 
     if (folder / "config.json").is_file():
         return str(folder)
-    tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer)[0])
+    # A folder is read as it is: `make gpu-carry` carries a tokenizer alone, which resolve_model
+    # (for models) refuses for want of a config.json.
+    tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer)[0] if tokenizer in ALIASES else tokenizer)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     cfg = LlamaConfig(**RANDOM_SHAPES[shape], max_position_embeddings=16384, bos_token_id=tok.bos_token_id,

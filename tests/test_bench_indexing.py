@@ -17,13 +17,20 @@ def test_decoder_flops_are_two_per_linear_weight():
 def test_side_by_side_run_writes_its_report(tiny_model, docs_dir, tmp_path):
     """bench.indexing end to end as bench/gpu_session.sh runs it on a lent GPU: random weights at a
     named shape with a local tokenizer, both recipes in fresh processes, the report written. Its
-    import of a renamed kmtrain helper once failed after both recipes had run, losing the timings."""
+    import of a renamed kmtrain helper once failed after both recipes had run, losing the timings.
+    The tokenizer is a folder of a tokenizer alone, as `make gpu-carry` carries: the model folder
+    check (887cbdd) refused it for want of a config.json, which would have failed the GPU stage."""
     import re
+
+    from transformers import AutoTokenizer
 
     from bench.indexing import main
 
+    carried = tmp_path / "carry" / "tokenizer"
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(carried)
+    assert not (carried / "config.json").exists()
     out = tmp_path / "indexing.md"
-    main(["--random-shape", "tiny", "--tokenizer", tiny_model, "--corpus", str(docs_dir), "--steps", "2",
+    main(["--random-shape", "tiny", "--tokenizer", str(carried), "--corpus", str(docs_dir), "--steps", "2",
           "--work", str(tmp_path / "work" / "run"), "--out", str(out)])
     text = out.read_text()
     assert "random weights at tiny shapes" in text
