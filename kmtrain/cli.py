@@ -152,8 +152,13 @@ def _ask_pairs(argv: List[str]) -> List[Tuple[Optional[str], str]]:
 
 def reporting_errors(run: Callable[[], int], prog: str = "kmtrain", resumable: bool = True) -> int:
     """``run()``'s exit code, or one line on stderr and a code for what it raised: bad input 2, the
-    machine's errors 1, Ctrl-C 130 (with ``resumable``, the line says that finished work is kept)."""
+    machine's errors 1, Ctrl-C or SIGTERM 130 (with ``resumable``, the line says that finished work is kept)."""
     resume = _RESUME if resumable else ""
+    # SIGTERM (a scheduler's stop, `kill`) ends the run as Ctrl-C does: one line, exit 130, temporaries
+    # removed. By default it ended the process where it stood, without a word. (Training saves its
+    # state first: train.stop_at_step_end.) Handlers can be set in the main thread only.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main_thread else None
     try:
         return run()
     except (ValueError, DocumentError, OutputBusyError) as e:
@@ -162,9 +167,12 @@ def reporting_errors(run: Callable[[], int], prog: str = "kmtrain", resumable: b
     except OSError as e:  # the machine's, not the input's: out of disk, permissions, a file system gone
         print(f"{prog}: error: {e}{resume}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a line, not a traceback
         print(f"\n{prog}: interrupted{resume}", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -196,16 +204,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"[{k or 'base'}] {question}\n  {answer}")
         return 0
 
-    # SIGTERM (a scheduler's stop, `kill`) ends the run as Ctrl-C does: one line, exit 130, temporaries
-    # removed. By default it ended the process where it stood, without a word. (Training saves its
-    # state first: train.stop_at_step_end.)
-    in_main_thread = threading.current_thread() is threading.main_thread()  # where handlers can be set
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main_thread else None
-    try:
-        return reporting_errors(run, resumable=a.cmd == "index")
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    return reporting_errors(run, resumable=a.cmd == "index")
 
 
 def _raise_interrupt(signum, frame):

@@ -207,3 +207,21 @@ def test_version_names_the_libraries_behind_the_numbers(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and out.startswith(f"kmtrain {__version__} (torch {torch.__version__}, ")
     assert f"transformers {transformers.__version__}" in out and "peft " in out
+
+
+def test_sigterm_is_reported_as_an_interrupt_by_both_entry_points(capsys):
+    """`kmtrain` and `make demo` both go through reporting_errors: a SIGTERM (a scheduler's stop)
+    ends either with one line and exit 130, as Ctrl-C does, where it killed the process without a
+    word; the handler before it is back afterwards, also after a normal return."""
+    import os
+    import signal
+
+    from kmtrain.cli import reporting_errors
+
+    before = signal.getsignal(signal.SIGTERM)
+    for prog in ("kmtrain", "make demo"):
+        assert reporting_errors(lambda: os.kill(os.getpid(), signal.SIGTERM) or 0, prog=prog) == 130
+        err = capsys.readouterr().err
+        assert err.strip().startswith(f"{prog}: interrupted; finished KMs") and "Traceback" not in err
+        assert signal.getsignal(signal.SIGTERM) == before
+    assert reporting_errors(lambda: 0) == 0 and signal.getsignal(signal.SIGTERM) == before
