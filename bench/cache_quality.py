@@ -23,7 +23,7 @@ from bench.common import env_block, environment, km_records, markdown_table, wri
 from kmkernels import attach_grouped_lora, dcd_loss, load_peft, set_adapter_ids, teacher_kl_stats
 from kmtrain.config import IndexConfig
 from kmtrain.models import decoder_hidden_states, load_model
-from kmtrain.teacher_cache import _pad, build_examples, teacher_hiddens
+from kmtrain.teacher_cache import DTYPE_BYTES, _pad, build_examples, teacher_hiddens
 from kmtrain.train import round_like_cache
 
 
@@ -90,10 +90,9 @@ def main(argv=None):
             acc[name]["dgrad"].append(float((got["now"]["g"] - ref["g"]).norm() / ref["g"].norm()))
             acc[name]["dkl_old"].append(float((got["old"]["kl"] - ref["kl"]).abs() / ref["kl"]))
             acc[name]["dgrad_old"].append(float((got["old"]["g"] - ref["g"]).norm() / ref["g"].norm()))
-            esize = {"fp32": 4, "bf16": 2, "fp8": 1}[dt]
             # the stored layers, the fp8 scales aside (one fp32 per example and layer), and the KL's statistics
             # (e_t [H] and negent_t, fp32) that every cache holds
-            acc[name]["bytes_per_tok"] = len(layers) * ht32.shape[-1] * esize + (ht32.shape[-1] + 1) * 4
+            acc[name]["bytes_per_tok"] = len(layers) * ht32.shape[-1] * DTYPE_BYTES[dt] + (ht32.shape[-1] + 1) * 4
     rows = []
     for name, r in acc.items():
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731

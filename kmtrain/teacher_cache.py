@@ -269,14 +269,14 @@ def tensors_sha256(tensors: Dict[str, object], block_bytes: int = 1 << 26) -> st
     return h.hexdigest()
 
 
-_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}  # a stored hidden value, by --cache-dtype
 
 
 def cache_bytes(examples: Sequence[Example], num_layers: int, hidden_size: int, cfg) -> int:
     """Bytes of the tensors ``build_cache`` writes for ``examples`` (the file adds its header, < 4 KB):
     known before the teacher runs, so that a disk too small is found before its minutes are spent."""
     L, n, T = len(select_layers(num_layers, cfg.cache_layers)), len(examples), sum(e.n for e in examples)
-    return (L * T * hidden_size * _DTYPE_BYTES[cfg.cache_dtype]  # hidden
+    return (L * T * hidden_size * DTYPE_BYTES[cfg.cache_dtype]  # hidden
             + n * L * 4 + T * hidden_size * 4 + T * 4  # norms, kl_embedding, kl_neg_entropy (fp32)
             + (n + 1) * 8 + L * 8  # tok_offsets, layers (int64)
             + (L * n * 4 if cfg.cache_dtype == "fp8" else 0))  # hidden_scale
@@ -296,9 +296,9 @@ def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg
         offsets.append(offsets[-1] + e.n)
     # Each example's states are stored as they come, into host tensors of the file's final shapes:
     # the device holds one group's fp32 states at a time (the targets of one chunk and prompt, or
-    # one batch) and the host the cache once. (All of a
-    # document's were kept on the device in fp32 and concatenated there: 8 bytes a value at the peak,
-    # 1 MB a target token at Llama-3.1-8B shapes, so a book's ~200k target tokens could not fit.)
+    # one batch) and the host the cache once. (All of a document's were kept on the device in fp32
+    # and concatenated there: 8 bytes a value at the peak, 1 MB a target token at Llama-3.1-8B
+    # shapes, so a book's ~200k target tokens could not fit.)
     enc: Optional[torch.Tensor] = None
     scale: Optional[torch.Tensor] = None
     norms: List[Optional[torch.Tensor]] = [None] * len(examples)
