@@ -477,6 +477,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     sha = {d.id: d.sha256 for d in todo}
     attached, trained = False, 0
     doc_counts: Dict[str, dict] = {}
+    versions = library_versions()  # for every km.json: looked up once, not once per KM
 
     def doc_state(d: Document) -> Optional[DocState]:
         """The document's training (and held-out) examples, or None (said why) when it has none."""
@@ -610,7 +611,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 # what else the KM's numbers depend on, so a KM can be remade or its difference explained
                 "settings": settings, "device": str(device),
                 "autocast": _DTYPE_NAME[amp] if amp is not None else "off", "base_dtype": _DTYPE_NAME[base_dtype],
-                "versions": library_versions(),
+                "versions": versions,
             }
             # km.json records the adapter file's sha256, which ask checks before loading it
             digest = export_peft(model, slot, out / st.id, base_model_name_or_path=model_name,
