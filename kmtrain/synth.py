@@ -1,10 +1,15 @@
 """Synthetic targets: the base model writes summaries and Q/A pairs about each chunk."""
 from __future__ import annotations
 
-import gc
 import hashlib
+import os
+import pickle
 import random
 import re
+import signal
+import subprocess
+import sys
+import traceback
 from array import array
 from collections import Counter
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -130,27 +135,123 @@ def _generate_hf(model, tokenizer, prompts: Sequence[Sequence[int]], cfg, seeds:
             yield tokenizer.decode(out[j, width:], skip_special_tokens=True).strip()
 
 
-def _generate_vllm(model_path: str, tokenizer, prompts: Sequence[Sequence[int]], cfg, seeds: List[int]) -> List[str]:
-    """``model_path``: a local folder or Hub name vLLM can load (not an alias: index resolves those)."""
+# Requests per llm.generate call in the vLLM process. Its texts come back, and each document whose
+# requests are all answered is saved, call by call: a run stopped during generation keeps those
+# documents, as with the HF generator. vLLM schedules at most 256 sequences at once by default, so
+# calls this size cost it no throughput.
+VLLM_REQUESTS_PER_CALL = 2048
+
+# What the vLLM process runs (`python -c`; argv: the job's pipe, the texts' pipe, the parent's pid).
+# Not multiprocessing's spawn, which imports the caller's main script again in the child: a script
+# calling kmtrain.index without `if __name__ == "__main__":` would start a second index there.
+_VLLM_CHILD = """\
+import os, pickle, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the parent decides
+if sys.platform == "linux":  # the parent's death, even by SIGKILL, ends this process: it holds the GPU
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(sys.argv[3]):  # the parent died before that
+        sys.exit(1)
+with os.fdopen(int(sys.argv[1]), "rb") as job_pipe:
+    path, job = pickle.load(job_pipe)
+sys.path[:] = path  # the parent's: vllm and kmtrain import from where they do there
+from kmtrain.synth import _vllm_process
+with os.fdopen(int(sys.argv[2]), "wb") as texts_pipe:
+    _vllm_process(texts_pipe, **job)
+"""
+
+
+def _generate_vllm(model_path: str, prompts: Sequence[Sequence[int]], cfg, seeds: List[int],
+                   progress=None) -> Iterator[str]:
+    """vLLM's texts for ``prompts`` (token ids), in order, as they come.
+
+    ``model_path``: a local folder or Hub name vLLM can load (not an alias: index resolves those).
+    vLLM runs in a child process of its own, which ends when generation does: its weights and KV
+    cache are then gone for sure before the teacher cache and training need the memory (``del llm``
+    in this process is reported to leave them held: vLLM issues #3281, #16543, #21073). The child is
+    stopped when this generator is closed early (a stop, a failure while saving) or this process dies.
+    """
+    job = {"model_path": model_path, "seed": cfg.seed, "prompts": list(prompts), "seeds": list(seeds),
+           "sampling": {"top_p": cfg.top_p, "temperature": cfg.temperature, "max_tokens": cfg.max_new_tokens},
+           "per_call": VLLM_REQUESTS_PER_CALL}
+    job_read, job_write = os.pipe()
+    texts_read, texts_write = os.pipe()
+    child = subprocess.Popen([sys.executable, "-c", _VLLM_CHILD, str(job_read), str(texts_write), str(os.getpid())],
+                             pass_fds=(job_read, texts_write))
+    os.close(job_read)
+    os.close(texts_write)  # the child holds the only write end now: its exit ends our reads
+    reader = os.fdopen(texts_read, "rb")
+    done = 0
+    try:
+        try:
+            with os.fdopen(job_write, "wb") as job_pipe:  # it reads the whole job before it starts
+                pickle.dump((sys.path, job), job_pipe, protocol=pickle.HIGHEST_PROTOCOL)
+        except BrokenPipeError:
+            pass  # it ended before reading it: reported below, with its exit code
+        while done < len(prompts):
+            try:
+                kind, payload = pickle.load(reader)
+            except (EOFError, pickle.UnpicklingError):
+                try:
+                    code = child.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    code = None
+                raise RuntimeError(f"the vLLM generator's process ended (exit code {code}) after {done} of "
+                                   f"{len(prompts)} requests; its output is above") from None
+            if kind == "error":
+                _end_process(child, grace=60)  # it ends after sending this
+                raise RuntimeError(f"vLLM generation failed after {done} of {len(prompts)} requests:\n{payload}")
+            done += len(payload)
+            if done == len(prompts):
+                # Its work is done: it ends on its own before the last texts are handed on (a caller
+                # that zips them with its requests never asks past the last one, so code after the
+                # loop would not run, and `finally` would stop the process while it exits).
+                _end_process(child, grace=120)
+            if progress is not None:
+                progress.update(len(payload))
+            yield from payload
+    finally:
+        reader.close()
+        _end_process(child, grace=0)
+
+
+def _end_process(child: subprocess.Popen, grace: float) -> None:
+    """Waits ``grace`` seconds for ``child`` to end, then stops it: SIGTERM, which the vLLM process
+    unwinds from so that vLLM's exit handlers end its engine processes, and SIGKILL 30 s later."""
+    for stop in (None, child.terminate, child.kill):
+        if child.poll() is not None:
+            return
+        if stop is not None:
+            stop()
+        try:
+            child.wait(timeout=grace if stop is None else 30)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _vllm_process(texts_pipe, model_path: str, seed: int, prompts: List[Sequence[int]], seeds: List[int],
+                  sampling: dict, per_call: int) -> None:
+    """The vLLM process's work: load the model, answer ``prompts`` ``per_call`` at a time, and pickle
+    each call's texts ("texts", [str]) or the traceback of what failed ("error", str) to ``texts_pipe``."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwind: see _end_process
     try:
         from vllm import LLM, SamplingParams
-    except ImportError:
-        raise ValueError("--generator vllm needs vllm installed (pip install 'kmkernels[vllm]')") from None
-    kw = {}
-    if torch.cuda.is_available():
-        # The trainer's copy of the model already sits on this GPU; vLLM's default claims 90% of
-        # the whole GPU and refuses to start when that much is not free.
-        free, total = torch.cuda.mem_get_info()
-        kw["gpu_memory_utilization"] = round(0.9 * free / total, 3)
-    llm = LLM(model=model_path, seed=cfg.seed, **kw)
-    params = [SamplingParams(top_p=cfg.top_p, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=s)
-              for s in seeds]  # one seed per request, as with the HF generator
-    res = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params)
-    del llm  # its weights and KV cache go before the teacher cache and training need the memory
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return [r.outputs[0].text.strip() for r in res]
+
+        kw = {}
+        if torch.cuda.is_available():
+            # The trainer's copy of the model already sits on this GPU; vLLM's default claims 90% of
+            # the whole GPU and refuses to start when that much is not free.
+            free, total = torch.cuda.mem_get_info()
+            kw["gpu_memory_utilization"] = round(0.9 * free / total, 3)
+        llm = LLM(model=model_path, seed=seed, **kw)
+        for start in range(0, len(prompts), per_call):
+            part = range(start, min(start + per_call, len(prompts)))
+            params = [SamplingParams(**sampling, seed=seeds[i]) for i in part]  # one seed per request
+            res = llm.generate([{"prompt_token_ids": list(prompts[i])} for i in part], params)
+            pickle.dump(("texts", [r.outputs[0].text.strip() for r in res]), texts_pipe)
+            texts_pipe.flush()
+    except Exception:
+        pickle.dump(("error", traceback.format_exc()), texts_pipe)
 
 
 def focus_sources(chunk: str, parts: int) -> List[str]:
@@ -209,9 +310,7 @@ def synthesize(model, tokenizer, chunks_by_doc: Dict[str, List[str]], cfg, model
     bar = progress_factory(total=len(jobs), desc="synthetic targets") if progress_factory else None
     prompts, seeds = [j[3] for j in jobs], [j[4] for j in jobs]
     if cfg.generator == "vllm":
-        texts = _generate_vllm(model_path, tokenizer, prompts, cfg, seeds)
-        if bar is not None:
-            bar.update(len(jobs))
+        texts = _generate_vllm(model_path, prompts, cfg, seeds, bar)
     else:
         texts = _generate_hf(model, tokenizer, prompts, cfg, seeds, bar)
     result = {d: {"items": [], "dropped": 0, "requested": 0, "qa_pairs": 0} for d in chunks_by_doc}

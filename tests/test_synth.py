@@ -254,55 +254,192 @@ def test_shared_prompt_cache_generates_what_a_batched_prefill_does(tiny_model):
     assert len(set(shared)) > 2 and all(shared)
 
 
-def test_vllm_generator_wiring(tiny_model, docs_dir, tmp_path, monkeypatch):
-    """--generator vllm, with a stand-in for vllm (not installable on a CPU machine): it is handed a
-    folder it can load (an alias resolves to its converted folder), every request as token ids with
-    its own seed and the run's sampling settings, and its outputs become the synthetic items."""
-    import importlib.machinery
+# A stand-in for vllm (not installable on a CPU machine), as a package on disk: the generator runs
+# vLLM in a child process, which imports it from the parent's sys.path. It logs what it is handed,
+# one JSON line per event, to $FAKE_VLLM_LOG; $FAKE_VLLM_FAIL_AT / $FAKE_VLLM_SLEEP_AT make that
+# generate() call fail or hang.
+FAKE_VLLM = """
+import atexit, json, os, time
+from types import SimpleNamespace
+
+
+def _log(**rec):
+    with open(os.environ["FAKE_VLLM_LOG"], "a") as f:
+        f.write(json.dumps({"pid": os.getpid(), **rec}) + "\\n")
+
+
+atexit.register(_log, event="exit")  # runs only if the process unwinds (SIGTERM handled, not SIGKILL)
+
+
+class SamplingParams:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class LLM:
+    def __init__(self, model, seed, **kw):
+        self.calls = 0
+        _log(event="load", model=model, seed=seed, kw=kw)
+
+    def generate(self, prompts, params):
+        self.calls += 1
+        if self.calls == int(os.environ.get("FAKE_VLLM_FAIL_AT", 0)):
+            raise MemoryError("fake vllm: no room for the KV cache")
+        if self.calls == int(os.environ.get("FAKE_VLLM_SLEEP_AT", 0)):
+            _log(event="asleep")
+            time.sleep(120)
+        _log(event="generate", prompts=prompts, params=[vars(p) for p in params])
+        out = SimpleNamespace(text=" Question: Who rings Moro?\\nAnswer: The tide. ")
+        return [SimpleNamespace(outputs=[out]) for _ in prompts]
+"""
+
+
+@pytest.fixture
+def fake_vllm(tmp_path, monkeypatch):
+    """The fake vllm's log (its events, read when called), after putting it on sys.path."""
     import json
     import sys
-    import types
+
+    site = tmp_path / "fake_site"
+    (site / "vllm").mkdir(parents=True)
+    (site / "vllm" / "__init__.py").write_text(FAKE_VLLM)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    log = tmp_path / "fake_vllm.jsonl"
+    monkeypatch.setenv("FAKE_VLLM_LOG", str(log))
+    return lambda: [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie, as an orphan stays where PID 1 does not reap, counts)."""
+    import os
+    from pathlib import Path
+
+    if not Path("/proc").is_dir():  # macOS
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")  # the state field follows the command's name
+
+
+def test_vllm_generator_wiring(tiny_model, docs_dir, tmp_path, monkeypatch, fake_vllm, capfd):
+    """--generator vllm: vLLM runs in a child process that is gone when generation ends. It is handed
+    a folder it can load (an alias resolves to its converted folder), every request as token ids
+    with its own seed and the run's sampling settings, and its outputs become the synthetic items."""
+    import json
+    import os
+    import sys
 
     from conftest import tiny_cfg
-    from kmtrain import IndexConfig, index
+    from kmtrain import index
     from kmtrain.models import resolve_model
 
-    seen = {}
-
-    class LLM:
-        def __init__(self, model, seed, **kw):
-            seen["model"], seen["seed"], seen["kw"] = model, seed, kw
-
-        def generate(self, prompts, params):
-            seen["prompts"], seen["params"] = prompts, params
-            out = types.SimpleNamespace(text=" Question: Who rings Moro?\nAnswer: The tide. ")
-            return [types.SimpleNamespace(outputs=[out]) for _ in prompts]
-
-    def sampling_params(**kw):
-        return types.SimpleNamespace(**kw)
-
-    fake = types.ModuleType("vllm")
-    fake.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
-    fake.LLM, fake.SamplingParams = LLM, sampling_params
-    monkeypatch.setitem(sys.modules, "vllm", fake)
     # the model named as the user may name it, "~/tiny": vLLM gets the folder, not the name
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "tiny").symlink_to(tiny_model)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     cfg = tiny_cfg("~/tiny", tmp_path / "kms", steps=1, generator="vllm", recite_tokens=0, temperature=0.7)
     index(str(docs_dir), cfg)
-    assert seen["model"] == resolve_model("~/tiny")[0] == str(tmp_path / "home" / "tiny") and seen["seed"] == cfg.seed
+    events = fake_vllm()
+    load, calls = events[0], [e for e in events if e["event"] == "generate"]
+    assert load["event"] == "load" and events[-1]["event"] == "exit"
+    assert load["model"] == resolve_model("~/tiny")[0] == str(tmp_path / "home" / "tiny") and load["seed"] == cfg.seed
+    assert {e["pid"] for e in events} == {load["pid"]} != {os.getpid()}  # one other process,
+    assert _gone(load["pid"]) and "vllm" not in sys.modules  # ended, and vllm never imported here
+    assert "Traceback" not in capfd.readouterr().err  # it ended on its own, not stopped while exiting
+    assert len(calls) == 1  # fewer requests than VLLM_REQUESTS_PER_CALL
+    prompts, params = calls[0]["prompts"], calls[0]["params"]
     n = 3 * (cfg.summaries_per_chunk + cfg.qa_per_chunk)  # three one-chunk documents
-    assert len(seen["prompts"]) == len(seen["params"]) == n
-    assert all(isinstance(p["prompt_token_ids"], list) and p["prompt_token_ids"] for p in seen["prompts"])
-    assert len({p.seed for p in seen["params"]}) == n  # one seed per request
-    assert {(p.temperature, p.top_p, p.max_tokens) for p in seen["params"]} == {(0.7, cfg.top_p, cfg.max_new_tokens)}
-    synth = json.loads((tmp_path / "kms" / ".work" / "alpha" / "synth.json").read_text())
-    assert synth["qa_pairs"] == cfg.qa_per_chunk and synth["dropped"] == 0
-    assert {it["target"] for it in synth["items"]} == {"Question: Who rings Moro?\nAnswer: The tide.",
-                                                         "\nQuestion: Who rings Moro?\nAnswer: The tide."}
+    assert len(prompts) == len(params) == n
+    assert all(isinstance(p["prompt_token_ids"], list) and p["prompt_token_ids"] for p in prompts)
+    assert len({p["seed"] for p in params}) == n  # one seed per request
+    assert {(p["temperature"], p["top_p"], p["max_tokens"]) for p in params} == {(0.7, cfg.top_p, cfg.max_new_tokens)}
+    synth_rec = json.loads((tmp_path / "kms" / ".work" / "alpha" / "synth.json").read_text())
+    assert synth_rec["qa_pairs"] == cfg.qa_per_chunk and synth_rec["dropped"] == 0
+    assert {it["target"] for it in synth_rec["items"]} == {"Question: Who rings Moro?\nAnswer: The tide.",
+                                                             "\nQuestion: Who rings Moro?\nAnswer: The tide."}
     # without vllm (None in sys.modules: not importable, even where it is installed) the option
     # fails at once, before any model loads
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(ValueError, match="--generator vllm needs vllm installed"):
         IndexConfig(generator="vllm").validate()
+
+
+def test_a_vllm_failure_keeps_the_documents_it_finished(tiny_model, docs_dir, tmp_path, monkeypatch, fake_vllm):
+    """vLLM failing in its process (here at its second call of three, one document each) is reported
+    with its traceback; the first document's targets are saved, and a re-run generates only the rest."""
+    from conftest import tiny_cfg
+    from kmtrain import index
+
+    cfg = tiny_cfg(tiny_model, tmp_path / "kms", steps=1, generator="vllm", recite_tokens=0)
+    per_doc = cfg.summaries_per_chunk + cfg.qa_per_chunk
+    monkeypatch.setattr(synth, "VLLM_REQUESTS_PER_CALL", per_doc)
+    monkeypatch.setenv("FAKE_VLLM_FAIL_AT", "2")
+    with pytest.raises(RuntimeError, match=rf"(?s)vLLM generation failed after {per_doc} of {3 * per_doc} "
+                                           r"requests:.*MemoryError: fake vllm: no room for the KV cache"):
+        index(str(docs_dir), cfg)
+    work = tmp_path / "kms" / ".work"
+    assert [d for d in ("alpha", "beta", "gamma") if (work / d / "synth.json").exists()] == ["alpha"]
+    assert not (tmp_path / "kms" / "alpha").exists()  # nothing trained yet
+    first = fake_vllm()
+    assert first[-1]["event"] == "exit" and _gone(first[-1]["pid"])
+    monkeypatch.delenv("FAKE_VLLM_FAIL_AT")
+    index(str(docs_dir), cfg)
+    again = [e for e in fake_vllm()[len(first):] if e["event"] == "generate"]
+    assert [len(e["prompts"]) for e in again] == [per_doc, per_doc]  # beta's and gamma's, not alpha's
+    assert all((tmp_path / "kms" / d / "km.json").exists() for d in ("alpha", "beta", "gamma"))
+
+
+def test_a_vllm_generation_stopped_early_ends_its_process(fake_vllm, monkeypatch):
+    """Closing the generator mid-way (a Ctrl-C, a failure while saving) stops the vLLM process with
+    SIGTERM, which it handles by unwinding (so vLLM's own exit handlers run), at once."""
+    import time
+
+    monkeypatch.setattr(synth, "VLLM_REQUESTS_PER_CALL", 2)
+    monkeypatch.setenv("FAKE_VLLM_SLEEP_AT", "2")
+    cfg = IndexConfig(generator="vllm", max_new_tokens=4)
+    texts = synth._generate_vllm("some/model", [[1, 2], [3], [4, 5], [6]], cfg, [7, 8, 9, 10])
+    assert [next(texts), next(texts)] == ["Question: Who rings Moro?\nAnswer: The tide."] * 2
+    while fake_vllm()[-1]["event"] != "asleep":  # in its second call
+        time.sleep(0.1)
+    start = time.monotonic()
+    texts.close()
+    events = fake_vllm()
+    assert time.monotonic() - start < 20 and _gone(events[0]["pid"])
+    assert [e["event"] for e in events] == ["load", "generate", "asleep", "exit"]
+
+
+def test_the_vllm_process_ends_when_its_parent_is_killed(fake_vllm, tmp_path):
+    """A kill -9 of the indexing process (no `finally` runs there) still ends the vLLM process,
+    which would otherwise go on holding the GPU and block the resumed run's own vLLM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's (vLLM runs on Linux only)")
+    code = ("import sys; sys.path[:0] = sys.argv[1:]\n"
+            "from kmtrain.config import IndexConfig\n"
+            "from kmtrain.synth import _generate_vllm\n"
+            "print(list(_generate_vllm('some/model', [[1, 2]], IndexConfig(generator='vllm'), [3])))\n")
+    env = {**os.environ, "FAKE_VLLM_SLEEP_AT": "1"}
+    parent = subprocess.Popen([sys.executable, "-c", code, *sys.path], env=env)
+    deadline = time.monotonic() + 120
+    while not fake_vllm() or fake_vllm()[-1]["event"] != "asleep":
+        assert time.monotonic() < deadline and parent.poll() is None
+        time.sleep(0.2)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    child = fake_vllm()[0]["pid"]
+    while not _gone(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _gone(child)
+    assert [e["event"] for e in fake_vllm()] == ["load", "asleep", "exit"]  # it unwound (SIGTERM)
