@@ -111,7 +111,7 @@ def work_model(cfg, corpus: str, work_dir: Path) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
     from kmtrain.data import load_documents
-    from kmtrain.index import doc_seed, document_items
+    from kmtrain.index import doc_seed, document_items, share_of_requests_made
     from kmtrain.models import resolve_model
     from kmtrain.teacher_cache import build_examples, prefix_groups
     from kmtrain.train import DocState
@@ -134,7 +134,7 @@ def work_model(cfg, corpus: str, work_dir: Path) -> dict:
         chunks = json.loads((stage / "chunks.json").read_text())
         synth = json.loads((stage / "synth.json").read_text())
         # the training examples only, as index() has them
-        items = document_items(cfg, d.id, synth["items"], chunks["texts"], tok)[0]
+        items = document_items(cfg, d.id, synth["items"], chunks["texts"], tok, share_of_requests_made(synth))[0]
         seed = doc_seed(cfg.seed, d.id)
         states.append(DocState(d.id, build_examples(cfg.objective, tok, chunks["texts"], chunks["ids"], items, cfg, seed), seed))
     D = min(cfg.docs_per_step, len(states))

@@ -40,7 +40,7 @@ from .data import (Document, atomic_write_text, chat_prompt_ids, check_documents
                    load_documents, recitation_items, target_ids, text_ids, whole_character_cuts)
 from .evaluate import generate_answers, question_prompt
 from .models import load_model, native_bf16, resolve_model, weights_hash
-from .synth import PROMPT_OF, requested_kinds, split_heldout, synthesize
+from .synth import GENERATION_MARGIN, PROMPT_OF, requested_kinds, requests_to_make, split_heldout, synthesize
 from .teacher_cache import TeacherCache, build_cache, build_examples, cache_bytes, select_layers
 from .train import DocState, train_wave
 
@@ -100,19 +100,41 @@ def doc_seed(seed: int, doc_id: str) -> int:
 
 
 def document_items(cfg, doc_id: str, items: List[dict], chunk_texts: Sequence[str] = (),
-                   tokenizer=None) -> Tuple[List[dict], List[dict]]:
+                   tokenizer=None, made_share: float = 1.0) -> Tuple[List[dict], List[dict]]:
     """(items trained on, items held out for model selection) of one document, as index() has them:
     its generated ``items`` split (cfg.heldout_per_chunk), and with cfg.recite_tokens its recitation
     items (given ``chunk_texts`` and ``tokenizer``) added to the training side, never held out: they
-    are the document itself."""
+    are the document itself. ``made_share``: the share of its generation requests that were made
+    (`share_of_requests_made`); as large a random share of its recitation pieces is kept (see
+    `requests_to_make`)."""
     if cfg.objective != "sdcd":
         return list(items), []
     train, held = split_heldout(items, cfg.heldout_per_chunk, doc_seed(cfg.seed, doc_id))
     if cfg.recite_tokens:
         if tokenizer is None or not chunk_texts:
             raise ValueError("recite_tokens needs the chunk texts and the tokenizer")
-        train += recitation_items(chunk_texts, tokenizer, cfg.recite_tokens)
+        pieces = recitation_items(chunk_texts, tokenizer, cfg.recite_tokens)
+        if made_share < 1:
+            kept = random.Random(f"pieces:{doc_seed(cfg.seed, doc_id)}").sample(range(len(pieces)),
+                                                                                 math.ceil(made_share * len(pieces)))
+            pieces = [pieces[i] for i in sorted(kept)]
+        train += pieces
     return train, held
+
+
+def share_of_requests_made(made: dict) -> float:
+    """The share of a document's generation requests that its synth.json record ``made`` holds the
+    outputs of (1 for records written before requests were limited, which hold all)."""
+    n = made.get("requested", 0)
+    return n / made["of_requests"] if made.get("of_requests") else 1.0
+
+
+def _requests_needed(cfg, chunk_texts: Sequence[str], tokenizer) -> Tuple[int, int, int]:
+    """(requests to make, requests in all, recitation pieces) of one document: `requests_to_make`."""
+    n_requests = len(chunk_texts) * sum(n for _, n in requested_kinds(cfg))
+    recite = cfg.objective == "sdcd" and cfg.recite_tokens > 0
+    pieces = len(recitation_items(chunk_texts, tokenizer, cfg.recite_tokens)) if recite else 0
+    return requests_to_make(n_requests, pieces, cfg.steps * cfg.examples_per_doc), n_requests, pieces
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -155,6 +177,9 @@ def _synth_problem(got: dict, n_chunks: int) -> Optional[str]:
     items = got.get("items")
     if not isinstance(items, list):
         return "needs a list 'items'"
+    made, of = got.get("requested", 0), got.get("of_requests", got.get("requested", 0))
+    if not (type(made) is int and type(of) is int and 0 <= made <= of):
+        return f"needs integers 0 <= 'requested' <= 'of_requests', got {made!r} and {of!r}"
     for k, it in enumerate(items):
         if not (isinstance(it, dict) and type(it.get("chunk")) is int and 0 <= it["chunk"] < n_chunks
                 and isinstance(it.get("prompt"), str) and isinstance(it.get("target"), str)):
@@ -447,14 +472,30 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         synth_setting["facts"] = cfg.facts_per_chunk
     synth: Dict[str, dict] = {}
     if needs_synth:
-        missing = []
+        missing, to_make = [], {}
         for d in todo:
             path = work / d.id / "synth.json"
             got = _read_stage_record(d.id, path, lambda rec: _synth_problem(rec, n_chunks[d.id]))
+            needed = None
             if got and got.get("setting") == synth_setting and got.get("doc_sha") == d.sha256:
-                synth[d.id] = got
-            else:
-                missing.append(d)
+                made = got.get("requested", 0)
+                if made < got.get("of_requests", made):  # a share made: as many as these steps need? (more steps: more)
+                    needed = _requests_needed(cfg, chunks[d.id][0], tok)
+                if needed is None or made >= needed[0]:
+                    synth[d.id] = got
+                    continue
+            missing.append(d)
+            to_make[d.id], n_requests, pieces = needed or _requests_needed(cfg, chunks[d.id][0], tok)
+            if to_make[d.id] < n_requests:
+                draws = cfg.steps * cfg.examples_per_doc
+                # the fewest steps whose sources_to_keep holds them all
+                all_steps = math.ceil((n_requests + pieces) / (GENERATION_MARGIN * cfg.examples_per_doc))
+                print(f"{d.id}: {n_chunks[d.id]} chunks make {n_requests} generation requests"
+                      + (f" and {pieces} recitation pieces" if pieces else "")
+                      + f", but {cfg.steps} steps x {cfg.examples_per_doc} per step draw only {draws} examples: a "
+                      f"random {to_make[d.id]} of the requests are made" + (" and as large a share of the pieces "
+                      "kept" if pieces else "") + f", which keeps what is drawn as it was (--steps {all_steps} makes "
+                      "them all)", flush=True)
         if missing:
             sha = {d.id: d.sha256 for d in missing}
 
@@ -464,7 +505,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 synth[doc_id] = rec
 
             synthesize(model, tok, {d.id: chunks[d.id][0] for d in missing}, cfg, model_path=model_folder,
-                       progress_factory=lambda **kw: _bar(cfg, **kw), on_document=save)
+                       progress_factory=lambda **kw: _bar(cfg, **kw), on_document=save, requests=to_make)
 
     # 4-5. wave by wave: D documents' training examples, their teacher caches, training, and one
     # PEFT folder per document. A document's examples exist only while its wave runs: they repeat
@@ -484,9 +525,10 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         texts, ids = chunks.pop(d.id)  # from here on its examples carry what training needs
         ids = [list(c) for c in ids]
         made = synth.pop(d.id, {})
-        doc_counts[d.id] = {"requested": made.get("requested", 0), "dropped": made.get("dropped", 0)}
+        doc_counts[d.id] = {"requested": made.get("requested", 0), "dropped": made.get("dropped", 0),
+                            "not_made": made.get("of_requests", made.get("requested", 0)) - made.get("requested", 0)}
         items = made.get("items", [])
-        items, held_items = document_items(cfg, d.id, items, texts, tok)
+        items, held_items = document_items(cfg, d.id, items, texts, tok, share_of_requests_made(made))
         seed = doc_seed(cfg.seed, d.id)
         examples = build_examples(cfg.objective, tok, texts, ids, items, cfg, seed)
         if not examples:
@@ -602,6 +644,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 "chunks": n_chunks[st.id], "examples": len(st.examples) - len(st.heldout),
                 "examples_not_drawn": s["not_drawn"],
                 "synthetic_requested": s.get("requested", 0), "synthetic_dropped": s.get("dropped", 0),
+                "synthetic_requests_not_made": s.get("not_made", 0),
                 "teacher_cache": cache_info.get(st.id), "final_loss": final, "heldout": heldout,
                 # a resumed wave's times are of its last run: the steps from resumed_from_step on
                 "train_seconds_wave": round(wave_s, 2), "train_seconds_per_doc": round(wave_s / len(wave), 2),

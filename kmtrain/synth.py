@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import random
@@ -34,6 +35,48 @@ def request_seed(seed: int, doc_id: str, chunk: int, kind: str, i: int) -> int:
     """The sampling seed of one generation request: from the run's seed and the request's own
     identity only, so a document's targets do not depend on the documents generated beside it."""
     return int(hashlib.sha256(f"{seed}:{doc_id}:{chunk}:{kind}:{i}".encode()).hexdigest()[:15], 16)
+
+
+# A document whose targets' sources outnumber what its training draws has only about this many
+# times its draws of sources made, and never fewer than MIN_SOURCES (a few outputs dropped, or a
+# tiny --steps, must not leave it without examples): see requests_to_make.
+GENERATION_MARGIN = 1.5
+MIN_SOURCES = 32
+
+
+def sources_to_keep(draws: int) -> int:
+    """How many sources of training examples (`requests_to_make`) a document with ``draws`` draws keeps."""
+    return max(math.ceil(GENERATION_MARGIN * draws), MIN_SOURCES)
+
+
+def requests_to_make(n_requests: int, n_recitation: int, draws: int) -> int:
+    """How many of a document's ``n_requests`` generation requests to make when its training draws
+    ``draws`` examples (--steps x --examples-per-doc) and it has ``n_recitation`` recitation pieces.
+
+    Each training example comes from one source: a generation request (a summary, a fact list, a
+    Q/A generation's pairs) or a recitation piece, and training draws a uniform random ``draws`` of
+    them. A long document's sources outnumber its draws many times over (a 60k-token book: ~1,300
+    at the CPU defaults, against 120 draws), and generating every request spent the generator's
+    time, the slowest stage on a CPU, on targets never trained on. Keeping a uniform random fraction
+    of the sources of both kinds (the same fraction of the recitation pieces: ``document_items``),
+    then drawing as before, leaves every example's chance of being drawn, and so the mix of kinds
+    and chunks trained on, as it was in expectation. The fraction keeps `sources_to_keep` sources
+    (rounded up): a source gives at least one example unless its output is dropped.
+    """
+    keep = sources_to_keep(draws)
+    if n_requests + n_recitation <= keep:
+        return n_requests
+    return min(n_requests, math.ceil(n_requests * keep / (n_requests + n_recitation)))
+
+
+def made_positions(n_requests: int, made: int, seed: int, doc_id: str) -> List[int]:
+    """Which ``made`` of a document's ``n_requests`` requests (positions in its request order) are
+    made: a prefix of a permutation drawn from the run's seed and the document, so that fewer
+    requests are a subset of more, in request order."""
+    order = list(range(n_requests))
+    if made < n_requests:
+        random.Random(f"requests:{seed}:{doc_id}").shuffle(order)
+    return sorted(order[:made])
 
 
 class RowSampler:
@@ -283,8 +326,10 @@ def focus_sources(chunk: str, parts: int) -> List[str]:
 
 
 def synthesize(model, tokenizer, chunks_by_doc: Dict[str, List[str]], cfg, model_path: str = "",
-               progress_factory=None, on_document: Optional[Callable[[str, dict], None]] = None) -> Dict[str, dict]:
-    """For each document: {"items": [{"chunk", "prompt", "target"}], "dropped", "requested", "qa_pairs"}.
+               progress_factory=None, on_document: Optional[Callable[[str, dict], None]] = None,
+               requests: Optional[Dict[str, int]] = None) -> Dict[str, dict]:
+    """For each document: {"items": [{"chunk", "prompt", "target"}], "dropped", "requested", "qa_pairs",
+    "of_requests"}: "requested" of its "of_requests" requests were made.
 
     ``on_document(doc_id, record)`` is called as soon as a document's last request is generated
     (the requests go in document order), so a caller can save it: a run killed during generation
@@ -295,16 +340,24 @@ def synthesize(model, tokenizer, chunks_by_doc: Dict[str, List[str]], cfg, model
     Q/A outputs that do not parse are dropped and counted, never fatal. With cfg.focus_parts > 0
     the requests of each kind cycle over the whole chunk and its parts (`focus_sources`); the
     teacher still reads the whole chunk, so only what the targets talk about changes.
+    ``requests``: how many of a document's requests to make (`requests_to_make`; default all), the
+    ones `made_positions` names. A request made gives the text it gives when all are made.
     """
     jobs: List[Tuple[str, int, str, Sequence[int], int]] = []
+    of_requests: Dict[str, int] = {}
     for doc_id, chunks in chunks_by_doc.items():
+        doc_jobs = []
         for c, chunk in enumerate(chunks):
             texts = focus_sources(chunk, cfg.focus_parts)
             for kind, n in requested_kinds(cfg):  # fact lists are off by default: no chunk is tokenized for them
                 # int32 arrays: every document's prompts exist at once, a chunk's worth of tokens
                 # per prompt, which as lists of Python ints cost ~43 bytes a token (SmolLM2 tokenizer), 4 here
                 ids = [array("i", chat_prompt_ids(tokenizer, text + "\n\n" + PROMPT_OF[kind])) for text in texts]
-                jobs += [(doc_id, c, kind, ids[i % len(ids)], request_seed(cfg.seed, doc_id, c, kind, i)) for i in range(n)]
+                doc_jobs += [(doc_id, c, kind, ids[i % len(ids)], request_seed(cfg.seed, doc_id, c, kind, i))
+                             for i in range(n)]
+        of_requests[doc_id] = len(doc_jobs)
+        made = len(doc_jobs) if requests is None else requests.get(doc_id, len(doc_jobs))
+        jobs += [doc_jobs[i] for i in made_positions(len(doc_jobs), made, cfg.seed, doc_id)]
     if not jobs:
         return {}
     bar = progress_factory(total=len(jobs), desc="synthetic targets") if progress_factory else None
@@ -313,7 +366,8 @@ def synthesize(model, tokenizer, chunks_by_doc: Dict[str, List[str]], cfg, model
         texts = _generate_vllm(model_path, prompts, cfg, seeds, bar)
     else:
         texts = _generate_hf(model, tokenizer, prompts, cfg, seeds, bar)
-    result = {d: {"items": [], "dropped": 0, "requested": 0, "qa_pairs": 0} for d in chunks_by_doc}
+    result = {d: {"items": [], "dropped": 0, "requested": 0, "qa_pairs": 0, "of_requests": of_requests[d]}
+              for d in chunks_by_doc}
     left = Counter(j[0] for j in jobs)  # requests not yet generated, per document
     for (doc_id, c, kind, _, _), text in zip(jobs, texts):  # texts arrive batch by batch
         # A generation stopped by --max-new-tokens inside a character (several byte-level tokens

@@ -12,6 +12,7 @@ import torch
 from conftest import DOCS, HAS_CUDA, tiny_cfg, write_docs
 from kmtrain import IndexConfig, ask, index, load_documents
 from kmtrain.config import PRESETS
+from kmtrain.data import recitation_items
 from kmtrain.teacher_cache import TeacherCache
 
 
@@ -814,6 +815,72 @@ def test_a_document_with_more_examples_than_draws_is_told(tiny_model, docs_dir, 
     enough = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "enough", steps=max(n.values()), examples_per_doc=1))
     assert "trained on, the rest never" not in capsys.readouterr().out
     assert all(s["examples"] == n[s["id"]] and s["examples_not_drawn"] == 0 for s in enough)
+
+
+def test_a_long_documents_generation_is_cut_to_what_training_draws(tiny_model, tmp_path, capsys):
+    """A document whose chunks make far more generation requests than its training draws examples
+    has only a random share of them made, and as large a share of its recitation pieces kept. The
+    requests made give the texts they give when all are made; fewer steps make a subset of the
+    requests more steps make; a re-run keeps them, and more steps make them again."""
+    from transformers import AutoTokenizer
+
+    from kmtrain.index import document_items
+    from kmtrain.synth import GENERATION_MARGIN, MIN_SOURCES
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    sentences = [f"The keeper of tower {k} rings its bell {k + 2} times at noon." for k in range(60)]
+    (docs / "long.txt").write_text(" ".join(sentences))
+    (docs / "alpha.txt").write_text(DOCS["alpha"])
+
+    def run(out, steps, **kw):
+        cfg = tiny_cfg(tiny_model, tmp_path / out, steps=steps, examples_per_doc=1, recite_tokens=16, **kw)
+        got = {s["id"]: s for s in index(str(docs), cfg)}
+        return cfg, got, capsys.readouterr().out, json.loads((tmp_path / out / ".work" / "long" / "synth.json").read_text())
+
+    # all made: enough steps that every source is drawn about once
+    cfg, _, printed, full = run("all", 200)
+    assert "generation requests" not in printed
+    chunks = len(json.loads((tmp_path / "all" / ".work" / "long" / "chunks.json").read_text())["texts"])
+    n_requests = chunks * (cfg.summaries_per_chunk + cfg.qa_per_chunk)
+    assert chunks >= 8 and full["requested"] == full["of_requests"] == n_requests
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    texts = json.loads((tmp_path / "all" / ".work" / "long" / "chunks.json").read_text())["texts"]
+    pieces = len(recitation_items(texts, tok, 16))
+
+    cfg, got, printed, cut = run("cut", 6)
+    made = math.ceil(n_requests * max(math.ceil(GENERATION_MARGIN * 6), MIN_SOURCES) / (n_requests + pieces))
+    assert 0 < made < n_requests and cut["requested"] == made and cut["of_requests"] == n_requests
+    all_steps = math.ceil((n_requests + pieces) / GENERATION_MARGIN)
+    assert (f"long: {chunks} chunks make {n_requests} generation requests and {pieces} recitation pieces, but 6 "
+            f"steps x 1 per step draw only 6 examples: a random {made} of the requests are made and as large a "
+            f"share of the pieces kept, which keeps what is drawn as it was (--steps {all_steps} makes them all)") in printed
+    assert [line for line in printed.splitlines() if "generation requests" in line][0].startswith("long: ")
+    assert len([line for line in printed.splitlines() if "generation requests" in line]) == 1  # not alpha's
+    meta = json.loads((tmp_path / "cut" / "long" / "km.json").read_text())
+    assert meta["synthetic_requested"] == made and meta["synthetic_requests_not_made"] == n_requests - made
+    assert json.loads((tmp_path / "cut" / "alpha" / "km.json").read_text())["synthetic_requests_not_made"] == 0
+
+    def keyed(rec):  # (chunk, prompt, target) of every item: the requests' texts, from either run
+        return sorted((it["chunk"], it["prompt"], it["target"]) for it in rec["items"])
+
+    assert set(keyed(cut)) < set(keyed(full)) and len(keyed(cut)) < len(keyed(full))
+    assert len({it["chunk"] for it in cut["items"]}) > 1  # not the first chunks only: a random share
+    # the recitation pieces: as large a share, drawn per document
+    kept, _ = document_items(cfg, "long", [], texts, tok, cut["requested"] / cut["of_requests"])
+    assert len(kept) == math.ceil(pieces * made / n_requests) and set(map(str, kept)) < set(
+        map(str, document_items(cfg, "long", [], texts, tok)[0]))
+
+    # a re-run keeps them (nothing said, nothing made); more steps make more, a superset
+    before = (tmp_path / "cut" / ".work" / "long" / "synth.json").stat().st_mtime_ns
+    run("cut", 6, retrain=True)
+    assert (tmp_path / "cut" / ".work" / "long" / "synth.json").stat().st_mtime_ns == before
+    _, _, printed, more = run("cut", 30, retrain=True)
+    assert made < more["requested"] < n_requests and "a random" in printed
+    assert set(keyed(cut)) < set(keyed(more)) <= set(keyed(full))
+    # fewer steps than the targets were made for: kept as they are (and at most MIN_SOURCES sources are kept)
+    _, _, printed, fewer = run("cut", 1, retrain=True)
+    assert fewer == more and "generation requests" not in printed
 
 
 def test_ask_names_a_malformed_pair():

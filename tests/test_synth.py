@@ -1,4 +1,5 @@
 """Synthetic targets: what the generator reads for each chunk, and how its outputs become items."""
+import math
 import random
 
 import pytest
@@ -129,6 +130,29 @@ def test_negative_focus_parts_or_target_counts_are_refused():
     with pytest.raises(ValueError, match="at least one synthetic target"):
         IndexConfig(summaries_per_chunk=0, qa_per_chunk=0).validate()
     IndexConfig(summaries_per_chunk=0, qa_per_chunk=0, facts_per_chunk=1).validate()  # fact lists alone will do
+
+
+def test_requests_to_make_keeps_one_share_of_sources_and_nested_subsets():
+    """A document's requests are all made while its sources fit sources_to_keep; past that, the share
+    that keeps that many (rounded up). The requests made are a random subset in request order, and
+    fewer are a subset of more."""
+    from kmtrain.synth import MIN_SOURCES, made_positions, requests_to_make, sources_to_keep
+
+    assert sources_to_keep(1) == MIN_SOURCES and sources_to_keep(120) == 180
+    assert requests_to_make(18, 5, 120) == 18 and requests_to_make(170, 10, 120) == 170  # 180 sources: all
+    assert requests_to_make(171, 10, 120) == math.ceil(171 * 180 / 181) == 171
+    assert requests_to_make(540, 700, 120) == math.ceil(540 * 180 / 1240) == 79
+    assert requests_to_make(540, 0, 120) == 180 and requests_to_make(0, 900, 120) == 0
+    assert requests_to_make(30, 30, 1) == 16  # at least MIN_SOURCES sources, however few the draws
+    rng = random.Random(0)
+    for _ in range(20):
+        n = rng.randint(1, 400)
+        a, b = sorted(rng.sample(range(n + 1), 2)) if n > 1 else (0, 1)
+        few, more = made_positions(n, a, 7, "doc"), made_positions(n, b, 7, "doc")
+        assert few == sorted(set(few)) and len(few) == a and len(more) == b and set(few) <= set(more) <= set(range(n))
+    assert made_positions(10, 10, 7, "doc") == list(range(10))
+    assert made_positions(400, 40, 7, "doc") != made_positions(400, 40, 7, "other")  # drawn per document
+    assert made_positions(400, 40, 7, "doc") != list(range(40))  # not the first chunks' requests
 
 
 def test_split_heldout_per_chunk_keeps_a_training_target():
