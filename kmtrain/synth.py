@@ -55,8 +55,8 @@ def requests_to_make(n_requests: int, n_recitation: int, draws: int) -> int:
 
     Each training example comes from one source: a generation request (a summary, a fact list, a
     Q/A generation's pairs) or a recitation piece, and training draws a uniform random ``draws`` of
-    them. A long document's sources outnumber its draws many times over (a 60k-token book: ~1,300
-    at the CPU defaults, against 120 draws), and generating every request spent the generator's
+    them. A long document's sources outnumber its draws many times over (a 94 KB text, 15 chunks:
+    516 at the CPU defaults, against 120 draws), and generating every request spent the generator's
     time, the slowest stage on a CPU, on targets never trained on. Keeping a uniform random fraction
     of the sources of both kinds (the same fraction of the recitation pieces: ``document_items``),
     then drawing as before, leaves every example's chance of being drawn, and so the mix of kinds
