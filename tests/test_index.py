@@ -883,6 +883,12 @@ def test_a_long_documents_generation_is_cut_to_what_training_draws(tiny_model, t
     # fewer steps than the targets were made for: kept as they are (and at most MIN_SOURCES sources are kept)
     _, _, printed, fewer = run("cut", 1, retrain=True)
     assert fewer == more and "generation requests" not in printed
+    # a record from before requests were cut (no "of_requests") holds them all: kept, and trained on whole
+    old = {k: v for k, v in full.items() if k != "of_requests"}
+    (tmp_path / "all" / ".work" / "long" / "synth.json").write_text(json.dumps(old))
+    _, got, printed, kept_rec = run("all", 6, retrain=True)
+    assert kept_rec == old and "generation requests" not in printed
+    assert got["long"]["examples"] + got["long"]["examples_not_drawn"] == len(full["items"]) + pieces
 
 
 def test_ask_names_a_malformed_pair():
