@@ -545,9 +545,12 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
             # Training would draw `drawn` of them (one epoch's first draws), so only that many are kept,
             # chosen by the document's seed: caching the rest cost teacher time and disk for nothing
             # (a 2.5 MB text: 35,401 examples, a 506 MB cache on a 2-layer test model, 67 GB on SmolLM2).
+            # With its requests cut (the line before), more steps also make more of them: no step count
+            # known here draws every example once.
+            hint = "" if share_of_requests_made(made) < 1 else \
+                f" (--steps {math.ceil(len(examples) / cfg.examples_per_doc)} draws each once)"
             print(f"{d.id}: {len(examples)} training examples, but {cfg.steps} steps x {cfg.examples_per_doc} per step "
-                  f"draw only {drawn}: a random {drawn} of them are cached and trained on, the rest never (--steps "
-                  f"{math.ceil(len(examples) / cfg.examples_per_doc)} draws each once)", flush=True)
+                  f"draw only {drawn}: a random {drawn} of them are cached and trained on, the rest never{hint}", flush=True)
             keep = sorted(random.Random(f"draws:{seed}").sample(range(len(examples)), drawn))
             examples = [examples[i] for i in keep]
         # the held-out examples go last: the cache holds them too, training never draws them

@@ -859,6 +859,9 @@ def test_a_long_documents_generation_is_cut_to_what_training_draws(tiny_model, t
             f"share of the pieces kept, which keeps what is drawn as it was (--steps {all_steps} makes them all)") in printed
     assert [line for line in printed.splitlines() if "generation requests" in line][0].startswith("long: ")
     assert len([line for line in printed.splitlines() if "generation requests" in line]) == 1  # not alpha's
+    # the line on drawing says no --steps: more steps would also make more requests
+    assert f"long: {got['long']['examples'] + got['long']['examples_not_drawn']} training examples, but 6 steps x 1 " \
+           "per step draw only 6: a random 6 of them are cached and trained on, the rest never\n" in printed
     meta = json.loads((tmp_path / "cut" / "long" / "km.json").read_text())
     assert meta["synthetic_requested"] == made and meta["synthetic_requests_not_made"] == n_requests - made
     assert json.loads((tmp_path / "cut" / "alpha" / "km.json").read_text())["synthetic_requests_not_made"] == 0
