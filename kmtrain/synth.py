@@ -261,15 +261,16 @@ def _generate_vllm(model_path: str, prompts: Sequence[Sequence[int]], cfg, seeds
 def _end_process(child: subprocess.Popen, grace: float) -> None:
     """Waits ``grace`` seconds for ``child`` to end, then stops it: SIGTERM, which the vLLM process
     unwinds from so that vLLM's exit handlers end its engine processes, and SIGKILL 30 s later."""
-    for stop in (None, child.terminate, child.kill):
-        if child.poll() is not None:
-            return
-        if stop is not None:
-            stop()
-        try:
-            child.wait(timeout=grace if stop is None else 30)
-        except subprocess.TimeoutExpired:
-            pass
+    try:
+        child.wait(timeout=grace)
+        return
+    except subprocess.TimeoutExpired:
+        child.terminate()
+    try:
+        child.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
 
 
 def _vllm_process(texts_pipe, model_path: str, seed: int, prompts: List[Sequence[int]], seeds: List[int],
