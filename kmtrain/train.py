@@ -363,7 +363,8 @@ def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device
                 try:
                     save_checkpoint(checkpoint, step + 1, wave, params, opt, sched, best)
                 except OSError as e:  # out of disk, say: training goes on (its KMs need far less room)
-                    print(f"{checkpoint.path}: checkpoint of step {step + 1} not saved ({e}); training goes on, and a "
+                    why = f"[Errno {e.errno}] {e.strerror}" if e.strerror else str(e)  # the line names the file
+                    print(f"{checkpoint.path}: checkpoint of step {step + 1} not saved ({why}); training goes on, and a "
                           f"kill now resumes from the checkpoint before, if any", flush=True)
                 saved_at = time.monotonic()
             if progress is not None:

@@ -466,3 +466,48 @@ def test_a_hub_dataset_name_without_network_fails_at_once_and_says_why(monkeypat
                                                       f"(hub.test: no network in this test)")):
         load_documents(missing)
     assert offline_seen == [True] and datasets.config.HF_HUB_OFFLINE == was
+
+
+def test_a_failed_tensor_write_is_an_oserror_naming_the_file(tmp_path):
+    """A real failed write: under a file-size limit (what a full disk does to the write, errno aside)
+    atomic_save_tensors raises OSError with the errno and the file's path, not safetensors' own
+    SafetensorError, and leaves no partial file; a file under the limit is written. In a child
+    process, since the limit holds for the whole process."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "cache.safetensors"
+    code = f"""
+import errno, resource, signal
+import torch
+from kmtrain.data import atomic_save_tensors
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of the signal ending the process
+resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+atomic_save_tensors({str(path)!r}, {{"small": torch.arange(16.0)}})
+try:
+    atomic_save_tensors({str(path)!r} + ".big", {{"big": torch.zeros(1 << 16)}})
+except OSError as e:
+    print("OSError", errno.errorcode[e.errno], e.filename)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["OSError", "EFBIG", f"{path}.big"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.safetensors"]  # no partial file left
+    from safetensors.torch import load_file
+
+    assert load_file(str(path))["small"].tolist() == list(range(16))
+
+
+def test_safetensors_errors_other_than_io_pass_through():
+    """Only an I/O failure becomes an OSError; safetensors' other errors stay as they were."""
+    from safetensors import SafetensorError
+
+    from kmtrain.data import safetensors_io_errors
+
+    with pytest.raises(SafetensorError, match="header too large"):
+        with safetensors_io_errors("x.safetensors"):
+            raise SafetensorError("Error while deserializing header: header too large")
+    with pytest.raises(OSError) as e:
+        with safetensors_io_errors("x.safetensors"):
+            raise SafetensorError("Error while serializing: I/O error: Read-only file system (os error 30)")
+    assert (e.value.errno, e.value.strerror, e.value.filename) == (30, "Read-only file system", "x.safetensors")

@@ -374,6 +374,45 @@ def test_a_disk_too_small_for_the_teacher_caches_stops_before_the_teacher(tiny_m
     assert built == sorted(DOCS) and (out / third / "km.json").is_file()
 
 
+def test_a_disk_that_fills_as_a_teacher_cache_is_written_is_one_line_and_keeps_the_targets(
+        tiny_model, docs_dir, tmp_path, capsys, monkeypatch):
+    """The disk filling up after the free-space check (another writer), as a teacher cache is written:
+    safetensors reports it as its own SafetensorError, not an OSError, and the run ended in a
+    traceback. Now: exit 1, one line naming the file and how to resume, no partial file, every
+    document's synthetic targets kept, and the re-run generates nothing again."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from kmtrain.cli import main
+
+    kindex = importlib.import_module("kmtrain.index")
+    real_save, failed = safetensors.torch.save_file, []
+
+    def full_once(tensors, filename, metadata=None):
+        if failed:
+            return real_save(tensors, filename, metadata=metadata)
+        failed.append(filename)
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_once)
+    out = tmp_path / "kms"
+    flags = ["--model", tiny_model, "--steps", "1", "--docs-per-step", "3", "--summaries-per-chunk", "1",
+             "--qa-per-chunk", "1", "--max-new-tokens", "8", "--chunk-tokens", "64", "--no-progress"]
+    assert main(["index", str(docs_dir), "--out", str(out), *flags]) == 1
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("kmtrain: error:")]
+    first = sorted(DOCS)[0]
+    assert "[Errno 28] No space left on device: " in line and f"{out / '.work' / first}{os.sep}teacher_" in line
+    assert "run the same command again to resume" in line and "Traceback" not in err
+    assert all((out / ".work" / d / "synth.json").is_file() for d in DOCS) and not any((out / d).exists() for d in DOCS)
+    assert [p.name for p in (out / ".work" / first).iterdir() if ".tmp-" in p.name] == []  # no partial file
+    monkeypatch.setattr(kindex, "synthesize", lambda *a, **k: pytest.fail("generation ran again"))
+    assert main(["index", str(docs_dir), "--out", str(out), *flags]) == 0
+    assert all((out / d / "km.json").is_file() for d in DOCS)
+
+
 def test_changed_document_is_retrained_others_kept(tiny_model, docs_dir, tmp_path):
     out = tmp_path / "kms"
     cfg = tiny_cfg(tiny_model, out, steps=2)

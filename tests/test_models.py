@@ -305,6 +305,37 @@ def test_the_alias_without_gguf_installed_says_what_to_install(tmp_path, monkeyp
             "pip install 'kmkernels[train]'") in capsys.readouterr().err
 
 
+def test_a_disk_that_fills_while_the_alias_is_converted_is_an_oserror_naming_the_folder(tiny_model, tmp_path,
+                                                                                         monkeypatch):
+    """The dequantised model is written by transformers' save_pretrained through safetensors, whose
+    out-of-disk error is no OSError: the CLI printed a traceback. Now an OSError naming the model's
+    folder (the CLI's one line, exit 1), and no temporary folder is left. The GGUF reading is stood
+    in for by the tiny model; the write is transformers' own, failing as safetensors fails."""
+    import contextlib
+
+    import transformers
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    models = importlib.import_module("kmtrain.models")
+    real_model, real_tok = transformers.AutoModelForCausalLM.from_pretrained, transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(models, "_one_gguf_parse", contextlib.nullcontext)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda folder, gguf_file, **kw: real_model(tiny_model, **kw))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda folder, gguf_file: real_tok(tiny_model))
+
+    def full(*a, **kw):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    target = tmp_path / "models" / "tiny"
+    target.parent.mkdir()
+    with pytest.raises(OSError) as e:
+        models._convert_gguf(tmp_path / "model.gguf", "tiny", target)
+    assert (e.value.errno, e.value.filename) == (28, str(target))
+    assert list(target.parent.iterdir()) == []  # the temporary folder went with the failure
+
+
 def test_processes_started_together_convert_the_alias_once(tmp_path, monkeypatch):
     """torchrun's ranks, or shells started together on a fresh machine: each dequantised the GGUF
     and raced to rename its copy into place (one could delete the folder another was loading). The
