@@ -8,6 +8,8 @@ import threading
 import typing
 from typing import Callable, List, Optional, Tuple
 
+import torch
+
 from .config import CHOICES, PRESETS, IndexConfig
 from .data import DocumentError
 from .index import OutputBusyError, library_versions
@@ -42,6 +44,8 @@ _FIELD_FLAGS = {
     "heldout_every": "steps between held-out evaluations (0: steps // 10; the last step is always evaluated)",
     "checkpoint_seconds": "save a wave's training state this often, so that a killed run resumes it (0: never)",
     "generator": "what writes the synthetic targets (vllm: when installed)",
+    "gen_batch_size": "synthetic-target requests per generate call (hf generator; lower it where generation "
+                      "runs out of memory)",
     "cache_dtype": "teacher cache precision",
     "backend": "kernels: triton or torch (auto: triton on a GPU)",
     "amp": "bf16 autocast (auto: where the device multiplies bf16 natively)",
@@ -166,6 +170,10 @@ def reporting_errors(run: Callable[[], int], prog: str = "kmtrain", resumable: b
         return 2
     except OSError as e:  # the machine's, not the input's: out of disk, permissions, a file system gone
         print(f"{prog}: error: {e}{resume}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError as e:  # a GPU's: which stage, and the settings that shrink it (index's note)
+        said = "; ".join(getattr(e, "__notes__", ()))
+        print(f"{prog}: error: {said + ': ' if said else ''}{' '.join(str(e).split())}{resume}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a line, not a traceback
         print(f"\n{prog}: interrupted{resume}", file=sys.stderr)

@@ -413,6 +413,51 @@ def test_a_disk_that_fills_as_a_teacher_cache_is_written_is_one_line_and_keeps_t
     assert all((out / d / "km.json").is_file() for d in DOCS)
 
 
+def test_a_gpu_out_of_memory_says_which_stage_and_what_shrinks_it(tiny_model, docs_dir, tmp_path, capsys,
+                                                                  monkeypatch):
+    """torch's out-of-memory message names bytes, not the stage, and generation's batch had no flag.
+    Each stage's OutOfMemoryError carries a note naming the settings that shrink it (the error stays
+    torch.OutOfMemoryError for the Python API); the CLI prints it in one line with how to resume,
+    exit 1, and the re-run with the smaller setting goes on from what was kept."""
+    from kmtrain.cli import main
+
+    kindex = importlib.import_module("kmtrain.index")
+    message = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB"
+
+    def out_of_memory(*a, **kw):
+        raise torch.OutOfMemoryError(message)
+
+    out = tmp_path / "kms"
+    flags = ["--model", tiny_model, "--steps", "1", "--docs-per-step", "3", "--summaries-per-chunk", "1",
+             "--qa-per-chunk", "1", "--max-new-tokens", "8", "--chunk-tokens", "64", "--no-progress"]
+    real_train = kindex.train_wave
+    for stage, name, said in (
+            ("generation", "synthesize", "--gen-batch-size (now 5) or --max-new-tokens (now 8)"),
+            ("the teacher cache", "build_cache", "--chunk-tokens (now 64) or --max-new-tokens (now 8)"),
+            ("training", "train_wave", "--docs-per-step (now 3) or --examples-per-doc (now 2)")):
+        real = getattr(kindex, name)
+        monkeypatch.setattr(kindex, name, out_of_memory)
+        assert main(["index", str(docs_dir), "--out", str(out), *flags, "--gen-batch-size", "5",
+                     "--examples-per-doc", "2"]) == 1
+        err = capsys.readouterr().err
+        (line,) = [x for x in err.splitlines() if x.startswith("kmtrain: error:")]
+        assert line.startswith(f"kmtrain: error: out of memory in {stage}; lower {said}: {message}; finished KMs")
+        assert "run the same command again to resume" in line and "Traceback" not in err
+        monkeypatch.setattr(kindex, name, real)
+    assert all((out / ".work" / d / "synth.json").is_file() for d in DOCS)  # generation's work was kept
+
+    monkeypatch.setattr(kindex, "train_wave", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError) as e:  # the Python API: torch's error, with the note
+        index(str(docs_dir), tiny_cfg(tiny_model, out, docs_per_step=3, summaries_per_chunk=1, qa_per_chunk=1,
+                                      max_new_tokens=8))  # the flags' generation settings: their targets are reused
+    assert e.value.__notes__ == ["out of memory in training; lower --docs-per-step (now 3) or --examples-per-doc "
+                                 "(now 1)"]
+    monkeypatch.setattr(kindex, "train_wave", real_train)
+    monkeypatch.setattr(kindex, "synthesize", lambda *a, **k: pytest.fail("generation ran again"))
+    assert main(["index", str(docs_dir), "--out", str(out), *flags, "--docs-per-step", "1"]) == 0
+    assert all((out / d / "km.json").is_file() for d in DOCS)
+
+
 def test_changed_document_is_retrained_others_kept(tiny_model, docs_dir, tmp_path):
     out = tmp_path / "kms"
     cfg = tiny_cfg(tiny_model, out, steps=2)
