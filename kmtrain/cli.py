@@ -24,6 +24,8 @@ _FIELD_FLAGS = {
     "steps": "training steps",
     "docs_per_step": "documents trained together (one grouped-LoRA slot each)",
     "examples_per_doc": "examples of each document per step",
+    "micro_batch_tokens": "run a step in passes of at most this many padded tokens, gradients summed: the same "
+                          "update in less memory (0: one pass)",
     "lr": "AdamW learning rate",
     "lr_b_ratio": "LoRA+: the B matrices learn at lr times this (1: one lr for A and B)",
     "rank": "LoRA rank",

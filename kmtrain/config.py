@@ -96,6 +96,13 @@ class IndexConfig:
     # example per step did not help (26): each update averaging over more targets is what pays.
     # It doubles the training time (~200 s to ~400 s for the demo corpus on a 2-core CPU).
     examples_per_doc: int = 2
+    # >0: a step's docs_per_step x examples_per_doc sequences run in passes of at most this many
+    # padded tokens, gradients summed (train.step_backward): the same update to rounding, with one
+    # pass's activations held at a time. 0: one pass. On the CPU defaults a step is 16 sequences of
+    # ~80-170 tokens (~2.6k tokens). A training pass holds 1.36 MB of activations a token for
+    # SmolLM2-135M in bf16 on a CPU (measured: 5.3 GB at 4,096 tokens against 1.1 GB at 1,024); the
+    # paper preset's 64 sequences of up to ~800 tokens make ~50k tokens a step.
+    micro_batch_tokens: int = 0
     # The paper's 1e-3 is for 250-1500 steps; at CPU step counts (30-60) it leaves the KMs
     # under-trained. Measured on the demo corpus at 30 steps (bench/results/ablations/): sdcd 7/64
     # at 1e-3, 19/64 at 5e-3, 10/64 at 1e-2. The paper preset keeps 1e-3.
@@ -173,7 +180,8 @@ class IndexConfig:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if not 0 <= self.warmup_frac <= 1:
             raise ValueError(f"warmup_frac must be in [0, 1], got {self.warmup_frac}")
-        for name in ("heldout_per_chunk", "heldout_every", "recite_tokens", "focus_parts", "checkpoint_seconds"):
+        for name in ("heldout_per_chunk", "heldout_every", "recite_tokens", "focus_parts", "checkpoint_seconds",
+                     "micro_batch_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         counts = (self.summaries_per_chunk, self.qa_per_chunk, self.facts_per_chunk)
@@ -253,6 +261,9 @@ PRESETS = {
     # The paper's recipe (SPEC.md section 2), for GPUs.
     "paper": dict(chunk_tokens=2048, chunk_overlap=0.1, summaries_per_chunk=8, qa_per_chunk=8, max_new_tokens=768,
                   steps=1500, examples_per_doc=8, docs_per_step=8, temperature=1.0, lr=1e-3, heldout_per_chunk=1,
-                  recite_tokens=0),
+                  recite_tokens=0,
+                  # passes of about half the paper's own step (8 sequences of up to ~1k tokens): ~5 MB of
+                  # activations a token at Llama-3.1-8B shapes by its layer sizes (estimated, no GPU run yet)
+                  micro_batch_tokens=4096),
     "cpu": {},
 }

@@ -78,14 +78,14 @@ def _bar(cfg, **kw):
 
 @contextmanager
 def out_of_memory_note(stage: str, shrink: str) -> Iterator[None]:
-    """A device running out of memory in ``stage`` gets a note saying which settings shrink it: the
+    """A device running out of memory in ``stage`` gets a note (``shrink``) saying which settings shrink it: the
     error stays torch.OutOfMemoryError for a caller to catch, the CLI prints it in one line. Why:
     torch's message names bytes, not the stage, and generation's batch had no flag at all."""
     try:
         yield
     except torch.OutOfMemoryError as e:
         # what BaseException.add_note does, spelled out for Python 3.10, which lacks it
-        e.__notes__ = [*getattr(e, "__notes__", ()), f"out of memory in {stage}; lower {shrink}"]
+        e.__notes__ = [*getattr(e, "__notes__", ()), f"out of memory in {stage}; {shrink}"]
         raise
 
 
@@ -518,8 +518,8 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 atomic_write_text(work / doc_id / "synth.json", json.dumps(rec))
                 synth[doc_id] = rec
 
-            with out_of_memory_note("generation", f"--gen-batch-size (now {cfg.gen_batch_size}) or --max-new-tokens "
-                                                  f"(now {cfg.max_new_tokens})"):
+            with out_of_memory_note("generation", f"lower --gen-batch-size (now {cfg.gen_batch_size}) or "
+                                                  f"--max-new-tokens (now {cfg.max_new_tokens})"):
                 synthesize(model, tok, {d.id: chunks[d.id][0] for d in missing}, cfg, model_path=model_folder,
                            progress_factory=lambda **kw: _bar(cfg, **kw), on_document=save, requests=to_make)
 
@@ -612,7 +612,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                         print(f"{st.id}: {e}; rebuilding it", flush=True)
                         path.unlink()
                 if st.cache is None:
-                    with (out_of_memory_note("the teacher cache", f"--chunk-tokens (now {cfg.chunk_tokens}) or "
+                    with (out_of_memory_note("the teacher cache", f"lower --chunk-tokens (now {cfg.chunk_tokens}) or "
                                                                   f"--max-new-tokens (now {cfg.max_new_tokens})"),
                           torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)):
                         build_cache(model, st.examples, path, num_layers, cfg, tok.pad_token_id, no_adapter)
@@ -634,8 +634,10 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 old.unlink()
         t0 = time.time()
         bar = _bar(cfg, total=cfg.steps, desc=f"training {span}")
-        with out_of_memory_note("training", f"--docs-per-step (now {cfg.docs_per_step}) or --examples-per-doc (now "
-                                            f"{cfg.examples_per_doc})"):
+        passes = (f"lower --micro-batch-tokens (now {cfg.micro_batch_tokens})" if cfg.micro_batch_tokens else
+                  "set --micro-batch-tokens (e.g. 4096: the same training, in passes of that many tokens)")
+        with out_of_memory_note("training", f"{passes}, or lower --docs-per-step (now {cfg.docs_per_step}) or "
+                                            f"--examples-per-doc (now {cfg.examples_per_doc})"):
             resumed_from = train_wave(model, tok, wave, cfg, device, amp, progress=bar, checkpoint=checkpoint)
         bar.close()
         wave_s = time.time() - t0
@@ -811,7 +813,8 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
             load_peft(m, slot, km)  # zeroes the slot first: nothing of the group before stays
             slot_of[km] = slot
         asked = [k for k, (km, _) in enumerate(pairs) if km in slot_of or (km is None and g == 0)]
-        with out_of_memory_note("answering", f"--max-new-tokens (now {max_new_tokens}), or ask fewer questions at once"):
+        with out_of_memory_note("answering", f"lower --max-new-tokens (now {max_new_tokens}), or ask fewer questions "
+                                             f"at once"):
             got = generate_answers(m, tok, [question_prompt(pairs[k][1]) for k in asked],
                                    [slot_of.get(pairs[k][0], -1) for k in asked], max_new_tokens=max_new_tokens)
         for k, answer in zip(asked, got):

@@ -207,41 +207,63 @@ def _student_rows(model, examples: List[Example], slots: List[int], layers: List
             torch.cat(tgt)[back] if lm_targets else None)
 
 
+@dataclass
+class TeacherRows:
+    """The teacher's side of one picked example, on its distilled positions: ``hidden`` [L_sel, n, H]
+    as the cache returns them (rounded to its dtype), ``norms`` fp32 [L_sel] (sum|h_t| per layer),
+    and the KL's teacher: ``kl_stats`` (embedding fp32 [n, H], negative entropy fp32 [n]) where the
+    cache has them, else ``kl_hidden`` [n, H], the last layer before the cache's rounding."""
+    hidden: torch.Tensor
+    norms: torch.Tensor
+    kl_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    kl_hidden: Optional[torch.Tensor] = None
+
+
+def teacher_rows(model, wave: List[DocState], picks: List[Tuple[int, int]], cfg, device: torch.device, amp_dtype,
+                 layers: List[int], pad_id: int) -> List[TeacherRows]:
+    """Each pick's TeacherRows: from its document's cache, or (reference recipe) a teacher forward
+    now over all ``picks`` in one batch."""
+    if wave[0].cache is not None:
+        rows = []
+        for slot, i in picks:
+            h, norms = wave[slot].cache.get(i)
+            stats = wave[slot].cache.kl_stats(i) if wave[slot].cache.has_kl_stats else None
+            rows.append(TeacherRows(h, norms, kl_stats=stats))
+        return rows
+    was_training = model.training
+    model.eval()
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        fresh = teacher_hiddens(model, [wave[slot].examples[i] for slot, i in picks], layers, pad_id,
+                                _no_adapter(model))
+    model.train(was_training)
+    # rounded as the cache would store them; the KL reads them unrounded, as the cache's statistics
+    # are computed (teacher_cache.build_cache), in the LM head's dtype, which the states came in from
+    # the model in (as build_cache does)
+    head_dtype = model.get_output_embeddings().weight.dtype
+    return [TeacherRows(round_like_cache(h, cfg.cache_dtype), h.abs().sum(dim=(1, 2)),
+                        kl_hidden=h[-1].to(device, head_dtype)) for h in fresh]
+
+
 def _batch_losses(model, wave: List[DocState], picks: List[Tuple[int, int]], groups: List[int], cfg,
-                  device: torch.device, amp_dtype, layers: List[int], pad_id: int) -> List[Tuple[torch.Tensor, Dict[str, float]]]:
+                  device: torch.device, amp_dtype, layers: List[int], pad_id: int,
+                  teacher: Optional[List[TeacherRows]] = None,
+                  totals: Optional[List[Tuple[int, Optional[torch.Tensor]]]] = None,
+                  ) -> List[Tuple[torch.Tensor, Dict[str, float]]]:
     """The student's pass over ``picks`` [(slot, example index)], each example in its document's slot
     (one decoder forward, or two by length: ``_student_rows``), and one loss per group: ``groups[k]``
     (0..G-1) is the group of ``picks[k]``. A group's loss is its own DCD loss (KL averaged over the
     group's positions, each layer's sum|h_s - h_t| / sum|h_t| over them) or its mean next-token loss,
-    so no group's value or gradient depends on another's rows."""
+    so no group's value or gradient depends on another's rows.
+
+    ``teacher``: the picks' TeacherRows (default: ``teacher_rows`` of them). ``totals``: per group,
+    (its positions, its teacher norms [L_sel] or None) over a whole step of which these picks are a
+    part (``micro_batches``): each group's loss is then its share of the step's loss, normalised by
+    those totals, so the shares of the step's passes sum to the loss of one pass over them all."""
     distill = cfg.objective in ("sdcd", "ddcd")
     examples = [wave[slot].examples[i] for slot, i in picks]
     G = max(groups) + 1
-
-    # the teacher's hidden states: from the cache, or (reference recipe) a teacher forward now
-    t_emb = t_negent = None  # the KL's teacher statistics, where the cache has them
-    t_kl = None  # else the KL's teacher: the re-run teacher's last layer, before the cache's rounding
-    if distill:
-        if wave[0].cache is not None:
-            got = [wave[slot].cache.get(i) for slot, i in picks]
-            t_h = [h for h, _ in got]
-            t_norms = [n for _, n in got]
-            if all(wave[slot].cache.has_kl_stats for slot, _ in picks):
-                stats = [wave[slot].cache.kl_stats(i) for slot, i in picks]
-                t_emb = torch.cat([e for e, _ in stats]).to(device)
-                t_negent = torch.cat([n for _, n in stats]).to(device)
-        else:
-            was_training = model.training
-            model.eval()
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                fresh = teacher_hiddens(model, examples, layers, pad_id, _no_adapter(model))
-            model.train(was_training)
-            # rounded as the cache would store them; the KL reads them unrounded, as the cache's
-            # statistics are computed (teacher_cache.build_cache)
-            t_h = [round_like_cache(h, cfg.cache_dtype) for h in fresh]
-            t_norms = [h.abs().sum(dim=(1, 2)) for h in fresh]
-            # (in the LM head's dtype, which the states came in from the model, as build_cache does)
-            t_kl = torch.cat([h[-1] for h in fresh]).to(device, model.get_output_embeddings().weight.dtype)
+    if distill and teacher is None:
+        teacher = teacher_rows(model, wave, picks, cfg, device, amp_dtype, layers, pad_id)
 
     # the student: base model + each document's own slot, its hidden states at the distilled
     # positions [N_pos, H] of each layer (the LM objectives: of the last, with next-token targets)
@@ -252,22 +274,99 @@ def _batch_losses(model, wave: List[DocState], picks: List[Tuple[int, int]], gro
     lm_head = model.get_output_embeddings().weight
     out = []
     if distill:
-        t_all = torch.cat(t_h, dim=1).to(device)  # [L_sel, N_pos, H]
+        t_all = torch.cat([t.hidden for t in teacher], dim=1).to(device)  # [L_sel, N_pos, H]
+        t_emb = t_negent = t_kl = None
+        if all(t.kl_stats is not None for t in teacher):
+            t_emb = torch.cat([t.kl_stats[0] for t in teacher]).to(device)
+            t_negent = torch.cat([t.kl_stats[1] for t in teacher]).to(device)
+        elif all(t.kl_hidden is not None for t in teacher):
+            t_kl = torch.cat([t.kl_hidden for t in teacher])
         for g in range(G):
             sel = (group_of_pos == g).nonzero().squeeze(1).to(device)
-            norms = torch.stack([n for k, n in zip(groups, t_norms) if k == g]).sum(0)
+            if totals is None:
+                norms = torch.stack([t.norms for k, t in zip(groups, teacher) if k == g]).sum(0)
+                share = 1.0
+            else:  # this pass's share of the step: the KL's mean over the step's positions, the norms of the step's
+                norms, share = totals[g][1], len(sel) / totals[g][0]
             stats = (t_emb[sel], t_negent[sel]) if t_emb is not None else None
-            loss, parts = dcd_loss([h[sel] for h in s_rows], t_all[:, sel], lm_head, kl_weight=cfg.kl_weight,
+            loss, parts = dcd_loss([h[sel] for h in s_rows], t_all[:, sel], lm_head, kl_weight=cfg.kl_weight * share,
                                    hidden_weight=cfg.hidden_weight, teacher_norms=norms, teacher_kl_stats=stats,
                                    kl_teacher_hidden=t_kl[sel] if t_kl is not None else None, backend=cfg.backend)
-            out.append((loss, {"loss": float(loss.detach()), "kl": float(parts["kl"]), "hidden": float(parts["hidden"])}))
+            out.append((loss, {"loss": float(loss.detach()), "kl": float(parts["kl"]) * share,
+                               "hidden": float(parts["hidden"])}))
     else:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             ce = chunked_lm_loss(s_rows[0], lm_head, targets)
         for g in range(G):
-            loss = ce[(group_of_pos == g).to(device)].mean()
+            rows = ce[(group_of_pos == g).to(device)]
+            loss = rows.mean() if totals is None else rows.sum() / totals[g][0]
             out.append((loss, {"loss": float(loss.detach())}))
     return out
+
+
+def micro_batches(lengths: List[int], budget: int) -> List[List[int]]:
+    """The picks (indices into ``lengths``, their student sequence lengths) in passes of at most
+    ``budget`` padded tokens each, shortest first (less padding); one pass of all where ``budget`` is
+    0. A sequence longer than the budget gets a pass of its own."""
+    if budget <= 0:
+        return [list(range(len(lengths)))]
+    passes: List[List[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda k: lengths[k]):
+        if passes and (len(passes[-1]) + 1) * lengths[i] <= budget:  # ascending: lengths[i] is the pass's longest
+            passes[-1].append(i)
+        else:
+            passes.append([i])
+    return passes
+
+
+def step_backward(model, wave: List[DocState], picks: List[Tuple[int, int]], cfg, device: torch.device, amp_dtype,
+                  layers: List[int], pad_id: int) -> Tuple[List[Dict[str, float]], float]:
+    """One training step's forward and backward: the sum over documents of each document's own loss
+    (the picks of slot s are document s's), its gradients added to the slots' ``.grad``. Returns each
+    document's loss parts and the sum.
+
+    With ``cfg.micro_batch_tokens`` the picks run in passes of at most that many padded tokens, each
+    with its own backward, so activations of one pass at a time are held: every document's loss is
+    normalised by its totals over the whole step (its positions, its teacher norms), so the passes'
+    shares and gradients add up to one pass's, to rounding. A document's examples may fall into
+    different passes. Without a cache the teacher runs for every pass first, its states kept for the
+    step (the norms need all of them before the first student pass)."""
+    distill = cfg.objective in ("sdcd", "ddcd")
+    passes = micro_batches([len(wave[slot].examples[i].student_ids) for slot, i in picks], cfg.micro_batch_tokens)
+    if len(passes) == 1:
+        out = _batch_losses(model, wave, picks, [slot for slot, _ in picks], cfg, device, amp_dtype, layers, pad_id)
+        total = sum(loss for loss, _ in out)
+        total.backward()
+        return [parts for _, parts in out], float(total.detach())
+
+    teacher: List[Optional[TeacherRows]] = [None] * len(picks)
+    if distill:
+        for idx in passes:
+            for k, rows in zip(idx, teacher_rows(model, wave, [picks[k] for k in idx], cfg, device, amp_dtype, layers,
+                                                 pad_id)):
+                teacher[k] = rows
+    positions: Dict[int, int] = {}
+    norms: Dict[int, torch.Tensor] = {}
+    for k, (slot, i) in enumerate(picks):
+        positions[slot] = positions.get(slot, 0) + wave[slot].examples[i].n
+        if distill:
+            norms[slot] = norms[slot] + teacher[k].norms if slot in norms else teacher[k].norms
+    per_doc: Dict[int, Dict[str, float]] = {}
+    total = 0.0
+    for idx in passes:
+        sub = [picks[k] for k in idx]
+        slots = sorted({slot for slot, _ in sub})
+        out = _batch_losses(model, wave, sub, [slots.index(slot) for slot, _ in sub], cfg, device, amp_dtype, layers,
+                            pad_id, teacher=[teacher[k] for k in idx] if distill else None,
+                            totals=[(positions[s], norms.get(s)) for s in slots])
+        loss = sum(loss for loss, _ in out)
+        loss.backward()
+        total += float(loss.detach())
+        for slot, (_, parts) in zip(slots, out):
+            acc = per_doc.setdefault(slot, dict.fromkeys(parts, 0.0))
+            for name, value in parts.items():
+                acc[name] += value
+    return [per_doc[slot] for slot in range(len(wave))], total
 
 
 @torch.no_grad()
@@ -343,16 +442,13 @@ def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device
             # 1. the batch: examples_per_doc training examples of every document, grouped by slot
             picks = [(slot, doc.next_example()) for slot, doc in enumerate(wave) for _ in range(cfg.examples_per_doc)]
 
-            # 2. the loss: a sum over documents of each document's own DCD (or LM) loss
-            total = 0.0
-            for doc, (loss_d, parts) in zip(wave, _batch_losses(model, wave, picks, [slot for slot, _ in picks], cfg,
-                                                                 device, amp_dtype, layers, pad_id)):
+            # 2. the loss, a sum over documents of each document's own DCD (or LM) loss, and its gradients
+            opt.zero_grad(set_to_none=True)
+            parts_per_doc, total = step_backward(model, wave, picks, cfg, device, amp_dtype, layers, pad_id)
+            for doc, parts in zip(wave, parts_per_doc):
                 doc.losses.append(parts)
-                total = total + loss_d
 
             # 3. the update: per-slot clipping, AdamW, schedule
-            opt.zero_grad(set_to_none=True)
-            total.backward()
             clip_per_slot(model, cfg.clip)
             opt.step()
             sched.step()
@@ -368,7 +464,7 @@ def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device
                           f"kill now resumes from the checkpoint before, if any", flush=True)
                 saved_at = time.monotonic()
             if progress is not None:
-                progress.set_postfix(loss=f"{float(total.detach()) / len(wave):.4f}")
+                progress.set_postfix(loss=f"{total / len(wave):.4f}")
                 progress.update(1)
             if stop.signum is not None:  # asked to stop (stop_at_step_end): this step's state is saved, then stop
                 save_checkpoint(checkpoint, step + 1, wave, params, opt, sched, best)

@@ -432,16 +432,17 @@ def test_a_gpu_out_of_memory_says_which_stage_and_what_shrinks_it(tiny_model, do
              "--qa-per-chunk", "1", "--max-new-tokens", "8", "--chunk-tokens", "64", "--no-progress"]
     real_train = kindex.train_wave
     for stage, name, said in (
-            ("generation", "synthesize", "--gen-batch-size (now 5) or --max-new-tokens (now 8)"),
-            ("the teacher cache", "build_cache", "--chunk-tokens (now 64) or --max-new-tokens (now 8)"),
-            ("training", "train_wave", "--docs-per-step (now 3) or --examples-per-doc (now 2)")):
+            ("generation", "synthesize", "lower --gen-batch-size (now 5) or --max-new-tokens (now 8)"),
+            ("the teacher cache", "build_cache", "lower --chunk-tokens (now 64) or --max-new-tokens (now 8)"),
+            ("training", "train_wave", "set --micro-batch-tokens (e.g. 4096: the same training, in passes of that "
+                                       "many tokens), or lower --docs-per-step (now 3) or --examples-per-doc (now 2)")):
         real = getattr(kindex, name)
         monkeypatch.setattr(kindex, name, out_of_memory)
         assert main(["index", str(docs_dir), "--out", str(out), *flags, "--gen-batch-size", "5",
                      "--examples-per-doc", "2"]) == 1
         err = capsys.readouterr().err
         (line,) = [x for x in err.splitlines() if x.startswith("kmtrain: error:")]
-        assert line.startswith(f"kmtrain: error: out of memory in {stage}; lower {said}: {message}; finished KMs")
+        assert line.startswith(f"kmtrain: error: out of memory in {stage}; {said}: {message}; finished KMs")
         assert "run the same command again to resume" in line and "Traceback" not in err
         monkeypatch.setattr(kindex, name, real)
     assert all((out / ".work" / d / "synth.json").is_file() for d in DOCS)  # generation's work was kept
@@ -449,9 +450,9 @@ def test_a_gpu_out_of_memory_says_which_stage_and_what_shrinks_it(tiny_model, do
     monkeypatch.setattr(kindex, "train_wave", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError) as e:  # the Python API: torch's error, with the note
         index(str(docs_dir), tiny_cfg(tiny_model, out, docs_per_step=3, summaries_per_chunk=1, qa_per_chunk=1,
-                                      max_new_tokens=8))  # the flags' generation settings: their targets are reused
-    assert e.value.__notes__ == ["out of memory in training; lower --docs-per-step (now 3) or --examples-per-doc "
-                                 "(now 1)"]
+                                      max_new_tokens=8, micro_batch_tokens=64))  # the flags' generation settings: their targets are reused
+    assert e.value.__notes__ == ["out of memory in training; lower --micro-batch-tokens (now 64), or lower "
+                                 "--docs-per-step (now 3) or --examples-per-doc (now 1)"]
     monkeypatch.setattr(kindex, "train_wave", real_train)
     monkeypatch.setattr(kindex, "synthesize", lambda *a, **k: pytest.fail("generation ran again"))
     assert main(["index", str(docs_dir), "--out", str(out), *flags, "--docs-per-step", "1"]) == 0
