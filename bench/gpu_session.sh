@@ -5,6 +5,8 @@
 #   make gpu-carry                        # here, once: .gpu_carry/ (wheels the GPU image lacks, a tokenizer)
 #   bash bench/gpu_session.sh indexing    # there (limit 400 s): the >= 8x indexing target at Llama-3.1-8B shapes
 #   bash bench/gpu_session.sh kernels     # there (limit 420 s): the kernel tests in bf16, bench.lora, bench.losses
+#   bash bench/gpu_session.sh memory      # there, if time is left (limit 300 s): the paper preset's training
+#                                         #   step at 8B shapes by --micro-batch-tokens (bench.train_memory)
 #   bash bench/gpu_session.sh tests       # there, if time is left: the rest of the suite (-m "not slow")
 #
 # with .gpu_carry carried along, and a call's own time limit the stage's plus ~60 s (the wheels'
@@ -28,13 +30,13 @@ shape=${GPU_SHAPE:-llama-3.1-8b}      # `tiny` runs the indexing stage on a CPU 
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 if [ $# -eq 0 ]; then
-  echo "usage: bash bench/gpu_session.sh indexing|kernels|tests ..." >&2
+  echo "usage: bash bench/gpu_session.sh indexing|kernels|memory|tests ..." >&2
   exit 2
 fi
 for stage in "$@"; do
-  case $stage in indexing|kernels|tests) ;; *) echo "bench/gpu_session.sh: unknown stage '$stage' (indexing, kernels, tests)" >&2; exit 2;; esac
+  case $stage in indexing|kernels|memory|tests) ;; *) echo "bench/gpu_session.sh: unknown stage '$stage' (indexing, kernels, memory, tests)" >&2; exit 2;; esac
 done
-if [[ " $* " == *" indexing "* ]] && [ ! -f "$carry/tokenizer/tokenizer.json" ]; then
+if [[ " $* " == *" indexing "* || " $* " == *" memory "* ]] && [ ! -f "$carry/tokenizer/tokenizer.json" ]; then
   echo "bench/gpu_session.sh: no $carry/tokenizer: run 'make gpu-carry' here and carry $carry along" >&2
   exit 2
 fi
@@ -76,6 +78,11 @@ for stage in "$@"; do
     step kernel-tests 120 "$py" -m pytest -q -p no:cacheprovider $kernel_tests
     step bench-lora 120 "$py" -m bench.lora --out "$out/lora_gpu.md"
     step bench-losses 180 "$py" -m bench.losses --out "$out/losses_gpu.md" ;;
+  memory)
+    # the paper preset's step (8 documents x 8 examples of 768 tokens) in one pass and in passes of the
+    # preset's 4096 and of 8192 tokens: peak memory and step time; the random weights of `indexing` are reused
+    step train-memory 300 "$py" -m bench.train_memory --random-shape "$shape" --tokenizer "$carry/tokenizer" \
+      --work "$work" --micro 0 4096 8192 --out "$out/train_memory_${shape}.md" ;;
   tests)
     # shellcheck disable=SC2046
     step other-tests 240 "$py" -m pytest -q -p no:cacheprovider -m "not slow" tests $(printf -- '--ignore=%s ' $kernel_tests) ;;

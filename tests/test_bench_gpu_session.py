@@ -24,7 +24,8 @@ def test_unknown_stage_is_refused_by_name_before_anything_runs(tmp_path):
 def test_no_stage_or_no_carried_tokenizer_is_refused(tmp_path):
     r = run(tmp_path)
     assert r.returncode == 2 and "usage:" in r.stderr
-    r = run(tmp_path, "indexing")
-    assert r.returncode == 2
-    assert "no_carry/tokenizer: run 'make gpu-carry'" in r.stderr
-    assert not (tmp_path / "out").exists()
+    for stage in ("indexing", "memory"):  # both build a random model with the carried tokenizer
+        r = run(tmp_path, stage)
+        assert r.returncode == 2
+        assert "no_carry/tokenizer: run 'make gpu-carry'" in r.stderr
+        assert not (tmp_path / "out").exists()
