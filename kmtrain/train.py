@@ -373,14 +373,18 @@ def step_backward(model, wave: List[DocState], picks: List[Tuple[int, int]], cfg
 def heldout_losses(model, wave: List[DocState], cfg, device: torch.device, amp_dtype, layers: List[int],
                    pad_id: int) -> Dict[int, Dict[str, float]]:
     """{slot: mean over the document's held-out examples of each example's own DCD loss} for the
-    documents that have held-out examples. Forward only, in batches of a training step's size."""
+    documents that have held-out examples. Forward only, in batches of a training step's size, or of
+    ``cfg.micro_batch_tokens`` (each example is its own group, so any batching gives the same losses)."""
     picks = [(slot, i) for slot, doc in enumerate(wave) for i in doc.heldout]
     per_slot: Dict[int, List[Dict[str, float]]] = {}
     size = len(wave) * cfg.examples_per_doc
+    batches = [picks[k:k + size] for k in range(0, len(picks), size)]
+    if cfg.micro_batch_tokens:
+        batches = [[picks[k] for k in p] for p in micro_batches([len(wave[s].examples[i].student_ids) for s, i in picks],
+                                                                cfg.micro_batch_tokens)]
     was_training = model.training
     model.eval()
-    for k in range(0, len(picks), size):
-        batch = picks[k:k + size]
+    for batch in batches:
         for (slot, _), (_, parts) in zip(batch, _batch_losses(model, wave, batch, list(range(len(batch))), cfg,
                                                                device, amp_dtype, layers, pad_id)):
             per_slot.setdefault(slot, []).append(parts)

@@ -314,6 +314,23 @@ def test_a_step_in_micro_batches_has_the_losses_and_gradients_of_one_pass(tiny_m
     for a, b in zip(one[2], many[2]):
         assert (a - b).norm() <= 1e-5 * a.norm(), float((a - b).norm() / a.norm())
 
+    # the held-out evaluation (forward only) in passes too: each example its own group, the same losses
+    for doc in wave:
+        doc.heldout = [1, 2]
+    with torch.no_grad():
+        whole = train.heldout_losses(model, wave, cfg, torch.device("cpu"), None, layers, tok.pad_token_id)
+        calls.clear()
+        train._batch_losses = lambda *a, **k: calls.append(len(a[2])) or real(*a, **k)
+        try:
+            parts = train.heldout_losses(model, wave, cfg.replace(micro_batch_tokens=20), torch.device("cpu"), None,
+                                         layers, tok.pad_token_id)
+        finally:
+            train._batch_losses = real
+    assert len(calls) >= 3 and sum(calls) == 6, calls
+    assert whole.keys() == parts.keys() == {0, 1, 2}
+    for slot in whole:
+        assert all(abs(whole[slot][k] - parts[slot][k]) <= 1e-5 * abs(whole[slot][k]) + 1e-7 for k in whole[slot])
+
 
 def test_a_wave_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny_model, tmp_path, capsys, monkeypatch):
     """Killed after step 5 of 8 (here: its progress bar raises), a wave resumes from the checkpoint
