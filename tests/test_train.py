@@ -189,6 +189,18 @@ def test_length_groups_split_only_when_it_saves_padding():
     assert len(length_groups([short + 1] + [100] * (n - 1))) == 1
 
 
+def random_example(tok, g: torch.Generator, objective: str, n_target: int):
+    """A training example of random tokens: ``n_target`` distilled positions after a 9-token context
+    (the teacher's) and a 1-token prompt, or for lm a sequence of ``n_target`` tokens."""
+    from kmtrain.teacher_cache import Example
+
+    ctx = torch.randint(3, len(tok), (9,), generator=g).tolist()
+    tgt = torch.randint(3, len(tok), (n_target,), generator=g).tolist()
+    if objective == "lm":
+        return Example(tgt, 0, n_target - 1)
+    return Example([1] + tgt, 0, n_target, ctx + [1] + tgt, len(ctx))
+
+
 @pytest.mark.parametrize("objective", ["sdcd", "lm"])
 def test_a_batch_split_by_length_has_the_losses_and_gradients_of_one_forward(tiny_model, monkeypatch, objective):
     """Short and long examples in two decoder forwards give each document the loss and the LoRA
@@ -197,17 +209,12 @@ def test_a_batch_split_by_length_has_the_losses_and_gradients_of_one_forward(tin
     from kmkernels import attach_grouped_lora, slot_parameters
     from kmtrain import IndexConfig
     from kmtrain.models import load_model
-    from kmtrain.teacher_cache import Example
 
     model, tok, _, _ = load_model(tiny_model)
     g = torch.Generator().manual_seed(0)
 
     def example(n_target):
-        ctx = torch.randint(3, len(tok), (9,), generator=g).tolist()
-        tgt = torch.randint(3, len(tok), (n_target,), generator=g).tolist()
-        if objective == "lm":
-            return Example(tgt, 0, n_target - 1)
-        return Example([1] + tgt, 0, n_target, ctx + [1] + tgt, len(ctx))
+        return random_example(tok, g, objective, n_target)
 
     # per document one long and one short example, interleaved so that the groups cut across documents
     wave = [train.DocState(f"d{k}", [example(30), example(3 + k)], seed=k) for k in range(2)]
@@ -262,18 +269,14 @@ def test_a_step_in_micro_batches_has_the_losses_and_gradients_of_one_pass(tiny_m
     from kmkernels import attach_grouped_lora, slot_parameters
     from kmtrain import IndexConfig
     from kmtrain.models import load_model
-    from kmtrain.teacher_cache import Example, TeacherCache, build_cache
+    from kmtrain.teacher_cache import TeacherCache, build_cache
 
     model, tok, _, _ = load_model(tiny_model)
     g = torch.Generator().manual_seed(0)
     layers = list(range(model.config.num_hidden_layers))
 
     def example(n_target):
-        ctx = torch.randint(3, len(tok), (9,), generator=g).tolist()
-        tgt = torch.randint(3, len(tok), (n_target,), generator=g).tolist()
-        if objective == "lm":
-            return Example(tgt, 0, n_target - 1)
-        return Example([1] + tgt, 0, n_target, ctx + [1] + tgt, len(ctx))
+        return random_example(tok, g, objective, n_target)
 
     wave = [train.DocState(f"d{k}", [example(n) for n in (20, 6 + k, 13, 9)], seed=k) for k in range(3)]
     cfg = IndexConfig(model=tiny_model, objective=objective, amp="off", backend="torch", cache_dtype="fp32",
