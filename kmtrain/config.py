@@ -98,13 +98,11 @@ class IndexConfig:
     examples_per_doc: int = 2
     # >0: a step's docs_per_step x examples_per_doc sequences run in passes of at most this many
     # padded tokens, gradients summed (train.step_backward): the same update to rounding, with one
-    # pass's activations held at a time. 0: one pass. A training pass holds 1.36 MB of activations a
-    # token for SmolLM2-135M in bf16 on a CPU (measured: 5.3 GB at 4,096 tokens against 1.1 GB at
-    # 1,024; bench/results/train_memory_cpu.md); at Llama-3.1-8B shapes ~5 MB by its layer sizes
-    # (an estimate). The CPU defaults' step (16 sequences of at most ~170 tokens) stays one pass at
-    # 4096, so make demo trains as before; a larger --docs-per-step or --examples-per-doc, or the
-    # paper preset's 64 sequences of up to ~800 tokens (~50k tokens), run in passes by default.
-    micro_batch_tokens: int = 4096
+    # pass's activations held at a time. 0: one pass. On the CPU defaults a step is 16 sequences of
+    # ~80-170 tokens (~2.6k tokens). A training pass holds 1.36 MB of activations a token for
+    # SmolLM2-135M in bf16 on a CPU (measured: 5.3 GB at 4,096 tokens against 1.1 GB at 1,024); the
+    # paper preset's 64 sequences of up to ~800 tokens make ~50k tokens a step.
+    micro_batch_tokens: int = 0
     # The paper's 1e-3 is for 250-1500 steps; at CPU step counts (30-60) it leaves the KMs
     # under-trained. Measured on the demo corpus at 30 steps (bench/results/ablations/): sdcd 7/64
     # at 1e-3, 19/64 at 5e-3, 10/64 at 1e-2. The paper preset keeps 1e-3.
@@ -263,6 +261,9 @@ PRESETS = {
     # The paper's recipe (SPEC.md section 2), for GPUs.
     "paper": dict(chunk_tokens=2048, chunk_overlap=0.1, summaries_per_chunk=8, qa_per_chunk=8, max_new_tokens=768,
                   steps=1500, examples_per_doc=8, docs_per_step=8, temperature=1.0, lr=1e-3, heldout_per_chunk=1,
-                  recite_tokens=0),
+                  recite_tokens=0,
+                  # passes of about half the paper's own step (8 sequences of up to ~1k tokens): ~5 MB of
+                  # activations a token at Llama-3.1-8B shapes by its layer sizes (estimated, no GPU run yet)
+                  micro_batch_tokens=4096),
     "cpu": {},
 }

@@ -89,13 +89,6 @@ def out_of_memory_note(stage: str, shrink: str) -> Iterator[None]:
         raise
 
 
-def out_of_memory_hint_for_training(cfg: IndexConfig) -> str:
-    """What shrinks training's memory: passes first (--micro-batch-tokens keeps the update), then the step."""
-    passes = (f"lower --micro-batch-tokens (now {cfg.micro_batch_tokens})" if cfg.micro_batch_tokens else
-              "set --micro-batch-tokens (e.g. 4096: the same training, in passes of that many tokens)")
-    return f"{passes}, or lower --docs-per-step (now {cfg.docs_per_step}) or --examples-per-doc (now {cfg.examples_per_doc})"
-
-
 def _amp_dtype(cfg, device: torch.device):
     """bf16 autocast: asked for (--amp bf16), or (auto) where the device has native bf16 matmuls."""
     if cfg.amp == "off":
@@ -641,7 +634,10 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 old.unlink()
         t0 = time.time()
         bar = _bar(cfg, total=cfg.steps, desc=f"training {span}")
-        with out_of_memory_note("training", out_of_memory_hint_for_training(cfg)):
+        passes = (f"lower --micro-batch-tokens (now {cfg.micro_batch_tokens})" if cfg.micro_batch_tokens else
+                  "set --micro-batch-tokens (e.g. 4096: the same training, in passes of that many tokens)")
+        with out_of_memory_note("training", f"{passes}, or lower --docs-per-step (now {cfg.docs_per_step}) or "
+                                            f"--examples-per-doc (now {cfg.examples_per_doc})"):
             resumed_from = train_wave(model, tok, wave, cfg, device, amp, progress=bar, checkpoint=checkpoint)
         bar.close()
         wave_s = time.time() - t0

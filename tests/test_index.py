@@ -431,13 +431,11 @@ def test_a_gpu_out_of_memory_says_which_stage_and_what_shrinks_it(tiny_model, do
     flags = ["--model", tiny_model, "--steps", "1", "--docs-per-step", "3", "--summaries-per-chunk", "1",
              "--qa-per-chunk", "1", "--max-new-tokens", "8", "--chunk-tokens", "64", "--no-progress"]
     real_train = kindex.train_wave
-    assert "set --micro-batch-tokens (e.g. 4096" in kindex.out_of_memory_hint_for_training(IndexConfig(
-        micro_batch_tokens=0))
     for stage, name, said in (
             ("generation", "synthesize", "lower --gen-batch-size (now 5) or --max-new-tokens (now 8)"),
             ("the teacher cache", "build_cache", "lower --chunk-tokens (now 64) or --max-new-tokens (now 8)"),
-            ("training", "train_wave", "lower --micro-batch-tokens (now 4096), or lower --docs-per-step (now 3) or "
-                                       "--examples-per-doc (now 2)")):
+            ("training", "train_wave", "set --micro-batch-tokens (e.g. 4096: the same training, in passes of that "
+                                       "many tokens), or lower --docs-per-step (now 3) or --examples-per-doc (now 2)")):
         real = getattr(kindex, name)
         monkeypatch.setattr(kindex, name, out_of_memory)
         assert main(["index", str(docs_dir), "--out", str(out), *flags, "--gen-batch-size", "5",
