@@ -99,8 +99,8 @@ class IndexConfig:
     # >0: a step's docs_per_step x examples_per_doc sequences run in passes of at most this many
     # padded tokens, gradients summed (train.step_backward): the same update to rounding, with one
     # pass's activations held at a time. 0: one pass. On the CPU defaults a step is 16 sequences of
-    # ~80-170 tokens (~2.6k tokens). A training pass holds 1.36 MB of activations a token for
-    # SmolLM2-135M in bf16 on a CPU (measured: 5.3 GB at 4,096 tokens against 1.1 GB at 1,024); the
+    # ~80-170 tokens (~2.6k tokens). A training pass holds 1.36 MiB of activations a token for
+    # SmolLM2-135M in bf16 on a CPU (measured: 5.2 GiB at 4,096 tokens against 1.1 GiB at 1,024); the
     # paper preset's 64 sequences of up to ~800 tokens make ~50k tokens a step.
     micro_batch_tokens: int = 0
     # The paper's 1e-3 is for 250-1500 steps; at CPU step counts (30-60) it leaves the KMs
