@@ -294,12 +294,19 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torc
         if on_hub and (reason := hub_unreachable()) is not None:
             raise ValueError(f"model {name_or_path!r}: no such local folder or alias{alias_hint(name_or_path)}, not "
                              f"in the Hugging Face cache, and the Hub cannot be reached from here ({reason})")
+        from safetensors import SafetensorError
+
         try:
             tok = AutoTokenizer.from_pretrained(folder)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         except OSError as e:  # a Hub name that cannot be reached or does not exist, a folder without weights
             where = "this folder" if not on_hub else f"the Hub (no such local folder){alias_hint(name_or_path)}"
             raise ValueError(f"model {name_or_path!r}: loading it from {where} failed: {e}") from None
+        except SafetensorError as e:  # a weights file cut short (a copy or download stopped) or damaged
+            converted = Path(folder).resolve().parent == (cache_root() / "models").resolve()
+            fix = ("delete that folder and it is converted again" if converted else
+                   "copy or download the model again")
+            raise ValueError(f"model {name_or_path!r}: a weights file in {folder} cannot be read ({e}): {fix}") from None
         if on_hub:  # downloaded now: hashed from the cache's copy, as a later run will read it
             folder = hub_snapshot(name_or_path) or folder
     if tok.pad_token is None:

@@ -336,6 +336,32 @@ def test_a_disk_that_fills_while_the_alias_is_converted_is_an_oserror_naming_the
     assert list(target.parent.iterdir()) == []  # the temporary folder went with the failure
 
 
+def test_a_model_whose_weights_are_cut_short_is_named_with_the_fix(tiny_model, tmp_path, monkeypatch):
+    """A model folder whose safetensors file was cut short (a copy or download stopped half way):
+    transformers' SafetensorError traceback, from `kmtrain ask` and `index` alike. Now a ValueError
+    (exit 2) naming the folder and what to do: copy it again, or for a converted copy under the cache
+    folder, delete it so that it is converted again."""
+    import shutil
+
+    from kmtrain.cli import main
+
+    models = importlib.import_module("kmtrain.models")
+    monkeypatch.setenv("KMTRAIN_CACHE", str(tmp_path / "cache"))
+    mine = tmp_path / "my_model"
+    shutil.copytree(tiny_model, mine)
+    weights = mine / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"a weights file in {mine} cannot be read \(.*\): copy or download the "
+                                         r"model again"):
+        models.load_model(str(mine))
+    converted = tmp_path / "cache" / "models" / "smollm2-135m"
+    converted.parent.mkdir(parents=True)
+    shutil.move(mine, converted)
+    with pytest.raises(ValueError, match="delete that folder and it is converted again"):
+        models.load_model("smollm2-135m")
+    assert main(["ask", "--model", str(converted), "hello?"]) == 2
+
+
 def test_a_gguf_file_is_converted_once_and_again_when_it_changes(tmp_path, monkeypatch):
     """--model path/to/model.gguf (a llama.cpp download; an Ollama blob, named by its sha256 without
     an extension, is told by its magic bytes) is converted as the alias is, into a copy under the
