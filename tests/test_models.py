@@ -336,7 +336,7 @@ def test_a_disk_that_fills_while_the_alias_is_converted_is_an_oserror_naming_the
     assert list(target.parent.iterdir()) == []  # the temporary folder went with the failure
 
 
-def test_a_model_whose_weights_are_cut_short_is_named_with_the_fix(tiny_model, tmp_path, monkeypatch):
+def test_a_model_whose_weights_or_tokenizer_are_cut_short_is_named_with_the_fix(tiny_model, tmp_path, monkeypatch):
     """A model folder whose safetensors file was cut short (a copy or download stopped half way):
     transformers' SafetensorError traceback, from `kmtrain ask` and `index` alike. Now a ValueError
     (exit 2) naming the folder and what to do: copy it again, or for a converted copy under the cache
@@ -360,6 +360,13 @@ def test_a_model_whose_weights_are_cut_short_is_named_with_the_fix(tiny_model, t
     with pytest.raises(ValueError, match="delete that folder and it is converted again"):
         models.load_model("smollm2-135m")
     assert main(["ask", "--model", str(converted), "hello?"]) == 2
+
+    # a tokenizer file cut short: json's bare "Expecting ... line 1" named neither the file nor the model
+    shutil.copytree(tiny_model, mine)
+    tokenizer = mine / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text()[:1000])
+    with pytest.raises(ValueError, match=rf"model '{mine}': a tokenizer file in {mine} is not valid JSON"):
+        models.load_model(str(mine))
 
 
 def test_a_gguf_file_is_converted_once_and_again_when_it_changes(tmp_path, monkeypatch):
