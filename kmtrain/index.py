@@ -40,7 +40,7 @@ from .config import IndexConfig, resolve_device
 from .data import (Document, atomic_write_text, chat_prompt_ids, check_documents, chunk_tokens, file_sha256,
                    load_documents, recitation_items, target_ids, text_ids, whole_character_cuts)
 from .evaluate import generate_answers, question_prompt
-from .models import load_model, native_bf16, resolve_model, weights_hash
+from .models import hub_snapshot, load_model, native_bf16, resolve_model, weights_hash
 from .synth import GENERATION_MARGIN, PROMPT_OF, requested_kinds, requests_to_make, split_heldout, synthesize
 from .teacher_cache import TeacherCache, build_cache, build_examples, cache_bytes, select_layers
 from .train import DocState, train_wave
@@ -769,6 +769,10 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
             if not (km_hash and km_hash != "unknown" and km_hash == base_hash):
                 raise ValueError(f"KMs were trained on different base models ({base} vs {km_base}); "
                                  f"ask them separately")
+    if base is None:  # no km.json names one: a plain PEFT folder's own base, where it is on this machine
+        named = [c.get("base_model_name_or_path") for c in configs if isinstance(c.get("base_model_name_or_path"), str)]
+        local = [b for b in named if os.path.isdir(os.path.expanduser(b)) or hub_snapshot(b) is not None]
+        base = local[0] if local else None
     base = base or "smollm2-135m"
     # Where bf16 is native the base runs in bf16 (as it trained there); the KMs' fp32 weights are
     # rounded per matmul.

@@ -671,6 +671,22 @@ def test_ask_batches_kms_with_different_targets(tiny_model, docs_dir, tmp_path):
     assert together == alone
 
 
+def test_ask_reads_a_plain_peft_adapters_base_from_its_config(tiny_model, tmp_path):
+    """A LoRA saved by plain PEFT has no km.json: ask took the default model for it, and failed on its
+    shapes ("different base model?"). It now takes the base its adapter_config.json names, where that
+    is on this machine, and answers as with --model given."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                          LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "plain")
+    assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_model
+    pairs = [(str(tmp_path / "plain"), "Which bell?"), (None, "Which bell?")]
+    assert ask(pairs, max_new_tokens=6) == ask(pairs, model=tiny_model, max_new_tokens=6)
+
+
 def test_ask_loads_at_most_kms_at_once(tiny_model, docs_dir, tmp_path, monkeypatch):
     """A thousand KMs in one call all sat in memory at once (84 MB each at 8B shapes): they are
     loaded kms_at_once at a time, into the same slots, each group's questions answered before the
