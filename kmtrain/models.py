@@ -297,12 +297,13 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torc
         from safetensors import SafetensorError
 
         try:
-            try:
-                tok = AutoTokenizer.from_pretrained(folder)
-            except json.JSONDecodeError as e:  # a tokenizer file cut short: the message named neither file nor model
-                raise ValueError(f"model {name_or_path!r}: a tokenizer file in {folder} is not valid JSON ({e}): "
-                                 f"copy or download the model again") from None
+            tok = AutoTokenizer.from_pretrained(folder)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        except json.JSONDecodeError as e:
+            # a tokenizer file cut short: json's own message named neither file nor model (a bad
+            # config.json comes wrapped in an OSError by transformers, below)
+            raise ValueError(f"model {name_or_path!r}: a tokenizer file in {folder} is not valid JSON ({e}): "
+                             f"copy or download the model again") from None
         except OSError as e:  # a Hub name that cannot be reached or does not exist, a folder without weights
             where = "this folder" if not on_hub else f"the Hub (no such local folder){alias_hint(name_or_path)}"
             raise ValueError(f"model {name_or_path!r}: loading it from {where} failed: {e}") from None
