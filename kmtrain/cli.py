@@ -49,6 +49,8 @@ _FIELD_FLAGS = {
     "gen_batch_size": "synthetic-target requests per generate call (hf generator; lower it where generation "
                       "runs out of memory)",
     "cache_dtype": "teacher cache precision",
+    "cache_batch_size": "synthetic targets per teacher forward while a teacher cache is built (lower it where "
+                        "that runs out of memory)",
     "backend": "kernels: triton or torch (auto: triton on a GPU)",
     "amp": "bf16 autocast (auto: where the device multiplies bf16 natively)",
     "base_dtype": "base weights in memory (auto: bf16 under bf16 autocast, else fp32)",

@@ -83,6 +83,10 @@ class IndexConfig:
     # scales each example's layer on its own, as --no-teacher-cache rounds it: the same loss either way.
     cache_dtype: str = "bf16"  # bf16 | fp8 | fp32
     cache_layers: Optional[Tuple[int, ...]] = None  # None = every decoder layer; the last is always kept
+    # Targets per teacher forward while a cache is built (each batch holds its own copy of the chunk's
+    # keys and values: 8 x 268 MB for a 2048-token chunk at Llama-3.1-8B shapes in bf16). Lower it where
+    # the cache build runs out of memory: the cache holds the same states (fp32: to ~1e-6; tested).
+    cache_batch_size: int = 8
     # training (paper defaults but the lr: AdamW, warm-up + cosine, clip 1.0, r=16, alpha=16, all projections)
     # 60 steps: `make demo` took 10 min 55 s from a cold start on a 2-core CPU with native bf16 (12
     # summaries, 2 examples per document per step; not re-timed on an fp32-only CPU since). sdcd
@@ -150,7 +154,8 @@ class IndexConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("steps", "docs_per_step", "examples_per_doc", "rank", "max_new_tokens", "gen_batch_size"):
+        for name in ("steps", "docs_per_step", "examples_per_doc", "rank", "max_new_tokens", "gen_batch_size",
+                     "cache_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         # checked here, not where they are used, so that a bad value fails before the model loads

@@ -46,9 +46,10 @@ from .teacher_cache import TeacherCache, build_cache, build_examples, cache_byte
 from .train import DocState, train_wave
 
 # IndexConfig fields that do not change a wave's training numbers: a checkpoint stays valid across them.
-# (The generator's settings act through the examples, and the device as resolved, both in the key.)
+# (The generator's settings act through the examples, and the device as resolved, both in the key; the
+# cache build's batch through the teacher cache, which the checkpoint's wave keeps until its KMs are written.)
 NOT_TRAINING_SETTINGS = ("out", "retrain", "progress", "keep_teacher_cache", "checkpoint_seconds", "device",
-                         "generator", "gen_batch_size")
+                         "generator", "gen_batch_size", "cache_batch_size")
 
 
 # km.json's names for the training precision, as the --amp / --base-dtype flags spell them
@@ -612,10 +613,13 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                         print(f"{st.id}: {e}; rebuilding it", flush=True)
                         path.unlink()
                 if st.cache is None:
-                    with (out_of_memory_note("the teacher cache", f"lower --chunk-tokens (now {cfg.chunk_tokens}) or "
-                                                                  f"--max-new-tokens (now {cfg.max_new_tokens})"),
+                    with (out_of_memory_note("the teacher cache",
+                                             f"lower --cache-batch-size (now {cfg.cache_batch_size}), or "
+                                             f"--chunk-tokens (now {cfg.chunk_tokens}) or --max-new-tokens "
+                                             f"(now {cfg.max_new_tokens})"),
                           torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)):
-                        build_cache(model, st.examples, path, num_layers, cfg, tok.pad_token_id, no_adapter)
+                        build_cache(model, st.examples, path, num_layers, cfg, tok.pad_token_id, no_adapter,
+                                    batch_size=cfg.cache_batch_size)
                     st.cache = TeacherCache(path, examples=len(st.examples))
                 cache_info[st.id] = {"bytes": path.stat().st_size, "tokens": st.cache.offsets[-1]}
                 bar.update(1)

@@ -140,7 +140,9 @@ def test_config_rejects_what_would_train_nothing_or_garbage():
                         (dict(hidden_weight=-1.0), "hidden_weight must be >= 0"),
                         (dict(weight_decay=float("nan")), "weight_decay must be a finite number"),
                         (dict(objective="lm", lm_seq_tokens=1), "lm_seq_tokens must be >= 2"),
-                        (dict(ddcd_windows_per_chunk=0), "ddcd_windows_per_chunk must be >= 1")):
+                        (dict(ddcd_windows_per_chunk=0), "ddcd_windows_per_chunk must be >= 1"),
+                        (dict(gen_batch_size=0), "gen_batch_size must be >= 1"),
+                        (dict(cache_batch_size=0), "cache_batch_size must be >= 1")):
         with pytest.raises(ValueError, match=message):
             IndexConfig(**kw).validate()
     IndexConfig(objective="lm", kl_weight=0.0, hidden_weight=0.0).validate()  # lm takes neither

@@ -433,7 +433,8 @@ def test_a_gpu_out_of_memory_says_which_stage_and_what_shrinks_it(tiny_model, do
     real_train = kindex.train_wave
     for stage, name, said in (
             ("generation", "synthesize", "lower --gen-batch-size (now 5) or --max-new-tokens (now 8)"),
-            ("the teacher cache", "build_cache", "lower --chunk-tokens (now 64) or --max-new-tokens (now 8)"),
+            ("the teacher cache", "build_cache", "lower --cache-batch-size (now 8), or --chunk-tokens (now 64) or "
+                                                 "--max-new-tokens (now 8)"),
             ("training", "train_wave", "set --micro-batch-tokens (e.g. 4096: the same training, in passes of that "
                                        "many tokens), or lower --docs-per-step (now 3) or --examples-per-doc (now 2)")):
         real = getattr(kindex, name)
@@ -457,6 +458,26 @@ def test_a_gpu_out_of_memory_says_which_stage_and_what_shrinks_it(tiny_model, do
     monkeypatch.setattr(kindex, "synthesize", lambda *a, **k: pytest.fail("generation ran again"))
     assert main(["index", str(docs_dir), "--out", str(out), *flags, "--docs-per-step", "1"]) == 0
     assert all((out / d / "km.json").is_file() for d in DOCS)
+
+
+def test_cache_batch_size_sets_the_teacher_batch_and_keeps_the_losses(tiny_model, docs_dir, tmp_path, monkeypatch):
+    """--cache-batch-size (what the teacher cache's out-of-memory note names first) caps the targets per
+    teacher forward of the cache build, and changes no number beyond fp32 rounding: the same final losses."""
+    tc = importlib.import_module("kmtrain.teacher_cache")
+    real_pad = tc._pad
+    runs = {}
+    for size in (8, 1):
+        batches = []
+        monkeypatch.setattr(tc, "_pad", lambda seqs, pad_id: batches.append(len(seqs)) or real_pad(seqs, pad_id))
+        cfg = tiny_cfg(tiny_model, tmp_path / f"kms{size}", summaries_per_chunk=3, cache_dtype="fp32",
+                       amp="off", cache_batch_size=size)
+        runs[size] = {s["id"]: s for s in index(str(docs_dir), cfg)}, batches
+    (wide, wide_batches), (narrow, narrow_batches) = runs[8], runs[1]
+    assert max(wide_batches) > 1 and set(narrow_batches) == {1}
+    assert sum(narrow_batches) == sum(wide_batches)  # the same targets, one at a time
+    for d in DOCS:
+        for k in ("loss", "kl", "hidden"):
+            assert wide[d]["final_loss"][k] == pytest.approx(narrow[d]["final_loss"][k], rel=1e-5, abs=1e-7), (d, k)
 
 
 def test_changed_document_is_retrained_others_kept(tiny_model, docs_dir, tmp_path):
@@ -1159,7 +1180,8 @@ def test_a_real_kill_mid_write_resumes_to_the_same_kms(tiny_model, docs_dir, tmp
 
     capsys.readouterr()
     # after a kill in training, settings that change no training number keep the checkpoint
-    other = dict(gen_batch_size=4, device="cpu", checkpoint_seconds=0.0) if where == "training" else {}
+    other = (dict(gen_batch_size=4, cache_batch_size=2, device="cpu", checkpoint_seconds=0.0) if where == "training"
+             else {})
     summaries = index(str(docs_dir), tiny_cfg(tiny_model, out, **other))
     resumed = "resumed from its checkpoint at step 1 of 3" in capsys.readouterr().out
     assert resumed == (where == "training")  # the checkpoint of step 1, written before the kill, was used
