@@ -281,7 +281,10 @@ def _vllm_process(texts_pipe, model_path: str, seed: int, prompts: List[Sequence
     try:
         from vllm import LLM, SamplingParams
 
-        kw = {}
+        # Positions the run needs, not the model's whole context: vLLM refuses to start when its KV cache
+        # cannot hold one request of max_model_len, which defaults to the model's context (131072 at
+        # Llama-3.1-8B: 16 GiB of KV), while beside the trainer's copy of the model it gets what is left.
+        kw = {"max_model_len": max(len(p) for p in prompts) + sampling["max_tokens"]}
         if torch.cuda.is_available():
             # The trainer's copy of the model already sits on this GPU; vLLM's default claims 90% of
             # the whole GPU and refuses to start when that much is not free.

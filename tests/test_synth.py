@@ -379,6 +379,9 @@ def test_vllm_generator_wiring(tiny_model, docs_dir, tmp_path, monkeypatch, fake
     assert len(prompts) == len(params) == n
     assert all(isinstance(p["prompt_token_ids"], list) and p["prompt_token_ids"] for p in prompts)
     assert len({p["seed"] for p in params}) == n  # one seed per request
+    # vLLM is sized for the longest request, not the model's whole context (it would refuse to start
+    # where its KV cache cannot hold that, as beside the trainer's model on a smaller GPU)
+    assert load["kw"]["max_model_len"] == max(len(p["prompt_token_ids"]) for p in prompts) + cfg.max_new_tokens
     assert {(p["temperature"], p["top_p"], p["max_tokens"]) for p in params} == {(0.7, cfg.top_p, cfg.max_new_tokens)}
     synth_rec = json.loads((tmp_path / "kms" / ".work" / "alpha" / "synth.json").read_text())
     assert synth_rec["qa_pairs"] == cfg.qa_per_chunk and synth_rec["dropped"] == 0
