@@ -436,11 +436,29 @@ def _cut_long(sentence: str, tokenizer, n_tokens: int, piece_tokens: int) -> Lis
     return parts
 
 
+def _cue(target: str, tokenizer, words: int) -> str:
+    """A recitation piece's cue: its first ``words`` words, at most 4 tokens a word (the demo corpus's
+    longest cue, 6 words, is 13 tokens). Why the cap: text without spaces (Chinese, Japanese, Thai) is
+    one "word" a whole piece long, and its cue was the whole target, put in the student's prompt."""
+    cue = " ".join(target.split()[:words])
+    limit = 4 * words
+    if len(text_ids(tokenizer, cue)) <= limit:
+        return cue
+    lo, hi = 1, len(cue)  # the longest run of characters within the limit (one character is <= 4 byte tokens)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(text_ids(tokenizer, cue[:mid])) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return cue[:lo].rstrip()
+
+
 def recitation_items(chunks: Sequence[str], tokenizer, piece_tokens: int, cue_words: int = 6) -> List[dict]:
     """Synthetic items that need no generator: each chunk cut at sentence ends into pieces of about
     ``piece_tokens`` tokens (a sentence longer than that is a piece of its own, up to twice that;
     a longer one is cut: ``_cut_long``), each piece a target under RECITE_PROMPT cued by its first
-    ``cue_words`` words. The teacher, with the chunk in context, copies the piece; the student learns
+    ``cue_words`` words (``_cue``: at most 4 tokens a word). The teacher, with the chunk in context, copies the piece; the student learns
     to recall it from the cue, so every fact of the chunk is in some target, not only what the
     generated summaries mention."""
     items = []
@@ -459,7 +477,7 @@ def recitation_items(chunks: Sequence[str], tokenizer, piece_tokens: int, cue_wo
             n += length
             if n >= piece_tokens or k == len(units) - 1:
                 target = "".join(piece)
-                cue = " ".join(target.split()[:cue_words])
+                cue = _cue(target, tokenizer, cue_words)
                 items.append({"chunk": c, "prompt": RECITE_PROMPT.format(cue=cue), "target": target})
                 piece, n = [], 0
     return items

@@ -221,7 +221,7 @@ def test_recitation_pieces_stay_short_without_sentence_ends(tiny_model):
 
     from transformers import AutoTokenizer
 
-    from kmtrain.data import recitation_items
+    from kmtrain.data import RECITE_PROMPT, recitation_items
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     rng = random.Random()
@@ -241,6 +241,14 @@ def test_recitation_pieces_stay_short_without_sentence_ends(tiny_model):
     assert all(n_tokens(p) <= 2.5 * budget for p in pieces[0] + pieces[1]), [n_tokens(p) for p in pieces[0] + pieces[1]]
     assert "".join(pieces[2]) == "".join(sentences)  # no space after a full stop either
     assert all(p.endswith("。") for p in pieces[2])  # cut at the full stops only
+    # the cue starts its piece and is short: a piece without spaces is one "word", and its cue was
+    # the whole piece, put in the prompt (the student copied the target from there)
+    for it in items + recitation_items(["".join(sentences)], tok, max(n_tokens(s) for s in sentences), cue_words=3):
+        cue = it["prompt"][len(RECITE_PROMPT.split("{")[0]):-2]
+        assert it["prompt"] == RECITE_PROMPT.format(cue=cue) and it["target"].startswith(cue) and cue
+        assert n_tokens(cue) <= 4 * 3 and (len(cue) < len(it["target"]) or n_tokens(it["target"]) <= 12), it
+    assert [it["prompt"] for it in items if it["chunk"] == 0] == [
+        RECITE_PROMPT.format(cue=" ".join(it["target"].split()[:3])) for it in items if it["chunk"] == 0]
 
 
 def test_hidden_files_and_byte_order_marks(tmp_path):
