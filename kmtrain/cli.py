@@ -13,6 +13,7 @@ import torch
 from .config import CHOICES, PRESETS, IndexConfig
 from .data import DocumentError
 from .index import OutputBusyError, library_versions
+from .synth import GeneratorError
 
 
 # Flags that set an IndexConfig field of the same name (dashes for underscores), with their help.
@@ -178,6 +179,11 @@ def reporting_errors(run: Callable[[], int], prog: str = "kmtrain", resumable: b
     except torch.OutOfMemoryError as e:  # a GPU's: which stage, and the settings that shrink it (index's note)
         said = "; ".join(getattr(e, "__notes__", ()))
         print(f"{prog}: error: {said + ': ' if said else ''}{' '.join(str(e).split())}{resume}", file=sys.stderr)
+        return 1
+    except GeneratorError as e:  # vLLM's process: its traceback (it is the useful one), then the line
+        if e.traceback:
+            print(e.traceback.rstrip(), file=sys.stderr)
+        print(f"{prog}: error: {e}{resume}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a line, not a traceback
         print(f"\n{prog}: interrupted{resume}", file=sys.stderr)

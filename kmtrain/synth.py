@@ -204,6 +204,16 @@ with os.fdopen(int(sys.argv[2]), "wb") as texts_pipe:
 """
 
 
+class GeneratorError(RuntimeError):
+    """The vLLM generator's process failed, or ended before its work was done. ``str()`` is one line
+    (the CLI prints it with how to resume); ``traceback`` is the process's own ("" where it died
+    without one, its output then being above)."""
+
+    def __init__(self, message: str, traceback: str = ""):
+        super().__init__(message)
+        self.traceback = traceback
+
+
 def _generate_vllm(model_path: str, prompts: Sequence[Sequence[int]], cfg, seeds: List[int],
                    progress=None) -> Iterator[str]:
     """vLLM's texts for ``prompts`` (token ids), in order, as they come.
@@ -239,11 +249,17 @@ def _generate_vllm(model_path: str, prompts: Sequence[Sequence[int]], cfg, seeds
                     code = child.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     code = None
-                raise RuntimeError(f"the vLLM generator's process ended (exit code {code}) after {done} of "
-                                   f"{len(prompts)} requests; its output is above") from None
+                raise GeneratorError(f"the vLLM generator's process ended (exit code {code}) after {done} of "
+                                     f"{len(prompts)} requests; its output is above") from None
             if kind == "error":
                 _end_process(child, grace=60)  # it ends after sending this
-                raise RuntimeError(f"vLLM generation failed after {done} of {len(prompts)} requests:\n{payload}")
+                last = payload.strip().splitlines()[-1]
+                # vLLM's own advice would be gpu_memory_utilization or max_model_len, which kmtrain sets: from
+                # the GPU memory left beside the trainer's model, and from the longest request
+                short = any(s in last for s in ("OutOfMemoryError", "out of memory", "KV cache"))
+                raise GeneratorError(f"vLLM generation failed after {done} of {len(prompts)} requests: {last}"
+                                     + ("; lower --max-new-tokens or --chunk-tokens, or use --generator hf"
+                                        if short else ""), traceback=payload)
             done += len(payload)
             if done == len(prompts):
                 # Its work is done: it ends on its own before the last texts are handed on (a caller

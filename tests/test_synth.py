@@ -394,28 +394,44 @@ def test_vllm_generator_wiring(tiny_model, docs_dir, tmp_path, monkeypatch, fake
         IndexConfig(generator="vllm").validate()
 
 
-def test_a_vllm_failure_keeps_the_documents_it_finished(tiny_model, docs_dir, tmp_path, monkeypatch, fake_vllm):
-    """vLLM failing in its process (here at its second call of three, one document each) is reported
-    with its traceback; the first document's targets are saved, and a re-run generates only the rest."""
+def test_a_vllm_failure_keeps_the_documents_it_finished(tiny_model, docs_dir, tmp_path, monkeypatch, fake_vllm,
+                                                       capsys):
+    """vLLM failing in its process (here at its second call, one document a call) is a GeneratorError:
+    one line, and the process's traceback beside it (the CLI prints both, then how to resume, exit 1).
+    The documents generated before it are saved, and a re-run generates only the rest."""
     from conftest import tiny_cfg
     from kmtrain import index
+    from kmtrain.cli import _RESUME, reporting_errors
 
     cfg = tiny_cfg(tiny_model, tmp_path / "kms", steps=1, generator="vllm", recite_tokens=0)
     per_doc = cfg.summaries_per_chunk + cfg.qa_per_chunk
     monkeypatch.setattr(synth, "VLLM_REQUESTS_PER_CALL", per_doc)
     monkeypatch.setenv("FAKE_VLLM_FAIL_AT", "2")
-    with pytest.raises(RuntimeError, match=rf"(?s)vLLM generation failed after {per_doc} of {3 * per_doc} "
-                                           r"requests:.*MemoryError: fake vllm: no room for the KV cache"):
+    said = ("MemoryError: fake vllm: no room for the KV cache; lower --max-new-tokens or --chunk-tokens, or use "
+            "--generator hf")
+    with pytest.raises(synth.GeneratorError) as e:
         index(str(docs_dir), cfg)
+    assert str(e.value) == f"vLLM generation failed after {per_doc} of {3 * per_doc} requests: {said}"
+    assert e.value.traceback.startswith("Traceback") and "in generate" in e.value.traceback
     work = tmp_path / "kms" / ".work"
     assert [d for d in ("alpha", "beta", "gamma") if (work / d / "synth.json").exists()] == ["alpha"]
     assert not (tmp_path / "kms" / "alpha").exists()  # nothing trained yet
     first = fake_vllm()
     assert first[-1]["event"] == "exit" and _gone(first[-1]["pid"])
+
+    capsys.readouterr()
+    assert reporting_errors(lambda: index(str(docs_dir), cfg)) == 1  # as the CLI runs it: beta, then gamma fails
+    err = capsys.readouterr().err.rstrip()
+    trace, line = err.rsplit("\n", 1)
+    assert trace.startswith("Traceback") and "fake vllm: no room for the KV cache" in trace
+    assert line == f"kmtrain: error: vLLM generation failed after {per_doc} of {2 * per_doc} requests: {said}{_RESUME}"
+    assert [d for d in ("alpha", "beta", "gamma") if (work / d / "synth.json").exists()] == ["alpha", "beta"]
+
     monkeypatch.delenv("FAKE_VLLM_FAIL_AT")
+    second = fake_vllm()
     index(str(docs_dir), cfg)
-    again = [e for e in fake_vllm()[len(first):] if e["event"] == "generate"]
-    assert [len(e["prompts"]) for e in again] == [per_doc, per_doc]  # beta's and gamma's, not alpha's
+    again = [e for e in fake_vllm()[len(second):] if e["event"] == "generate"]
+    assert [len(e["prompts"]) for e in again] == [per_doc]  # gamma's alone
     assert all((tmp_path / "kms" / d / "km.json").exists() for d in ("alpha", "beta", "gamma"))
 
 
