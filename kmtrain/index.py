@@ -224,7 +224,27 @@ def remove_stale_temp(folder: Path) -> None:
                 tmp.unlink(missing_ok=True)
 
 
+_WINDOWS = os.name == "nt"
+
+
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a live run's temporaries are left alone). POSIX: signal 0, which
+    delivers nothing. Not on Windows: there os.kill(pid, 0) sends a console Ctrl-C (CTRL_C_EVENT is 0)
+    to every process sharing the console, this run included, so a resume that found a killed run's
+    temporary would have interrupted itself. There the process is opened and its exit code read."""
+    if _WINDOWS:
+        import _winapi
+
+        try:
+            handle = _winapi.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        except PermissionError:  # exists, owned by someone else
+            return True
+        except OSError:  # no such process (ERROR_INVALID_PARAMETER)
+            return False
+        try:
+            return _winapi.GetExitCodeProcess(handle) == 259  # STILL_ACTIVE
+        finally:
+            _winapi.CloseHandle(handle)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -233,6 +233,40 @@ def test_kept_teacher_caches_are_reused_and_dead_runs_leftovers_removed(tiny_mod
     assert not any(p.exists() for p in leftovers) and all(p.exists() for p in kept)
 
 
+def test_stale_temporaries_on_windows_are_found_without_a_signal(tmp_path, monkeypatch):
+    """On Windows os.kill(pid, 0) is not a probe: it sends a console Ctrl-C (CTRL_C_EVENT is 0) to every
+    process on the console, this run included, so a resume that found a killed run's temporary would
+    interrupt itself. There the probe opens the process and reads its exit code (its _winapi calls,
+    faked here: this is not a Windows machine), never os.kill, and closes every handle it opens."""
+    import errno
+    import sys
+    import types
+
+    kindex = importlib.import_module("kmtrain.index")
+    exits = {101: 259, 102: 0}  # 101 runs (STILL_ACTIVE), 102 has exited; 103 is gone; 104 is another user's
+    opened, closed = [], []
+
+    def open_process(access, inherit, pid):
+        assert access == 0x1000 and inherit is False  # PROCESS_QUERY_LIMITED_INFORMATION
+        if pid == 104:
+            raise PermissionError(errno.EACCES, "Access is denied")
+        if pid not in exits:
+            raise OSError(errno.EINVAL, "The parameter is incorrect")
+        opened.append(pid)
+        return pid
+
+    winapi = types.SimpleNamespace(OpenProcess=open_process, GetExitCodeProcess=lambda h: exits[h],
+                                   CloseHandle=closed.append)
+    monkeypatch.setitem(sys.modules, "_winapi", winapi)
+    monkeypatch.setattr(kindex, "_WINDOWS", True)
+    monkeypatch.setattr(os, "kill", lambda *a: pytest.fail(f"os.kill{a} on Windows"))
+    for pid in (101, 102, 103, 104):
+        (tmp_path / f".synth.json.tmp-{pid}").write_bytes(b"partial")
+    kindex.remove_stale_temp(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".synth.json.tmp-101", ".synth.json.tmp-104"]
+    assert sorted(opened) == sorted(closed) == [101, 102]
+
+
 def test_second_run_on_one_output_folder_is_refused(tiny_model, docs_dir, tmp_path, capsys):
     """While a run holds OUT's lock, another run on OUT fails at once with an error naming the
     folder, touching nothing; once the holder dies (SIGKILL: no clean-up runs) the lock is free."""
