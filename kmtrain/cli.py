@@ -12,7 +12,7 @@ import torch
 
 from .config import CHOICES, PRESETS, IndexConfig
 from .data import DocumentError
-from .index import OutputBusyError, library_versions
+from .index import OutputBusyError, library_versions, printable_output
 from .synth import GeneratorError
 
 
@@ -222,7 +222,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"[{k or 'base'}] {question}\n  {answer}")
         return 0
 
-    return reporting_errors(run, resumable=a.cmd == "index")
+    with printable_output():  # the answers and summary lines, whatever stdout's encoding
+        return reporting_errors(run, resumable=a.cmd == "index")
 
 
 def _raise_interrupt(signum, frame):

@@ -90,6 +90,24 @@ def out_of_memory_note(stage: str, shrink: str) -> Iterator[None]:
         raise
 
 
+@contextmanager
+def printable_output() -> Iterator[None]:
+    """For the call's length, stdout writes what its encoding cannot hold as escapes (\\u65e5) instead
+    of raising (stderr does so by default). Why: where stdout is redirected to a file on Windows it
+    writes cp1252, and a document id in another script raised UnicodeEncodeError in the line printed
+    after its KM was written, and again in every resumed run's "already done" line; the CLI reported
+    it as bad input. A model's answer in `kmtrain ask` went the same way."""
+    stream = sys.stdout
+    strict = getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure")
+    if strict:
+        stream.reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:
+        if strict:
+            stream.reconfigure(errors="strict")
+
+
 def _amp_dtype(cfg, device: torch.device):
     """bf16 autocast: asked for (--amp bf16), or (auto) where the device has native bf16 matmuls."""
     if cfg.amp == "off":
@@ -330,7 +348,7 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a parent that is a file, a read-only or missing mount
         raise ValueError(f"--out {out}: cannot create this folder ({e.strerror or e})") from None
-    with out_lock(out):
+    with out_lock(out), printable_output():
         return _index_locked(documents, cfg, out)
 
 

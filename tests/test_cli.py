@@ -227,3 +227,33 @@ def test_sigterm_is_reported_as_an_interrupt_by_both_entry_points(capsys):
         assert err.strip().startswith(f"{prog}: interrupted; finished KMs") and "Traceback" not in err
         assert signal.getsignal(signal.SIGTERM) == before
     assert reporting_errors(lambda: 0) == 0 and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_output_in_another_script_never_fails_on_a_narrow_stdout(tiny_model, tmp_path, monkeypatch):
+    """stdout redirected to a file on Windows writes cp1252: a document id or an answer in another
+    script raised UnicodeEncodeError in a print (after the KM was written, then in every resumed run's
+    "already done" line, reported as bad input). Now it is written as escapes, and stdout is as it was."""
+    import importlib
+    import io
+    import re
+    import sys
+
+    from conftest import tiny_cfg
+    from kmtrain import index
+    from kmtrain.cli import main
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "日本.txt").write_text("鐘は正午に鳴る。The bell of Lissen rings at noon.", encoding="utf-8")
+    narrow = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    monkeypatch.setattr(sys, "stdout", narrow)
+    for _ in range(2):  # trained, then "already done"
+        (summary,) = index(str(docs), tiny_cfg(tiny_model, tmp_path / "kms", steps=1))
+        assert summary["id"] == "日本" and (tmp_path / "kms" / "日本" / "km.json").is_file()
+    monkeypatch.setattr(importlib.import_module("kmtrain.index"), "ask", lambda pairs, **kw: ["答えは正午"])
+    assert main(["ask", "--km", str(tmp_path / "kms" / "日本"), "いつ?"]) == 0
+    assert narrow.errors == "strict"  # put back
+    narrow.flush()
+    said = narrow.buffer.getvalue().decode("cp1252")
+    assert re.search(r"^\\u65e5\\u672c: \d+ examples", said, re.M), said
+    assert "already done" in said and "\\u7b54\\u3048\\u306f\\u6b63\\u5348" in said
