@@ -699,7 +699,7 @@ def export_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike], *,
         with open(os.path.join(tmp, "adapter_model.safetensors"), "wb") as f:
             f.write(data)
         for fname, text in (extra_files or {}).items():
-            with open(os.path.join(tmp, fname), "w") as f:
+            with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
                 f.write(text(digest) if callable(text) else text)
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".old-{os.getpid()}-", dir=parent)
@@ -741,7 +741,7 @@ def read_adapter_config(path: Union[str, os.PathLike]) -> dict:
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{os.fspath(path)} is not a PEFT adapter folder: no adapter_config.json")
     try:
-        with open(cfg_path) as f:
+        with open(cfg_path, encoding="utf-8") as f:
             cfg = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{cfg_path}: unreadable ({e})") from None

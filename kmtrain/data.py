@@ -507,7 +507,7 @@ def atomic_write(path: os.PathLike, write: Callable[[Path], None]) -> None:
 
 
 def atomic_write_text(path: os.PathLike, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 @contextlib.contextmanager

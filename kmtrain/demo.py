@@ -51,7 +51,7 @@ def in_fresh_process(fn: Callable[..., T], *args, **kwargs) -> T:
 def answer_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=("base", "icl", "km"),
                   corpus: Path = CORPUS) -> Dict[str, Dict[str, List[str]]]:
     """{doc_id: {condition: [greedy answer per question]}} on the bundled questions."""
-    questions = json.loads((corpus / "questions.json").read_text())
+    questions = json.loads((corpus / "questions.json").read_text(encoding="utf-8"))
     docs = {d.id: d for d in load_documents(str(corpus))}
     ids = [d for d in questions if d in docs]
     # As `kmtrain ask` does: on a CUDA GPU when there is one, the base in bf16 where the device
@@ -90,7 +90,7 @@ def answer_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=("b
 def evaluate_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=("base", "icl", "km"),
                     corpus: Path = CORPUS) -> Dict[str, Dict[str, List[bool]]]:
     """{doc_id: {condition: [correct per question]}} on the bundled questions."""
-    questions = json.loads((corpus / "questions.json").read_text())
+    questions = json.loads((corpus / "questions.json").read_text(encoding="utf-8"))
     answers = answer_corpus(out_dir, model_name, conditions, corpus)
     return {d: {c: [is_correct(a, q["a"]) for a, q in zip(by[c], questions[d])] for c in conditions}
             for d, by in answers.items()}
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         print()
         print(table)
         print(f"\nindexing {t1 - t0:.0f} s, evaluation {time.time() - t1:.0f} s")
-        Path(a.out, "demo_results.md").write_text(table + "\n")
+        Path(a.out, "demo_results.md").write_text(table + "\n", encoding="utf-8")
         return 0
 
     # one line, not a traceback, for a full disk or Ctrl-C; the KMs written so far are kept

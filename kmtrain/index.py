@@ -173,7 +173,7 @@ def _requests_needed(cfg, chunk_texts: Sequence[str], tokenizer) -> Tuple[int, i
 def _read_json(path: Path) -> Optional[dict]:
     """A JSON object from ``path``; None for a missing or unreadable file, or JSON that is not an object."""
     try:
-        got = json.loads(path.read_text())
+        got = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return got if isinstance(got, dict) else None

@@ -213,7 +213,7 @@ def _weights_complete(folder: Path) -> bool:
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index).is_file():
             try:
-                shards = set(json.loads((folder / index).read_text())["weight_map"].values())
+                shards = set(json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"].values())
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 return False
             return bool(shards) and all((folder / str(s)).is_file() for s in shards)
@@ -351,7 +351,7 @@ def weights_hash(folder: str) -> str:
     else:
         memo = snap / ".kmtrain-hash.json"
     try:
-        cached = json.loads(memo.read_text())
+        cached = json.loads(memo.read_text(encoding="utf-8"))
         if cached.get("stamp") == stamp:
             return cached["sha256"]
     except (OSError, ValueError):
@@ -364,7 +364,7 @@ def weights_hash(folder: str) -> str:
     digest = h.hexdigest()
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
-        memo.write_text(json.dumps({"stamp": stamp, "sha256": digest}))
+        memo.write_text(json.dumps({"stamp": stamp, "sha256": digest}), encoding="utf-8")
     except OSError:
         pass
     return digest
