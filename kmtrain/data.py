@@ -458,9 +458,9 @@ def recitation_items(chunks: Sequence[str], tokenizer, piece_tokens: int, cue_wo
     """Synthetic items that need no generator: each chunk cut at sentence ends into pieces of about
     ``piece_tokens`` tokens (a sentence longer than that is a piece of its own, up to twice that;
     a longer one is cut: ``_cut_long``), each piece a target under RECITE_PROMPT cued by its first
-    ``cue_words`` words (``_cue``: at most 4 tokens a word). The teacher, with the chunk in context, copies the piece; the student learns
-    to recall it from the cue, so every fact of the chunk is in some target, not only what the
-    generated summaries mention."""
+    ``cue_words`` words (``_cue``: at most 4 tokens a word). The teacher, with the chunk in context,
+    copies the piece; the student learns to recall it from the cue, so every fact of the chunk is in
+    some target, not only what the generated summaries mention."""
     items = []
     for c, text in enumerate(chunks):
         sentences = [s for s in SENTENCE_END.split(text.strip()) if s]
