@@ -356,6 +356,12 @@ class OutputBusyError(RuntimeError):
     """Another run holds the output folder's lock."""
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def _size(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
@@ -742,6 +748,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         checkpoint.path.unlink(missing_ok=True)  # every KM of the wave is written (or diverged: retrained from 0)
 
     wave: List[DocState] = []
+    t_waves = time.time()
     for k, d in enumerate(todo, 1):
         st = doc_state(d)
         if st is None:
@@ -753,6 +760,10 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         if wave and (len(wave) == D or k == len(todo)):
             run_wave(wave, first, k)
             wave = []
+            if k < len(todo):  # a run of many waves (thousands of documents): where it stands, when it ends
+                spent = time.time() - t_waves
+                print(f"{k} of {len(todo)} documents done in {_duration(spent)}; about "
+                      f"{_duration(spent / k * (len(todo) - k))} left at this rate", flush=True)
     diverged = sum(s["status"] == "diverged" for s in summaries)
     print(f"indexed {trained} documents in {time.time() - t_start:.1f} s"
           + (f"; {diverged} diverged, no KM written for them" if diverged else ""), flush=True)

@@ -514,6 +514,19 @@ def test_cache_batch_size_sets_the_teacher_batch_and_keeps_the_losses(tiny_model
             assert wide[d]["final_loss"][k] == pytest.approx(narrow[d]["final_loss"][k], rel=1e-5, abs=1e-7), (d, k)
 
 
+def test_a_run_of_many_waves_says_where_it_stands(tiny_model, docs_dir, tmp_path, capsys):
+    """Indexing thousands of documents runs hundreds of waves: after each but the last, one line says
+    how many documents are done and about how long the rest will take at the rate so far."""
+    import re
+
+    kindex = importlib.import_module("kmtrain.index")
+    index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", docs_per_step=1, steps=1))
+    lines = [x for x in capsys.readouterr().out.splitlines() if " documents done in " in x]
+    assert [x.split(" documents")[0] for x in lines] == ["1 of 3", "2 of 3"]  # none after the last wave
+    assert all(re.fullmatch(r"\d of 3 documents done in \d+ s; about \d+ s left at this rate", x) for x in lines), lines
+    assert [kindex._duration(t) for t in (42, 300, 9000)] == ["42 s", "5.0 min", "2.5 h"]
+
+
 def test_changed_document_is_retrained_others_kept(tiny_model, docs_dir, tmp_path):
     out = tmp_path / "kms"
     cfg = tiny_cfg(tiny_model, out, steps=2)
