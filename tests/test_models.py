@@ -230,6 +230,14 @@ def test_resolve_model_local_folders(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"a_file/cache/models, which cannot be created or written .*"
                                          r"set KMTRAIN_CACHE to a writable folder"):
         resolve_model("smollm2-135m")
+    # "~" as a Dockerfile's ENV or a .env file sets it, unexpanded by a shell: the home folder, not "./~"
+    models = importlib.import_module("kmtrain.models")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KMTRAIN_CACHE", "~/kmc")
+    assert models.cache_root() == tmp_path / "home" / "kmc"
+    monkeypatch.delenv("KMTRAIN_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", "~/xdg")
+    assert models.cache_root() == tmp_path / "home" / "xdg" / "kmtrain"
 
 
 def test_one_gguf_parse_shares_readers_inside_and_restores_gguf_after(tmp_path):
