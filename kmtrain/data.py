@@ -123,6 +123,7 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
         raise ValueError(f"--limit must be at least 1, got {limit}")
     docs: Dict[str, Document] = {}
     problems: List[str] = []
+    source = os.path.expanduser(source)  # "~" is the home folder, as in a shell (from Python, nothing expanded it)
     path = Path(source)
     files = []
     if path.is_dir():

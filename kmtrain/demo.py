@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -123,6 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="an IndexConfig field for the indexing run (repeatable), e.g. seed=1 or amp=off")
     a = ap.parse_args(argv)
+    a.out = os.path.expanduser(a.out)  # index() writes there, the evaluation reads there
     try:
         overrides = dict(IndexConfig.parse_override(item) for item in a.set)
         cfg = IndexConfig(out=a.out, objective=a.objective, progress=not a.no_progress).replace(**overrides)

@@ -341,7 +341,9 @@ def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = Non
         documents = load_documents(docs, progress=cfg.progress)
     else:
         documents = check_documents(docs)
-    out = Path(cfg.out)
+    # "~" is the home folder, as in a shell: from Python (or quoted) nothing expanded it, and the KMs went
+    # to a folder named "~" under the working directory, where a later `rm -rf ~` would aim at the home folder
+    out = Path(cfg.out).expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
     try:
@@ -791,6 +793,7 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
         km, question = pair
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"question {k} (for {km or 'the base model'}) is empty")
+    pairs = [(None if km is None else os.path.expanduser(km), q) for km, q in pairs]  # "~": as in a shell
     kms = sorted({km for km, _ in pairs if km is not None})
     base, base_hash = model, None
     configs, trained_on = [], {}

@@ -527,6 +527,24 @@ def test_a_run_of_many_waves_says_where_it_stands(tiny_model, docs_dir, tmp_path
     assert [kindex._duration(t) for t in (42, 300, 9000)] == ["42 s", "5.0 min", "2.5 h"]
 
 
+def test_a_tilde_is_the_home_folder_for_documents_output_and_kms(tiny_model, docs_dir, tmp_path, monkeypatch):
+    """From Python (or quoted on a command line) nothing expands "~": the KMs went to a folder named "~"
+    under the working directory, where cleaning up with `rm -rf ~` would aim at the home folder."""
+    import shutil
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    shutil.copytree(docs_dir, home / "docs")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    summaries = index("~/docs", tiny_cfg(tiny_model, "~/kms", steps=1))
+    assert sorted(s["id"] for s in summaries) == sorted(DOCS)
+    assert all((home / "kms" / d / "km.json").is_file() for d in DOCS) and not (work / "~").exists()
+    answers = ask([("~/kms/alpha", "Who rings the bell?"), (None, "Who rings the bell?")], max_new_tokens=2)
+    assert len(answers) == 2 and not (work / "~").exists()
+
+
 def test_changed_document_is_retrained_others_kept(tiny_model, docs_dir, tmp_path):
     out = tmp_path / "kms"
     cfg = tiny_cfg(tiny_model, out, steps=2)
