@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Tuple
@@ -150,6 +151,15 @@ class IndexConfig:
     retrain: bool = False
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        """Values as Python callers hand them, made what the fields hold: a pathlib.Path for ``out`` or
+        ``model``, a torch.device, numpy numbers, a list of layers. Why: km.json and the keys of the
+        teacher cache and training checkpoint are JSON, and IndexConfig(model=Path(...)) failed there
+        with "PosixPath is not JSON serializable", after generation and the teacher cache had run. A
+        value of another kind (steps="60") is a ValueError naming the field, not a TypeError in a check."""
+        for name, kind in typing.get_type_hints(IndexConfig).items():
+            setattr(self, name, _as_field_type(name, kind, getattr(self, name)))
+
     def validate(self) -> "IndexConfig":
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
@@ -260,6 +270,35 @@ def resolve_device(device: str) -> torch.device:
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {device!r}: Apple's MPS is not available here (use auto or cpu)")
     return dev
+
+
+_KIND_NAME = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _as_field_type(name: str, kind, value):
+    """``value`` as IndexConfig's field ``name`` of type ``kind`` holds it (``IndexConfig.__post_init__``)."""
+    import numbers
+
+    if kind in _KIND_NAME:
+        if kind is str and isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        elif kind is str and name == "device" and type(value).__name__ == "device":  # a torch.device
+            value = str(value)
+        elif kind in (int, float) and not isinstance(value, bool) and isinstance(
+                value, numbers.Integral if kind is int else numbers.Real):
+            value = kind(value)  # numpy's numbers too
+        if type(value) is not kind:
+            raise ValueError(f"{name} must be {_KIND_NAME[kind]}, got {type(value).__name__} {value!r}")
+        return value
+    # Tuple[str, ...] (target_modules) or Optional[Tuple[int, ...]] (cache_layers)
+    optional = type(None) in typing.get_args(kind)
+    item = typing.get_args(typing.get_args(kind)[0] if optional else kind)[0]
+    if value is None and optional:
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a tuple of {'integers' if item is int else 'strings'}"
+                         f"{' or None' if optional else ''}, got {type(value).__name__} {value!r}")
+    return tuple(_as_field_type(name, item, v) for v in value)
 
 
 PRESETS = {

@@ -5,6 +5,7 @@ import importlib
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -543,6 +544,33 @@ def test_a_tilde_is_the_home_folder_for_documents_output_and_kms(tiny_model, doc
     assert all((home / "kms" / d / "km.json").is_file() for d in DOCS) and not (work / "~").exists()
     answers = ask([("~/kms/alpha", "Who rings the bell?"), (None, "Who rings the bell?")], max_new_tokens=2)
     assert len(answers) == 2 and not (work / "~").exists()
+
+
+def test_config_takes_paths_and_numpy_numbers_as_python_callers_hand_them(tiny_model, docs_dir, tmp_path):
+    """IndexConfig(model=Path(...)) failed with "PosixPath is not JSON serializable" in the training
+    checkpoint's key, after generation and the teacher cache had run; numpy numbers (a sweep over
+    np.arange) the same way. They are now the strings and numbers the fields hold, and a value of
+    another kind is a ValueError naming the field at construction."""
+    from pathlib import Path
+
+    import numpy as np
+
+    cfg = tiny_cfg(Path(tiny_model), Path(tmp_path / "kms"), steps=np.int64(2), lr=np.float32(5e-3),
+                   device=torch.device("cpu"), cache_layers=[np.int64(0)])
+    assert (cfg.model, cfg.out, cfg.cache_layers) == (tiny_model, str(tmp_path / "kms"), (0,))
+    assert type(cfg.steps) is int and type(cfg.lr) is float and cfg.device == "cpu"
+    summaries = index(docs_dir, cfg)
+    assert all(s["status"] == "trained" for s in summaries)
+    meta = json.loads((tmp_path / "kms" / "alpha" / "km.json").read_text())
+    assert meta["settings"]["model"] == tiny_model and meta["settings"]["cache_layers"] == [0]
+    for kw, said in ((dict(steps="60"), "steps must be an integer, got str '60'"),
+                     (dict(steps=6.0), "steps must be an integer, got float"),
+                     (dict(retrain=1), "retrain must be true or false"),
+                     (dict(cache_layers=5), "cache_layers must be a tuple of integers or None"),
+                     (dict(target_modules="q_proj"), "target_modules must be a tuple of strings"),
+                     (dict(model=None), "model must be a string")):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            IndexConfig(**kw)
 
 
 def test_changed_document_is_retrained_others_kept(tiny_model, docs_dir, tmp_path):
