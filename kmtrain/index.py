@@ -25,6 +25,7 @@ import sys
 import time
 from array import array
 from collections import Counter
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -334,11 +335,15 @@ def _check_positions(cfg: IndexConfig, model, tok, chunks: Dict[str, Tuple[List[
                              f"positions --model {cfg.model} takes: lower --chunk-tokens (or IndexConfig.{field})")
 
 
-def index(docs: Union[str, Sequence[Document]], cfg: Optional[IndexConfig] = None, **overrides) -> List[dict]:
-    """Train one KM per document. Returns one summary dict per document (also printed, one line each)."""
+def index(docs: Union[str, os.PathLike, Mapping[str, str], Sequence[Document]], cfg: Optional[IndexConfig] = None,
+          **overrides) -> List[dict]:
+    """Train one KM per document. ``docs``: what `kmtrain index` takes (a folder, a file, a dataset), a
+    dict {id: text}, or Documents. Returns one summary dict per document (also printed, one line each)."""
     cfg = (cfg or IndexConfig()).replace(**overrides).validate() if overrides else (cfg or IndexConfig()).validate()
     if isinstance(docs, (str, os.PathLike)):
         documents = load_documents(docs, progress=cfg.progress)
+    elif isinstance(docs, Mapping):  # {id: text}: texts a caller already holds, checked as files are
+        documents = check_documents([Document(k, v, f"docs[{k!r}]") for k, v in docs.items()])
     else:
         documents = check_documents(docs)
     # "~" is the home folder, as in a shell: from Python (or quoted) nothing expanded it, and the KMs went

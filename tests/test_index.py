@@ -1247,6 +1247,21 @@ def uninterrupted_kms(tiny_model, tmp_path_factory):
     return root / "kms"
 
 
+def test_a_dict_of_texts_indexes_as_the_same_files_do(tiny_model, tmp_path, uninterrupted_kms):
+    """index({id: text}) for texts a caller already holds: the KMs the same files give, byte for byte,
+    and the files' checks (here an empty text and a case-colliding id, named with the dict's keys)."""
+    from kmtrain import DocumentError
+
+    index(dict(DOCS), tiny_cfg(tiny_model, tmp_path / "kms"))
+    for d in DOCS:
+        assert ((tmp_path / "kms" / d / "adapter_model.safetensors").read_bytes()
+                == (uninterrupted_kms / d / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(DocumentError) as e:
+        index({"a": "text", "b": " ", "A": "more text"}, tiny_cfg(tiny_model, tmp_path / "kms2"))
+    assert "docs['b']: document 'b' is empty" in str(e.value) and "docs['A']" in str(e.value)
+    assert not (tmp_path / "kms2").exists()
+
+
 @pytest.mark.parametrize("where", ["synth", "cache", "training", "km"])
 def test_a_real_kill_mid_write_resumes_to_the_same_kms(tiny_model, docs_dir, tmp_path, where, uninterrupted_kms,
                                                         capsys):
