@@ -161,6 +161,9 @@ class IndexConfig:
             setattr(self, name, _as_field_type(name, kind, getattr(self, name)))
 
     def validate(self) -> "IndexConfig":
+        for name in ("out", "model"):  # `--out "$OUT"` with OUT unset wrote the KMs into the working directory
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name} is empty (an unset shell variable?)")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

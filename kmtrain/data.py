@@ -119,6 +119,8 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
     to fix; nothing is written before the whole input is checked. ``progress``: `datasets`' own bars
     (off for `kmtrain index --no-progress`).
     """
+    if not str(source).strip():  # Path("") is the working directory: `kmtrain index "$DOCS"` with DOCS unset indexed it
+        raise DocumentError("the documents' path is empty (an unset shell variable?)")
     if limit is not None and limit < 1:  # 0 indexed nothing and said nothing; -1 dropped the last document
         raise ValueError(f"--limit must be at least 1, got {limit}")
     docs: Dict[str, Document] = {}

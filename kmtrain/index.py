@@ -796,6 +796,8 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise ValueError(f"pair {k}: expected (KM folder or None, question), got {pair!r}")
         km, question = pair
+        if km is not None and not str(km).strip():  # Path("") is the working directory
+            raise ValueError(f"--km for question {k} is empty (an unset shell variable?)")
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"question {k} (for {km or 'the base model'}) is empty")
     pairs = [(None if km is None else os.path.expanduser(km), q) for km, q in pairs]  # "~": as in a shell

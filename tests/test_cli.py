@@ -2,7 +2,7 @@
 from kmtrain import IndexConfig
 
 
-def test_cli_errors(tmp_path, capsys):
+def test_cli_errors(tmp_path, capsys, monkeypatch):
     from kmtrain.cli import main
 
     d = tmp_path / "d"
@@ -22,6 +22,16 @@ def test_cli_errors(tmp_path, capsys):
             in capsys.readouterr().err)
     assert main(["ask", "q?", "--km", str(tmp_path / "x")]) == 2
     assert "has no question after it" in capsys.readouterr().err
+    # an unset shell variable ("$OUT") is an empty path, which is the working directory: indexed, written
+    # into or asked as a KM there before
+    monkeypatch.chdir(d)  # holds a.txt, which an index of "" would read (and fail on as empty)
+    for argv, said in ((["index", str(d), "--out", ""], "out is empty (an unset shell variable?)"),
+                       (["index", "", "--out", str(tmp_path / "o")], "the documents' path is empty"),
+                       (["index", str(d), "--out", str(tmp_path / "o"), "--model", " "], "model is empty"),
+                       (["ask", "--km", "", "q?"], "--km for question 1 is empty")):
+        assert main(argv) == 2
+        assert f"kmtrain: error: {said}" in capsys.readouterr().err
+    assert sorted(p.name for p in d.iterdir()) == ["a.txt"]  # nothing written in the working directory
     (tmp_path / "damaged").mkdir()
     (tmp_path / "damaged" / "adapter_config.json").write_text('{"r": 16,')
     assert main(["ask", "--km", str(tmp_path / "damaged"), "q?"]) == 2
