@@ -790,6 +790,8 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
         raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if kms_at_once < 1:
         raise ValueError(f"kms_at_once must be at least 1, got {kms_at_once}")
+    if model is not None and not str(model).strip():  # not None: "" took the default model without a word
+        raise ValueError("model is empty (an unset shell variable?)")
     dev = resolve_device(device)
     resolve_backend(backend, dev)  # before the model loads
     for k, pair in enumerate(pairs, 1):

@@ -121,6 +121,8 @@ def resolve_model(name_or_path: str) -> Tuple[str, str]:
     magic bytes, whatever its name; its copy is keyed by the file's path, size and modification
     time, so a replaced file is converted again).
     """
+    if not str(name_or_path).strip():  # "" is the working directory as a path, a Hub lookup as a name
+        raise ValueError("model is empty (an unset shell variable?)")
     if name_or_path in ALIASES:
         package, filename, display = ALIASES[name_or_path]
         return _converted_gguf(name_or_path, name_or_path, display, lambda: _gguf_path(package, filename))

@@ -28,7 +28,8 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     for argv, said in ((["index", str(d), "--out", ""], "out is empty (an unset shell variable?)"),
                        (["index", "", "--out", str(tmp_path / "o")], "the documents' path is empty"),
                        (["index", str(d), "--out", str(tmp_path / "o"), "--model", " "], "model is empty"),
-                       (["ask", "--km", "", "q?"], "--km for question 1 is empty")):
+                       (["ask", "--km", "", "q?"], "--km for question 1 is empty"),
+                       (["ask", "--model", "", "q?"], "model is empty")):
         assert main(argv) == 2
         assert f"kmtrain: error: {said}" in capsys.readouterr().err
     assert sorted(p.name for p in d.iterdir()) == ["a.txt"]  # nothing written in the working directory
