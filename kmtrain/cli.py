@@ -62,8 +62,9 @@ _FIELD_FLAGS = {
 
 def _index_parser(sub):
     p = sub.add_parser("index", help="train one Knowledge Module per document")
-    p.add_argument("docs", help="folder of .txt/.md files, one such file, a .jsonl of {id, text}, or a Hugging Face "
-                                "dataset (Hub name, folder or one of its data files, save_to_disk output)")
+    p.add_argument("docs", nargs="+", help="folder of .txt/.md files, one such file, a .jsonl of {id, text}, or a "
+                                           "Hugging Face dataset (Hub name, folder or one of its data files, "
+                                           "save_to_disk output); several of these are indexed as one input")
     p.add_argument("--out", required=True, help="output folder: one PEFT adapter folder per document")
     p.add_argument("--split", default="train", help="dataset split (Hugging Face dataset input; default train)")
     p.add_argument("--id-field", default="id", help="id field (.jsonl or dataset input; default id)")
@@ -200,12 +201,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def run() -> int:
         if a.cmd == "index":
-            from .data import load_documents
+            from .data import load_sources
             from .index import index
 
             cfg = _config_from_args(a)
-            docs = load_documents(a.docs, split=a.split, id_field=a.id_field, text_field=a.text_field, limit=a.limit,
-                                  progress=not a.no_progress)
+            docs = load_sources(a.docs, split=a.split, id_field=a.id_field, text_field=a.text_field, limit=a.limit,
+                                progress=not a.no_progress)
             diverged = [s["id"] for s in index(docs, cfg) if s["status"] == "diverged"]
             if diverged:  # the others are written; a script must still learn that these are missing
                 print(f"kmtrain: error: training diverged for {', '.join(diverged)}; no KM written for "

@@ -32,7 +32,12 @@ ANSWER_PROMPT = ("Answer the following question. Give only the answer, and no ex
 
 
 class DocumentError(ValueError):
-    """Bad input documents: the message names the file or record."""
+    """Bad input documents: the message names the file or record. ``problems``: each problem on its own
+    (one error lists all of an input's)."""
+
+    def __init__(self, message: str, problems: Optional[List[str]] = None):
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 @dataclass
@@ -217,14 +222,40 @@ def _checked(docs: Dict[str, Document], problems: List[str], limit: Optional[int
         if other is not d:
             problems.append(f"{d.source}: document id {d.id!r} differs from {other.id!r} ({other.source}) only in "
                             f"letter case; their KM folders would collide on case-insensitive file systems")
-    if len(problems) == 1:
-        raise DocumentError(problems[0])
-    if problems:
-        raise DocumentError(f"{len(problems)} problems in the input documents:\n  " + "\n  ".join(problems))
+    _raise_problems(problems)
     if not docs:
         raise DocumentError(f"{source}: no documents in it")
     out = list(docs.values())
     return out[:limit] if limit is not None else out
+
+
+def _raise_problems(problems: List[str]) -> None:
+    if len(problems) == 1:
+        raise DocumentError(problems[0])
+    if problems:
+        raise DocumentError(f"{len(problems)} problems in the input documents:\n  " + "\n  ".join(problems), problems)
+
+
+def load_sources(sources: Sequence[str], *, limit: Optional[int] = None, **kw) -> List[Document]:
+    """``load_documents`` over several inputs as one (`kmtrain index a.md b.md notes/`, as a shell glob
+    hands them over): ids unique across them, and every problem of every input in one error."""
+    if len(sources) == 1:
+        return load_documents(sources[0], limit=limit, **kw)
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    found: List[Document] = []
+    problems: List[str] = []
+    for source in sources:
+        try:
+            found += load_documents(source, **kw)
+        except DocumentError as e:
+            problems += e.problems
+    try:
+        found = check_documents(found)  # across the inputs: an id twice, or twice but for letter case
+    except DocumentError as e:
+        problems += [p for p in e.problems if p != "the documents given: no documents in it"]
+    _raise_problems(problems)
+    return found[:limit] if limit is not None else found
 
 
 # data files `datasets` reads, and its builder for each

@@ -268,3 +268,37 @@ def test_output_in_another_script_never_fails_on_a_narrow_stdout(tiny_model, tmp
     said = narrow.buffer.getvalue().decode("cp1252")
     assert re.search(r"^\\u65e5\\u672c: \d+ examples", said, re.M), said
     assert "already done" in said and "\\u7b54\\u3048\\u306f\\u6b63\\u5348" in said
+
+
+def test_index_takes_several_inputs_as_one(tiny_model, tmp_path, capsys):
+    """`kmtrain index notes/*.md more/ --out kms`: a shell glob hands over several paths, which argparse
+    refused ("unrecognized arguments"). They are indexed as one input: ids unique across them, and the
+    problems of every input in one error."""
+    from kmtrain.cli import main
+
+    notes, more = tmp_path / "notes", tmp_path / "more"
+    notes.mkdir()
+    more.mkdir()
+    (notes / "bell.md").write_text("The bell of Lissen rings at noon.")
+    (notes / "tower.md").write_text("The tower of Lissen is 40 metres tall.")
+    (more / "harbour.txt").write_text("The harbour freezes in January.")
+    flags = ["--model", tiny_model, "--steps", "1", "--summaries-per-chunk", "1", "--qa-per-chunk", "1",
+             "--max-new-tokens", "8", "--chunk-tokens", "64", "--no-progress"]
+    assert main(["index", str(notes / "bell.md"), str(notes / "tower.md"), str(more), "--out", str(tmp_path / "kms"),
+                 *flags]) == 0
+    assert sorted(p.name for p in (tmp_path / "kms").iterdir() if not p.name.startswith(".")) == [
+        "bell", "harbour", "tower"]
+    assert main(["index", str(notes), str(more), "--out", str(tmp_path / "kms2"), "--limit", "2", *flags]) == 0
+    assert sorted(p.name for p in (tmp_path / "kms2").iterdir() if not p.name.startswith(".")) == ["bell", "tower"]
+
+    (more / "Bell.txt").write_text("Another bell.")  # the same id as notes/bell.md but for letter case
+    (more / "tower.txt").write_text("Another tower.")  # the same id as notes/tower.md
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "text": "fine"}\nnot json\n')
+    capsys.readouterr()
+    assert main(["index", str(notes), str(more), str(bad), "--out", str(tmp_path / "kms3"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kmtrain: error: 3 problems in the input documents:"), err
+    assert f"{bad}:2: invalid JSON" in err and f"{more / 'tower.txt'}: duplicate document id 'tower'" in err
+    assert f"{more / 'Bell.txt'}: document id 'Bell' differs from 'bell'" in err
+    assert not (tmp_path / "kms3").exists()
