@@ -250,10 +250,10 @@ def load_sources(sources: Sequence[str], *, limit: Optional[int] = None, **kw) -
             found += load_documents(source, **kw)
         except DocumentError as e:
             problems += e.problems
-    try:
-        found = check_documents(found)  # across the inputs: an id twice, or twice but for letter case
+    try:  # across the inputs: an id twice, or twice but for letter case (none found: each input said why)
+        found = check_documents(found) if found else found
     except DocumentError as e:
-        problems += [p for p in e.problems if p != "the documents given: no documents in it"]
+        problems += e.problems
     _raise_problems(problems)
     return found[:limit] if limit is not None else found
 
