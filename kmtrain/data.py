@@ -246,8 +246,10 @@ def load_sources(sources: Sequence[str], *, limit: Optional[int] = None, **kw) -
     found: List[Document] = []
     problems: List[str] = []
     for source in sources:
+        if limit is not None and len(found) >= limit:  # a Hub dataset after them is not read at all
+            break
         try:
-            found += load_documents(source, **kw)
+            found += load_documents(source, limit=None if limit is None else limit - len(found), **kw)
         except DocumentError as e:
             problems += e.problems
     try:  # across the inputs: an id twice, or twice but for letter case (none found: each input said why)

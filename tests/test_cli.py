@@ -288,7 +288,9 @@ def test_index_takes_several_inputs_as_one(tiny_model, tmp_path, capsys):
                  *flags]) == 0
     assert sorted(p.name for p in (tmp_path / "kms").iterdir() if not p.name.startswith(".")) == [
         "bell", "harbour", "tower"]
-    assert main(["index", str(notes), str(more), "--out", str(tmp_path / "kms2"), "--limit", "2", *flags]) == 0
+    # --limit counts across the inputs; once it is reached the rest are not read (the last is not there)
+    assert main(["index", str(notes), str(more), str(tmp_path / "nowhere"), "--out", str(tmp_path / "kms2"),
+                 "--limit", "2", *flags]) == 0
     assert sorted(p.name for p in (tmp_path / "kms2").iterdir() if not p.name.startswith(".")) == ["bell", "tower"]
 
     (more / "Bell.txt").write_text("Another bell.")  # the same id as notes/bell.md but for letter case
