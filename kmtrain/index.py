@@ -790,8 +790,6 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
         raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if kms_at_once < 1:
         raise ValueError(f"kms_at_once must be at least 1, got {kms_at_once}")
-    if model is not None and not str(model).strip():  # not None: "" took the default model without a word
-        raise ValueError("model is empty (an unset shell variable?)")
     dev = resolve_device(device)
     resolve_backend(backend, dev)  # before the model loads
     for k, pair in enumerate(pairs, 1):
@@ -838,7 +836,7 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
         named = [c.get("base_model_name_or_path") for c in configs if isinstance(c.get("base_model_name_or_path"), str)]
         local = [b for b in named if os.path.isdir(os.path.expanduser(b)) or hub_snapshot(b) is not None]
         base = local[0] if local else None
-    base = base or "smollm2-135m"
+    base = "smollm2-135m" if base is None else base  # "" goes on to resolve_model, which names it as empty
     # Where bf16 is native the base runs in bf16 (as it trained there); the KMs' fp32 weights are
     # rounded per matmul.
     bf16 = native_bf16(dev)
