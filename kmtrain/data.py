@@ -112,6 +112,11 @@ def _not_utf8(path, e: UnicodeDecodeError) -> str:
     return f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})"
 
 
+def _check_limit(limit: Optional[int]) -> None:
+    if limit is not None and limit < 1:  # 0 indexed nothing and said nothing; -1 dropped the last document
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+
+
 def load_documents(source: str, *, split: str = "train", id_field: str = "id", text_field: str = "text",
                    limit: Optional[int] = None, progress: bool = True) -> List[Document]:
     """Documents from a folder of .txt/.md files (id = file stem; hidden files skipped), one such file,
@@ -126,8 +131,7 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
     """
     if not str(source).strip():  # Path("") is the working directory: `kmtrain index "$DOCS"` with DOCS unset indexed it
         raise DocumentError("the documents' path is empty (an unset shell variable?)")
-    if limit is not None and limit < 1:  # 0 indexed nothing and said nothing; -1 dropped the last document
-        raise ValueError(f"--limit must be at least 1, got {limit}")
+    _check_limit(limit)
     docs: Dict[str, Document] = {}
     problems: List[str] = []
     source = os.path.expanduser(source)  # "~" is the home folder, as in a shell (from Python, nothing expanded it)
@@ -241,8 +245,7 @@ def load_sources(sources: Sequence[str], *, limit: Optional[int] = None, **kw) -
     hands them over): ids unique across them, and every problem of every input in one error."""
     if len(sources) == 1:
         return load_documents(sources[0], limit=limit, **kw)
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {limit}")
+    _check_limit(limit)  # before the loop, which would stop at once for a limit of 0
     found: List[Document] = []
     problems: List[str] = []
     for source in sources:
