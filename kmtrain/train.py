@@ -377,11 +377,12 @@ def heldout_losses(model, wave: List[DocState], cfg, device: torch.device, amp_d
     ``cfg.micro_batch_tokens`` (each example is its own group, so any batching gives the same losses)."""
     picks = [(slot, i) for slot, doc in enumerate(wave) for i in doc.heldout]
     per_slot: Dict[int, List[Dict[str, float]]] = {}
-    size = len(wave) * cfg.examples_per_doc
-    batches = [picks[k:k + size] for k in range(0, len(picks), size)]
     if cfg.micro_batch_tokens:
         batches = [[picks[k] for k in p] for p in micro_batches([len(wave[s].examples[i].student_ids) for s, i in picks],
                                                                 cfg.micro_batch_tokens)]
+    else:
+        size = len(wave) * cfg.examples_per_doc
+        batches = [picks[k:k + size] for k in range(0, len(picks), size)]
     was_training = model.training
     model.eval()
     for batch in batches:
