@@ -1,6 +1,7 @@
 """kmtrain: teacher-cached, many-documents-at-once Knowledge Module indexing."""
 from .config import IndexConfig, PRESETS
-from .data import Document, DocumentError, load_documents
+from .data import Document, DocumentError, load_documents, load_questions
 from .index import OutputBusyError, ask, index
 
-__all__ = ["IndexConfig", "PRESETS", "Document", "DocumentError", "load_documents", "index", "ask", "OutputBusyError"]
+__all__ = ["IndexConfig", "PRESETS", "Document", "DocumentError", "load_documents", "load_questions", "index", "ask",
+           "OutputBusyError"]

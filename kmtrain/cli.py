@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
@@ -122,13 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("items", nargs="*", metavar="[--km DIR/ID] QUESTION",
                    help="questions, each optionally preceded by --km KM_FOLDER (its KM answers it)")
     q.add_argument("--km", action="append", metavar="DIR/ID", help="KM folder for the question that follows")
+    q.add_argument("--questions", metavar="FILE", help='more questions, from a .jsonl of {"question": ..., "km": '
+                   'DIR/ID or null} ("-": standard input), asked after those on the command line')
+    q.add_argument("--json", action="store_true", help='one JSON object a line, {"km", "question", "answer"}, in '
+                   "the order asked (for scripts)")
     q.add_argument("--model", help="base model (default: the one each KM was trained on)")
     q.add_argument("--max-new-tokens", type=int, default=64)
     q.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda:1, ...")
     return ap
 
 
-_ASK_OPTIONS = ("--km", "--model", "--max-new-tokens", "--device")  # each takes a value
+_ASK_OPTIONS = ("--km", "--questions", "--model", "--max-new-tokens", "--device")  # each takes a value
+_ASK_FLAGS = ("--json",)
 
 
 def _ask_pairs(argv: List[str]) -> List[Tuple[Optional[str], str]]:
@@ -149,8 +155,10 @@ def _ask_pairs(argv: List[str]) -> List[Tuple[Optional[str], str]]:
                 value, i = tokens[i + 1], i + 1
             if name == "--km":
                 km = value
+        elif t in _ASK_FLAGS:
+            pass
         elif t.startswith("--") and t != "--":
-            raise ValueError(f"unknown option {t!r} for ask (options: {', '.join(_ASK_OPTIONS)})")
+            raise ValueError(f"unknown option {t!r} for ask (options: {', '.join(_ASK_OPTIONS + _ASK_FLAGS)})")
         elif t != "--":
             pairs.append((km, t))
             km = None
@@ -214,13 +222,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                 return 1
             return 0
         pairs = _ask_pairs(list(sys.argv[1:] if argv is None else argv))
+        if a.questions is not None:
+            from .data import load_questions
+
+            pairs += load_questions(a.questions)
         if not pairs:
-            raise ValueError("no question given")
+            raise ValueError("no question given (on the command line, or in a file with --questions FILE)")
         from .index import ask
 
         answers = ask(pairs, model=a.model, max_new_tokens=a.max_new_tokens, device=a.device)
         for (k, question), answer in zip(pairs, answers):
-            print(f"[{k or 'base'}] {question}\n  {answer}")
+            # --json: ASCII escapes, so that the lines stay JSON on any stdout encoding
+            print(json.dumps({"km": k, "question": question, "answer": answer}) if a.json
+                  else f"[{k or 'base'}] {question}\n  {answer}")
         return 0
 
     with printable_output():  # the answers and summary lines, whatever stdout's encoding

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,6 +262,61 @@ def load_sources(sources: Sequence[str], *, limit: Optional[int] = None, **kw) -
         problems += e.problems
     _raise_problems(problems)
     return found[:limit] if limit is not None else found
+
+
+def load_questions(source: str) -> List[Tuple[Optional[str], str]]:
+    """Questions for ``ask`` from a .jsonl file (``"-"``: standard input), one JSON object a line:
+    ``{"question": str, "km": KM folder or null}``. A line without ``km`` (or with null) asks the
+    base model; a relative ``km`` is taken from the working directory, as ``--km`` is. Other fields
+    (a gold answer, an id) are allowed and ignored. Returns (KM folder or None, question) pairs in
+    the file's order. Every bad line (invalid JSON, no question, a field of the wrong type) is named
+    by its line number, all of them in one ValueError."""
+    if not str(source).strip():
+        raise ValueError("the questions file's path is empty (an unset shell variable?)")
+    if source == "-":
+        name, raw = "<stdin>", sys.stdin.buffer.read()
+    else:
+        path = Path(os.path.expanduser(source))
+        if path.is_dir():
+            raise ValueError(f"{source}: a folder, not a .jsonl file of questions")
+        try:
+            name, raw = source, path.read_bytes()
+        except FileNotFoundError:
+            raise ValueError(f"{source}: no such file") from None
+        except OSError as e:  # no read permission: the input's problem, named as such (exit 2)
+            raise ValueError(f"{source}: cannot be read ({e.strerror or e})") from None
+    try:
+        lines = raw.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(_not_utf8(name, e)) from None
+    pairs: List[Tuple[Optional[str], str]] = []
+    problems: List[str] = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"{name}:{i}: invalid JSON ({e.msg})")
+            continue
+        if not isinstance(rec, dict):
+            problems.append(f'{name}:{i}: expected an object {{"question": ..., "km": ...}}, got {type(rec).__name__}')
+            continue
+        question, km = rec.get("question"), rec.get("km")
+        if not isinstance(question, str) or not question.strip():
+            problems.append(f"{name}:{i}: " + ("no 'question' field" if "question" not in rec
+                                               else "'question' must be a non-empty string"))
+        elif km is not None and (not isinstance(km, str) or not km.strip()):
+            # "" is the working directory as a path: named here, with the line, not later as question k
+            problems.append(f"{name}:{i}: 'km' must be a KM folder's path or null, got {km!r}")
+        else:
+            pairs.append((km, question))
+    if problems:
+        raise ValueError(problems[0] if len(problems) == 1 else
+                         f"{len(problems)} problems in {name}:\n  " + "\n  ".join(problems))
+    if not pairs:
+        raise ValueError(f"{name}: no questions in it")
+    return pairs
 
 
 # data files `datasets` reads, and its builder for each

@@ -41,7 +41,8 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
 
     assert _ask_pairs(["ask", "--device", "cpu", "q?", "--device=cuda", "--km", "k", "r?"]) == [(None, "q?"), ("k", "r?")]
     assert main(["ask", "--kms", "x", "q?"]) == 2
-    assert "unknown option '--kms' for ask (options: --km, --model, --max-new-tokens, --device)" in capsys.readouterr().err
+    assert ("unknown option '--kms' for ask (options: --km, --questions, --model, --max-new-tokens, --device, "
+            "--json)" in capsys.readouterr().err)
     assert main(["index", str(d), "--out", str(tmp_path / "o"), "--focus-parts", "-1"]) == 2
     assert "focus_parts must be >= 0" in capsys.readouterr().err
     assert main(["index", str(d), "--out", str(tmp_path / "o"), "--heldout-every", "-2"]) == 2

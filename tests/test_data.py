@@ -519,3 +519,45 @@ def test_safetensors_errors_other_than_io_pass_through():
         with safetensors_io_errors("x.safetensors"):
             raise SafetensorError("Error while serializing: I/O error: Read-only file system (os error 30)")
     assert (e.value.errno, e.value.strerror, e.value.filename) == (30, "Read-only file system", "x.safetensors")
+
+
+def test_load_questions_reads_a_jsonl_of_questions_and_names_each_bad_line(tmp_path, monkeypatch):
+    """`kmtrain ask --questions FILE`: one {"question", "km"} object a line, in the file's order; a
+    missing or null km is the base model, other fields (a gold answer) are ignored, blank lines and a
+    byte-order mark are not questions. Every bad line is named by number in one error."""
+    import io
+    import sys
+
+    from kmtrain import load_questions
+
+    good = tmp_path / "q.jsonl"
+    good.write_bytes(codecs.BOM_UTF8 + "\n".join([
+        json.dumps({"question": "Who rings the bell?", "km": "kms/alpha", "answer": "Moro"}),
+        "",
+        json.dumps({"question": "何时?"}, ensure_ascii=False),
+        json.dumps({"km": None, "question": "Hello?", "id": 7})]).encode())
+    want = [("kms/alpha", "Who rings the bell?"), (None, "何时?"), (None, "Hello?")]
+    assert load_questions(str(good)) == want
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(good.read_bytes())))  # "-": a pipe
+    assert load_questions("-") == want
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(['{"question": "fine?"}', "not json", '["a list"]', '{"km": "kms/a"}',
+                              '{"question": "  "}', '{"question": "q?", "km": ""}', '{"question": "q?", "km": 3}']))
+    with pytest.raises(ValueError) as e:
+        load_questions(str(bad))
+    assert str(e.value).splitlines() == [
+        f"6 problems in {bad}:",
+        f"  {bad}:2: invalid JSON (Expecting value)",
+        f'  {bad}:3: expected an object {{"question": ..., "km": ...}}, got list',
+        f"  {bad}:4: no 'question' field",
+        f"  {bad}:5: 'question' must be a non-empty string",
+        f"  {bad}:6: 'km' must be a KM folder's path or null, got ''",
+        f"  {bad}:7: 'km' must be a KM folder's path or null, got 3"]
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    (tmp_path / "u16.jsonl").write_bytes('{"question": "q?"}'.encode("utf-16"))
+    for source, said in ((str(tmp_path / "empty.jsonl"), "no questions in it"), (str(tmp_path / "nope.jsonl"),
+                         "no such file"), (str(tmp_path), "a folder, not a .jsonl file of questions"),
+                         (str(tmp_path / "u16.jsonl"), "a UTF-16 file"), ("", "the questions file's path is empty")):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            load_questions(source)

@@ -1262,6 +1262,41 @@ def test_a_dict_of_texts_indexes_as_the_same_files_do(tiny_model, tmp_path, unin
     assert not (tmp_path / "kms2").exists()
 
 
+def test_ask_takes_questions_from_a_file_and_prints_json_lines(tiny_model, tmp_path, uninterrupted_kms, capsys,
+                                                                 monkeypatch):
+    """`kmtrain ask --questions FILE --json`: the file's questions are asked after the command line's, in one
+    call, and each answer comes back as one JSON line {"km", "question", "answer"} in the order asked: the
+    answers ask() gives the same pairs."""
+    from kmtrain.cli import main
+
+    monkeypatch.chdir(uninterrupted_kms)  # a relative km in the file is taken from here, as --km is
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("\n".join(json.dumps(r) for r in [
+        {"question": "What grows?", "km": "beta", "gold": "violet barley"}, {"question": "Hello?"},
+        {"question": "Which bell?", "km": "alpha"}]))
+    pairs = [("gamma", "Who winds it?"), ("beta", "What grows?"), (None, "Hello?"), ("alpha", "Which bell?")]
+    answers = ask(pairs, model=tiny_model, max_new_tokens=5)
+    capsys.readouterr()
+    assert main(["ask", "--model", tiny_model, "--max-new-tokens", "5", "--json", "--km", "gamma", "Who winds it?",
+                 "--questions", str(questions)]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == [{"km": km, "question": q, "answer": a} for (km, q), a in zip(pairs, answers)]
+    # The tiny model's answers are all empty, which the lines above cannot tell apart: each answer goes
+    # on its own question's line, answers in another script included (as escapes, still JSON)
+    asked = []
+
+    def fake_ask(given, **kw):
+        asked.append(given)
+        return [f"{km}: {q} 答" for km, q in given]
+
+    monkeypatch.setattr(importlib.import_module("kmtrain.index"), "ask", fake_ask)
+    assert main(["ask", "--json", "--km", "gamma", "Who winds it?", "--questions", str(questions)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert asked == [pairs] and all(line.isascii() for line in lines)
+    assert [json.loads(line) for line in lines] == [{"km": km, "question": q, "answer": f"{km}: {q} 答"}
+                                                     for km, q in pairs]
+
+
 @pytest.mark.parametrize("where", ["synth", "cache", "training", "km"])
 def test_a_real_kill_mid_write_resumes_to_the_same_kms(tiny_model, docs_dir, tmp_path, where, uninterrupted_kms,
                                                         capsys):
