@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 import typing
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -230,11 +230,23 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError("no question given (on the command line, or in a file with --questions FILE)")
         from .index import ask
 
-        answers = ask(pairs, model=a.model, max_new_tokens=a.max_new_tokens, device=a.device)
-        for (k, question), answer in zip(pairs, answers):
-            # --json: ASCII escapes, so that the lines stay JSON on any stdout encoding
-            print(json.dumps({"km": k, "question": question, "answer": answer}) if a.json
-                  else f"[{k or 'base'}] {question}\n  {answer}")
+        # Each answer is printed once those before it are: in the order asked, and as they come, so
+        # that a long run stopped half-way (Ctrl-C) leaves what it answered on the screen or in the file.
+        waiting: Dict[int, str] = {}
+        shown = 0
+
+        def show(k: int, answer: str) -> None:
+            nonlocal shown
+            waiting[k] = answer
+            while shown in waiting:
+                km, question = pairs[shown]
+                answer = waiting.pop(shown)
+                # --json: ASCII escapes, so that the lines stay JSON on any stdout encoding
+                print(json.dumps({"km": km, "question": question, "answer": answer}) if a.json
+                      else f"[{km or 'base'}] {question}\n  {answer}", flush=True)
+                shown += 1
+
+        ask(pairs, model=a.model, max_new_tokens=a.max_new_tokens, device=a.device, on_answer=show)
         return 0
 
     with printable_output():  # the answers and summary lines, whatever stdout's encoding

@@ -18,9 +18,13 @@ def question_prompt(question: str, context: Optional[str] = None) -> str:
     return q if context is None else context + "\n\n" + q
 
 
+ANSWER_BATCH = 16  # prompts per generate call, unless the caller says otherwise
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: Sequence[str], slots: Optional[Sequence[int]] = None,
-                     max_new_tokens: int = 32, batch_size: int = 16, share_prefixes: bool = False) -> List[str]:
+                     max_new_tokens: int = 32, batch_size: int = ANSWER_BATCH,
+                     share_prefixes: bool = False) -> List[str]:
     """Greedy answers, batched with left padding; ``slots[i]`` picks the grouped-LoRA slot (-1 = none).
 
     share_prefixes: prompts that start with the same long run of tokens (a document asked several

@@ -40,7 +40,7 @@ from .checkpoint import TrainingCheckpoint
 from .config import IndexConfig, resolve_device
 from .data import (Document, atomic_write_text, chat_prompt_ids, check_documents, chunk_tokens, file_sha256,
                    load_documents, recitation_items, target_ids, text_ids, whole_character_cuts)
-from .evaluate import generate_answers, question_prompt
+from .evaluate import ANSWER_BATCH, generate_answers, question_prompt
 from .models import hub_snapshot, load_model, native_bf16, resolve_model, weights_hash
 from .synth import GENERATION_MARGIN, PROMPT_OF, requested_kinds, requests_to_make, split_heldout, synthesize
 from .teacher_cache import TeacherCache, build_cache, build_examples, cache_bytes, select_layers
@@ -778,12 +778,19 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
 
 
 def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = None, max_new_tokens: int = 64,
-        device: str = "auto", backend: str = "auto", kms_at_once: int = 64) -> List[str]:
+        device: str = "auto", backend: str = "auto", kms_at_once: int = 64,
+        on_answer: Optional[Callable[[int, str], None]] = None) -> List[str]:
     """Answer questions closed book. ``pairs``: (KM folder or None for the base model, question).
     All questions go through one model in one batch stream, each with its own KM slot: up to
     ``kms_at_once`` KMs are loaded at a time (each group's questions answered before the next
     group replaces them), so that a thousand KMs do not all sit in memory (84 MB each at
-    Llama-3.1-8B shapes in bf16). With no more KMs than that, one batch stream as before."""
+    Llama-3.1-8B shapes in bf16). With no more KMs than that, one batch stream as before.
+    KMs are loaded in the order ``pairs`` first names them; the base model's questions go with the
+    first group.
+
+    on_answer: called with (position in ``pairs``, answer) for each answer as its batch finishes,
+    so that a caller can keep what is done: a long call stopped half-way (Ctrl-C, a crash) has
+    delivered its answers so far. Returns every answer, in the order of ``pairs``."""
     if not pairs:
         return []
     if max_new_tokens < 1:
@@ -801,7 +808,7 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"question {k} (for {km or 'the base model'}) is empty")
     pairs = [(None if km is None else os.path.expanduser(km), q) for km, q in pairs]  # "~": as in a shell
-    kms = sorted({km for km, _ in pairs if km is not None})
+    kms = list(dict.fromkeys(km for km, _ in pairs if km is not None))  # as first named: answers stream in order
     base, base_hash = model, None
     configs, trained_on = [], {}
     for km in kms:
@@ -882,8 +889,14 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
         asked = [k for k, (km, _) in enumerate(pairs) if km in slot_of or (km is None and g == 0)]
         with out_of_memory_note("answering", f"lower --max-new-tokens (now {max_new_tokens}), or ask fewer questions "
                                              f"at once"):
-            got = generate_answers(m, tok, [question_prompt(pairs[k][1]) for k in asked],
-                                   [slot_of.get(pairs[k][0], -1) for k in asked], max_new_tokens=max_new_tokens)
-        for k, answer in zip(asked, got):
-            answers[k] = answer
+            # a batch at a time (the batches generate_answers makes of them all), each delivered as it ends
+            for i in range(0, len(asked), ANSWER_BATCH):
+                part = asked[i:i + ANSWER_BATCH]
+                got = generate_answers(m, tok, [question_prompt(pairs[k][1]) for k in part],
+                                       [slot_of.get(pairs[k][0], -1) for k in part], max_new_tokens=max_new_tokens,
+                                       batch_size=ANSWER_BATCH)
+                for k, answer in zip(part, got):
+                    answers[k] = answer
+                    if on_answer is not None:
+                        on_answer(k, answer)
     return answers

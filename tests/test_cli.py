@@ -262,7 +262,11 @@ def test_output_in_another_script_never_fails_on_a_narrow_stdout(tiny_model, tmp
     for _ in range(2):  # trained, then "already done"
         (summary,) = index(str(docs), tiny_cfg(tiny_model, tmp_path / "kms", steps=1))
         assert summary["id"] == "日本" and (tmp_path / "kms" / "日本" / "km.json").is_file()
-    monkeypatch.setattr(importlib.import_module("kmtrain.index"), "ask", lambda pairs, **kw: ["答えは正午"])
+    def fake_ask(pairs, on_answer, **kw):
+        on_answer(0, "答えは正午")
+        return ["答えは正午"]
+
+    monkeypatch.setattr(importlib.import_module("kmtrain.index"), "ask", fake_ask)
     assert main(["ask", "--km", str(tmp_path / "kms" / "日本"), "いつ?"]) == 0
     assert narrow.errors == "strict"  # put back
     narrow.flush()

@@ -817,7 +817,10 @@ def test_ask_loads_at_most_kms_at_once(tiny_model, docs_dir, tmp_path, monkeypat
     assert slots == [len(DOCS)] and len(set(one_batch)) > 2  # the KMs' answers differ: a mix-up would show
     for at_once in (1, 2):
         slots.clear()
-        assert ask(pairs, max_new_tokens=6, kms_at_once=at_once) == one_batch and slots == [at_once]
+        delivered = []
+        got = ask(pairs, max_new_tokens=6, kms_at_once=at_once, on_answer=lambda k, a: delivered.append((k, a)))
+        assert got == one_batch and slots == [at_once]
+        assert sorted(delivered) == list(enumerate(one_batch))  # each answer handed over once, as made
     with pytest.raises(ValueError, match="kms_at_once must be at least 1, got 0"):
         ask(pairs, kms_at_once=0)
 
@@ -1282,11 +1285,14 @@ def test_ask_takes_questions_from_a_file_and_prints_json_lines(tiny_model, tmp_p
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert printed == [{"km": km, "question": q, "answer": a} for (km, q), a in zip(pairs, answers)]
     # The tiny model's answers are all empty, which the lines above cannot tell apart: each answer goes
-    # on its own question's line, answers in another script included (as escapes, still JSON)
+    # on its own question's line, answers in another script included (as escapes, still JSON), and in
+    # the order asked whatever order they are made in
     asked = []
 
-    def fake_ask(given, **kw):
+    def fake_ask(given, on_answer, **kw):
         asked.append(given)
+        for k in (2, 0, 3, 1):
+            on_answer(k, f"{given[k][0]}: {given[k][1]} 答")
         return [f"{km}: {q} 答" for km, q in given]
 
     monkeypatch.setattr(importlib.import_module("kmtrain.index"), "ask", fake_ask)
@@ -1295,6 +1301,28 @@ def test_ask_takes_questions_from_a_file_and_prints_json_lines(tiny_model, tmp_p
     assert asked == [pairs] and all(line.isascii() for line in lines)
     assert [json.loads(line) for line in lines] == [{"km": km, "question": q, "answer": f"{km}: {q} 答"}
                                                      for km, q in pairs]
+
+
+def test_ask_prints_answers_as_they_come_so_a_stop_keeps_them(tiny_model, capsys, monkeypatch):
+    """`kmtrain ask` over many questions printed nothing until the last was answered: stopped half-way
+    (Ctrl-C, a crash), a long run left no answer. Each batch's answers are printed as it ends."""
+    from kmtrain.cli import main
+
+    kindex = importlib.import_module("kmtrain.index")
+    real, calls = kindex.generate_answers, []
+
+    def stopped_in_the_second_batch(*a, **kw):
+        calls.append(len(a[2]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kindex, "generate_answers", stopped_in_the_second_batch)
+    questions = [f"Question {i}?" for i in range(kindex.ANSWER_BATCH + 4)]
+    assert main(["ask", "--model", tiny_model, "--max-new-tokens", "2", "--json", *questions]) == 130
+    out, err = capsys.readouterr()
+    assert calls == [kindex.ANSWER_BATCH, 4] and "kmtrain: interrupted" in err
+    assert [json.loads(line)["question"] for line in out.splitlines()] == questions[:kindex.ANSWER_BATCH]
 
 
 @pytest.mark.parametrize("where", ["synth", "cache", "training", "km"])
