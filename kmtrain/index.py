@@ -878,8 +878,11 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
     for k, (km, question) in enumerate(pairs, 1):
         n = len(chat_prompt_ids(tok, question_prompt(question)))
         if positions and n + max_new_tokens > positions:
-            raise ValueError(f"question {k} (for {km or 'the base model'}) is {n} tokens as prompted: with "
-                             f"--max-new-tokens {max_new_tokens} it passes the {positions} positions {base} takes")
+            words = question.split()  # its first words say which one, where the questions came from a file
+            start = " ".join(words[:8]) + (" ..." if len(words) > 8 else "")
+            start = start if len(start) <= 60 else start[:57] + "..."
+            raise ValueError(f"question {k} ({start!r}, for {km or 'the base model'}) is {n} tokens as prompted: "
+                             f"with --max-new-tokens {max_new_tokens} it passes the {positions} positions {base} takes")
     answers: List[Optional[str]] = [None] * len(pairs)
     for g, group in enumerate(groups):
         slot_of = {}

@@ -1119,7 +1119,8 @@ def test_ask_names_a_malformed_pair():
 
 def test_ask_refuses_a_question_past_the_models_positions(tiny_model):
     """The tiny Llama takes 512 positions: a 600-word question was answered with nothing and a warning."""
-    with pytest.raises(ValueError, match=r"question 2 \(for the base model\) is \d+ tokens as prompted: with "
+    with pytest.raises(ValueError, match=r"question 2 \('word word word word word word word word \.\.\.', for the base "
+                                         r"model\) is \d+ tokens as prompted: with "
                                          r"--max-new-tokens 8 it passes the 512 positions"):
         ask([(None, "Which bell?"), (None, "word " * 600)], model=tiny_model, max_new_tokens=8)
     # at the edge: prompt + new tokens = 512 still answers
