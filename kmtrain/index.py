@@ -807,7 +807,8 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
             raise ValueError(f"--km for question {k} is empty (an unset shell variable?)")
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"question {k} (for {km or 'the base model'}) is empty")
-    pairs = [(None if km is None else os.path.expanduser(km), q) for km, q in pairs]  # "~": as in a shell
+    # "~": as in a shell; "kms/a", "kms/a/" and "./kms/a" are one KM, loaded into one slot
+    pairs = [(None if km is None else os.path.normpath(os.path.expanduser(km)), q) for km, q in pairs]
     kms = list(dict.fromkeys(km for km, _ in pairs if km is not None))  # as first named: answers stream in order
     base, base_hash = model, None
     configs, trained_on = [], {}

@@ -823,6 +823,11 @@ def test_ask_loads_at_most_kms_at_once(tiny_model, docs_dir, tmp_path, monkeypat
         assert sorted(delivered) == list(enumerate(one_batch))  # each answer handed over once, as made
     with pytest.raises(ValueError, match="kms_at_once must be at least 1, got 0"):
         ask(pairs, kms_at_once=0)
+    # one KM named three ways (as a questions file written by hand may) is loaded once, into one slot
+    slots.clear()
+    alpha = tmp_path / "kms" / "alpha"
+    same = [(str(alpha), "Which bell?"), (f"{alpha}/", "Which bell?"), (f"{alpha.parent}/./alpha", "Which bell?")]
+    assert ask(same, max_new_tokens=6) == [ask(same[:1], max_new_tokens=6)[0]] * 3 and slots[0] == 1
 
 
 def test_documents_given_as_objects_are_checked_like_files(tiny_model, tmp_path):
