@@ -239,11 +239,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             nonlocal shown
             waiting[k] = answer
             while shown in waiting:
-                km, question = pairs[shown]
-                answer = waiting.pop(shown)
+                (km, question), said = pairs[shown], waiting.pop(shown)
                 # --json: ASCII escapes, so that the lines stay JSON on any stdout encoding
-                print(json.dumps({"km": km, "question": question, "answer": answer}) if a.json
-                      else f"[{km or 'base'}] {question}\n  {answer}", flush=True)
+                print(json.dumps({"km": km, "question": question, "answer": said}) if a.json
+                      else f"[{km or 'base'}] {question}\n  {said}", flush=True)
                 shown += 1
 
         ask(pairs, model=a.model, max_new_tokens=a.max_new_tokens, device=a.device, on_answer=show)
