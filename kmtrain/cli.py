@@ -215,10 +215,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             cfg = _config_from_args(a)
             docs = load_sources(a.docs, split=a.split, id_field=a.id_field, text_field=a.text_field, limit=a.limit,
                                 progress=not a.no_progress)
-            diverged = [s["id"] for s in index(docs, cfg) if s["status"] == "diverged"]
-            if diverged:  # the others are written; a script must still learn that these are missing
-                print(f"kmtrain: error: training diverged for {', '.join(diverged)}; no KM written for "
-                      f"{'it' if len(diverged) == 1 else 'them'}", file=sys.stderr)
+            summaries = index(docs, cfg)
+            # the others are written; a script must still learn that these are missing
+            missing = {why: [s["id"] for s in summaries if s["status"] == status]
+                       for status, why in (("diverged", "training diverged"), ("no examples", "no training examples"))}
+            said = [f"{why} for {', '.join(ids)}" for why, ids in missing.items() if ids]
+            if said:
+                n = sum(map(len, missing.values()))
+                print(f"kmtrain: error: {'; '.join(said)}; no KM written for {'it' if n == 1 else 'them'}",
+                      file=sys.stderr)
                 return 1
             return 0
         pairs = _ask_pairs(list(sys.argv[1:] if argv is None else argv))

@@ -772,8 +772,10 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 print(f"{k} of {len(todo)} documents done in {_duration(spent)}; about "
                       f"{_duration(spent / k * (len(todo) - k))} left at this rate", flush=True)
     diverged = sum(s["status"] == "diverged" for s in summaries)
+    empty = sum(s["status"] == "no examples" for s in summaries)
     print(f"indexed {trained} documents in {time.time() - t_start:.1f} s"
-          + (f"; {diverged} diverged, no KM written for them" if diverged else ""), flush=True)
+          + (f"; {diverged} diverged, no KM written for them" if diverged else "")
+          + (f"; {empty} had no training examples, no KM written for them" if empty else ""), flush=True)
     return summaries
 
 

@@ -877,8 +877,20 @@ def test_a_document_too_short_to_train_says_why(tiny_model, tmp_path, capsys):
     assert [(s["id"], s["status"]) for s in got] == [("tiny", "no examples"), ("tiny2", "no examples"),
                                                      ("ok", "trained"), ("ok2", "trained"), ("tiny3", "no examples")]
     assert {s["docs_per_step"] for s in got if s["status"] == "trained"} == {2}
-    assert "tiny: no training examples (the document is 1 token(s), too short for a ddcd example), skipped" \
-        in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tiny: no training examples (the document is 1 token(s), too short for a ddcd example), skipped" in out
+    assert "indexed 2 documents in" in out and "; 3 had no training examples, no KM written for them" in out
+    # The CLI exited 0 with them missing: a script indexing thousands learnt of it only from the log
+    from kmtrain.cli import main
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "ok.txt").write_text(DOCS["alpha"])
+    (docs / "tiny.txt").write_text("x")
+    assert main(["index", str(docs), "--out", str(tmp_path / "kms2"), "--model", tiny_model, "--objective", "ddcd",
+                 "--steps", "1", "--rank", "4", "--no-progress"]) == 1
+    assert "kmtrain: error: no training examples for tiny; no KM written for it" in capsys.readouterr().err
+    assert (tmp_path / "kms2" / "ok" / "km.json").is_file() and not (tmp_path / "kms2" / "tiny").exists()
 
 
 def test_damaged_stage_files_are_redone(tiny_model, docs_dir, tmp_path, capsys):
