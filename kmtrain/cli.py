@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -245,16 +246,38 @@ def main(argv: Optional[List[str]] = None) -> int:
             waiting[k] = answer
             while shown in waiting:
                 (km, question), said = pairs[shown], waiting.pop(shown)
-                # --json: ASCII escapes, so that the lines stay JSON on any stdout encoding
-                print(json.dumps({"km": km, "question": question, "answer": said}) if a.json
-                      else f"[{km or 'base'}] {question}\n  {said}", flush=True)
+                try:  # --json: ASCII escapes, so that the lines stay JSON on any stdout encoding
+                    print(json.dumps({"km": km, "question": question, "answer": said}) if a.json
+                          else f"[{km or 'base'}] {question}\n  {said}", flush=True)
+                except BrokenPipeError:
+                    raise _OutputClosed from None
                 shown += 1
 
-        ask(pairs, model=a.model, max_new_tokens=a.max_new_tokens, device=a.device, on_answer=show)
+        try:
+            ask(pairs, model=a.model, max_new_tokens=a.max_new_tokens, device=a.device, on_answer=show)
+        except _OutputClosed:
+            # `kmtrain ask ... | head`: the reader has what it wanted. Stop as a Unix tool does, without
+            # an error line ("[Errno 32] Broken pipe", exit 1, before) or a traceback at exit
+            _drop_stdout()
+            return 128 + 13  # as if killed by SIGPIPE
         return 0
 
     with printable_output():  # the answers and summary lines, whatever stdout's encoding
         return reporting_errors(run, resumable=a.cmd == "index")
+
+
+class _OutputClosed(Exception):
+    """stdout's reader went away while answers were printed."""
+
+
+def _drop_stdout() -> None:
+    """Points stdout at the null device, so that Python's flush of it at exit finds no broken pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (io.UnsupportedOperation)
+        pass
 
 
 def _raise_interrupt(signum, frame):

@@ -1,4 +1,6 @@
 """kmtrain.cli: flags to config, errors as one clear line."""
+import json
+
 from kmtrain import IndexConfig
 
 
@@ -309,3 +311,38 @@ def test_index_takes_several_inputs_as_one(tiny_model, tmp_path, capsys):
     assert f"{bad}:2: invalid JSON" in err and f"{more / 'tower.txt'}: duplicate document id 'tower'" in err
     assert f"{more / 'Bell.txt'}: document id 'Bell' differs from 'bell'" in err
     assert not (tmp_path / "kms3").exists()
+
+
+def test_ask_into_a_closed_pipe_stops_quietly(tmp_path, capsys, monkeypatch):
+    """`kmtrain ask ... --json | head -2`: once head has its lines the pipe closes. ask said
+    "kmtrain: error: [Errno 32] Broken pipe" and exited 1; it now stops as a Unix tool does, with no
+    line on stderr and exit 141 (128 + SIGPIPE), after the lines the reader took."""
+    import importlib
+    import sys
+
+    from kmtrain.cli import main
+
+    class ReaderGoneAfterTwo:  # stdout into a pipe whose reader exits after two lines
+        errors, lines = "strict", []
+
+        def write(self, text):
+            if len(self.lines) == 2:
+                raise BrokenPipeError(32, "Broken pipe")
+            self.lines += [text] if text.strip() else []
+            return len(text)
+
+        def flush(self):
+            pass
+
+    def fake_ask(pairs, on_answer, **kw):
+        for k in range(len(pairs)):
+            on_answer(k, f"answer {k}")
+        return [f"answer {k}" for k in range(len(pairs))]
+
+    monkeypatch.setattr(importlib.import_module("kmtrain.index"), "ask", fake_ask)
+    stdout = ReaderGoneAfterTwo()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["ask", "--json", "a?", "b?", "c?", "d?"]) == 141
+    monkeypatch.undo()
+    assert [json.loads(line)["answer"] for line in stdout.lines] == ["answer 0", "answer 1"]
+    assert capsys.readouterr().err == ""
