@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help='one JSON object a line, {"km", "question", "answer"}, in '
                    "the order asked (for scripts)")
     q.add_argument("--model", help="base model (default: the one each KM was trained on)")
-    q.add_argument("--max-new-tokens", type=int, default=64)
+    q.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens (default 64)")
     q.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda:1, ...")
     return ap
 
