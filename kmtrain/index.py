@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -779,7 +779,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     return summaries
 
 
-def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = None, max_new_tokens: int = 64,
+def ask(pairs: Iterable[Tuple[Optional[str], str]], *, model: Optional[str] = None, max_new_tokens: int = 64,
         device: str = "auto", backend: str = "auto", kms_at_once: int = 64,
         on_answer: Optional[Callable[[int, str], None]] = None) -> List[str]:
     """Answer questions closed book. ``pairs``: (KM folder or None for the base model, question).
@@ -793,6 +793,7 @@ def ask(pairs: Sequence[Tuple[Optional[str], str]], *, model: Optional[str] = No
     on_answer: called with (position in ``pairs``, answer) for each answer as its batch finishes,
     so that a caller can keep what is done: a long call stopped half-way (Ctrl-C, a crash) has
     delivered its answers so far. Returns every answer, in the order of ``pairs``."""
+    pairs = list(pairs)  # a generator was read by the checks below and then answered as no questions at all
     if not pairs:
         return []
     if max_new_tokens < 1:

@@ -823,6 +823,8 @@ def test_ask_loads_at_most_kms_at_once(tiny_model, docs_dir, tmp_path, monkeypat
         assert sorted(delivered) == list(enumerate(one_batch))  # each answer handed over once, as made
     with pytest.raises(ValueError, match="kms_at_once must be at least 1, got 0"):
         ask(pairs, kms_at_once=0)
+    # pairs from a generator: all answered (it was read by the checks, then answered as none: [])
+    assert ask(((km, q) for km, q in pairs), max_new_tokens=6) == one_batch
     # one KM named three ways (as a questions file written by hand may) is loaded once, into one slot
     slots.clear()
     alpha = tmp_path / "kms" / "alpha"
