@@ -708,6 +708,11 @@ def export_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike], *,
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename is None and e.errno is not None:  # out of disk at a file's close names no file
+            raise OSError(e.errno, e.strerror, path) from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -596,6 +596,11 @@ def atomic_write(path: os.PathLike, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None and e.errno is not None:  # out of disk at flush or close names no file
+            raise OSError(e.errno, e.strerror, os.fspath(path)) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -370,7 +370,11 @@ def _duration(seconds: float) -> str:
 
 
 def _size(n: int) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+    """Bytes for a message, in the unit that keeps a digit: a nearly full disk's 40 KB was "0.0 MB"."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def check_cache_space(work: Path, need: Dict[str, int], cfg: IndexConfig) -> None:

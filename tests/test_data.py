@@ -506,6 +506,30 @@ except OSError as e:
     assert load_file(str(path))["small"].tolist() == list(range(16))
 
 
+def test_a_text_write_that_fails_names_the_file(tmp_path):
+    """Out of disk shows when a file is written or closed, where Python's OSError names no file: the CLI's
+    line read "[Errno 28] No space left on device" and nothing more. atomic_write's error names the file it
+    was writing (here a real failed write, under a file-size limit in a child process) and leaves none."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "synth.json"
+    code = f"""
+import errno, resource, signal
+from kmtrain.data import atomic_write_text
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    atomic_write_text({str(path)!r}, "x" * 100000)
+except OSError as e:
+    print("OSError", errno.errorcode[e.errno], e.filename)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["OSError", "EFBIG", str(path)]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_safetensors_errors_other_than_io_pass_through():
     """Only an I/O failure becomes an OSError; safetensors' other errors stay as they were."""
     from safetensors import SafetensorError

@@ -397,8 +397,10 @@ def test_a_disk_too_small_for_the_teacher_caches_stops_before_the_teacher(tiny_m
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if x.startswith("kmtrain: error:")]
     third = sorted(DOCS)[2]
-    assert (f"the teacher caches of 1 document(s) (the largest: {third}, {sizes[2] / 1e6:.1f} MB) need "
-            f"{sizes[2] / 1e6:.1f} MB in {out / '.work'}, which has {(sizes[2] - 1) / 1e6:.1f} MB free: free some "
+    # the tiny model's caches are KBs: in MB, as before, the line read "need 0.0 MB ..., which has 0.0 MB free"
+    assert sizes[2] < 1e6 and kindex._size(sizes[2]).endswith(" KB")
+    assert (f"the teacher caches of 1 document(s) (the largest: {third}, {kindex._size(sizes[2])}) need "
+            f"{kindex._size(sizes[2])} in {out / '.work'}, which has {kindex._size(sizes[2] - 1)} free: free some "
             f"space, or make them smaller with --cache-dtype fp8 (a byte a value), or --cache-layers (some layers "
             f"only), or --no-teacher-cache (no cache; the teacher runs every step)") in line
     assert "run the same command again to resume" in line and "Traceback" not in err

@@ -325,6 +325,33 @@ def test_16bit_base_keeps_fp32_adapters_as_peft_does(backend, tmp_path):
     assert all(m.lora_A.grad.dtype == torch.float32 and m.lora_B.grad.abs().sum() > 0 for m in mods)
 
 
+def test_export_peft_that_fails_to_write_names_the_km_and_leaves_nothing(tmp_path):
+    """A KM folder's write failing for want of disk raised an OSError naming no file (Python's, at the
+    file's write or close): it names the KM now, and no temporary folder is left. A real failed write,
+    under a file-size limit in a child process."""
+    import os
+    import subprocess
+    import sys
+
+    code = f"""
+import errno, resource, signal, sys
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from test_lora import tiny_llama
+from kmkernels import attach_grouped_lora, export_peft
+model = attach_grouped_lora(tiny_llama(), 1, rank=4, backend="torch")
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    export_peft(model, 0, {str(tmp_path / "km")!r})
+except OSError as e:
+    print("OSError", errno.errorcode[e.errno], e.filename)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["OSError", "EFBIG", str(tmp_path / "km")]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_peft_round_trip(tmp_path):
     from peft import PeftModel
 
