@@ -747,7 +747,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
             summaries.append({**meta, "status": "trained"})
             trained += 1
             loss_txt = " ".join(f"{k}={v:.4f}" for k, v in final.items())
-            cache_txt = f", cache {cache_info[st.id]['bytes'] / 1e6:.1f} MB" if st.id in cache_info else ""
+            cache_txt = f", cache {_size(cache_info[st.id]['bytes'])}" if st.id in cache_info else ""
             held_txt = "" if heldout is None else (f", held-out loss {heldout['best']['loss']:.4f} at step "
                                                    f"{heldout['best_step']} (untrained {heldout['untrained']['loss']:.4f})")
             n_txt = f"{meta['examples']} examples" + (f" + {len(st.heldout)} held out" if st.heldout else "")
