@@ -83,12 +83,25 @@ def out_of_memory_note(stage: str, shrink: str) -> Iterator[None]:
     """A device running out of memory in ``stage`` gets a note (``shrink``) saying which settings shrink it: the
     error stays torch.OutOfMemoryError for a caller to catch, the CLI prints it in one line. Why:
     torch's message names bytes, not the stage, and generation's batch had no flag at all."""
+    note = f"out of memory in {stage}; {shrink}"
     try:
         yield
     except torch.OutOfMemoryError as e:
         # what BaseException.add_note does, spelled out for Python 3.10, which lacks it
-        e.__notes__ = [*getattr(e, "__notes__", ()), f"out of memory in {stage}; {shrink}"]
+        e.__notes__ = [*getattr(e, "__notes__", ()), note]
         raise
+    except RuntimeError as e:
+        # The host's memory running out (more than RAM and swap, or a memory limit set by a scheduler)
+        # is a plain RuntimeError from torch's CPU allocator, which ended the run in a traceback: it is
+        # made the OutOfMemoryError a GPU's is, with the same note.
+        if _CPU_ALLOCATION_FAILED not in str(e):
+            raise
+        oom = torch.OutOfMemoryError("CPU out of memory" + " ".join(str(e).split(_CPU_ALLOCATION_FAILED, 1)[1].split()))
+        oom.__notes__ = [note]
+        raise oom from e
+
+
+_CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"
 
 
 @contextmanager

@@ -497,6 +497,56 @@ def test_a_gpu_out_of_memory_says_which_stage_and_what_shrinks_it(tiny_model, do
     assert all((out / d / "km.json").is_file() for d in DOCS)
 
 
+def test_the_hosts_memory_running_out_is_said_as_a_gpus_is(tiny_model, docs_dir, tmp_path, capsys, monkeypatch):
+    """On a CPU, torch's allocator failing (more than RAM and swap, or a scheduler's memory limit) is a plain
+    RuntimeError, which ended the run in a traceback without the settings that shrink it. It is the
+    OutOfMemoryError a GPU's is now, with the same note. The message is a real failed allocation's,
+    made in a child process under a 4 GiB address-space limit."""
+    import subprocess
+    import sys
+
+    from kmtrain.cli import main
+
+    code = """
+import resource, torch
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+try:
+    torch.empty(8 << 30, dtype=torch.uint8).fill_(1)
+except RuntimeError as e:
+    print(e)
+"""
+    real = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip()
+    assert "can't allocate memory: you tried to allocate 8589934592 bytes" in real, real
+
+    def out_of_host_memory(*a, **kw):
+        raise RuntimeError(real)
+
+    kindex = importlib.import_module("kmtrain.index")
+    monkeypatch.setattr(kindex, "train_wave", out_of_host_memory)
+    out = tmp_path / "kms"
+    assert main(["index", str(docs_dir), "--out", str(out), "--model", tiny_model, "--steps", "1", "--docs-per-step",
+                 "3", "--summaries-per-chunk", "1", "--qa-per-chunk", "1", "--max-new-tokens", "8", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("kmtrain: error:")]
+    assert line.startswith("kmtrain: error: out of memory in training; set --micro-batch-tokens (e.g. 4096: the same "
+                           "training, in passes of that many tokens), or lower --docs-per-step (now 3) or "
+                           "--examples-per-doc (now 2): CPU out of memory: you tried to allocate 8589934592 bytes")
+    assert "run the same command again to resume" in line and "Traceback" not in err
+    with pytest.raises(torch.OutOfMemoryError) as e:  # the Python API: the error a GPU's is, with its note
+        index(str(docs_dir), tiny_cfg(tiny_model, out, docs_per_step=3, summaries_per_chunk=1, qa_per_chunk=1,
+                                      max_new_tokens=8))
+    assert e.value.__notes__[0].startswith("out of memory in training; set --micro-batch-tokens")
+    assert str(e.value.__cause__) == real
+
+    def another_error(*a, **kw):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")
+
+    monkeypatch.setattr(kindex, "train_wave", another_error)  # any other RuntimeError is left as it is
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as e:
+        index(str(docs_dir), tiny_cfg(tiny_model, out, docs_per_step=3))
+    assert not isinstance(e.value, torch.OutOfMemoryError)
+
+
 def test_cache_batch_size_sets_the_teacher_batch_and_keeps_the_losses(tiny_model, docs_dir, tmp_path, monkeypatch):
     """--cache-batch-size (what the teacher cache's out-of-memory note names first) caps the targets per
     teacher forward of the cache build, and changes no number beyond fp32 rounding: the same final losses."""
