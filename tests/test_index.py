@@ -525,7 +525,8 @@ except RuntimeError as e:
     monkeypatch.setattr(kindex, "train_wave", out_of_host_memory)
     out = tmp_path / "kms"
     assert main(["index", str(docs_dir), "--out", str(out), "--model", tiny_model, "--steps", "1", "--docs-per-step",
-                 "3", "--summaries-per-chunk", "1", "--qa-per-chunk", "1", "--max-new-tokens", "8", "--no-progress"]) == 1
+                 "3", "--summaries-per-chunk", "1", "--qa-per-chunk", "1", "--max-new-tokens", "8",
+                 "--no-progress"]) == 1
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if x.startswith("kmtrain: error:")]
     assert line.startswith("kmtrain: error: out of memory in training; set --micro-batch-tokens (e.g. 4096: the same "
