@@ -113,6 +113,21 @@ def _not_utf8(path, e: UnicodeDecodeError) -> str:
     return f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})"
 
 
+def _undecodable(name: str) -> bool:
+    """Whether a file name holds bytes the file-name encoding could not decode (Python keeps them as
+    lone surrogates, U+DC80-U+DCFF)."""
+    return any("\udc80" <= ch <= "\udcff" for ch in name)
+
+
+def _name_not_utf8(path: Path) -> str:
+    # Such bytes (a Latin-1 name from an old archive: "\xe9t\xe9.txt") left the id as what sanitising
+    # kept ("t"), or nothing at all; said instead, with what to do
+    enc = sys.getfilesystemencoding()
+    fix = ("rename it" if codecs.lookup(enc).name == "utf-8" else
+           f"this Python reads file names as {enc}: run it with PYTHONUTF8=1, or rename the file")
+    return f"a file in {path.parent}, named {os.fsencode(path.name)!r} in bytes: the name is not valid {enc}; {fix}"
+
+
 def _check_limit(limit: Optional[int]) -> None:
     if limit is not None and limit < 1:  # 0 indexed nothing and said nothing; -1 dropped the last document
         raise ValueError(f"--limit must be at least 1, got {limit}")
@@ -157,6 +172,9 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
         files = [path]
     if files:
         for p in files:
+            if _undecodable(p.name):
+                problems.append(_name_not_utf8(p))
+                continue
             try:
                 text = p.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows editors) is not text
             except UnicodeDecodeError as e:

@@ -300,6 +300,27 @@ def test_utf16_files_and_nul_characters_are_named(tmp_path):
         load_documents(str(tmp_path / "ps.jsonl"))
 
 
+def test_a_file_name_that_is_not_utf8_is_named_not_turned_into_another_id(tmp_path):
+    """A Latin-1 file name from an old archive ("\xe9t\xe9.txt", été) on a UTF-8 system: Python keeps its
+    undecodable bytes as lone surrogates, which sanitising dropped, so the document became "t" (and
+    "\xe9\xe9.txt" an id "empty after sanitising"). It is one problem now, naming the bytes, among the rest."""
+    import os
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name in (b"\xe9t\xe9.txt", b"\xe9\xe9.txt"):
+        with open(os.path.join(os.fsencode(docs), name), "wb") as f:
+            f.write(b"The bell of Lissen rings at noon.")
+    (docs / "ok.txt").write_text("The bell of Lissen rings at noon, and again at dusk.")
+    (docs / "empty.txt").write_text(" ")
+    with pytest.raises(DocumentError) as e:
+        load_documents(str(docs))
+    assert sorted(e.value.problems) == sorted([
+        f"a file in {docs}, named b'\\xe9\\xe9.txt' in bytes: the name is not valid utf-8; rename it",
+        f"a file in {docs}, named b'\\xe9t\\xe9.txt' in bytes: the name is not valid utf-8; rename it",
+        f"{docs / 'empty.txt'}: document 'empty' is empty"])
+
+
 def test_one_text_file_is_a_corpus_of_one(tmp_path):
     """`kmtrain index notes.md` indexes that file, read and checked as in a folder; other files stay refused."""
     one = tmp_path / "Meeting Notes.MD"
