@@ -80,9 +80,9 @@ def _bar(cfg, **kw):
 
 @contextmanager
 def out_of_memory_note(stage: str, shrink: str) -> Iterator[None]:
-    """A device running out of memory in ``stage`` gets a note (``shrink``) saying which settings shrink it: the
-    error stays torch.OutOfMemoryError for a caller to catch, the CLI prints it in one line. Why:
-    torch's message names bytes, not the stage, and generation's batch had no flag at all."""
+    """A GPU or the host running out of memory in ``stage`` gets a note (``shrink``) saying which settings
+    shrink it: the error is torch.OutOfMemoryError for a caller to catch, the CLI prints it in one line.
+    Why: torch's message names bytes, not the stage, and generation's batch had no flag at all."""
     note = f"out of memory in {stage}; {shrink}"
     try:
         yield
@@ -96,7 +96,8 @@ def out_of_memory_note(stage: str, shrink: str) -> Iterator[None]:
         # made the OutOfMemoryError a GPU's is, with the same note.
         if _CPU_ALLOCATION_FAILED not in str(e):
             raise
-        oom = torch.OutOfMemoryError("CPU out of memory" + " ".join(str(e).split(_CPU_ALLOCATION_FAILED, 1)[1].split()))
+        rest = str(e).split(_CPU_ALLOCATION_FAILED, 1)[1]  # ": you tried to allocate N bytes. Error code 12 (...)"
+        oom = torch.OutOfMemoryError("CPU out of memory" + " ".join(rest.split()))
         oom.__notes__ = [note]
         raise oom from e
 
