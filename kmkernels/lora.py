@@ -36,7 +36,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .utils import HAS_TRITON, check_operands, resolve_backend
+from .utils import HAS_TRITON, check_operands, naming_file_on_error, resolve_backend
 
 if HAS_TRITON:
     import triton
@@ -693,26 +693,22 @@ def export_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike], *,
     tmp = os.path.join(parent, f".tmp-{os.path.basename(path)}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
     os.mkdir(tmp)
     try:
-        cfg.save_pretrained(tmp)
-        data = save(tensors, metadata={"format": "pt"})
-        digest = hashlib.sha256(data).hexdigest()
-        with open(os.path.join(tmp, "adapter_model.safetensors"), "wb") as f:
-            f.write(data)
-        for fname, text in (extra_files or {}).items():
-            with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
-                f.write(text(digest) if callable(text) else text)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".old-{os.getpid()}-", dir=parent)
-            os.rename(path, os.path.join(old, "x"))
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.filename is None and e.errno is not None:  # out of disk at a file's close names no file
-            raise OSError(e.errno, e.strerror, path) from e
-        raise
+        with naming_file_on_error(path):  # out of disk names the KM being written
+            cfg.save_pretrained(tmp)
+            data = save(tensors, metadata={"format": "pt"})
+            digest = hashlib.sha256(data).hexdigest()
+            with open(os.path.join(tmp, "adapter_model.safetensors"), "wb") as f:
+                f.write(data)
+            for fname, text in (extra_files or {}).items():
+                with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
+                    f.write(text(digest) if callable(text) else text)
+            if os.path.exists(path):
+                old = tempfile.mkdtemp(prefix=f".old-{os.getpid()}-", dir=parent)
+                os.rename(path, os.path.join(old, "x"))
+                os.rename(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

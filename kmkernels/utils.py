@@ -139,3 +139,15 @@ def cpu_scratch(name: str, rows: int, cols: int) -> torch.Tensor:
 def free_cpu_scratch() -> None:
     """Release the buffers ``cpu_scratch`` keeps (up to ~256 MiB each)."""
     _CPU_SCRATCH.clear()
+
+
+@contextlib.contextmanager
+def naming_file_on_error(path: "os.PathLike | str") -> Iterator[None]:
+    """Inside, an OSError that names no file is raised again naming ``path``. Why: out of disk shows at a
+    file's write or close, where Python's OSError names none ("[Errno 28] No space left on device")."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from e

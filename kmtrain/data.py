@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+from kmkernels.utils import naming_file_on_error
+
 if TYPE_CHECKING:
     import torch
 
@@ -612,13 +614,9 @@ def atomic_write(path: os.PathLike, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.filename is None and e.errno is not None:  # out of disk at flush or close names no file
-            raise OSError(e.errno, e.strerror, os.fspath(path)) from e
-        raise
+        with naming_file_on_error(path):  # out of disk names the file being written
+            write(tmp)
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
