@@ -254,11 +254,16 @@ def _checked(docs: Dict[str, Document], problems: List[str], limit: Optional[int
     return out[:limit] if limit is not None else out
 
 
-def _raise_problems(problems: List[str]) -> None:
+def _problems_message(problems: List[str], where: str) -> str:
+    """One problem as it is, several as a count and a list (every problem of an input in one error)."""
     if len(problems) == 1:
-        raise DocumentError(problems[0])
+        return problems[0]
+    return f"{len(problems)} problems in {where}:\n  " + "\n  ".join(problems)
+
+
+def _raise_problems(problems: List[str]) -> None:
     if problems:
-        raise DocumentError(f"{len(problems)} problems in the input documents:\n  " + "\n  ".join(problems), problems)
+        raise DocumentError(_problems_message(problems, "the input documents"), problems)
 
 
 def load_sources(sources: Sequence[str], *, limit: Optional[int] = None, **kw) -> List[Document]:
@@ -332,8 +337,7 @@ def load_questions(source: str) -> List[Tuple[Optional[str], str]]:
         else:
             pairs.append((km, question))
     if problems:
-        raise ValueError(problems[0] if len(problems) == 1 else
-                         f"{len(problems)} problems in {name}:\n  " + "\n  ".join(problems))
+        raise ValueError(_problems_message(problems, name))
     if not pairs:
         raise ValueError(f"{name}: no questions in it")
     return pairs
