@@ -319,6 +319,11 @@ def micro_batches(lengths: List[int], budget: int) -> List[List[int]]:
     return passes
 
 
+def _passes(wave: List[DocState], picks: List[Tuple[int, int]], budget: int) -> List[List[int]]:
+    """``micro_batches`` of ``picks`` [(slot, example index)], by their student sequences' lengths."""
+    return micro_batches([len(wave[slot].examples[i].student_ids) for slot, i in picks], budget)
+
+
 def step_backward(model, wave: List[DocState], picks: List[Tuple[int, int]], cfg, device: torch.device, amp_dtype,
                   layers: List[int], pad_id: int) -> Tuple[List[Dict[str, float]], float]:
     """One training step's forward and backward: the sum over documents of each document's own loss
@@ -332,7 +337,7 @@ def step_backward(model, wave: List[DocState], picks: List[Tuple[int, int]], cfg
     different passes. Without a cache the teacher runs for every pass first, its states kept for the
     step (the norms need all of them before the first student pass)."""
     distill = cfg.objective in ("sdcd", "ddcd")
-    passes = micro_batches([len(wave[slot].examples[i].student_ids) for slot, i in picks], cfg.micro_batch_tokens)
+    passes = _passes(wave, picks, cfg.micro_batch_tokens)
     if len(passes) == 1:
         out = _batch_losses(model, wave, picks, [slot for slot, _ in picks], cfg, device, amp_dtype, layers, pad_id)
         total = sum(loss for loss, _ in out)
@@ -378,8 +383,7 @@ def heldout_losses(model, wave: List[DocState], cfg, device: torch.device, amp_d
     picks = [(slot, i) for slot, doc in enumerate(wave) for i in doc.heldout]
     per_slot: Dict[int, List[Dict[str, float]]] = {}
     if cfg.micro_batch_tokens:
-        batches = [[picks[k] for k in p] for p in micro_batches([len(wave[s].examples[i].student_ids) for s, i in picks],
-                                                                cfg.micro_batch_tokens)]
+        batches = [[picks[k] for k in p] for p in _passes(wave, picks, cfg.micro_batch_tokens)]
     else:
         size = len(wave) * cfg.examples_per_doc
         batches = [picks[k:k + size] for k in range(0, len(picks), size)]
