@@ -294,8 +294,8 @@ def load_questions(source: str) -> List[Tuple[Optional[str], str]]:
     ``{"question": str, "km": KM folder or null}``. A line without ``km`` (or with null) asks the
     base model; a relative ``km`` is taken from the working directory, as ``--km`` is. Other fields
     (a gold answer, an id) are allowed and ignored. Returns (KM folder or None, question) pairs in
-    the file's order. Every bad line (invalid JSON, no question, a field of the wrong type) is named
-    by its line number, all of them in one ValueError."""
+    the file's order. Every bad line (invalid JSON, no question, a field of the wrong type, a KM
+    folder that is not there) is named by its line number, all of them in one ValueError."""
     if not str(source).strip():
         raise ValueError("the questions file's path is empty (an unset shell variable?)")
     if source == "-":
@@ -316,6 +316,7 @@ def load_questions(source: str) -> List[Tuple[Optional[str], str]]:
         raise ValueError(_not_utf8(name, e)) from None
     pairs: List[Tuple[Optional[str], str]] = []
     problems: List[str] = []
+    missing: Dict[str, List[int]] = {}  # a KM folder that is not there: [its place in problems, its lines...]
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -334,8 +335,19 @@ def load_questions(source: str) -> List[Tuple[Optional[str], str]]:
         elif km is not None and (not isinstance(km, str) or not km.strip()):
             # "" is the working directory as a path: named here, with the line, not later as question k
             problems.append(f"{name}:{i}: 'km' must be a KM folder's path or null, got {km!r}")
+        elif km is not None and (km in missing or not os.path.isdir(os.path.expanduser(km))):
+            # named here with its lines (ask() would name it as "--km PATH", and only the first such KM):
+            # one problem per missing KM, where a typo in a thousand-line file repeats it on many lines
+            if km not in missing:
+                missing[km] = [len(problems)]  # its place among the problems, written out below
+                problems.append("")
+            missing[km].append(i)
         else:
             pairs.append((km, question))
+    for km, (k, first, *more) in missing.items():
+        also = ", ".join(map(str, more[:5])) + (f" and {len(more) - 5} more" if len(more) > 5 else "")
+        what = "a file, not a KM folder" if os.path.exists(os.path.expanduser(km)) else "no such folder"
+        problems[k] = f"{name}:{first}: km {km}: {what}" + (f" (also on line{'s' if len(more) > 1 else ''} {also})" if more else "")
     if problems:
         raise ValueError(_problems_message(problems, name))
     if not pairs:

@@ -582,23 +582,35 @@ def test_load_questions_reads_a_jsonl_of_questions_and_names_each_bad_line(tmp_p
         json.dumps({"question": "何时?"}, ensure_ascii=False),
         json.dumps({"km": None, "question": "Hello?", "id": 7})]).encode())
     want = [("kms/alpha", "Who rings the bell?"), (None, "何时?"), (None, "Hello?")]
+    monkeypatch.chdir(tmp_path)  # a relative km is taken from the working directory
+    (tmp_path / "kms" / "alpha").mkdir(parents=True)
     assert load_questions(str(good)) == want
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(good.read_bytes())))  # "-": a pipe
     assert load_questions("-") == want
 
     bad = tmp_path / "bad.jsonl"
+    # a KM folder that is not there: one problem, at its first line, with the others it is on
+    monkeypatch.setenv("HOME", str(tmp_path))  # "~" as in a shell
+    (tmp_path / "kms" / "file").write_text("not a KM")
+    typo = [json.dumps({"question": f"q{j}?", "km": "kms/aplha"}) for j in range(8)]
     bad.write_text("\n".join(['{"question": "fine?"}', "not json", '["a list"]', '{"km": "kms/a"}',
-                              '{"question": "  "}', '{"question": "q?", "km": ""}', '{"question": "q?", "km": 3}']))
+                              '{"question": "  "}', '{"question": "q?", "km": ""}', '{"question": "q?", "km": 3}',
+                              typo[0], '{"question": "q?", "km": "kms/file"}', *typo[1:],
+                              '{"question": "q?", "km": "kms/alpha"}', '{"question": "q?", "km": "~/kms/b"}',
+                              '{"question": "q?", "km": "~/kms/b"}']))
     with pytest.raises(ValueError) as e:
         load_questions(str(bad))
     assert str(e.value).splitlines() == [
-        f"6 problems in {bad}:",
+        f"9 problems in {bad}:",
         f"  {bad}:2: invalid JSON (Expecting value)",
         f'  {bad}:3: expected an object {{"question": ..., "km": ...}}, got list',
         f"  {bad}:4: no 'question' field",
         f"  {bad}:5: 'question' must be a non-empty string",
         f"  {bad}:6: 'km' must be a KM folder's path or null, got ''",
-        f"  {bad}:7: 'km' must be a KM folder's path or null, got 3"]
+        f"  {bad}:7: 'km' must be a KM folder's path or null, got 3",
+        f"  {bad}:8: km kms/aplha: no such folder (also on lines 10, 11, 12, 13, 14 and 2 more)",
+        f"  {bad}:9: km kms/file: a file, not a KM folder",
+        f"  {bad}:18: km ~/kms/b: no such folder (also on line 19)"]
     (tmp_path / "empty.jsonl").write_text("\n\n")
     (tmp_path / "u16.jsonl").write_bytes('{"question": "q?"}'.encode("utf-16"))
     for source, said in ((str(tmp_path / "empty.jsonl"), "no questions in it"), (str(tmp_path / "nope.jsonl"),
