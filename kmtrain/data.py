@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -183,9 +184,12 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
                 problems.append(_not_utf8(p, e))
                 continue
             except OSError as e:  # no read permission, a file gone since listed: one problem among the rest
-                gone = p.is_symlink() and not p.exists()
-                problems.append(f"{p}: a link to {os.readlink(p)}, which does not exist" if gone
-                                else f"{p}: cannot be read ({e.strerror or e})")
+                if e.errno == errno.ELOOP:  # links that lead to each other: each "exists" as a link, none as a file
+                    problems.append(f"{p}: a link in a loop of links (to {os.readlink(p)}), no file at its end")
+                elif p.is_symlink() and not p.exists():
+                    problems.append(f"{p}: a link to {os.readlink(p)}, which does not exist")
+                else:
+                    problems.append(f"{p}: cannot be read ({e.strerror or e})")
                 continue
             _add(docs, problems, p.stem, text, str(p))
     elif path.is_file() and path.suffix.lower() == ".jsonl":

@@ -417,16 +417,20 @@ def test_an_unreadable_file_is_one_problem_among_the_rest(tmp_path, monkeypatch)
     (d / "moved.md").symlink_to(tmp_path / "elsewhere" / "moved.md")
     (d / "notes.txt").mkdir()
     (d / "linked.txt").symlink_to(d / "fine.txt")  # a link that works is read as its file
+    # links that lead to each other were each named "a link to X, which does not exist" while X is there
+    (d / "ring_a.txt").symlink_to("ring_b.txt")
+    (d / "ring_b.txt").symlink_to("ring_a.txt")
     with pytest.raises(DocumentError) as err:
         load_documents(str(d))
     assert str(err.value).splitlines()[1:] == [
         f"  {d / 'empty.txt'}: document 'empty' is empty",
         f"  {d / 'locked.txt'}: cannot be read (Permission denied)",
         f"  {d / 'moved.md'}: a link to {tmp_path / 'elsewhere' / 'moved.md'}, which does not exist",
+        f"  {d / 'ring_a.txt'}: a link in a loop of links (to ring_b.txt), no file at its end",
+        f"  {d / 'ring_b.txt'}: a link in a loop of links (to ring_a.txt), no file at its end",
     ]
-    (d / "empty.txt").unlink()
-    (d / "locked.txt").unlink()
-    (d / "moved.md").unlink()
+    for name in ("empty.txt", "locked.txt", "moved.md", "ring_a.txt", "ring_b.txt"):
+        (d / name).unlink()
     assert [(x.id, x.text) for x in load_documents(str(d))] == [("fine", "fine"), ("linked", "fine")]
 
 
