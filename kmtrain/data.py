@@ -78,6 +78,20 @@ def sanitize_id(raw: str) -> str:
     return s
 
 
+def _dead_link(p: Path) -> Optional[str]:
+    """What is wrong with a link that leads to no file; None where ``p`` is not such a link."""
+    if not p.is_symlink():
+        return None
+    try:
+        os.stat(p)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # links that lead to each other: each is there as a link, none as a file
+            return f"{p}: a link in a loop of links (to {os.readlink(p)}), no file at its end"
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return f"{p}: a link to {os.readlink(p)}, which does not exist"
+    return None
+
+
 def _add(docs: Dict[str, Document], problems: List[str], raw_id, text, source: str) -> None:
     """Adds one document, or records why it cannot be added (the caller reports every problem at once)."""
     if text is None:  # an empty CSV cell, a JSON null
@@ -184,12 +198,7 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
                 problems.append(_not_utf8(p, e))
                 continue
             except OSError as e:  # no read permission, a file gone since listed: one problem among the rest
-                if e.errno == errno.ELOOP:  # links that lead to each other: each "exists" as a link, none as a file
-                    problems.append(f"{p}: a link in a loop of links (to {os.readlink(p)}), no file at its end")
-                elif p.is_symlink() and not p.exists():
-                    problems.append(f"{p}: a link to {os.readlink(p)}, which does not exist")
-                else:
-                    problems.append(f"{p}: cannot be read ({e.strerror or e})")
+                problems.append(_dead_link(p) or f"{p}: cannot be read ({e.strerror or e})")
                 continue
             _add(docs, problems, p.stem, text, str(p))
     elif path.is_file() and path.suffix.lower() == ".jsonl":
@@ -213,6 +222,8 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
     elif path.is_file() and not path.name.lower().endswith(_DATA_SUFFIXES):
         raise DocumentError(f"{source}: expected a folder of .txt/.md files, one .txt/.md file, a .jsonl file, or a "
                             f"dataset's data file ({', '.join(_DATA_SUFFIXES)})")
+    elif _dead_link(path):  # not a Hub name to look up: it is here, and leads nowhere
+        raise DocumentError(_dead_link(path))
     else:  # a Hub dataset name, a local dataset folder (data files, or save_to_disk's), a data file
         ds = _load_dataset(source, path, split, progress)
         for field in (id_field, text_field):

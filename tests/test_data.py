@@ -429,6 +429,12 @@ def test_an_unreadable_file_is_one_problem_among_the_rest(tmp_path, monkeypatch)
         f"  {d / 'ring_a.txt'}: a link in a loop of links (to ring_b.txt), no file at its end",
         f"  {d / 'ring_b.txt'}: a link in a loop of links (to ring_a.txt), no file at its end",
     ]
+    # named alone (`kmtrain index moved.md`), such a link was looked up as a Hub dataset name
+    for name, said in (("moved.md", f"a link to {tmp_path / 'elsewhere' / 'moved.md'}, which does not exist"),
+                       ("ring_a.txt", "a link in a loop of links (to ring_b.txt), no file at its end")):
+        with pytest.raises(DocumentError) as err:
+            load_documents(str(d / name))
+        assert str(err.value) == f"{d / name}: {said}"
     for name in ("empty.txt", "locked.txt", "moved.md", "ring_a.txt", "ring_b.txt"):
         (d / name).unlink()
     assert [(x.id, x.text) for x in load_documents(str(d))] == [("fine", "fine"), ("linked", "fine")]
