@@ -753,8 +753,9 @@ def read_adapter_config(path: Union[str, os.PathLike]) -> dict:
 
 def load_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike]) -> None:
     """Load a PEFT LoRA folder into ``slot``. Smaller ranks are zero-padded; the slot keeps the
-    adapter's own alpha / r. Mismatched rank, targets or base model raise ValueError; on error the
-    slot is left as it was."""
+    adapter's own alpha / r (alpha / sqrt(r) for ``use_rslora``). Mismatched rank, targets or base
+    model, DoRA and per-module rank or alpha patterns raise ValueError; on error the slot is left as
+    it was."""
     from safetensors.torch import load_file
 
     st = _state(model)
@@ -763,11 +764,18 @@ def load_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike]) -> Non
     cfg = read_adapter_config(path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    for unsupported in ("use_dora", "use_rslora"):
-        if cfg.get(unsupported):
-            raise ValueError(f"{path}: {unsupported}=True adapters are not supported")
+    if cfg.get("use_dora"):
+        raise ValueError(f"{path}: use_dora=True adapters are not supported")
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        # per-module ranks or alphas: loaded with the one r and alpha, the scales would be wrong without a word
+        if cfg.get(pattern):
+            raise ValueError(f"{path}: a non-empty {pattern} (per-module {pattern.split('_')[0]}s) is not supported")
     r = int(cfg["r"])
     alpha = float(cfg.get("lora_alpha", r))
+    if cfg.get("use_rslora"):
+        # rank-stabilised LoRA scales by alpha / sqrt(r), not alpha / r: the slot keeps the alpha that
+        # gives that scale under plain LoRA, so that export_peft writes an adapter that computes the same
+        alpha *= math.sqrt(r)
     if r > st["rank"]:
         raise ValueError(f"{path}: adapter rank r={r} exceeds the attached rank {st['rank']}")
     weights_path = os.path.join(path, "adapter_model.safetensors")

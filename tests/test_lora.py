@@ -2,6 +2,7 @@
 import copy
 import hashlib
 import json
+import re
 import shutil
 
 import pytest
@@ -384,6 +385,46 @@ def test_export_peft_round_trip(tmp_path):
     (tmp_path / "km" / "adapter_model.safetensors").write_bytes(b"\x08\x00")
     with pytest.raises(ValueError, match="adapter_model.safetensors: unreadable safetensors file"):
         adapter_targets(tmp_path / "km")
+
+
+def test_rslora_adapter_loads_with_its_own_scale_and_exports_the_same(tmp_path):
+    """A PEFT adapter with use_rslora=True scales by alpha / sqrt(r): loaded into a slot it computes
+    what PEFT does, and the slot exported (plain LoRA) loads in PEFT to the same again. DoRA and
+    per-module rank or alpha patterns, which one r and alpha per slot cannot hold, are refused by name
+    (an alpha_pattern loaded silently with the wrong scales before)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = tiny_llama(5)
+    rs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=list(TARGETS)))
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for n, p in rs.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    rs.save_pretrained(tmp_path / "rs")
+    grouped = attach_grouped_lora(copy.deepcopy(base), 2, rank=4, alpha=8, backend="torch")
+    load_peft(grouped, 1, tmp_path / "rs")
+    input_ids = torch.randint(0, 97, (1, 6))
+    set_adapter_ids(grouped, [1])
+    with torch.no_grad():
+        want = rs(input_ids=input_ids).logits
+        plain = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS)))
+        plain.load_state_dict(rs.state_dict())
+        assert rel_err(plain(input_ids=input_ids).logits, want) > 1e-3  # the two scales differ: the check can fail
+        assert rel_err(grouped(input_ids=input_ids).logits, want) < 1e-5
+        export_peft(grouped, 1, tmp_path / "rs_again")
+        again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "rs_again")
+        assert rel_err(again(input_ids=input_ids).logits, want) < 1e-5
+    before = [p.detach().clone() for p in slot_parameters(grouped)]
+    for name, extra, said in (("dora", {"use_dora": True}, "use_dora=True adapters are not supported"),
+                              ("ranks", {"rank_pattern": {"q_proj": 2}}, "rank_pattern (per-module ranks)"),
+                              ("alphas", {"alpha_pattern": {"q_proj": 32}}, "alpha_pattern (per-module alphas)")):
+        shutil.copytree(tmp_path / "rs", tmp_path / name)
+        cfg_path = tmp_path / name / "adapter_config.json"
+        cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **extra}))
+        with pytest.raises(ValueError, match=re.escape(said)):
+            load_peft(grouped, 0, tmp_path / name)
+    assert all(torch.equal(a, b) for a, b in zip(before, slot_parameters(grouped)))
 
 
 def test_smaller_rank_slot_and_errors(tmp_path):
