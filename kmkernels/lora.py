@@ -431,7 +431,10 @@ def grouped_lora(
 # ----------------------------------------------------------------------------------------------
 # Module, model surgery, PEFT interop
 # ----------------------------------------------------------------------------------------------
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# PEFT's shorthand: every linear layer but the output head. A KM adapts all of them (Llama's q/k/v/o and
+# gate/up/down projections; Phi-3's fused qkv_proj and gate_up_proj, which a list of Llama's names missed).
+ALL_LINEAR = "all-linear"
+DEFAULT_TARGETS = (ALL_LINEAR,)
 
 
 def _sequence_lora_torch(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, seq_slot: torch.Tensor,
@@ -572,16 +575,26 @@ def _module_seed(seed: int, slot_key: str) -> int:
 
 
 def lora_targets(model: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGETS) -> List[Tuple[str, nn.Linear]]:
-    """(name, module) of each nn.Linear whose last name component is in ``target_modules``: the layers
+    """(name, module) of each nn.Linear whose last name component is in ``target_modules``, or of
+    every nn.Linear but the output head (``get_output_embeddings()``) for "all-linear": the layers
     attach_grouped_lora wraps. None at all raises ValueError naming the linear layers the model has,
     so a caller can check a model before any slow work."""
+    if isinstance(target_modules, str):  # "q_proj" would be read as the names "q", "_", "p", ...
+        raise ValueError(f"target_modules must be a sequence of names, got the string {target_modules!r}")
     targets = set(target_modules)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    found = [(name, m) for name, m in linears if name.rsplit(".", 1)[-1] in targets]
+    found = [(name, m) for name, m in linears
+             if name.rsplit(".", 1)[-1] in targets or (ALL_LINEAR in targets and m is not head)]
     if not found:
         have = sorted({name.rsplit(".", 1)[-1] for name, _ in linears})
-        raise ValueError(f"no linear layer named any of the LoRA targets {', '.join(target_modules)}; its linear "
-                         f"layers: {', '.join(have) or 'none'}")
+        wanted = ("every linear layer but the output head (all-linear)" if ALL_LINEAR in targets
+                  else f"the LoRA targets {', '.join(target_modules)}")
+        # GPT-2 and its kin compute their projections in transformers' Conv1D, a weight stored transposed
+        conv1d = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Conv1D"})
+        raise ValueError(f"no linear layer to adapt: wanted {wanted}; its linear layers: {', '.join(have) or 'none'}"
+                         + (f" (its Conv1D layers, {', '.join(conv1d)}, are not supported)" if conv1d else ""))
     return found
 
 
@@ -595,7 +608,8 @@ def attach_grouped_lora(
     seed: int = 0,
     backend: str = "auto",
 ) -> nn.Module:
-    """Wrap the model's linear layers named in ``target_modules`` (by last name component) in place.
+    """Wrap the model's linear layers named in ``target_modules`` (by last name component; "all-linear":
+    every one but the output head, as PEFT's shorthand) in place.
 
     All base parameters are frozen; every slot is initialised as PEFT does, reproducibly from
     ``seed`` (slot s of module m gets its own stream, independent of the other slots).

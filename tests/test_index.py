@@ -1042,8 +1042,8 @@ def test_a_model_without_the_lora_targets_fails_before_generation(tiny_model, do
 
     kindex = importlib.import_module("kmtrain.index")  # the module, not the function of the same name
     monkeypatch.setattr(kindex, "synthesize", lambda *a, **k: pytest.fail("generation ran"))
-    with pytest.raises(ValueError, match=r"no linear layer named any of the LoRA targets wq, wo; its linear layers: "
-                                         r"down_proj, gate_proj, .*q_proj, up_proj, v_proj"):
+    with pytest.raises(ValueError, match=r"no linear layer to adapt: wanted the LoRA targets wq, wo; its linear "
+                                         r"layers: down_proj, gate_proj, .*q_proj, up_proj, v_proj"):
         index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", target_modules=("wq", "wo")))
 
 

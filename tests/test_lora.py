@@ -10,8 +10,8 @@ import torch
 
 from conftest import DEVICE, KERNEL_DTYPES
 from kmkernels.lora import (AdapterIds, GroupedLoRALinear, adapter_targets, attach_grouped_lora, build_segments,
-                            export_peft, grouped_lora, grouped_lora_modules, load_peft, reset_slot, set_adapter_ids,
-                            slot_parameters)
+                            export_peft, grouped_lora, grouped_lora_modules, load_peft, lora_targets, reset_slot,
+                            set_adapter_ids, slot_parameters)
 from reference import rel_err
 
 BACKENDS = ["torch", "triton"]
@@ -512,6 +512,42 @@ def test_ids_errors():
 
 
 def test_attach_names_the_linear_layers_when_no_target_matches():
-    with pytest.raises(ValueError, match=r"no linear layer named any of the LoRA targets wq, wo; its linear layers: "
-                                         r"down_proj, gate_proj, k_proj, .*v_proj"):
+    with pytest.raises(ValueError, match=r"no linear layer to adapt: wanted the LoRA targets wq, wo; its linear "
+                                         r"layers: down_proj, gate_proj, k_proj, .*v_proj$"):
         attach_grouped_lora(tiny_llama(1), 2, rank=4, target_modules=("wq", "wo"), backend="torch")
+    with pytest.raises(ValueError, match="target_modules must be a sequence of names, got the string 'q_proj'"):
+        lora_targets(tiny_llama(1), "q_proj")
+
+
+def test_all_linear_adapts_every_projection_whatever_its_name(tmp_path):
+    """The default, PEFT's "all-linear": every linear layer but the output head. A list of Llama's names
+    left Phi-3's fused qkv_proj and gate_up_proj without LoRA (its KMs adapted o_proj and down_proj only).
+    Exported, the Phi-3 slot loads in plain PEFT to the same outputs. GPT-2's Conv1D layers are named as
+    not supported."""
+    from peft import PeftModel
+    from transformers import GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM
+
+    assert sorted({n.rsplit(".", 1)[-1] for n, _ in lora_targets(tiny_llama(1))}) == sorted(TARGETS)
+    torch.manual_seed(0)
+    phi3 = Phi3ForCausalLM(Phi3Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2)).float().eval()
+    grouped = attach_grouped_lora(copy.deepcopy(phi3), 2, rank=4, alpha=8, seed=1, backend="torch")
+    wrapped = sorted(n for n, m in grouped.named_modules() if isinstance(m, GroupedLoRALinear))
+    assert wrapped == sorted(f"model.layers.{i}.{m}" for i in range(2)
+                             for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"))
+    with torch.no_grad():
+        for p in slot_parameters(grouped):
+            p.add_(torch.randn_like(p) * 0.05)
+    export_peft(grouped, 1, tmp_path / "km")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(phi3), tmp_path / "km")
+    input_ids = torch.randint(0, 97, (2, 6))
+    set_adapter_ids(grouped, [1, 1])
+    with torch.no_grad():
+        ours, theirs = grouped(input_ids=input_ids).logits, loaded(input_ids=input_ids).logits
+        assert rel_err(theirs, ours) < 1e-5 and rel_err(phi3(input_ids=input_ids).logits, ours) > 1e-3
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=4, n_positions=64))
+    with pytest.raises(ValueError, match=re.escape("wanted every linear layer but the output head (all-linear); its "
+                                                   "linear layers: lm_head (its Conv1D layers, c_attn, c_fc, c_proj, "
+                                                   "are not supported)")):
+        attach_grouped_lora(gpt2, 2, backend="torch")
