@@ -41,7 +41,7 @@ from .config import IndexConfig, resolve_device
 from .data import (Document, atomic_write_text, chat_prompt_ids, check_documents, chunk_tokens, file_sha256,
                    load_documents, recitation_items, target_ids, text_ids, whole_character_cuts)
 from .evaluate import ANSWER_BATCH, generate_answers, question_prompt
-from .models import hub_snapshot, load_model, native_bf16, resolve_model, weights_hash
+from .models import hub_snapshot, load_model, logits_problem, native_bf16, resolve_model, weights_hash
 from .synth import GENERATION_MARGIN, PROMPT_OF, requested_kinds, requests_to_make, split_heldout, synthesize
 from .teacher_cache import TeacherCache, build_cache, build_examples, cache_bytes, select_layers
 from .train import DocState, train_wave
@@ -515,6 +515,11 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         lora_targets(model, cfg.target_modules)
     except ValueError as e:
         raise ValueError(f"--model {cfg.model}: {e} (IndexConfig.target_modules names the ones to adapt)") from None
+    problem = logits_problem(model)
+    if problem is not None:
+        raise ValueError(f"--model {cfg.model}: {problem}. The KM losses compute logits as the last hidden state "
+                         f"times the output head's weight (the teacher's from its cache), so they would train "
+                         f"towards other distributions than this model's: not supported")
     setting = {"model": model_hash, "chunk_tokens": cfg.chunk_tokens, "chunk_overlap": cfg.chunk_overlap}
 
     # 2. chunks

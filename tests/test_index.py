@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -1045,6 +1046,22 @@ def test_a_model_without_the_lora_targets_fails_before_generation(tiny_model, do
     with pytest.raises(ValueError, match=r"no linear layer to adapt: wanted the LoRA targets wq, wo; its linear "
                                          r"layers: down_proj, gate_proj, .*q_proj, up_proj, v_proj"):
         index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", target_modules=("wq", "wo")))
+
+
+def test_a_model_that_soft_caps_its_logits_is_refused_before_generation(tiny_model, docs_dir, tmp_path,
+                                                                       monkeypatch):
+    """The KM losses compute logits from the last hidden state and the head's weight alone: a model
+    whose config transforms them after the head is named, before any slow work, with nothing written."""
+    kindex = importlib.import_module("kmtrain.index")  # the module, not the function of the same name
+    monkeypatch.setattr(kindex, "synthesize", lambda *a, **k: pytest.fail("generation ran"))
+    capped = tmp_path / "capped"
+    shutil.copytree(tiny_model, capped)
+    conf = capped / "config.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "final_logit_softcapping": 30.0}))
+    with pytest.raises(ValueError, match=re.escape(f"--model {capped}: its config sets final_logit_softcapping=30.0, "
+                                                   "a transform of the logits after the output head. The KM losses")):
+        index(str(docs_dir), tiny_cfg(str(capped), tmp_path / "kms"))
+    assert sorted(p.name for p in (tmp_path / "kms").iterdir()) == [".lock"]  # the run's lock, nothing of its work
 
 
 def test_triton_path_writes_the_same_kms_as_the_torch_path(tiny_model, docs_dir, tmp_path, monkeypatch):

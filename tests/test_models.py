@@ -27,6 +27,40 @@ def test_decoder_hidden_states_are_the_causal_lm_ones(tiny_model):
     assert torch.allclose(logits, ref.logits, rtol=1e-5, atol=1e-5)
 
 
+def test_a_model_that_transforms_its_logits_after_the_head_is_named(tiny_model):
+    """Every KM loss computes logits as last hidden state @ lm_head.weight^T. A model that soft-caps
+    (Gemma 2), scales (Cohere, Granite) or biases its logits would be distilled towards other
+    distributions than its own without a word: logits_problem names why, from the config, the head,
+    or (for a transform no config names) the logits themselves."""
+    from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, LlamaConfig,
+                              LlamaForCausalLM)
+
+    from kmtrain.models import load_model, logits_problem
+
+    model, _, _, _ = load_model(tiny_model)
+    assert logits_problem(model) is None
+    shape = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, head_dim=8)
+    assert logits_problem(Gemma2ForCausalLM(Gemma2Config(**shape, final_logit_softcapping=30.0))) == (
+        "its config sets final_logit_softcapping=30.0, a transform of the logits after the output head")
+    assert logits_problem(Gemma2ForCausalLM(Gemma2Config(**shape, final_logit_softcapping=None))) is None
+    assert "logit_scale=0.0625" in logits_problem(CohereForCausalLM(CohereConfig(**shape, logit_scale=0.0625)))
+    assert "logits_scaling=2.0" in logits_problem(LlamaForCausalLM(LlamaConfig(**shape, logits_scaling=2.0)))
+    biased = LlamaForCausalLM(LlamaConfig(**shape))
+    biased.lm_head = torch.nn.Linear(32, 97, bias=True)
+    assert logits_problem(biased) == "its output head has a bias"
+
+    class Doubled(LlamaForCausalLM):  # a transform that nothing in the config names
+        def forward(self, *a, **kw):
+            out = super().forward(*a, **kw)
+            out.logits = out.logits * 2
+            return out
+
+    said = logits_problem(Doubled(LlamaConfig(**shape)))
+    assert said.startswith("its logits differ from the output head's product of the last hidden state "
+                           "(max relative difference 0.5 on 8 tokens)")
+
+
 def test_prompt_kv_after_a_prefix_is_the_whole_prompts_and_leaves_the_prefix_as_it_was(tiny_model):
     """prompt_kv(rest, past=prompt_kv(prefix)) gives the keys and values of prefix + rest as one pass
     does (fp32, to rounding; against float64 too), and the prefix's own tensors are not changed by it."""
