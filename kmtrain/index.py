@@ -41,7 +41,8 @@ from .config import IndexConfig, resolve_device
 from .data import (Document, atomic_write_text, chat_prompt_ids, check_documents, chunk_tokens, file_sha256,
                    load_documents, recitation_items, target_ids, text_ids, whole_character_cuts)
 from .evaluate import ANSWER_BATCH, generate_answers, question_prompt
-from .models import hub_snapshot, load_model, logits_problem, native_bf16, resolve_model, weights_hash
+from .models import (hub_snapshot, load_model, logit_temperature, logits_problem, native_bf16, resolve_model,
+                     weights_hash)
 from .synth import GENERATION_MARGIN, PROMPT_OF, requested_kinds, requests_to_make, split_heldout, synthesize
 from .teacher_cache import TeacherCache, build_cache, build_examples, cache_bytes, select_layers
 from .train import DocState, train_wave
@@ -520,6 +521,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         raise ValueError(f"--model {cfg.model}: {problem}. The KM losses compute logits as the last hidden state "
                          f"times the output head's weight (the teacher's from its cache), so they would train "
                          f"towards other distributions than this model's: not supported")
+    temperature = logit_temperature(model)  # Cohere's and Granite's logit scale, else 1: in the cache's key
     setting = {"model": model_hash, "chunk_tokens": cfg.chunk_tokens, "chunk_overlap": cfg.chunk_overlap}
 
     # 2. chunks
@@ -668,8 +670,11 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 # teacher statistics; before "kl_stats_exact" they came from the last layer as rounded for
                 # the cache; before "fp8_scale_per_example" an fp8 cache had one scale per document and layer)
                 version = "fp8_scale_per_example"
+                # the KL statistics' temperature: the model's logit scale (its config, which the weights' hash
+                # does not cover), named only where it is not 1, so that other models' caches keep their keys
+                scaled = [] if temperature == 1.0 else [f"logit_temperature={temperature!r}"]
                 key = hashlib.sha256(json.dumps([model_hash, str(base_dtype), cfg.cache_dtype, layers_key, version]
-                                                + examples_json[st.id]).encode()).hexdigest()[:16]
+                                                + scaled + examples_json[st.id]).encode()).hexdigest()[:16]
                 path = paths[st.id] = work / st.id / f"teacher_{cfg.objective}_{key}.safetensors"
                 for old in (work / st.id).glob(f"teacher_{cfg.objective}_*.safetensors"):
                     if old != path:  # superseded caches only take disk

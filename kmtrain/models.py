@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import math
 import os
 import shutil
 import socket
@@ -407,33 +408,48 @@ def decoder_hidden_states(model, input_ids: torch.Tensor, attention_mask: Option
     return out.hidden_states[1:]
 
 
-# What a causal LM's config can ask of its logits beyond the output head's product (Gemma 2's soft cap,
-# Cohere's scale, Granite's divisor), with the value that asks nothing
-_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+def _text_config(model):
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def logit_temperature(model) -> float:
+    """T such that the model's logits are (last hidden state @ lm_head.weight^T) / T: Cohere's
+    ``logit_scale`` s multiplies them (T = 1/s), Granite's ``logits_scaling`` divides them; 1.0 for
+    the rest. The KM losses take it as their softmax temperature (no T^2 factor), so that they see
+    the model's own distributions."""
+    cfg = _text_config(model)
+    scale, divisor = getattr(cfg, "logit_scale", None), getattr(cfg, "logits_scaling", None)
+    for name, v in (("logit_scale", scale), ("logits_scaling", divisor)):
+        positive = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        if v is not None and not positive:
+            raise ValueError(f"its config sets {name}={v!r}, not a positive finite factor of the logits")
+    return float(divisor or 1.0) / float(scale or 1.0)
 
 
 @torch.no_grad()
 def logits_problem(model) -> Optional[str]:
-    """Why the model's logits are not ``last hidden state @ lm_head.weight^T``, or None where they are.
-    Every KM loss computes them so (the fused KL recomputes the teacher's from its cached last hidden
-    state; the LM loss the student's): on a model that soft-caps, scales or biases its logits it would
-    distil or fit other distributions than the model's, without a word. Named from the config (a
-    random-weight model's small logits hide a soft cap) and the head's bias, then checked on a few
-    tokens, which also catches a transform no config names, or a last hidden state that is not the
-    head's input."""
-    config = getattr(model, "config", None)
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name, neutral in _LOGIT_TRANSFORMS.items():
-        value = getattr(cfg, name, neutral)
-        if value is not None and value != neutral:
-            return f"its config sets {name}={value}, a transform of the logits after the output head"
+    """Why the model's logits are not ``(last hidden state @ lm_head.weight^T) / logit_temperature``,
+    or None where they are. Every KM loss computes them so (the fused KL recomputes the teacher's
+    from its cached last hidden state; the LM loss the student's): on a model that soft-caps or biases
+    its logits it would distil or fit other distributions than the model's, without a word. Named
+    from the config (a random-weight model's small logits hide a soft cap) and the head's bias, then
+    checked on a few tokens, which also catches a transform no config names, or a last hidden state
+    that is not the head's input."""
+    cap = getattr(_text_config(model), "final_logit_softcapping", None)
+    if cap is not None:
+        return f"its config sets final_logit_softcapping={cap}, a soft cap on the logits after the output head"
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         return "its output head has a bias"
+    try:
+        temperature = logit_temperature(model)
+    except ValueError as e:
+        return str(e)
     dev = head.weight.device
     ids = (torch.arange(1, 9, device=dev) % head.weight.shape[0])[None]
     logits = model(input_ids=ids).logits.float()
-    ours = decoder_hidden_states(model, ids)[-1].float() @ head.weight.float().t()
+    ours = decoder_hidden_states(model, ids)[-1].float() @ head.weight.float().t() / temperature
     tol = 1e-4 if head.weight.dtype == torch.float32 else 3e-2  # bf16/fp16 logits: rounded at ~2**-8
     err = ((logits - ours).abs().max() / logits.abs().max().clamp_min(1e-6)).item()
     if not err <= tol:  # NaN too

@@ -38,7 +38,8 @@ import torch
 from kmkernels import teacher_kl_stats
 
 from .data import ANSWER_PROMPT, QA_PROMPT, atomic_save_tensors, chat_prompt_ids, parse_qa, target_ids, text_ids
-from .models import cache_kwarg, cpu_bf16_attention, decoder_hidden_states, prompt_kv, shared_prefixes
+from .models import (cache_kwarg, cpu_bf16_attention, decoder_hidden_states, logit_temperature, prompt_kv,
+                     shared_prefixes)
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -342,7 +343,7 @@ def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg
     # (train._batch_losses). The layer goes in the LM head's dtype: the states came from the model in
     # it (so nothing is rounded), and a mixed-dtype GEMM would run without tensor cores.
     w = model.get_output_embeddings().weight
-    emb, negent = teacher_kl_stats(last.to(w.dtype), w, backend=cfg.backend)
+    emb, negent = teacher_kl_stats(last.to(w.dtype), w, temperature=logit_temperature(model), backend=cfg.backend)
     tensors = {"hidden": enc, "norms": torch.stack(norms),
                "kl_embedding": emb.contiguous(), "kl_neg_entropy": negent.contiguous(),
                "tok_offsets": torch.tensor(offsets, dtype=torch.int64), "layers": torch.tensor(layers, dtype=torch.int64)}

@@ -32,7 +32,7 @@ from kmkernels import dcd_loss, reset_slot, set_adapter_ids, slot_parameters
 from kmkernels.lora import grouped_lora_modules
 
 from .checkpoint import TrainingCheckpoint, load_checkpoint, save_checkpoint
-from .models import decoder_hidden_states
+from .models import decoder_hidden_states, logit_temperature
 from .teacher_cache import Example, TeacherCache, _decode, _encode, _pad, select_layers, teacher_hiddens
 
 
@@ -128,11 +128,14 @@ def round_like_cache(h: torch.Tensor, cache_dtype: str) -> torch.Tensor:
     return _decode(*_encode(h, cache_dtype))
 
 
-def _ce_rows(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy((h @ weight.t()).float(), targets, reduction="none")
+def _ce_rows(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = (h @ weight.t()).float()
+    return torch.nn.functional.cross_entropy(logits if temperature == 1.0 else logits / temperature, targets,
+                                             reduction="none")
 
 
-def chunked_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def chunked_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024,
+                    temperature: float = 1.0) -> torch.Tensor:
     """Next-token cross entropy per row, [N] fp32, from last hidden states ``h`` [N, H] and the LM
     head ``weight`` [V, H], without a [N, V] tensor living through the backward: each chunk's
     logits are recomputed there (activation checkpointing). The LM and PIT baselines on 8 x 1024
@@ -141,8 +144,8 @@ def chunked_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 
     if h.shape[0] == 0:
         return h.new_zeros(0, dtype=torch.float32)
-    return torch.cat([checkpoint(_ce_rows, h[i:i + chunk], weight, targets[i:i + chunk], use_reentrant=False)
-                      for i in range(0, h.shape[0], chunk)])
+    return torch.cat([checkpoint(_ce_rows, h[i:i + chunk], weight, targets[i:i + chunk], temperature,
+                                 use_reentrant=False) for i in range(0, h.shape[0], chunk)])
 
 
 # A batch is split in two forwards when that leaves at least this fraction of its padded tokens
@@ -272,6 +275,7 @@ def _batch_losses(model, wave: List[DocState], picks: List[Tuple[int, int]], gro
                                     lm_targets=not distill)
     group_of_pos = torch.cat([torch.full((e.n,), g) for g, e in zip(groups, examples)])
     lm_head = model.get_output_embeddings().weight
+    temperature = logit_temperature(model)  # the model's own logit scale (Cohere, Granite), else 1
     out = []
     if distill:
         t_all = torch.cat([t.hidden for t in teacher], dim=1).to(device)  # [L_sel, N_pos, H]
@@ -291,12 +295,13 @@ def _batch_losses(model, wave: List[DocState], picks: List[Tuple[int, int]], gro
             stats = (t_emb[sel], t_negent[sel]) if t_emb is not None else None
             loss, parts = dcd_loss([h[sel] for h in s_rows], t_all[:, sel], lm_head, kl_weight=cfg.kl_weight * share,
                                    hidden_weight=cfg.hidden_weight, teacher_norms=norms, teacher_kl_stats=stats,
-                                   kl_teacher_hidden=t_kl[sel] if t_kl is not None else None, backend=cfg.backend)
+                                   kl_teacher_hidden=t_kl[sel] if t_kl is not None else None,
+                                   temperature=temperature, backend=cfg.backend)
             out.append((loss, {"loss": float(loss.detach()), "kl": float(parts["kl"]) * share,
                                "hidden": float(parts["hidden"])}))
     else:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            ce = chunked_lm_loss(s_rows[0], lm_head, targets)
+            ce = chunked_lm_loss(s_rows[0], lm_head, targets, temperature=temperature)
         for g in range(G):
             rows = ce[(group_of_pos == g).to(device)]
             loss = rows.mean() if totals is None else rows.sum() / totals[g][0]

@@ -1059,9 +1059,56 @@ def test_a_model_that_soft_caps_its_logits_is_refused_before_generation(tiny_mod
     conf = capped / "config.json"
     conf.write_text(json.dumps({**json.loads(conf.read_text()), "final_logit_softcapping": 30.0}))
     with pytest.raises(ValueError, match=re.escape(f"--model {capped}: its config sets final_logit_softcapping=30.0, "
-                                                   "a transform of the logits after the output head. The KM losses")):
+                                                   "a soft cap on the logits after the output head. The KM losses")):
         index(str(docs_dir), tiny_cfg(str(capped), tmp_path / "kms"))
     assert sorted(p.name for p in (tmp_path / "kms").iterdir()) == [".lock"]  # the run's lock, nothing of its work
+
+
+@pytest.mark.parametrize("objective", ["sdcd", "lm"])
+def test_a_model_that_scales_its_logits_trains_at_its_own_temperature(tiny_model, docs_dir, tmp_path, monkeypatch,
+                                                                       objective):
+    """Granite divides its logits by logits_scaling (Cohere multiplies by logit_scale): the teacher's
+    cached KL statistics, the KL and the LM loss all take it as their temperature, so that the KM
+    learns the model's own distributions. Every call is checked, with and without the cache."""
+    from transformers import AutoConfig, GraniteConfig, GraniteForCausalLM
+
+    import kmtrain.teacher_cache as kcache
+    import kmtrain.train as ktrain
+
+    llama = AutoConfig.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    granite = tmp_path / "granite"
+    GraniteForCausalLM(GraniteConfig(
+        vocab_size=llama.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, eos_token_id=llama.eos_token_id,
+        pad_token_id=llama.pad_token_id, tie_word_embeddings=True, logits_scaling=4.0)).save_pretrained(granite)
+    for name in os.listdir(tiny_model):
+        if name.startswith("tokenizer") or name.endswith(".jinja"):
+            shutil.copy(os.path.join(tiny_model, name), granite / name)
+    seen = []
+
+    def spy(fn, name):
+        def wrapped(*a, **kw):
+            seen.append((name, kw.get("temperature")))
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(kcache, "teacher_kl_stats", spy(kcache.teacher_kl_stats, "stats"))
+    monkeypatch.setattr(ktrain, "dcd_loss", spy(ktrain.dcd_loss, "kl"))
+    monkeypatch.setattr(ktrain, "chunked_lm_loss", spy(ktrain.chunked_lm_loss, "lm"))
+    for caching in (True, False):
+        seen.clear()
+        index(str(docs_dir), tiny_cfg(str(granite), tmp_path / f"kms_{caching}", objective=objective,
+                                      teacher_cache=caching))
+        want = {"sdcd": {("stats", 4.0), ("kl", 4.0)} if caching else {("kl", 4.0)}, "lm": {("lm", 4.0)}}[objective]
+        assert set(seen) == want, (caching, seen)
+    if objective == "sdcd":  # a kept cache is not reused at another scale: its statistics are of the old one
+        index(str(docs_dir), tiny_cfg(str(granite), tmp_path / "kept", keep_teacher_cache=True))
+        conf = granite / "config.json"
+        conf.write_text(json.dumps({**json.loads(conf.read_text()), "logits_scaling": 2.0}))
+        seen.clear()
+        index(str(docs_dir), tiny_cfg(str(granite), tmp_path / "kept", keep_teacher_cache=True, retrain=True))
+        assert set(seen) == {("stats", 2.0), ("kl", 2.0)}
 
 
 def test_triton_path_writes_the_same_kms_as_the_torch_path(tiny_model, docs_dir, tmp_path, monkeypatch):

@@ -27,25 +27,30 @@ def test_decoder_hidden_states_are_the_causal_lm_ones(tiny_model):
     assert torch.allclose(logits, ref.logits, rtol=1e-5, atol=1e-5)
 
 
-def test_a_model_that_transforms_its_logits_after_the_head_is_named(tiny_model):
-    """Every KM loss computes logits as last hidden state @ lm_head.weight^T. A model that soft-caps
-    (Gemma 2), scales (Cohere, Granite) or biases its logits would be distilled towards other
+def test_a_model_that_transforms_its_logits_after_the_head_is_named_or_scaled(tiny_model):
+    """Every KM loss computes logits as (last hidden state @ lm_head.weight^T) / T. Cohere's logit_scale
+    and Granite's logits_scaling are such a T (logit_temperature), checked against the models' own
+    logits. A model that soft-caps (Gemma 2) or biases its logits would be distilled towards other
     distributions than its own without a word: logits_problem names why, from the config, the head,
     or (for a transform no config names) the logits themselves."""
-    from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, LlamaConfig,
-                              LlamaForCausalLM)
+    from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
+                              GraniteForCausalLM, LlamaConfig, LlamaForCausalLM)
 
-    from kmtrain.models import load_model, logits_problem
+    from kmtrain.models import load_model, logit_temperature, logits_problem
 
     model, _, _, _ = load_model(tiny_model)
-    assert logits_problem(model) is None
+    assert logits_problem(model) is None and logit_temperature(model) == 1.0
     shape = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=64, head_dim=8)
+    cohere = CohereForCausalLM(CohereConfig(**shape, logit_scale=0.0625))
+    granite = GraniteForCausalLM(GraniteConfig(**shape, logits_scaling=4.0))
+    assert (logit_temperature(cohere), logit_temperature(granite)) == (16.0, 4.0)
+    assert logits_problem(cohere) is None and logits_problem(granite) is None  # T matches their logits
+    assert logits_problem(CohereForCausalLM(CohereConfig(**shape, logit_scale=0.0))) == (
+        "its config sets logit_scale=0.0, not a positive finite factor of the logits")
     assert logits_problem(Gemma2ForCausalLM(Gemma2Config(**shape, final_logit_softcapping=30.0))) == (
-        "its config sets final_logit_softcapping=30.0, a transform of the logits after the output head")
+        "its config sets final_logit_softcapping=30.0, a soft cap on the logits after the output head")
     assert logits_problem(Gemma2ForCausalLM(Gemma2Config(**shape, final_logit_softcapping=None))) is None
-    assert "logit_scale=0.0625" in logits_problem(CohereForCausalLM(CohereConfig(**shape, logit_scale=0.0625)))
-    assert "logits_scaling=2.0" in logits_problem(LlamaForCausalLM(LlamaConfig(**shape, logits_scaling=2.0)))
     biased = LlamaForCausalLM(LlamaConfig(**shape))
     biased.lm_head = torch.nn.Linear(32, 97, bias=True)
     assert logits_problem(biased) == "its output head has a bias"
