@@ -232,10 +232,11 @@ def tiny_llama(seed=0):
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def peft_model(base, seed, r=4, alpha=8):
+def peft_model(base, seed, r=4, alpha=8, **lora_options):
     from peft import LoraConfig, get_peft_model
 
-    m = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=list(TARGETS)))
+    m = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=list(TARGETS),
+                                                       **lora_options))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in m.named_parameters():
@@ -395,12 +396,7 @@ def test_rslora_adapter_loads_with_its_own_scale_and_exports_the_same(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     base = tiny_llama(5)
-    rs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=list(TARGETS)))
-    g = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        for n, p in rs.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    rs = peft_model(base, seed=6, use_rslora=True)
     rs.save_pretrained(tmp_path / "rs")
     grouped = attach_grouped_lora(copy.deepcopy(base), 2, rank=4, alpha=8, backend="torch")
     load_peft(grouped, 1, tmp_path / "rs")
