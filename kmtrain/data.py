@@ -222,8 +222,8 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
     elif path.is_file() and not path.name.lower().endswith(_DATA_SUFFIXES):
         raise DocumentError(f"{source}: expected a folder of .txt/.md files, one .txt/.md file, a .jsonl file, or a "
                             f"dataset's data file ({', '.join(_DATA_SUFFIXES)})")
-    elif _dead_link(path):  # not a Hub name to look up: it is here, and leads nowhere
-        raise DocumentError(_dead_link(path))
+    elif (dead := _dead_link(path)) is not None:  # not a Hub name to look up: it is here, and leads nowhere
+        raise DocumentError(dead)
     else:  # a Hub dataset name, a local dataset folder (data files, or save_to_disk's), a data file
         ds = _load_dataset(source, path, split, progress)
         for field in (id_field, text_field):
@@ -362,7 +362,8 @@ def load_questions(source: str) -> List[Tuple[Optional[str], str]]:
     for km, (k, first, *more) in missing.items():
         also = ", ".join(map(str, more[:5])) + (f" and {len(more) - 5} more" if len(more) > 5 else "")
         what = "a file, not a KM folder" if os.path.exists(os.path.expanduser(km)) else "no such folder"
-        problems[k] = f"{name}:{first}: km {km}: {what}" + (f" (also on line{'s' if len(more) > 1 else ''} {also})" if more else "")
+        lines_word = "lines" if len(more) > 1 else "line"
+        problems[k] = f"{name}:{first}: km {km}: {what}" + (f" (also on {lines_word} {also})" if more else "")
     if problems:
         raise ValueError(_problems_message(problems, name))
     if not pairs:
