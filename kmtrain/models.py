@@ -454,7 +454,8 @@ def logits_problem(model) -> Optional[str]:
     err = ((logits - ours).abs().max() / logits.abs().max().clamp_min(1e-6)).item()
     if not err <= tol:  # NaN too
         return (f"its logits differ from the output head's product of the last hidden state (max relative "
-                f"difference {err:.2g} on 8 tokens): a transform after the head that its config does not name")
+                f"difference {err:.2g} on 8 tokens): a transform after the head that its config does not name, "
+                f"or a last hidden state that is not the head's input")
     return None
 
 
