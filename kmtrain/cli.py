@@ -62,6 +62,10 @@ _FIELD_FLAGS = {
 }
 
 
+_TRUST_HELP = ("load a model that brings its own Python code (config.json's auto_map): transformers runs it, with "
+               "your permissions")
+
+
 def _index_parser(sub):
     p = sub.add_parser("index", help="train one Knowledge Module per document")
     p.add_argument("docs", nargs="+", help="folder of .txt/.md files, one such file, a .jsonl of {id, text}, or a "
@@ -87,6 +91,7 @@ def _index_parser(sub):
                         "kept, a retrain with other training settings reuses it)")
     p.add_argument("--cache-layers", help="comma-separated decoder layers to cache (the last is always kept)")
     p.add_argument("--retrain", action="store_true", help="retrain documents whose KM already exists")
+    p.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -104,7 +109,7 @@ def _config_from_args(a) -> IndexConfig:
         cfg = cfg.replace(**PRESETS[a.preset])
     given = {name: v for name in _FIELD_FLAGS if (v := getattr(a, name)) is not None}
     cfg = cfg.replace(**given, teacher_cache=not a.no_teacher_cache, keep_teacher_cache=a.keep_teacher_cache,
-                      retrain=a.retrain, progress=not a.no_progress,
+                      retrain=a.retrain, progress=not a.no_progress, trust_remote_code=a.trust_remote_code,
                       cache_layers=_layer_list(a.cache_layers) if a.cache_layers else None)
     return cfg.validate()
 
@@ -131,11 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", help="base model (default: the one each KM was trained on)")
     q.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens (default 64)")
     q.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda:1, ...")
+    q.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
     return ap
 
 
 _ASK_OPTIONS = ("--km", "--questions", "--model", "--max-new-tokens", "--device")  # each takes a value
-_ASK_FLAGS = ("--json",)
+_ASK_FLAGS = ("--json", "--trust-remote-code")
 
 
 def _ask_pairs(argv: List[str]) -> List[Tuple[Optional[str], str]]:
@@ -254,7 +260,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 shown += 1
 
         try:
-            ask(pairs, model=a.model, max_new_tokens=a.max_new_tokens, device=a.device, on_answer=show)
+            ask(pairs, model=a.model, max_new_tokens=a.max_new_tokens, device=a.device, on_answer=show,
+                trust_remote_code=a.trust_remote_code)
         except _OutputClosed:
             # `kmtrain ask ... | head`: the reader has what it wanted. Stop as a Unix tool does, without
             # an error line ("[Errno 32] Broken pipe", exit 1, before) or a traceback at exit

@@ -153,6 +153,9 @@ class IndexConfig:
     seed: int = 0
     retrain: bool = False
     progress: bool = True
+    # A model folder or Hub repository with its own Python code (config.json's auto_map) loads only
+    # when this is set: transformers runs that code, with the user's permissions.
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         """Values as Python callers hand them, made what the fields hold: a pathlib.Path for ``out`` or

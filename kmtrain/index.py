@@ -51,7 +51,7 @@ from .train import DocState, train_wave
 # (The generator's settings act through the examples, and the device as resolved, both in the key; the
 # cache build's batch through the teacher cache, which the checkpoint's wave keeps until its KMs are written.)
 NOT_TRAINING_SETTINGS = ("out", "retrain", "progress", "keep_teacher_cache", "checkpoint_seconds", "device",
-                         "generator", "gen_batch_size", "cache_batch_size")
+                         "generator", "gen_batch_size", "cache_batch_size", "trust_remote_code")
 
 
 # km.json's names for the training precision, as the --amp / --base-dtype flags spell them
@@ -504,7 +504,8 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         return summaries
 
     base_dtype = _base_dtype(cfg, device, amp)
-    model, tok, model_name, model_hash = load_model(cfg.model, str(device), dtype=base_dtype, progress=cfg.progress)
+    model, tok, model_name, model_hash = load_model(cfg.model, str(device), dtype=base_dtype, progress=cfg.progress,
+                                                    trust_remote_code=cfg.trust_remote_code)
     model_folder = resolve_model(cfg.model)[0]  # what vLLM loads: the converted folder for an alias
     # what km.json records for `ask`: a local folder as an absolute path (a relative one would name
     # another folder, or none, when asked from elsewhere); aliases and Hub names as given
@@ -809,7 +810,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
 
 def ask(pairs: Iterable[Tuple[Optional[str], str]], *, model: Optional[str] = None, max_new_tokens: int = 64,
         device: str = "auto", backend: str = "auto", kms_at_once: int = 64,
-        on_answer: Optional[Callable[[int, str], None]] = None) -> List[str]:
+        on_answer: Optional[Callable[[int, str], None]] = None, trust_remote_code: bool = False) -> List[str]:
     """Answer questions closed book. ``pairs``: (KM folder or None for the base model, question).
     All questions go through one model in one batch stream, each with its own KM slot: up to
     ``kms_at_once`` KMs are loaded at a time (each group's questions answered before the next
@@ -820,7 +821,8 @@ def ask(pairs: Iterable[Tuple[Optional[str], str]], *, model: Optional[str] = No
 
     on_answer: called with (position in ``pairs``, answer) for each answer as its batch finishes,
     so that a caller can keep what is done: a long call stopped half-way (Ctrl-C, a crash) has
-    delivered its answers so far. Returns every answer, in the order of ``pairs``."""
+    delivered its answers so far. trust_remote_code: load a base model that brings its own Python
+    code (as IndexConfig.trust_remote_code). Returns every answer, in the order of ``pairs``."""
     pairs = list(pairs)  # a generator was read by the checks below and then answered as no questions at all
     if not pairs:
         return []
@@ -893,7 +895,8 @@ def ask(pairs: Iterable[Tuple[Optional[str], str]], *, model: Optional[str] = No
         if h and h != "unknown" and model_hash != "unknown" and h != model_hash:
             raise ValueError(f"{km} was trained on other base weights (sha256 {h[:12]}) than {base}'s "
                              f"({model_hash[:12]}); ask it with the model it was trained on")
-    m, tok, _, _ = load_model(base, str(dev), dtype=torch.bfloat16 if bf16 else torch.float32)
+    m, tok, _, _ = load_model(base, str(dev), dtype=torch.bfloat16 if bf16 else torch.float32,
+                              trust_remote_code=trust_remote_code)
     groups = [kms[i:i + kms_at_once] for i in range(0, len(kms), kms_at_once)] or [[]]
     if kms:
         cfg = configs[0]

@@ -306,9 +306,12 @@ def _gguf_bar(enabled: bool) -> Iterator[None]:
         gguf_utils.tqdm = real
 
 
-def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True):
+def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
+               trust_remote_code: bool = False):
     """(model, tokenizer, display name, weights hash). The model is in eval mode, frozen. ``progress``:
-    transformers' loading bars (off for `--no-progress`)."""
+    transformers' loading bars (off for `--no-progress`). ``trust_remote_code``: a model that brings
+    its own Python code loads only with it (never by a question on the terminal, which would stop a
+    run without one, and never without the user's say: that code runs with their permissions)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -323,8 +326,16 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torc
         from safetensors import SafetensorError
 
         try:
-            tok = AutoTokenizer.from_pretrained(folder)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        except ValueError as e:
+            if "trust_remote_code" not in str(e):
+                raise
+            # transformers' own words name an argument no kmtrain user passes
+            raise ValueError(f"model {name_or_path!r} brings its own Python code (config.json's auto_map), which "
+                             f"transformers runs to load it: read it, then pass --trust-remote-code "
+                             f"(IndexConfig.trust_remote_code, ask(..., trust_remote_code=True)) to allow it"
+                             ) from None
         except json.JSONDecodeError as e:
             # a tokenizer file cut short: json's own message named neither file nor model (a bad
             # config.json comes wrapped in an OSError by transformers, below)

@@ -226,7 +226,7 @@ def _generate_vllm(model_path: str, prompts: Sequence[Sequence[int]], cfg, seeds
     """
     job = {"model_path": model_path, "seed": cfg.seed, "prompts": list(prompts), "seeds": list(seeds),
            "sampling": {"top_p": cfg.top_p, "temperature": cfg.temperature, "max_tokens": cfg.max_new_tokens},
-           "per_call": VLLM_REQUESTS_PER_CALL}
+           "per_call": VLLM_REQUESTS_PER_CALL, "trust_remote_code": cfg.trust_remote_code}
     job_read, job_write = os.pipe()
     texts_read, texts_write = os.pipe()
     child = subprocess.Popen([sys.executable, "-c", _VLLM_CHILD, str(job_read), str(texts_write), str(os.getpid())],
@@ -290,7 +290,7 @@ def _end_process(child: subprocess.Popen, grace: float) -> None:
 
 
 def _vllm_process(texts_pipe, model_path: str, seed: int, prompts: List[Sequence[int]], seeds: List[int],
-                  sampling: dict, per_call: int) -> None:
+                  sampling: dict, per_call: int, trust_remote_code: bool = False) -> None:
     """The vLLM process's work: load the model, answer ``prompts`` ``per_call`` at a time, and pickle
     each call's texts ("texts", [str]) or the traceback of what failed ("error", str) to ``texts_pipe``."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwind: see _end_process
@@ -306,7 +306,7 @@ def _vllm_process(texts_pipe, model_path: str, seed: int, prompts: List[Sequence
             # the whole GPU and refuses to start when that much is not free.
             free, total = torch.cuda.mem_get_info()
             kw["gpu_memory_utilization"] = round(0.9 * free / total, 3)
-        llm = LLM(model=model_path, seed=seed, **kw)
+        llm = LLM(model=model_path, seed=seed, trust_remote_code=trust_remote_code, **kw)
         for start in range(0, len(prompts), per_call):
             part = range(start, min(start + per_call, len(prompts)))
             params = [SamplingParams(**sampling, seed=seeds[i]) for i in part]  # one seed per request

@@ -44,7 +44,9 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     assert _ask_pairs(["ask", "--device", "cpu", "q?", "--device=cuda", "--km", "k", "r?"]) == [(None, "q?"), ("k", "r?")]
     assert main(["ask", "--kms", "x", "q?"]) == 2
     assert ("unknown option '--kms' for ask (options: --km, --questions, --model, --max-new-tokens, --device, "
-            "--json)" in capsys.readouterr().err)
+            "--json, --trust-remote-code)" in capsys.readouterr().err)
+    # a flag between questions is not a question: "--trust-remote-code" is not asked of the base model
+    assert _ask_pairs(["ask", "--km", "k", "q?", "--trust-remote-code", "r?"]) == [("k", "q?"), (None, "r?")]
     assert main(["index", str(d), "--out", str(tmp_path / "o"), "--focus-parts", "-1"]) == 2
     assert "focus_parts must be >= 0" in capsys.readouterr().err
     assert main(["index", str(d), "--out", str(tmp_path / "o"), "--heldout-every", "-2"]) == 2
@@ -104,6 +106,7 @@ def test_cli_flags_to_config():
         if value is None:
             value = getattr(IndexConfig(), name) + 1
         assert getattr(parse("--" + name.replace("_", "-"), str(value)), name) == value, name
+    assert (cfg.trust_remote_code, parse("--trust-remote-code").trust_remote_code) == (False, True)
     mixed = parse("--preset", "paper", "--steps", "40", "--temperature", "0.7", "--qa-format", "chat")
     assert (mixed.steps, mixed.temperature, mixed.qa_format, mixed.max_new_tokens) == (40, 0.7, "chat", 768)
     assert parse("--base-dtype", "bf16").base_dtype == "bf16"

@@ -2,6 +2,7 @@
 reserved for decoding), native-bf16 detection."""
 import importlib
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,37 @@ def test_a_model_that_transforms_its_logits_after_the_head_is_named_or_scaled(ti
     said = logits_problem(Doubled(LlamaConfig(**shape)))
     assert said.startswith("its logits differ from the output head's product of the last hidden state "
                            "(max relative difference 0.5 on 8 tokens)")
+
+
+def test_a_model_with_its_own_code_loads_only_with_trust_remote_code(tiny_model, tmp_path, monkeypatch):
+    """A model folder whose config.json names its own Python classes (auto_map): transformers asked on
+    the terminal (a question a batch run cannot answer), then told the user to pass an argument that
+    kmtrain had no way to pass. Now it is refused with the flag to give, and loads with it."""
+    import json
+    import shutil
+
+    import transformers.dynamic_module_utils as dynamic
+
+    from kmtrain.models import load_model
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # not the user's cache
+    custom = tmp_path / "custom"
+    shutil.copytree(tiny_model, custom)
+    conf = custom / "config.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "model_type": "kmtest_custom", "auto_map": {
+        "AutoConfig": "configuration_kmtest.KmtestConfig", "AutoModelForCausalLM": "modeling_kmtest.KmtestModel"}}))
+    (custom / "configuration_kmtest.py").write_text(
+        "from transformers import LlamaConfig\n\nclass KmtestConfig(LlamaConfig):\n    model_type = 'kmtest_custom'\n")
+    (custom / "modeling_kmtest.py").write_text(
+        "from transformers import LlamaForCausalLM\nfrom .configuration_kmtest import KmtestConfig\n\n"
+        "class KmtestModel(LlamaForCausalLM):\n    config_class = KmtestConfig\n")
+    monkeypatch.setattr("sys.stdin", None)  # a question on the terminal would fail here, not wait
+    with pytest.raises(ValueError, match=re.escape(f"model '{custom}' brings its own Python code (config.json's "
+                                                   "auto_map), which transformers runs to load it: read it, then "
+                                                   "pass --trust-remote-code")):
+        load_model(str(custom))
+    model, _, _, _ = load_model(str(custom), trust_remote_code=True)
+    assert type(model).__name__ == "KmtestModel"
 
 
 def test_prompt_kv_after_a_prefix_is_the_whole_prompts_and_leaves_the_prefix_as_it_was(tiny_model):

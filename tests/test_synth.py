@@ -364,7 +364,8 @@ def test_vllm_generator_wiring(tiny_model, docs_dir, tmp_path, monkeypatch, fake
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "tiny").symlink_to(tiny_model)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    cfg = tiny_cfg("~/tiny", tmp_path / "kms", steps=1, generator="vllm", recite_tokens=0, temperature=0.7)
+    cfg = tiny_cfg("~/tiny", tmp_path / "kms", steps=1, generator="vllm", recite_tokens=0, temperature=0.7,
+                   trust_remote_code=True)
     index(str(docs_dir), cfg)
     events = fake_vllm()
     load, calls = events[0], [e for e in events if e["event"] == "generate"]
@@ -382,6 +383,7 @@ def test_vllm_generator_wiring(tiny_model, docs_dir, tmp_path, monkeypatch, fake
     # vLLM is sized for the longest request, not the model's whole context (it would refuse to start
     # where its KV cache cannot hold that, as beside the trainer's model on a smaller GPU)
     assert load["kw"]["max_model_len"] == max(len(p["prompt_token_ids"]) for p in prompts) + cfg.max_new_tokens
+    assert load["kw"]["trust_remote_code"] is True  # as the run was told: vLLM loads the model's own code too
     assert {(p["temperature"], p["top_p"], p["max_tokens"]) for p in params} == {(0.7, cfg.top_p, cfg.max_new_tokens)}
     synth_rec = json.loads((tmp_path / "kms" / ".work" / "alpha" / "synth.json").read_text())
     assert synth_rec["qa_pairs"] == cfg.qa_per_chunk and synth_rec["dropped"] == 0
