@@ -328,7 +328,12 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torc
         try:
             tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
-        except ValueError as e:
+        except json.JSONDecodeError as e:
+            # a tokenizer file cut short: json's own message named neither file nor model (a bad
+            # config.json comes wrapped in an OSError by transformers, below)
+            raise ValueError(f"model {name_or_path!r}: a tokenizer file in {folder} is not valid JSON ({e}): "
+                             f"copy or download the model again") from None
+        except ValueError as e:  # after JSONDecodeError, a ValueError of its own
             if "trust_remote_code" not in str(e):
                 raise
             # transformers' own words name an argument no kmtrain user passes
@@ -336,11 +341,6 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torc
                              f"transformers runs to load it: read it, then pass --trust-remote-code "
                              f"(IndexConfig.trust_remote_code, ask(..., trust_remote_code=True)) to allow it"
                              ) from None
-        except json.JSONDecodeError as e:
-            # a tokenizer file cut short: json's own message named neither file nor model (a bad
-            # config.json comes wrapped in an OSError by transformers, below)
-            raise ValueError(f"model {name_or_path!r}: a tokenizer file in {folder} is not valid JSON ({e}): "
-                             f"copy or download the model again") from None
         except OSError as e:  # a Hub name that cannot be reached or does not exist, a folder without weights
             where = "this folder" if not on_hub else f"the Hub (no such local folder){alias_hint(name_or_path)}"
             raise ValueError(f"model {name_or_path!r}: loading it from {where} failed: {e}") from None
