@@ -577,8 +577,8 @@ def _module_seed(seed: int, slot_key: str) -> int:
 def lora_targets(model: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGETS) -> List[Tuple[str, nn.Linear]]:
     """(name, module) of each nn.Linear whose last name component is in ``target_modules``, or of
     every nn.Linear but the output head (``get_output_embeddings()``; a module without that method
-    has none) for "all-linear": the layers attach_grouped_lora wraps. None at all raises ValueError naming the linear layers the model has,
-    so a caller can check a model before any slow work."""
+    has none) for "all-linear": the layers attach_grouped_lora wraps. None at all raises ValueError
+    naming the linear layers the model has, so a caller can check a model before any slow work."""
     if isinstance(target_modules, str):  # "q_proj" would be read as the names "q", "_", "p", ...
         raise ValueError(f"target_modules must be a sequence of names, got the string {target_modules!r}")
     targets = set(target_modules)
