@@ -468,6 +468,10 @@ class AdapterIds:
         self.backend = backend
         self.seq_ids: Optional[torch.Tensor] = None
         self.any_active = False
+        # tokens per sequence of the forward under way, as the last [B, T, in] input showed them: a layer
+        # that reads the batch flattened to [B * T, in] (Qwen2-MoE's shared expert) comes after one that
+        # does not (the attention's projections) in every decoder layer
+        self.tokens: Optional[int] = None
         self._cache: Dict[Tuple, Tuple[torch.Tensor, Optional[Segments]]] = {}
 
     def set(self, ids: Optional[torch.Tensor]):
@@ -478,6 +482,7 @@ class AdapterIds:
             if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.num_adapters):
                 raise ValueError(f"adapter ids must lie in [-1, {self.num_adapters - 1}], got {ids.tolist()}")
         self.seq_ids = ids
+        self.tokens = None
         self._cache.clear()
         self.any_active = bool((ids >= 0).any()) if ids is not None else False
 
@@ -495,14 +500,31 @@ class AdapterIds:
         slot, active = hit
         return slot, scaling.index_select(0, slot) * active
 
+    def _unflattened(self, n: int) -> Tuple[int, int]:
+        """[B, T] of a layer input of ``n`` rows, for one read flattened to [B * T, in] in row-major order
+        (``x.view(-1, in)`` of [B, T, in]); one sequence's rows are all its own whatever their order.
+        Rows that are neither (an MoE expert's routed tokens) cannot be told apart: a ValueError."""
+        B = self.seq_ids.numel()
+        if B == 1:
+            return (1, n)
+        if self.tokens is not None and n == B * self.tokens:
+            return (B, self.tokens)
+        raise ValueError(f"a LoRA layer read {n} rows for {B} sequences"
+                         + (f" of {self.tokens} tokens" if self.tokens is not None else "")
+                         + ": not the batch's tokens in order (an MoE expert's routed tokens?), so one adapter per "
+                           "sequence cannot be told apart there; leave that layer out of the LoRA targets")
+
     def rows(self, lead_shape: torch.Size, device, backend: str) -> Tuple[torch.Tensor, Optional[Segments]]:
-        """Row ids [prod(lead_shape)] for an input of leading shape [B, T] (or [B]), plus segments."""
+        """Row ids [prod(lead_shape)] for an input of leading shape [B, T] (or [B]; or [B * T], the
+        batch's tokens flattened in order, see ``_unflattened``), plus segments."""
         key = (tuple(lead_shape), str(device), backend)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
         if self.seq_ids is None:
             raise ValueError("no adapter ids set: call set_adapter_ids(model, ids) before the forward pass")
+        if len(lead_shape) == 1 and lead_shape[0] != self.seq_ids.numel():
+            lead_shape = self._unflattened(lead_shape[0])
         B = lead_shape[0] if len(lead_shape) else 1
         if self.seq_ids.numel() != B:
             raise ValueError(f"adapter ids were set for {self.seq_ids.numel()} sequences but the batch has {B}")
@@ -550,6 +572,8 @@ class GroupedLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         backend = resolve_backend(self._ids.backend, x.device)
+        if x.dim() == 3:
+            self._ids.tokens = x.shape[1]
         if backend == "torch" and x.dim() == 3:
             # [B, T, in] with one slot per sequence: two bmm calls (see _sequence_lora_torch)
             slot, scale = self._ids.sequences(x.shape[0], x.device, self.scaling)  # checks the ids

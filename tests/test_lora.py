@@ -506,6 +506,46 @@ def test_ids_errors():
         attach_grouped_lora(m, 2)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layers_that_read_the_batch_flattened_keep_each_sequences_adapter(backend, tmp_path):
+    """Qwen2-MoE's shared expert reads [B * T, in], the batch's tokens flattened in order: the grouped
+    LoRA raised "adapter ids were set for 1 sequences but the batch has 74" there, so such a model could
+    not be indexed. Its rows are now each their own sequence's: a mixed batch gives each sequence what it
+    gives alone, and an exported slot what PEFT gives. Rows that are not the batch's tokens in order (an
+    MoE expert's routed tokens) are refused by name."""
+    from peft import PeftModel
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    base = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, shared_expert_intermediate_size=16)).float().eval().to(DEVICE)
+    grouped = attach_grouped_lora(copy.deepcopy(base), 2, rank=4, alpha=8, seed=1, backend=backend)
+    flat = [n for n, m in grouped.named_modules() if isinstance(m, GroupedLoRALinear) and ".shared_expert" in n]
+    assert len(flat) == 2 * 4  # gate_proj, up_proj, down_proj and shared_expert_gate in each layer
+    with torch.no_grad():
+        for p in slot_parameters(grouped):
+            p.add_(torch.randn_like(p) * 0.05)
+    input_ids = torch.randint(0, 97, (3, 7)).to(DEVICE)
+    ids = [1, -1, 0]
+    with torch.no_grad():
+        set_adapter_ids(grouped, ids)
+        batched = grouped(input_ids=input_ids).logits
+        for b, d in enumerate(ids):
+            set_adapter_ids(grouped, [d])
+            assert rel_err(batched[b:b + 1], grouped(input_ids=input_ids[b:b + 1]).logits) < 1e-5
+        export_peft(grouped, 0, tmp_path / "km")
+        peft = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "km")
+        assert rel_err(batched[2:3], peft(input_ids=input_ids[2:3]).logits) < 1e-5
+        assert rel_err(batched[2:3], base(input_ids=input_ids[2:3]).logits) > 1e-3  # the adapter matters there
+        set_adapter_ids(grouped, [0, 1])
+        expert = dict(grouped.named_modules())[flat[0]]
+        with pytest.raises(ValueError, match=re.escape("a LoRA layer read 5 rows for 2 sequences: not the batch's "
+                                                       "tokens in order (an MoE expert's routed tokens?)")):
+            expert(torch.randn(5, expert.in_features, device=DEVICE))
+
+
 def test_attach_names_the_linear_layers_when_no_target_matches():
     with pytest.raises(ValueError, match=r"no linear layer to adapt: wanted the LoRA targets wq, wo; its linear "
                                          r"layers: down_proj, gate_proj, k_proj, .*v_proj$"):
