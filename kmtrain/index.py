@@ -142,6 +142,14 @@ def _base_dtype(cfg, device: torch.device, amp) -> torch.dtype:
     return torch.float32
 
 
+def _refuse_interpreted_bf16(backend: str, device: torch.device, bf16: bool, fix: str) -> None:
+    """Triton kernels on a CPU run in Triton's interpreter, whose bf16 loads are broken: under bf16
+    autocast (the default on a CPU with native bf16) they trained to losses of ~1e20 without an error
+    (in fp32 they match the torch path). Refused before any work."""
+    if backend == "triton" and device.type == "cpu" and bf16:
+        raise ValueError(f"backend triton on a CPU runs Triton's interpreter, which loads bf16 tensors wrongly: {fix}")
+
+
 def doc_seed(seed: int, doc_id: str) -> int:
     """A document's own seed (its KM's initialisation, data order and held-out split): from the run's
     seed and the document's id only, so it does not depend on the other documents."""
@@ -473,6 +481,8 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     remove_stale_temp(work)  # a training checkpoint's write cut short
     device = resolve_device(cfg.device)
     amp = _amp_dtype(cfg, device)
+    _refuse_interpreted_bf16(cfg.backend, device, torch.bfloat16 in (amp, _base_dtype(cfg, device, amp)),
+                             "add --amp off (and leave --base-dtype at auto or fp32), or use --backend torch")
     t_start = time.time()
 
     finished = {d.id: _read_json(out / d.id / "km.json") for d in documents}
@@ -832,6 +842,8 @@ def ask(pairs: Iterable[Tuple[Optional[str], str]], *, model: Optional[str] = No
         raise ValueError(f"kms_at_once must be at least 1, got {kms_at_once}")
     dev = resolve_device(device)
     resolve_backend(backend, dev)  # before the model loads
+    _refuse_interpreted_bf16(backend, dev, native_bf16(dev),
+                             "this CPU answers in bf16; use backend='torch' (the default here)")
     for k, pair in enumerate(pairs, 1):
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise ValueError(f"pair {k}: expected (KM folder or None, question), got {pair!r}")

@@ -1145,9 +1145,17 @@ def test_triton_path_writes_the_same_kms_as_the_torch_path(tiny_model, docs_dir,
                   str(loud / "adapter_model.safetensors"))
         pairs.append((str(loud), "Which bell?"))
     pairs.append((None, "Which bell?"))
-    # ask loads the base in bf16 where bf16 is native (this CI CPU has it), and the Triton
-    # interpreter cannot load bf16; fp32 on both paths also makes the comparison exact
-    monkeypatch.setattr(importlib.import_module("kmtrain.index"), "native_bf16", lambda device: False)
+    # ask loads the base in bf16 where bf16 is native, and the Triton interpreter cannot load bf16: refused
+    # (it answered from garbage), on index's side too, where bf16 autocast trained to losses of ~1e20
+    kindex = importlib.import_module("kmtrain.index")
+    monkeypatch.setattr(kindex, "native_bf16", lambda device: True)
+    with pytest.raises(ValueError, match="backend triton on a CPU runs Triton's interpreter, which loads bf16 "
+                                         "tensors wrongly: this CPU answers in bf16; use backend='torch'"):
+        ask(pairs, model=tiny_model, max_new_tokens=4, backend="triton")
+    with pytest.raises(ValueError, match=r"interpreter, which loads bf16 tensors wrongly: add --amp off"):
+        index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "bf16", backend="triton", amp="bf16"))
+    # fp32 on both paths also makes the comparison exact
+    monkeypatch.setattr(kindex, "native_bf16", lambda device: False)
     answers = ask(pairs, model=tiny_model, max_new_tokens=4, backend="triton")
     assert answers == ask(pairs, model=tiny_model, max_new_tokens=4, backend="torch")
     assert len(set(answers)) == len(answers)  # every KM's answer differs from the base's and the others'
