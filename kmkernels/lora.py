@@ -573,13 +573,13 @@ class GroupedLoRALinear(nn.Module):
         out = self.base(x)
         backend = resolve_backend(self._ids.backend, x.device)
         if x.dim() == 3:
-            self._ids.tokens = x.shape[1]
-        if backend == "torch" and x.dim() == 3:
-            # [B, T, in] with one slot per sequence: two bmm calls (see _sequence_lora_torch)
-            slot, scale = self._ids.sequences(x.shape[0], x.device, self.scaling)  # checks the ids
-            if not self._ids.any_active and not torch.is_grad_enabled():
-                return out  # the teacher pass: no sequence has an adapter
-            return out + _sequence_lora_torch(x, self.lora_A, self.lora_B, slot, scale).to(out.dtype)
+            self._ids.tokens = x.shape[1]  # for a later layer that reads the batch flattened
+            if backend == "torch":
+                # [B, T, in] with one slot per sequence: two bmm calls (see _sequence_lora_torch)
+                slot, scale = self._ids.sequences(x.shape[0], x.device, self.scaling)  # checks the ids
+                if not self._ids.any_active and not torch.is_grad_enabled():
+                    return out  # the teacher pass: no sequence has an adapter
+                return out + _sequence_lora_torch(x, self.lora_A, self.lora_B, slot, scale).to(out.dtype)
         row_ids, seg = self._ids.rows(x.shape[:-1], x.device, backend)
         x2 = x.reshape(-1, self.in_features)
         delta = grouped_lora(x2, self.lora_A, self.lora_B, row_ids, self.scaling, backend=backend,

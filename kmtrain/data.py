@@ -330,42 +330,39 @@ def load_questions(source: str) -> List[Tuple[Optional[str], str]]:
     except UnicodeDecodeError as e:
         raise ValueError(_not_utf8(name, e)) from None
     pairs: List[Tuple[Optional[str], str]] = []
-    problems: List[str] = []
-    missing: Dict[str, List[int]] = {}  # a KM folder that is not there: [its place in problems, its lines...]
+    problems: List[Tuple[int, str]] = []  # (line, what is wrong there)
+    missing: Dict[str, List[int]] = {}  # a KM folder that is not there: the lines that name it
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            problems.append(f"{name}:{i}: invalid JSON ({e.msg})")
+            problems.append((i, f"invalid JSON ({e.msg})"))
             continue
         if not isinstance(rec, dict):
-            problems.append(f'{name}:{i}: expected an object {{"question": ..., "km": ...}}, got {type(rec).__name__}')
+            problems.append((i, f'expected an object {{"question": ..., "km": ...}}, got {type(rec).__name__}'))
             continue
         question, km = rec.get("question"), rec.get("km")
         if not isinstance(question, str) or not question.strip():
-            problems.append(f"{name}:{i}: " + ("no 'question' field" if "question" not in rec
-                                               else "'question' must be a non-empty string"))
+            problems.append((i, "no 'question' field" if "question" not in rec
+                             else "'question' must be a non-empty string"))
         elif km is not None and (not isinstance(km, str) or not km.strip()):
             # "" is the working directory as a path: named here, with the line, not later as question k
-            problems.append(f"{name}:{i}: 'km' must be a KM folder's path or null, got {km!r}")
+            problems.append((i, f"'km' must be a KM folder's path or null, got {km!r}"))
         elif km is not None and (km in missing or not os.path.isdir(os.path.expanduser(km))):
             # named here with its lines (ask() would name it as "--km PATH", and only the first such KM):
             # one problem per missing KM, where a typo in a thousand-line file repeats it on many lines
-            if km not in missing:
-                missing[km] = [len(problems)]  # its place among the problems, written out below
-                problems.append("")
-            missing[km].append(i)
+            missing.setdefault(km, []).append(i)
         else:
             pairs.append((km, question))
-    for km, (k, first, *more) in missing.items():
+    for km, (first, *more) in missing.items():
         also = ", ".join(map(str, more[:5])) + (f" and {len(more) - 5} more" if len(more) > 5 else "")
         what = "a file, not a KM folder" if os.path.exists(os.path.expanduser(km)) else "no such folder"
         lines_word = "lines" if len(more) > 1 else "line"
-        problems[k] = f"{name}:{first}: km {km}: {what}" + (f" (also on {lines_word} {also})" if more else "")
-    if problems:
-        raise ValueError(_problems_message(problems, name))
+        problems.append((first, f"km {km}: {what}" + (f" (also on {lines_word} {also})" if more else "")))
+    if problems:  # in line order, a missing KM at its first line
+        raise ValueError(_problems_message([f"{name}:{i}: {what}" for i, what in sorted(problems)], name))
     if not pairs:
         raise ValueError(f"{name}: no questions in it")
     return pairs

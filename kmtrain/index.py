@@ -481,7 +481,8 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     remove_stale_temp(work)  # a training checkpoint's write cut short
     device = resolve_device(cfg.device)
     amp = _amp_dtype(cfg, device)
-    _refuse_interpreted_bf16(cfg.backend, device, torch.bfloat16 in (amp, _base_dtype(cfg, device, amp)),
+    base_dtype = _base_dtype(cfg, device, amp)
+    _refuse_interpreted_bf16(cfg.backend, device, torch.bfloat16 in (amp, base_dtype),
                              "add --amp off (and leave --base-dtype at auto or fp32), or use --backend torch")
     t_start = time.time()
 
@@ -513,7 +514,6 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     if not todo:
         return summaries
 
-    base_dtype = _base_dtype(cfg, device, amp)
     model, tok, model_name, model_hash = load_model(cfg.model, str(device), dtype=base_dtype, progress=cfg.progress,
                                                     trust_remote_code=cfg.trust_remote_code)
     model_folder = resolve_model(cfg.model)[0]  # what vLLM loads: the converted folder for an alias

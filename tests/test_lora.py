@@ -563,6 +563,10 @@ def test_all_linear_adapts_every_projection_whatever_its_name(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM
 
     assert sorted({n.rsplit(".", 1)[-1] for n, _ in lora_targets(tiny_llama(1))}) == sorted(TARGETS)
+    from kmkernels.lora import DEFAULT_TARGETS
+    from kmtrain.config import TARGETS as INDEX_TARGETS  # a copy, kept free of torch for the CLI's start
+
+    assert INDEX_TARGETS == DEFAULT_TARGETS
     torch.manual_seed(0)
     phi3 = Phi3ForCausalLM(Phi3Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
