@@ -226,7 +226,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             # the others are written; a script must still learn that these are missing
             missing = {why: [s["id"] for s in summaries if s["status"] == status]
                        for status, why in (("diverged", "training diverged"), ("no examples", "no training examples"))}
-            said = [f"{why} for {', '.join(ids)}" for why, ids in missing.items() if ids]
+            # the first ten of each kind (each was said on its own line above): thousands of ids made one
+            # line of tens of kilobytes
+            said = [f"{why} for {', '.join(ids[:10])}{f' and {len(ids) - 10} more' if len(ids) > 10 else ''}"
+                    for why, ids in missing.items() if ids]
             if said:
                 n = sum(map(len, missing.values()))
                 print(f"kmtrain: error: {'; '.join(said)}; no KM written for {'it' if n == 1 else 'them'}",

@@ -947,6 +947,16 @@ def test_a_document_too_short_to_train_says_why(tiny_model, tmp_path, capsys):
                  "--steps", "1", "--rank", "4", "--no-progress"]) == 1
     assert "kmtrain: error: no training examples for tiny; no KM written for it" in capsys.readouterr().err
     assert (tmp_path / "kms2" / "ok" / "km.json").is_file() and not (tmp_path / "kms2" / "tiny").exists()
+    # many: the first ten named, the rest counted (each has its own line in the output above)
+    for k in range(12):
+        (docs / f"tiny{k:02d}.txt").write_text("x")
+    assert main(["index", str(docs), "--out", str(tmp_path / "kms2"), "--model", tiny_model, "--objective", "ddcd",
+                 "--steps", "1", "--rank", "4", "--no-progress"]) == 1
+    printed = capsys.readouterr()
+    assert printed.err.splitlines()[-1] == (
+        "kmtrain: error: no training examples for tiny, tiny00, tiny01, tiny02, tiny03, tiny04, tiny05, tiny06, "
+        "tiny07, tiny08 and 3 more; no KM written for them")
+    assert all(f"tiny{k:02d}: no training examples" in printed.out for k in range(12))
 
 
 def test_damaged_stage_files_are_redone(tiny_model, docs_dir, tmp_path, capsys):
