@@ -12,7 +12,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .fused_linear_kl import fused_linear_kl
+from .fused_linear_kl import check_softcap, fused_linear_kl
 from .hidden_l1 import _as_layer_list, hidden_l1
 from .kl_from_stats import fused_linear_kl_from_stats
 
@@ -31,6 +31,7 @@ def dcd_loss(
     kl_teacher_hidden: Optional[torch.Tensor] = None,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    softcap: Optional[float] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """DCD loss on the distillation positions.
 
@@ -51,6 +52,10 @@ def dcd_loss(
             it differs from ``teacher_hiddens[-1]``: the states as computed, when ``teacher_hiddens``
             hold a cache's rounding of them (the L1 term then sees the rounding, the KL does not).
         backend: 'auto' | 'triton' | 'torch'.
+        softcap: the model's soft cap c on its logits (c * tanh(z / c), Gemma 2's
+            ``final_logit_softcapping``), applied to both logit sets before the temperature; None
+            (default) for none. Not with ``teacher_kl_stats``: they stand for the teacher only where
+            the logits are linear in the hidden state.
     Returns:
         (loss, {"kl": kl, "hidden": hidden}), all fp32 scalars; the dict entries are detached.
     """
@@ -62,6 +67,11 @@ def dcd_loss(
         raise ValueError("student_hiddens is empty: need at least one layer")
     if teacher_kl_stats is not None and kl_teacher_hidden is not None:
         raise ValueError("teacher_kl_stats and kl_teacher_hidden both give the KL's teacher: pass one")
+    softcap = check_softcap(softcap)
+    if softcap is not None and teacher_kl_stats is not None and kl_weight != 0:
+        raise ValueError("softcap with teacher_kl_stats: the statistics stand for the teacher's distribution only "
+                         "where the logits are linear in the hidden state, and a soft cap is not; pass the "
+                         "teacher's last hidden state (kl_teacher_hidden, or teacher_hiddens[-1]) instead")
     zero = hs[-1].new_zeros((), dtype=torch.float32)
     kl = zero
     if kl_weight != 0 and teacher_kl_stats is not None:
@@ -70,7 +80,7 @@ def dcd_loss(
     elif kl_weight != 0:
         teacher_last = ht[-1] if kl_teacher_hidden is None else kl_teacher_hidden
         kl = fused_linear_kl(hs[-1], lm_head_weight, teacher_last, None, temperature=temperature, mask=mask,
-                             reduction="mean", backend=backend, chunk_size=chunk_size)
+                             reduction="mean", backend=backend, chunk_size=chunk_size, softcap=softcap)
     hid = zero
     if hidden_weight != 0:
         hid = hidden_l1(hs, ht, mask=mask, teacher_norms=teacher_norms, backend=backend)
@@ -87,14 +97,15 @@ class DCDLoss(nn.Module):
     """
 
     def __init__(self, kl_weight: float = 1.0, hidden_weight: float = 1.0, temperature: float = 1.0,
-                 backend: str = "auto", chunk_size: Optional[int] = None):
+                 backend: str = "auto", chunk_size: Optional[int] = None, softcap: Optional[float] = None):
         super().__init__()
         self.kl_weight, self.hidden_weight, self.temperature = kl_weight, hidden_weight, temperature
-        self.backend, self.chunk_size = backend, chunk_size
+        self.backend, self.chunk_size, self.softcap = backend, chunk_size, check_softcap(softcap)
 
     def forward(self, student_hiddens, teacher_hiddens, lm_head_weight, mask=None, teacher_norms=None,
                 teacher_kl_stats=None, kl_teacher_hidden=None):
         return dcd_loss(student_hiddens, teacher_hiddens, lm_head_weight, kl_weight=self.kl_weight,
                         hidden_weight=self.hidden_weight, temperature=self.temperature, mask=mask,
                         teacher_norms=teacher_norms, teacher_kl_stats=teacher_kl_stats,
-                        kl_teacher_hidden=kl_teacher_hidden, backend=self.backend, chunk_size=self.chunk_size)
+                        kl_teacher_hidden=kl_teacher_hidden, backend=self.backend, chunk_size=self.chunk_size,
+                        softcap=self.softcap)

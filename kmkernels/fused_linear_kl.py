@@ -1,7 +1,10 @@
 """KL(p_teacher || p_student) from hidden states, without the [N, V] logits.
 
     loss_n = sum_v p_t(v) * (log p_t(v) - log p_s(v)),
-    p_s = softmax(h_s @ W_s^T / T),  p_t = softmax(h_t @ W_t^T / T)
+    p_s = softmax(cap(h_s @ W_s^T) / T),  p_t = softmax(cap(h_t @ W_t^T) / T)
+
+with cap the identity, or with ``softcap`` c the soft cap c * tanh(z / c) that Gemma 2 puts on its
+logits after the output head (``final_logit_softcapping``).
 
 Design (same for both backends, so they differ only in who does the arithmetic):
   * Positions are processed in chunks of C rows; only [C, V] fp32 logits exist at a time
@@ -10,7 +13,8 @@ Design (same for both backends, so they differ only in who does the arithmetic):
     rounded to 16 bits before the softmax (the Liger-Kernel JSD bug, see SPEC.md section 4).
   * One online pass over the vocabulary gives lse_s, lse_t and sum_v p_t (t - s), from which
     KL = E_pt[t - s] - lse_t + lse_s. The gradient w.r.t. the student logits is
-    (p_s - p_t) / T, written over the chunk's logits and multiplied into W_s / h_s at once.
+    (p_s - p_t) / T (times 1 - tanh^2(z_s / c) under a soft cap), written over the chunk's logits
+    and multiplied into W_s / h_s at once.
   * With a scalar reduction the gradient is computed eagerly in forward (one set of logit
     matmuls instead of two), and backward only scales it by grad_output. With
     reduction="none" the per-position grad_output is only known in backward, so backward
@@ -126,10 +130,12 @@ if HAS_TRITON:
     @triton.jit
     def _kl_rows_grad_kernel(
         S, T, G, LSE_S, LSE_T, ROW_SCALE,
-        V, stride_s, stride_t, stride_g, inv_temp,
-        BLOCK_V: tl.constexpr,
+        V, stride_s, stride_t, stride_g, inv_temp, inv_cap,
+        BLOCK_V: tl.constexpr, HAS_CAP: tl.constexpr,
     ):
         """G[n, v] = (p_s(v) - p_t(v)) * ROW_SCALE[n]. Grid: (rows, cdiv(V, BLOCK_V)).
+        HAS_CAP: S and T hold soft-capped logits c * tanh(z / c) (inv_cap = 1 / c), and G is the
+        gradient w.r.t. the uncapped z: times 1 - tanh^2 = 1 - (S * inv_cap)^2.
 
         G may alias S (in-place over the chunk's fp32 logits): each element is read before
         it is written, by the same program.
@@ -137,10 +143,14 @@ if HAS_TRITON:
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
         valid = offs < V
-        s = tl.load(S + row * stride_s + offs, mask=valid, other=0.0).to(tl.float32) * inv_temp
+        s_raw = tl.load(S + row * stride_s + offs, mask=valid, other=0.0).to(tl.float32)
+        s = s_raw * inv_temp
         t = tl.load(T + row * stride_t + offs, mask=valid, other=0.0).to(tl.float32) * inv_temp
         scale = tl.load(ROW_SCALE + row)
         g = (tl.exp(s - tl.load(LSE_S + row)) - tl.exp(t - tl.load(LSE_T + row))) * scale
+        if HAS_CAP:
+            th = s_raw * inv_cap
+            g = g * (1.0 - th * th)
         tl.store(G + row * stride_g + offs, g.to(G.dtype.element_ty), mask=valid)
 
 
@@ -196,8 +206,11 @@ def _kl_rows_forward(s: torch.Tensor, t: torch.Tensor, inv_temp: float, backend:
     return terms.sum(-1), lse_s, lse_t
 
 
-def _kl_rows_grad(s, t, lse_s, lse_t, row_scale, inv_temp: float, backend: str, out: torch.Tensor) -> torch.Tensor:
-    """out[R, V] = (softmax(s/T) - softmax(t/T)) * row_scale[:, None]. ``out`` may alias ``s``."""
+def _kl_rows_grad(s, t, lse_s, lse_t, row_scale, inv_temp: float, backend: str, out: torch.Tensor,
+                  softcap: Optional[float] = None) -> torch.Tensor:
+    """out[R, V] = (softmax(s/T) - softmax(t/T)) * row_scale[:, None]. ``out`` may alias ``s``.
+    With ``softcap`` c, s and t are capped logits c * tanh(z / c) and out is the gradient w.r.t.
+    the uncapped z: also times 1 - (s / c)^2."""
     R, V = s.shape
     if R == 0:
         return out
@@ -205,24 +218,38 @@ def _kl_rows_grad(s, t, lse_s, lse_t, row_scale, inv_temp: float, backend: str, 
         block_v = _pick_block(V, 16, 2048)
         _kl_rows_grad_kernel[(R, triton.cdiv(V, block_v))](
             s, t, out, lse_s, lse_t, row_scale, V, s.stride(0), t.stride(0), out.stride(0), inv_temp,
-            BLOCK_V=block_v,
+            1.0 / softcap if softcap else 1.0, BLOCK_V=block_v, HAS_CAP=bool(softcap),
         )
         return out
     g = ((s.float() * inv_temp - lse_s[:, None]).exp() - (t.float() * inv_temp - lse_t[:, None]).exp())
     g.mul_(row_scale[:, None])
+    if softcap:
+        g.mul_(1.0 - (s.float() / softcap).square())
     out.copy_(g)
     return out
 
 
-def _kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, inv_temp: float, row_scale: Optional[torch.Tensor]):
-    """Torch path for one chunk, in place over the fp32 scratch logits s, t [R, V].
+def _softcap_(z: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    """z <- c * tanh(z / c) in place (fp32 logits), as Gemma 2 caps its logits; z as it is without a cap."""
+    if softcap:
+        z.div_(softcap).tanh_().mul_(softcap)
+    return z
+
+
+def _kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, inv_temp: float, row_scale: Optional[torch.Tensor],
+                    softcap: Optional[float] = None):
+    """Torch path for one chunk, in place over the fp32 scratch logits s, t [R, V] (uncapped: with
+    ``softcap`` they are capped here, and the gradient is w.r.t. the uncapped logits).
 
     Returns (loss [R], grad [R, V] written over s, or None). Few full passes: this is the CPU path.
     """
+    _softcap_(s, softcap)
+    _softcap_(t, softcap)
     if inv_temp != 1.0:
         s.mul_(inv_temp)
         t.mul_(inv_temp)
-    s.sub_(torch.logsumexp(s, -1, keepdim=True))  # log p_s
+    lse_s = torch.logsumexp(s, -1, keepdim=True)
+    s.sub_(lse_s)  # log p_s
     t.sub_(torch.logsumexp(t, -1, keepdim=True))  # log p_t
     # the teacher's probabilities need a third [R, V] block; on CPU a reused one (see cpu_scratch)
     pt = torch.exp(t, out=cpu_scratch("kl_teacher_probs", *t.shape)) if t.device.type == "cpu" else t.exp()
@@ -230,6 +257,9 @@ def _kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, inv_temp: float, row_scale
     loss = t.sum(-1)
     if row_scale is None:
         return loss, None
+    if softcap:  # the cap's derivative 1 - tanh^2, into t's block (free now): tanh = capped / c = (log p_s + lse_s) * T / c
+        t.copy_(s).add_(lse_s).mul_(1.0 / (inv_temp * softcap)).square_().neg_().add_(1.0)
+        return loss, s.exp_().sub_(pt).mul_(row_scale[:, None]).mul_(t)
     return loss, s.exp_().sub_(pt).mul_(row_scale[:, None])
 
 
@@ -327,7 +357,7 @@ def _logit_blocks(rows: int, vocab: int, device: torch.device):
             torch.empty(rows, vocab, device=device, dtype=torch.float32))
 
 
-def _linear_kl_chunks(hs, ws, ht, wt, inv_temp, backend, chunk_size, row_scale, need_dh, need_dw):
+def _linear_kl_chunks(hs, ws, ht, wt, inv_temp, backend, chunk_size, row_scale, need_dh, need_dw, softcap=None):
     """Loop over row chunks. Returns (loss_rows fp32 [N], dh [N, Hs] or None, dw fp32 [V, Hs] or None).
 
     row_scale: fp32 [N] (gradient weight per row, already including 1/N for 'mean') or None
@@ -353,20 +383,20 @@ def _linear_kl_chunks(hs, ws, ht, wt, inv_temp, backend, chunk_size, row_scale, 
         hs_c, ht_c = hs[c0:c1], ht[c0:c1]
         scale_c = (row_scale[c0:c1] * inv_temp).contiguous() if want_grad else None
         if backend == "triton":
-            s = _logits_fp32(hs_c, ws)
-            t = _logits_fp32(ht_c, wt)
+            s = _softcap_(_logits_fp32(hs_c, ws), softcap)
+            t = _softcap_(_logits_fp32(ht_c, wt), softcap)
             loss[c0:c1], lse_s, lse_t = _kl_rows_forward(s, t, inv_temp, backend)
             if not want_grad:
                 continue
             # 16-bit weights: the gradient is written once, in the weight dtype, for the tensor-core GEMMs.
             g_out = torch.empty(s.shape, device=s.device, dtype=ws.dtype) if is_16bit(ws.dtype) else s
-            g = _kl_rows_grad(s, t, lse_s, lse_t, scale_c, inv_temp, backend, g_out)
+            g = _kl_rows_grad(s, t, lse_s, lse_t, scale_c, inv_temp, backend, g_out, softcap)
         else:
             s, t = _logit_blocks(c1 - c0, ws.shape[0], hs.device)
             with cpu_bf16_products() if bf16_cpu else contextlib.nullcontext():
                 torch.mm(hs_c.float(), ws32.T, out=s)
                 torch.mm(ht_c.float(), wt32.T, out=t)
-            loss[c0:c1], g = _kl_chunk_torch(s, t, inv_temp, scale_c)
+            loss[c0:c1], g = _kl_chunk_torch(s, t, inv_temp, scale_c, softcap)
             if not want_grad:
                 continue
         del t
@@ -400,7 +430,8 @@ class FusedLinearKLFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hs, ws, ht, wt, inv_temp: float, reduction: str, chunk_size: int, backend: str):
+    def forward(ctx, hs, ws, ht, wt, inv_temp: float, reduction: str, chunk_size: int, backend: str,
+                softcap: Optional[float] = None):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         shared = wt is None
         wt_ = ws if shared else wt
@@ -410,8 +441,9 @@ class FusedLinearKLFunction(torch.autograd.Function):
         if ctx.eager:
             row_scale = torch.full((N,), 1.0 / max(N, 1) if reduction == "mean" else 1.0,
                                    device=hs.device, dtype=torch.float32)
-        loss, dh, dw = _linear_kl_chunks(hs, ws, ht, wt_, inv_temp, backend, chunk_size, row_scale, need_dh, need_dw)
-        ctx.inv_temp, ctx.backend, ctx.chunk_size, ctx.shared = inv_temp, backend, chunk_size, shared
+        loss, dh, dw = _linear_kl_chunks(hs, ws, ht, wt_, inv_temp, backend, chunk_size, row_scale, need_dh, need_dw,
+                                         softcap)
+        ctx.inv_temp, ctx.backend, ctx.chunk_size, ctx.shared, ctx.softcap = inv_temp, backend, chunk_size, shared, softcap
         ctx.ws_dtype = ws.dtype
         if ctx.eager:
             ctx.save_for_backward(dh, dw)
@@ -434,10 +466,10 @@ class FusedLinearKLFunction(torch.autograd.Function):
             hs, ws, ht, wt = ctx.saved_tensors
             _, dh_out, dw = _linear_kl_chunks(
                 hs, ws, ht, wt, ctx.inv_temp, ctx.backend, ctx.chunk_size,
-                grad_out.to(torch.float32).contiguous(), need_dh, need_dw,
+                grad_out.to(torch.float32).contiguous(), need_dh, need_dw, ctx.softcap,
             )
             dw_out = dw.to(ws.dtype) if dw is not None else None
-        return dh_out, dw_out, None, None, None, None, None, None
+        return dh_out, dw_out, None, None, None, None, None, None, None
 
 
 def _check_kl_hidden_args(student_hidden, student_weight, teacher_hidden, teacher_weight, temperature):
@@ -482,6 +514,15 @@ def _check_temperature(temperature) -> None:
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
 
 
+def check_softcap(softcap) -> Optional[float]:
+    """``softcap`` as a float, or None for no cap; anything but a positive finite number is refused."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not (isinstance(softcap, (int, float)) and softcap > 0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be a positive finite number (or None for no cap), got {softcap!r}")
+    return float(softcap)
+
+
 def _kept_rows(keep_mask: Optional[torch.Tensor], *rows: torch.Tensor):
     """Drop masked rows (a gather, differentiable). Returns (kept row indices or None, contiguous rows...)."""
     keep = None
@@ -510,6 +551,7 @@ def fused_linear_kl(
     reduction: str = "mean",
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """KL(softmax(h_t W_t^T / T) || softmax(h_s W_s^T / T)), summed over the vocabulary.
 
@@ -523,11 +565,14 @@ def fused_linear_kl(
         reduction: 'mean' over kept positions, 'sum', or 'none' (fp32 [...] per position, 0 where masked).
         backend: 'auto' (Triton on CUDA, torch elsewhere), 'triton' or 'torch'.
         chunk_size: rows per chunk (default: [C, V] fp32 ~ 256 MiB).
+        softcap: c > 0 to cap both logit sets at c * tanh(z / c) before the temperature (Gemma 2's
+            ``final_logit_softcapping``), or None (default) for none.
     Returns:
         fp32 scalar, or fp32 tensor of the leading shape for reduction='none'.
     """
     check_reduction(reduction)
     _check_kl_hidden_args(student_hidden, student_weight, teacher_hidden, teacher_weight, temperature)
+    softcap = check_softcap(softcap)
     be = resolve_backend(backend, student_hidden.device)
     lead_shape = student_hidden.shape[:-1]
     keep_mask = flatten_mask(mask, lead_shape)
@@ -540,7 +585,7 @@ def fused_linear_kl(
     if teacher_weight is not None and teacher_weight is not student_weight:
         wt = teacher_weight.detach().contiguous()
     cs = chunk_rows(chunk_size, ws.shape[0])
-    out = FusedLinearKLFunction.apply(hs, ws, ht, wt, 1.0 / float(temperature), reduction, cs, be)
+    out = FusedLinearKLFunction.apply(hs, ws, ht, wt, 1.0 / float(temperature), reduction, cs, be, softcap)
     if reduction == "none":
         return _scatter_rows(out, keep, n, lead_shape)
     return out
@@ -550,15 +595,16 @@ class FusedLinearKL(nn.Module):
     """Module form of :func:`fused_linear_kl`; ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight=None, mask=None)``."""
 
     def __init__(self, temperature: float = 1.0, reduction: str = "mean", backend: str = "auto",
-                 chunk_size: Optional[int] = None):
+                 chunk_size: Optional[int] = None, softcap: Optional[float] = None):
         super().__init__()
         check_reduction(reduction)
         self.temperature, self.reduction, self.backend, self.chunk_size = temperature, reduction, backend, chunk_size
+        self.softcap = check_softcap(softcap)
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight=None, mask=None):
         return fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                temperature=self.temperature, mask=mask, reduction=self.reduction,
-                               backend=self.backend, chunk_size=self.chunk_size)
+                               backend=self.backend, chunk_size=self.chunk_size, softcap=self.softcap)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,9 +46,15 @@ def kl_ref(s_logits, t_logits, temperature=1.0, mask=None, reduction="mean"):
     return per.sum() / max(n, 1)
 
 
-def linear_kl_ref(hs, ws, ht, wt=None, temperature=1.0, mask=None, reduction="mean"):
+def softcap_ref(z, softcap=None):
+    """c * tanh(z / c) (Gemma 2's cap on its logits), or z without a cap."""
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def linear_kl_ref(hs, ws, ht, wt=None, temperature=1.0, mask=None, reduction="mean", softcap=None):
     wt = ws if wt is None else wt
-    return kl_ref(hs.double() @ ws.double().T, ht.double() @ wt.double().T, temperature, mask, reduction)
+    return kl_ref(softcap_ref(hs.double() @ ws.double().T, softcap), softcap_ref(ht.double() @ wt.double().T, softcap),
+                  temperature, mask, reduction)
 
 
 def hidden_l1_ref(hs_list, ht_list, mask=None):
@@ -64,7 +70,7 @@ def hidden_l1_ref(hs_list, ht_list, mask=None):
     return torch.stack(terms).mean()
 
 
-def dcd_ref(hs_list, ht_list, w, kl_weight=1.0, hidden_weight=1.0, temperature=1.0, mask=None):
-    kl = linear_kl_ref(hs_list[-1], w, ht_list[-1], None, temperature, mask, "mean")
+def dcd_ref(hs_list, ht_list, w, kl_weight=1.0, hidden_weight=1.0, temperature=1.0, mask=None, softcap=None):
+    kl = linear_kl_ref(hs_list[-1], w, ht_list[-1], None, temperature, mask, "mean", softcap)
     hid = hidden_l1_ref(hs_list, ht_list, mask)
     return kl_weight * kl + hidden_weight * hid

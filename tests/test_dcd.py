@@ -59,6 +59,36 @@ def test_dcd_kl_teacher_hidden_feeds_the_kl_only(backend):
         dcd_loss(hs, ht, w, teacher_kl_stats=teacher_kl_stats(ht_kl, w), kl_teacher_hidden=ht_kl)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dcd_softcap(backend):
+    """A soft-capped model (Gemma 2): its cap reaches the KL, on teacher_hiddens[-1] or on
+    kl_teacher_hidden, through the function and the module; with teacher_kl_stats it is refused (they
+    assume logits linear in h). The logits are ~4 in size, so a cap of 3 changes the loss."""
+    L, N, H, V = 2, 11, 16, 89
+    g = torch.Generator().manual_seed(1)
+    hs = [torch.randn(N, H, generator=g).to(DEVICE).requires_grad_() for _ in range(L)]
+    ht = torch.randn(L, N, H, generator=g).to(DEVICE)
+    ht_kl = ht[-1] + 0.3 * torch.randn(N, H, generator=g).to(DEVICE)
+    w = torch.randn(V, H, generator=g).to(DEVICE)
+    hs64 = [s.detach().double().cpu().requires_grad_() for s in hs]
+    for kl_hidden in (None, ht_kl):
+        loss, parts = dcd_loss(hs, ht, w, temperature=1.5, softcap=3.0, kl_teacher_hidden=kl_hidden, backend=backend)
+        teacher = (ht[-1] if kl_hidden is None else kl_hidden).cpu().double()
+        kl = linear_kl_ref(hs64[-1], w.cpu().double(), teacher, temperature=1.5, softcap=3.0)
+        assert rel_err(parts["kl"], kl) < 1e-5
+        assert rel_err(parts["kl"], linear_kl_ref(hs64[-1], w.cpu().double(), teacher, temperature=1.5)) > 1e-2
+        ref = kl + hidden_l1_ref(hs64, [t.cpu().double() for t in ht])
+        for gr, rg in zip(torch.autograd.grad(loss, hs), torch.autograd.grad(ref, hs64)):
+            assert rel_err(gr, rg) < 2e-5
+    module_loss, _ = DCDLoss(temperature=1.5, softcap=3.0, backend=backend)(hs, ht, w)
+    assert rel_err(module_loss, dcd_ref(hs64, ht.cpu(), w.cpu().double(), temperature=1.5, softcap=3.0)) < 1e-5
+    with pytest.raises(ValueError, match="softcap with teacher_kl_stats"):
+        dcd_loss(hs, ht, w, softcap=3.0, teacher_kl_stats=teacher_kl_stats(ht[-1], w), backend=backend)
+    for bad in (0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="softcap must be a positive finite number"):
+            dcd_loss(hs, ht, w, softcap=bad, backend=backend)
+
+
 def test_dcd_errors():
     hs = [torch.randn(4, 8) for _ in range(2)]
     with pytest.raises(ValueError, match="layer counts differ"):

@@ -23,20 +23,21 @@ def _make(n, hs_dim, v, dtype, ht_dim=None, seed=None, lead=None, separate_teach
 
 
 def _check(backend, dtype, n=23, hs_dim=24, v=301, ht_dim=None, temperature=1.0, mask_kind="none",
-           reduction="mean", separate_teacher_w=False, grad_scale=1.0, lead=None, chunk_size=8, weight_grad=True):
+           reduction="mean", separate_teacher_w=False, grad_scale=1.0, lead=None, chunk_size=8, weight_grad=True,
+           softcap=None):
     hs, ws, ht, wt = _make(n, hs_dim, v, dtype, ht_dim, lead=lead, separate_teacher_w=separate_teacher_w,
                            weight_grad=weight_grad)
     lead_shape = hs.shape[:-1]
     mask = random_mask(mask_kind, lead_shape)
     mask_d = mask.to(DEVICE) if mask is not None else None
     out = fused_linear_kl(hs, ws, ht, wt, temperature=temperature, mask=mask_d, reduction=reduction,
-                          backend=backend, chunk_size=chunk_size)
+                          backend=backend, chunk_size=chunk_size, softcap=softcap)
     # Reference on the same (rounded) inputs, in float64.
     hs64 = hs.detach().double().cpu().requires_grad_()
     ws64 = ws.detach().double().cpu().requires_grad_()
     ht64 = ht.detach().double().cpu()
     wt64 = wt.detach().double().cpu() if wt is not None else ws64.detach()
-    ref = linear_kl_ref(hs64, ws64, ht64, wt64, temperature, mask, reduction)
+    ref = linear_kl_ref(hs64, ws64, ht64, wt64, temperature, mask, reduction, softcap)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     assert rel_err(out, ref) < 1e-5 if dtype == torch.float32 else rel_err(out, ref) < 5e-5 * (10 if dtype == torch.bfloat16 else 1) + 1e-6
 
@@ -80,12 +81,40 @@ def test_basic_mean(backend, dtype):
         dict(ht_dim=40, separate_teacher_w=True),           # teacher H != student H
         dict(lead=(3, 5), mask_kind="partial"),             # [B, T, H] leading dims
         dict(weight_grad=False, reduction="none"),          # frozen lm_head (the KM case)
+        # Gemma 2's soft cap on the logits (~3 in size: a cap of 2 bends most of them), with T != 1 and
+        # grad_output != 1, per position under a mask (backward recomputes), a separate teacher head
+        dict(softcap=2.0, temperature=1.7, grad_scale=-0.7),
+        dict(softcap=1.5, reduction="none", mask_kind="partial", temperature=0.6),
+        dict(softcap=4.0, separate_teacher_w=True, v=1000, hs_dim=13),
     ],
     ids=["n1", "odd_h_v", "temp_gradscale", "mask", "mask_all_false", "sum", "none", "teacher_w", "teacher_h",
-         "lead3d", "frozen_w"],
+         "lead3d", "frozen_w", "softcap", "softcap_none", "softcap_teacher_w"],
 )
 def test_cases(backend, dtype, case):
     _check(backend, dtype, **case)
+
+
+def test_row_gradient_with_softcap_backends_agree():
+    """The row-gradient helper's two paths under a soft cap: (p_s - p_t) * scale * (1 - (s / c)^2)
+    over capped logits, against float64 autograd through the cap."""
+    import importlib
+
+    flk = importlib.import_module("kmkernels.fused_linear_kl")
+    g = torch.Generator().manual_seed(3)
+    z_s, z_t = torch.randn(7, 150, generator=g) * 4, torch.randn(7, 150, generator=g) * 4
+    scale = torch.rand(7, generator=g) + 0.5
+    cap, inv_temp = 2.5, 1 / 1.3
+    z64 = z_s.double().requires_grad_()
+    ref = (kl_ref(cap * torch.tanh(z64 / cap), cap * torch.tanh(z_t.double() / cap), 1.3, reduction="none")
+           * scale.double()).sum()
+    ref_grad = torch.autograd.grad(ref, z64)[0]
+    s, t = (cap * torch.tanh(z / cap) for z in (z_s, z_t))
+    lse_s, lse_t = torch.logsumexp(s * inv_temp, -1), torch.logsumexp(t * inv_temp, -1)
+    for be in BACKENDS:
+        s_be = s.clone().to(DEVICE)  # out aliases s, as the fused path does with fp32 weights
+        out = flk._kl_rows_grad(s_be, t.to(DEVICE), lse_s.to(DEVICE), lse_t.to(DEVICE), (scale * inv_temp).to(DEVICE),
+                                inv_temp, be, s_be, softcap=cap)
+        assert rel_err(out, ref_grad) < 1e-5, be
 
 
 def test_all_false_mask_is_zero_not_nan():
