@@ -31,7 +31,7 @@ class _RandomCache:
     """What train.teacher_rows reads of a TeacherCache, random: hidden [L, n, H] in the cache's bf16,
     per-layer norms, and the KL statistics (fp32)."""
 
-    has_kl_stats = True
+    has_kl_stats, has_kl_hidden = True, False  # a model without a soft cap on its logits
 
     def __init__(self, layers: List[int], n: int, hidden: int, examples: int, seed: int):
         g = torch.Generator().manual_seed(seed)

@@ -41,7 +41,7 @@ from .config import IndexConfig, resolve_device
 from .data import (Document, atomic_write_text, chat_prompt_ids, check_documents, chunk_tokens, file_sha256,
                    load_documents, recitation_items, target_ids, text_ids, whole_character_cuts)
 from .evaluate import ANSWER_BATCH, generate_answers, question_prompt
-from .models import (hub_snapshot, load_model, logit_temperature, logits_problem, native_bf16, resolve_model,
+from .models import (hub_snapshot, load_model, logit_softcap, logit_temperature, logits_problem, native_bf16, resolve_model,
                      weights_hash)
 from .synth import GENERATION_MARGIN, PROMPT_OF, requested_kinds, requests_to_make, split_heldout, synthesize
 from .teacher_cache import TeacherCache, build_cache, build_examples, cache_bytes, select_layers
@@ -530,9 +530,11 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     problem = logits_problem(model)
     if problem is not None:
         raise ValueError(f"--model {cfg.model}: {problem}. The KM losses compute logits as the last hidden state "
-                         f"times the output head's weight (the teacher's from its cache), so they would train "
-                         f"towards other distributions than this model's: not supported")
-    temperature = logit_temperature(model)  # Cohere's and Granite's logit scale, else 1: in the cache's key
+                         f"times the output head's weight (the teacher's from its cache; with the model's logit "
+                         f"scale or soft cap, where its config names one), so they would train towards other "
+                         f"distributions than this model's: not supported")
+    # Cohere's and Granite's logit scale (else 1) and Gemma 2's soft cap (else None): in the cache's key
+    temperature, softcap = logit_temperature(model), logit_softcap(model)
     setting = {"model": model_hash, "chunk_tokens": cfg.chunk_tokens, "chunk_overlap": cfg.chunk_overlap}
 
     # 2. chunks
@@ -682,15 +684,18 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 # the cache; before "fp8_scale_per_example" an fp8 cache had one scale per document and layer)
                 version = "fp8_scale_per_example"
                 # the KL statistics' temperature: the model's logit scale (its config, which the weights' hash
-                # does not cover), named only where it is not 1, so that other models' caches keep their keys
-                scaled = [] if temperature == 1.0 else [f"logit_temperature={temperature!r}"]
+                # does not cover), named only where it is not 1, so that other models' caches keep their keys;
+                # a soft cap (also the config's) stores the KL's teacher as its last layer, not as statistics
+                scaled = (([] if temperature == 1.0 else [f"logit_temperature={temperature!r}"])
+                          + ([] if softcap is None else [f"logit_softcap={softcap!r}"]))
                 key = hashlib.sha256(json.dumps([model_hash, str(base_dtype), cfg.cache_dtype, layers_key, version]
                                                 + scaled + examples_json[st.id]).encode()).hexdigest()[:16]
                 path = paths[st.id] = work / st.id / f"teacher_{cfg.objective}_{key}.safetensors"
                 for old in (work / st.id).glob(f"teacher_{cfg.objective}_*.safetensors"):
                     if old != path:  # superseded caches only take disk
                         old.unlink()
-            check_cache_space(work, {st.id: cache_bytes(st.examples, num_layers, model.config.hidden_size, cfg)
+            kl_bytes = None if softcap is None else model.get_output_embeddings().weight.element_size()
+            check_cache_space(work, {st.id: cache_bytes(st.examples, num_layers, model.config.hidden_size, cfg, kl_bytes)
                                      for st in wave if not paths[st.id].is_file()}, cfg)
             bar = _bar(cfg, total=len(wave), desc=f"teacher cache {span}")
             for st in wave:

@@ -438,29 +438,40 @@ def logit_temperature(model) -> float:
     return float(divisor or 1.0) / float(scale or 1.0)
 
 
+def logit_softcap(model) -> Optional[float]:
+    """c where the model caps its logits at c * tanh(z / c) after the output head (Gemma 2, Gemma 3n,
+    VaultGemma...: ``final_logit_softcapping``), else None. The KM losses cap both logit sets so
+    (kmkernels' ``softcap``), before the temperature, as these models do."""
+    cap = getattr(_text_config(model), "final_logit_softcapping", None)
+    if cap is None:
+        return None
+    if isinstance(cap, bool) or not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0):
+        raise ValueError(f"its config sets final_logit_softcapping={cap!r}, not a positive finite cap on the logits")
+    return float(cap)
+
+
 @torch.no_grad()
 def logits_problem(model) -> Optional[str]:
-    """Why the model's logits are not ``(last hidden state @ lm_head.weight^T) / logit_temperature``,
-    or None where they are. Every KM loss computes them so (the fused KL recomputes the teacher's
-    from its cached last hidden state; the LM loss the student's): on a model that soft-caps or biases
-    its logits it would distil or fit other distributions than the model's, without a word. Named
-    from the config (a random-weight model's small logits hide a soft cap) and the head's bias, then
-    checked on a few tokens, which also catches a transform no config names, or a last hidden state
-    that is not the head's input."""
-    cap = getattr(_text_config(model), "final_logit_softcapping", None)
-    if cap is not None:
-        return f"its config sets final_logit_softcapping={cap}, a soft cap on the logits after the output head"
+    """Why the model's logits are not ``cap(last hidden state @ lm_head.weight^T) / logit_temperature``
+    (``cap``: ``logit_softcap``'s, or none), or None where they are. Every KM loss computes them so
+    (the fused KL recomputes the teacher's from its cached last hidden state; the LM loss the
+    student's): on a model that biases its logits, or transforms them otherwise, it would distil or
+    fit other distributions than the model's, without a word. Named from the config and the head's
+    bias, then checked on a few tokens, which also catches a transform no config names, or a last
+    hidden state that is not the head's input. (A random-weight model's logits are small, where a
+    cap of 30 is close to none: the check is sharp on trained weights.)"""
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         return "its output head has a bias"
     try:
-        temperature = logit_temperature(model)
+        temperature, cap = logit_temperature(model), logit_softcap(model)
     except ValueError as e:
         return str(e)
     dev = head.weight.device
     ids = (torch.arange(1, 9, device=dev) % head.weight.shape[0])[None]
     logits = model(input_ids=ids).logits.float()
-    ours = decoder_hidden_states(model, ids)[-1].float() @ head.weight.float().t() / temperature
+    ours = decoder_hidden_states(model, ids)[-1].float() @ head.weight.float().t()
+    ours = (ours if cap is None else cap * torch.tanh(ours / cap)) / temperature
     tol = 1e-4 if head.weight.dtype == torch.float32 else 3e-2  # bf16/fp16 logits: rounded at ~2**-8
     err = ((logits - ours).abs().max() / logits.abs().max().clamp_min(1e-6)).item()
     if not err <= tol:  # NaN too

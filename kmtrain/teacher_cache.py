@@ -19,6 +19,9 @@ File per document: ``teacher.safetensors`` with
   kl_embedding    [T_total, H]         fp32, e_t (fp32 whatever the hidden dtype: the KL is a small
                                        difference of e_t . h_s and lse_s, bf16 would swamp it)
   kl_neg_entropy  [T_total]            fp32, negent_t
+  kl_hidden       [T_total, H]         the LM head's dtype, in place of the two above for a model that
+                                       soft-caps its logits (Gemma 2): the statistics need logits linear in
+                                       h, so the KL's teacher is the last layer as computed, unrounded
   tok_offsets     [n_examples + 1]     int64, example i owns hidden[:, off[i]:off[i+1]]
   layers          [L_sel]              int64, decoder layer indices (0-based; the last layer always)
 and in the header's metadata ``content_sha256`` (tensors_sha256 of the tensors), which a run that
@@ -38,8 +41,8 @@ import torch
 from kmkernels import teacher_kl_stats
 
 from .data import ANSWER_PROMPT, QA_PROMPT, atomic_save_tensors, chat_prompt_ids, parse_qa, target_ids, text_ids
-from .models import (cache_kwarg, cpu_bf16_attention, decoder_hidden_states, logit_temperature, prompt_kv,
-                     shared_prefixes)
+from .models import (cache_kwarg, cpu_bf16_attention, decoder_hidden_states, logit_softcap, logit_temperature,
+                     prompt_kv, shared_prefixes)
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -273,12 +276,16 @@ def tensors_sha256(tensors: Dict[str, object], block_bytes: int = 1 << 26) -> st
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}  # a stored hidden value, by --cache-dtype
 
 
-def cache_bytes(examples: Sequence[Example], num_layers: int, hidden_size: int, cfg) -> int:
+def cache_bytes(examples: Sequence[Example], num_layers: int, hidden_size: int, cfg,
+                kl_hidden_bytes: Optional[int] = None) -> int:
     """Bytes of the tensors ``build_cache`` writes for ``examples`` (the file adds its header, < 4 KB):
-    known before the teacher runs, so that a disk too small is found before its minutes are spent."""
+    known before the teacher runs, so that a disk too small is found before its minutes are spent.
+    ``kl_hidden_bytes``: for a soft-capped model, the bytes of an LM-head value (its cache holds the
+    last layer in that dtype instead of the KL statistics)."""
     L, n, T = len(select_layers(num_layers, cfg.cache_layers)), len(examples), sum(e.n for e in examples)
+    kl = T * hidden_size * 4 + T * 4 if kl_hidden_bytes is None else T * hidden_size * kl_hidden_bytes
     return (L * T * hidden_size * DTYPE_BYTES[cfg.cache_dtype]  # hidden
-            + n * L * 4 + T * hidden_size * 4 + T * 4  # norms, kl_embedding, kl_neg_entropy (fp32)
+            + n * L * 4 + kl  # norms; kl_embedding and kl_neg_entropy (fp32), or kl_hidden
             + (n + 1) * 8 + L * 8  # tok_offsets, layers (int64)
             + (L * n * 4 if cfg.cache_dtype == "fp8" else 0))  # hidden_scale
 
@@ -343,9 +350,12 @@ def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg
     # (train._batch_losses). The layer goes in the LM head's dtype: the states came from the model in
     # it (so nothing is rounded), and a mixed-dtype GEMM would run without tensor cores.
     w = model.get_output_embeddings().weight
-    emb, negent = teacher_kl_stats(last.to(w.dtype), w, temperature=logit_temperature(model), backend=cfg.backend)
-    tensors = {"hidden": enc, "norms": torch.stack(norms),
-               "kl_embedding": emb.contiguous(), "kl_neg_entropy": negent.contiguous(),
+    if logit_softcap(model) is None:
+        emb, negent = teacher_kl_stats(last.to(w.dtype), w, temperature=logit_temperature(model), backend=cfg.backend)
+        kl = {"kl_embedding": emb.contiguous(), "kl_neg_entropy": negent.contiguous()}
+    else:  # capped logits are not linear in h, so no statistics stand for p_t: the KL recomputes it from h
+        kl = {"kl_hidden": last.to(w.dtype).contiguous()}
+    tensors = {"hidden": enc, "norms": torch.stack(norms), **kl,
                "tok_offsets": torch.tensor(offsets, dtype=torch.int64), "layers": torch.tensor(layers, dtype=torch.int64)}
     if scale is not None:
         tensors["hidden_scale"] = scale
@@ -382,6 +392,9 @@ class TeacherCache:
             if self.has_kl_stats:
                 self._kl_embedding = self._f.get_slice("kl_embedding")
                 self._kl_neg_entropy = self._f.get_slice("kl_neg_entropy")
+            self.has_kl_hidden = "kl_hidden" in keys
+            if self.has_kl_hidden:
+                self._kl_hidden = self._f.get_slice("kl_hidden")
         except ValueError as e:
             raise ValueError(f"{path}: damaged teacher cache ({e})") from None
         except Exception as e:  # safetensors raises its own error type for a truncated or damaged file
@@ -419,6 +432,10 @@ class TeacherCache:
             emb, neg = tuple(self._kl_embedding.get_shape()), tuple(self._kl_neg_entropy.get_shape())
             if len(emb) != 2 or emb[0] != tokens or (tokens and emb[1] != hidden[2]) or neg != (tokens,):
                 return f"kl_embedding {emb} / kl_neg_entropy {neg}, expected ({tokens}, {hidden[2]}) / ({tokens},)"
+        if self.has_kl_hidden:
+            kl = tuple(self._kl_hidden.get_shape())
+            if len(kl) != 2 or kl[0] != tokens or (tokens and kl[1] != hidden[2]):
+                return f"kl_hidden {kl}, expected ({tokens}, {hidden[2]})"
         return None
 
     def __len__(self):
@@ -433,3 +450,8 @@ class TeacherCache:
         """(e_t fp32 [n, H], negent_t fp32 [n]) of example i, for kmkernels.fused_linear_kl_from_stats."""
         a, b = self.offsets[i], self.offsets[i + 1]
         return self._kl_embedding[a:b, :], self._kl_neg_entropy[a:b]
+
+    def kl_hidden(self, i: int) -> torch.Tensor:
+        """The teacher's last layer [n, H] of example i as computed (the KL's teacher, for a soft-capped model)."""
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self._kl_hidden[a:b, :]

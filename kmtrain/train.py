@@ -32,7 +32,7 @@ from kmkernels import dcd_loss, reset_slot, set_adapter_ids, slot_parameters
 from kmkernels.lora import grouped_lora_modules
 
 from .checkpoint import TrainingCheckpoint, load_checkpoint, save_checkpoint
-from .models import decoder_hidden_states, logit_temperature
+from .models import decoder_hidden_states, logit_softcap, logit_temperature
 from .teacher_cache import Example, TeacherCache, _decode, _encode, _pad, select_layers, teacher_hiddens
 
 
@@ -128,23 +128,27 @@ def round_like_cache(h: torch.Tensor, cache_dtype: str) -> torch.Tensor:
     return _decode(*_encode(h, cache_dtype))
 
 
-def _ce_rows(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+def _ce_rows(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+             softcap: Optional[float]) -> torch.Tensor:
     logits = (h @ weight.t()).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     return torch.nn.functional.cross_entropy(logits if temperature == 1.0 else logits / temperature, targets,
                                              reduction="none")
 
 
 def chunked_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024,
-                    temperature: float = 1.0) -> torch.Tensor:
+                    temperature: float = 1.0, softcap: Optional[float] = None) -> torch.Tensor:
     """Next-token cross entropy per row, [N] fp32, from last hidden states ``h`` [N, H] and the LM
-    head ``weight`` [V, H], without a [N, V] tensor living through the backward: each chunk's
+    head ``weight`` [V, H] (logits capped at softcap * tanh(z / softcap) where given, then divided by
+    ``temperature``: the model's own), without a [N, V] tensor living through the backward: each chunk's
     logits are recomputed there (activation checkpointing). The LM and PIT baselines on 8 x 1024
     tokens would otherwise hold ~19 GB of fp32 logits and their softmax on a CPU (seen: OOM-killed)."""
     from torch.utils.checkpoint import checkpoint
 
     if h.shape[0] == 0:
         return h.new_zeros(0, dtype=torch.float32)
-    return torch.cat([checkpoint(_ce_rows, h[i:i + chunk], weight, targets[i:i + chunk], temperature,
+    return torch.cat([checkpoint(_ce_rows, h[i:i + chunk], weight, targets[i:i + chunk], temperature, softcap,
                                  use_reentrant=False) for i in range(0, h.shape[0], chunk)])
 
 
@@ -215,7 +219,8 @@ class TeacherRows:
     """The teacher's side of one picked example, on its distilled positions: ``hidden`` [L_sel, n, H]
     as the cache returns them (rounded to its dtype), ``norms`` fp32 [L_sel] (sum|h_t| per layer),
     and the KL's teacher: ``kl_stats`` (embedding fp32 [n, H], negative entropy fp32 [n]) where the
-    cache has them, else ``kl_hidden`` [n, H], the last layer before the cache's rounding."""
+    cache has them, else ``kl_hidden`` [n, H], the last layer before the cache's rounding (from the
+    cache for a soft-capped model, whose cache stores it in place of the statistics)."""
     hidden: torch.Tensor
     norms: torch.Tensor
     kl_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
@@ -229,9 +234,10 @@ def teacher_rows(model, wave: List[DocState], picks: List[Tuple[int, int]], cfg,
     if wave[0].cache is not None:
         rows = []
         for slot, i in picks:
-            h, norms = wave[slot].cache.get(i)
-            stats = wave[slot].cache.kl_stats(i) if wave[slot].cache.has_kl_stats else None
-            rows.append(TeacherRows(h, norms, kl_stats=stats))
+            cache = wave[slot].cache
+            h, norms = cache.get(i)
+            rows.append(TeacherRows(h, norms, kl_stats=cache.kl_stats(i) if cache.has_kl_stats else None,
+                                    kl_hidden=cache.kl_hidden(i) if cache.has_kl_hidden else None))
         return rows
     was_training = model.training
     model.eval()
@@ -276,6 +282,7 @@ def _batch_losses(model, wave: List[DocState], picks: List[Tuple[int, int]], gro
     group_of_pos = torch.cat([torch.full((e.n,), g) for g, e in zip(groups, examples)])
     lm_head = model.get_output_embeddings().weight
     temperature = logit_temperature(model)  # the model's own logit scale (Cohere, Granite), else 1
+    softcap = logit_softcap(model)  # its own soft cap on the logits (Gemma 2), else None
     out = []
     if distill:
         t_all = torch.cat([t.hidden for t in teacher], dim=1).to(device)  # [L_sel, N_pos, H]
@@ -284,7 +291,7 @@ def _batch_losses(model, wave: List[DocState], picks: List[Tuple[int, int]], gro
             t_emb = torch.cat([t.kl_stats[0] for t in teacher]).to(device)
             t_negent = torch.cat([t.kl_stats[1] for t in teacher]).to(device)
         elif all(t.kl_hidden is not None for t in teacher):
-            t_kl = torch.cat([t.kl_hidden for t in teacher])
+            t_kl = torch.cat([t.kl_hidden for t in teacher]).to(device)
         for g in range(G):
             sel = (group_of_pos == g).nonzero().squeeze(1).to(device)
             if totals is None:
@@ -296,12 +303,12 @@ def _batch_losses(model, wave: List[DocState], picks: List[Tuple[int, int]], gro
             loss, parts = dcd_loss([h[sel] for h in s_rows], t_all[:, sel], lm_head, kl_weight=cfg.kl_weight * share,
                                    hidden_weight=cfg.hidden_weight, teacher_norms=norms, teacher_kl_stats=stats,
                                    kl_teacher_hidden=t_kl[sel] if t_kl is not None else None,
-                                   temperature=temperature, backend=cfg.backend)
+                                   temperature=temperature, softcap=softcap, backend=cfg.backend)
             out.append((loss, {"loss": float(loss.detach()), "kl": float(parts["kl"]) * share,
                                "hidden": float(parts["hidden"])}))
     else:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            ce = chunked_lm_loss(s_rows[0], lm_head, targets, temperature=temperature)
+            ce = chunked_lm_loss(s_rows[0], lm_head, targets, temperature=temperature, softcap=softcap)
         for g in range(G):
             rows = ce[(group_of_pos == g).to(device)]
             loss = rows.mean() if totals is None else rows.sum() / totals[g][0]

@@ -1058,20 +1058,73 @@ def test_a_model_without_the_lora_targets_fails_before_generation(tiny_model, do
         index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", target_modules=("wq", "wo")))
 
 
-def test_a_model_that_soft_caps_its_logits_is_refused_before_generation(tiny_model, docs_dir, tmp_path,
-                                                                       monkeypatch):
-    """The KM losses compute logits from the last hidden state and the head's weight alone: a model
-    whose config transforms them after the head is named, before any slow work, with nothing written."""
-    kindex = importlib.import_module("kmtrain.index")  # the module, not the function of the same name
-    monkeypatch.setattr(kindex, "synthesize", lambda *a, **k: pytest.fail("generation ran"))
-    capped = tmp_path / "capped"
-    shutil.copytree(tiny_model, capped)
-    conf = capped / "config.json"
-    conf.write_text(json.dumps({**json.loads(conf.read_text()), "final_logit_softcapping": 30.0}))
-    with pytest.raises(ValueError, match=re.escape(f"--model {capped}: its config sets final_logit_softcapping=30.0, "
-                                                   "a soft cap on the logits after the output head. The KM losses")):
-        index(str(docs_dir), tiny_cfg(str(capped), tmp_path / "kms"))
-    assert sorted(p.name for p in (tmp_path / "kms").iterdir()) == [".lock"]  # the run's lock, nothing of its work
+def _tiny_gemma2(tiny_model, folder, cap: float):
+    """A random 2-layer Gemma 2 with the tiny tokenizer, its logits capped at ``cap`` * tanh(z / ``cap``);
+    weights of std 0.2, so that its logits (~1) are bent by a cap of 0.5."""
+    from transformers import AutoConfig, Gemma2Config, Gemma2ForCausalLM
+
+    llama = AutoConfig.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=llama.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=512, eos_token_id=llama.eos_token_id,
+        bos_token_id=llama.eos_token_id, pad_token_id=llama.pad_token_id, tie_word_embeddings=True,
+        initializer_range=0.2, final_logit_softcapping=cap)).save_pretrained(folder)
+    for name in os.listdir(tiny_model):
+        if name.startswith("tokenizer") or name.endswith(".jinja"):
+            shutil.copy(os.path.join(tiny_model, name), folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("objective", ["sdcd", "lm"])
+def test_a_model_that_soft_caps_its_logits_trains_on_its_own_distributions(tiny_model, docs_dir, tmp_path,
+                                                                          monkeypatch, objective):
+    """Gemma 2 caps its logits at c * tanh(z / c) after the head (final_logit_softcapping); it was refused,
+    as the KM losses took logits as h @ W^T. Now the KL and the LM loss take the cap in every call, with
+    and without the cache. No KL statistics are cached (they need logits linear in h): the cache holds
+    the teacher's last layer for the KL instead, and the cached run's losses equal the re-run
+    teacher's in fp32."""
+    from safetensors import safe_open
+
+    import kmtrain.teacher_cache as kcache
+    import kmtrain.train as ktrain
+
+    gemma2 = _tiny_gemma2(tiny_model, tmp_path / "gemma2", cap=0.5)
+    seen = []
+
+    def spy(fn, name):
+        def wrapped(*a, **kw):
+            seen.append((name, kw.get("softcap")))
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(kcache, "teacher_kl_stats", spy(kcache.teacher_kl_stats, "stats"))
+    monkeypatch.setattr(ktrain, "dcd_loss", spy(ktrain.dcd_loss, "kl"))
+    monkeypatch.setattr(ktrain, "chunked_lm_loss", spy(ktrain.chunked_lm_loss, "lm"))
+    final = {}
+    for caching in (True, False):
+        seen.clear()
+        out = tmp_path / f"kms_{caching}"
+        got = index(str(docs_dir), tiny_cfg(str(gemma2), out, objective=objective, teacher_cache=caching, amp="off",
+                                            cache_dtype="fp32", keep_teacher_cache=caching))
+        assert {s["status"] for s in got} == {"trained"}
+        final[caching] = {s["id"]: s["final_loss"] for s in got}
+        assert set(seen) == {("kl" if objective == "sdcd" else "lm", 0.5)}, (caching, seen)
+        if caching and objective == "sdcd":
+            for d in DOCS:
+                (path,) = (out / ".work" / d).glob("teacher_sdcd_*.safetensors")
+                with safe_open(str(path), framework="pt") as f:
+                    assert "kl_hidden" in f.keys() and "kl_embedding" not in f.keys()
+    for d in DOCS:
+        for part, value in final[False][d].items():
+            assert abs(final[True][d][part] - value) <= 1e-5 * abs(value) + 1e-6, (d, part, final[True][d], value)
+    # the cap bends this model's logits: without it, the same run's first loss differs
+    if objective == "sdcd":
+        monkeypatch.setattr(ktrain, "logit_softcap", lambda model: None)
+        uncapped = index(str(docs_dir), tiny_cfg(str(gemma2), tmp_path / "uncapped", objective=objective,
+                                                 teacher_cache=False, amp="off", cache_dtype="fp32"))
+        assert all(abs(s["final_loss"]["kl"] - final[False][s["id"]]["kl"]) > 1e-2 * final[False][s["id"]]["kl"]
+                   for s in uncapped)
 
 
 @pytest.mark.parametrize("objective", ["sdcd", "lm"])

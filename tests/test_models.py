@@ -31,13 +31,13 @@ def test_decoder_hidden_states_are_the_causal_lm_ones(tiny_model):
 def test_a_model_that_transforms_its_logits_after_the_head_is_named_or_scaled(tiny_model):
     """Every KM loss computes logits as (last hidden state @ lm_head.weight^T) / T. Cohere's logit_scale
     and Granite's logits_scaling are such a T (logit_temperature), checked against the models' own
-    logits. A model that soft-caps (Gemma 2) or biases its logits would be distilled towards other
-    distributions than its own without a word: logits_problem names why, from the config, the head,
-    or (for a transform no config names) the logits themselves."""
+    logits, and so is Gemma 2's soft cap (logit_softcap). A model that biases its logits would be
+    distilled towards other distributions than its own without a word: logits_problem names why, from
+    the config, the head, or (for a transform no config names) the logits themselves."""
     from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
                               GraniteForCausalLM, LlamaConfig, LlamaForCausalLM)
 
-    from kmtrain.models import load_model, logit_temperature, logits_problem
+    from kmtrain.models import load_model, logit_softcap, logit_temperature, logits_problem
 
     model, _, _, _ = load_model(tiny_model)
     assert logits_problem(model) is None and logit_temperature(model) == 1.0
@@ -49,9 +49,17 @@ def test_a_model_that_transforms_its_logits_after_the_head_is_named_or_scaled(ti
     assert logits_problem(cohere) is None and logits_problem(granite) is None  # T matches their logits
     assert logits_problem(CohereForCausalLM(CohereConfig(**shape, logit_scale=0.0))) == (
         "its config sets logit_scale=0.0, not a positive finite factor of the logits")
-    assert logits_problem(Gemma2ForCausalLM(Gemma2Config(**shape, final_logit_softcapping=30.0))) == (
-        "its config sets final_logit_softcapping=30.0, a soft cap on the logits after the output head")
-    assert logits_problem(Gemma2ForCausalLM(Gemma2Config(**shape, final_logit_softcapping=None))) is None
+    # Gemma 2's soft cap c * tanh(z / c) is such a cap (logit_softcap), checked the same way: at a cap of 0.5 on
+    # logits of ~5 (initializer_range=1) nearly every logit is bent, so a wrong formula would show
+    big = dict(shape, initializer_range=1.0)
+    gemma2 = Gemma2ForCausalLM(Gemma2Config(**big, final_logit_softcapping=0.5))
+    assert logit_softcap(gemma2) == 0.5 and logits_problem(gemma2) is None
+    assert logit_softcap(Gemma2ForCausalLM(Gemma2Config(**shape, final_logit_softcapping=None))) is None
+    assert logits_problem(Gemma2ForCausalLM(Gemma2Config(**shape, final_logit_softcapping=-1.0))) == (
+        "its config sets final_logit_softcapping=-1.0, not a positive finite cap on the logits")
+    # a config that names a cap its model does not apply (Llama's code has none): the logits tell
+    said = logits_problem(LlamaForCausalLM(LlamaConfig(**big, final_logit_softcapping=0.5)))
+    assert said.startswith("its logits differ from the output head's product of the last hidden state")
     biased = LlamaForCausalLM(LlamaConfig(**shape))
     biased.lm_head = torch.nn.Linear(32, 97, bias=True)
     assert logits_problem(biased) == "its output head has a bias"

@@ -54,6 +54,37 @@ def test_teacher_cache_round_trip(tiny_model, tmp_path, dtype, tol):
         assert rounded > 10 * stored, errors
 
 
+def test_soft_capped_model_caches_its_last_layer_for_the_kl(tmp_path):
+    """A model that soft-caps its logits (Gemma 2) has no KL statistics (they need logits linear in h):
+    its cache holds the teacher's last layer as computed, in the LM head's dtype, in their place, sized
+    as cache_bytes says; a kl_hidden of another shape is refused as damage."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                           final_logit_softcapping=0.5)).eval()
+    examples = [Example([1, 2, 3], 0, n, list(range(3, n + 8)), 4) for n in (3, 6)]
+    cfg = IndexConfig(cache_dtype="bf16")
+    path = tmp_path / "c.safetensors"
+    build_cache(model, examples, path, 2, cfg, pad_id=0)
+    cache = TeacherCache(path, examples=2, verify=True)
+    assert cache.has_kl_hidden and not cache.has_kl_stats
+    header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    assert path.stat().st_size - header == cache_bytes(examples, 2, 32, cfg, kl_hidden_bytes=4)
+    for i, e in enumerate(examples):
+        (ref,) = teacher_hiddens(model, [e], cache.layers, pad_id=0)
+        kl = cache.kl_hidden(i)
+        assert kl.dtype == torch.float32 and kl.shape == ref[-1].shape
+        torch.testing.assert_close(kl, ref[-1], rtol=1e-5, atol=1e-6)  # unrounded: the bf16 hidden is not
+        assert (cache.get(i)[0][-1].float() - ref[-1]).abs().max() > 1e-4
+    tensors = load_file(str(path))
+    save_file({**tensors, "kl_hidden": tensors["kl_hidden"][:, :5].contiguous()}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match=r"damaged teacher cache \(kl_hidden \(9, 5\), expected \(9, 32\)\)"):
+        TeacherCache(tmp_path / "bad.safetensors")
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp8", "fp32"])
 def test_teacher_cache_builds_under_bf16_autocast(tiny_model, tmp_path, dtype):
     """index builds the cache under the training's bf16 autocast: each cache dtype must build there
