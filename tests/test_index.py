@@ -1058,6 +1058,32 @@ def test_a_model_without_the_lora_targets_fails_before_generation(tiny_model, do
         index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", target_modules=("wq", "wo")))
 
 
+def _copy_tiny_tokenizer(tiny_model, folder) -> None:
+    for name in os.listdir(tiny_model):
+        if name.startswith("tokenizer") or name.endswith(".jinja"):
+            shutil.copy(os.path.join(tiny_model, name), folder / name)
+
+
+def _spy_on_losses(monkeypatch, keyword: str) -> list:
+    """A list that gets (name, the call's ``keyword`` argument) for every call of the teacher's KL
+    statistics ("stats"), the DCD loss ("kl") and the LM loss ("lm")."""
+    import kmtrain.teacher_cache as kcache
+    import kmtrain.train as ktrain
+
+    seen = []
+
+    def spy(fn, name):
+        def wrapped(*a, **kw):
+            seen.append((name, kw.get(keyword)))
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(kcache, "teacher_kl_stats", spy(kcache.teacher_kl_stats, "stats"))
+    monkeypatch.setattr(ktrain, "dcd_loss", spy(ktrain.dcd_loss, "kl"))
+    monkeypatch.setattr(ktrain, "chunked_lm_loss", spy(ktrain.chunked_lm_loss, "lm"))
+    return seen
+
+
 def _tiny_gemma2(tiny_model, folder, cap: float):
     """A random 2-layer Gemma 2 with the tiny tokenizer, its logits capped at ``cap`` * tanh(z / ``cap``);
     weights of std 0.2, so that its logits (~1) are bent by a cap of 0.5."""
@@ -1070,9 +1096,7 @@ def _tiny_gemma2(tiny_model, folder, cap: float):
         num_key_value_heads=2, head_dim=8, max_position_embeddings=512, eos_token_id=llama.eos_token_id,
         bos_token_id=llama.eos_token_id, pad_token_id=llama.pad_token_id, tie_word_embeddings=True,
         initializer_range=0.2, final_logit_softcapping=cap)).save_pretrained(folder)
-    for name in os.listdir(tiny_model):
-        if name.startswith("tokenizer") or name.endswith(".jinja"):
-            shutil.copy(os.path.join(tiny_model, name), folder / name)
+    _copy_tiny_tokenizer(tiny_model, folder)
     return folder
 
 
@@ -1086,21 +1110,10 @@ def test_a_model_that_soft_caps_its_logits_trains_on_its_own_distributions(tiny_
     teacher's in fp32."""
     from safetensors import safe_open
 
-    import kmtrain.teacher_cache as kcache
     import kmtrain.train as ktrain
 
     gemma2 = _tiny_gemma2(tiny_model, tmp_path / "gemma2", cap=0.5)
-    seen = []
-
-    def spy(fn, name):
-        def wrapped(*a, **kw):
-            seen.append((name, kw.get("softcap")))
-            return fn(*a, **kw)
-        return wrapped
-
-    monkeypatch.setattr(kcache, "teacher_kl_stats", spy(kcache.teacher_kl_stats, "stats"))
-    monkeypatch.setattr(ktrain, "dcd_loss", spy(ktrain.dcd_loss, "kl"))
-    monkeypatch.setattr(ktrain, "chunked_lm_loss", spy(ktrain.chunked_lm_loss, "lm"))
+    seen = _spy_on_losses(monkeypatch, "softcap")
     final = {}
     for caching in (True, False):
         seen.clear()
@@ -1135,9 +1148,6 @@ def test_a_model_that_scales_its_logits_trains_at_its_own_temperature(tiny_model
     learns the model's own distributions. Every call is checked, with and without the cache."""
     from transformers import AutoConfig, GraniteConfig, GraniteForCausalLM
 
-    import kmtrain.teacher_cache as kcache
-    import kmtrain.train as ktrain
-
     llama = AutoConfig.from_pretrained(tiny_model)
     torch.manual_seed(0)
     granite = tmp_path / "granite"
@@ -1145,20 +1155,8 @@ def test_a_model_that_scales_its_logits_trains_at_its_own_temperature(tiny_model
         vocab_size=llama.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, eos_token_id=llama.eos_token_id,
         pad_token_id=llama.pad_token_id, tie_word_embeddings=True, logits_scaling=4.0)).save_pretrained(granite)
-    for name in os.listdir(tiny_model):
-        if name.startswith("tokenizer") or name.endswith(".jinja"):
-            shutil.copy(os.path.join(tiny_model, name), granite / name)
-    seen = []
-
-    def spy(fn, name):
-        def wrapped(*a, **kw):
-            seen.append((name, kw.get("temperature")))
-            return fn(*a, **kw)
-        return wrapped
-
-    monkeypatch.setattr(kcache, "teacher_kl_stats", spy(kcache.teacher_kl_stats, "stats"))
-    monkeypatch.setattr(ktrain, "dcd_loss", spy(ktrain.dcd_loss, "kl"))
-    monkeypatch.setattr(ktrain, "chunked_lm_loss", spy(ktrain.chunked_lm_loss, "lm"))
+    _copy_tiny_tokenizer(tiny_model, granite)
+    seen = _spy_on_losses(monkeypatch, "temperature")
     for caching in (True, False):
         seen.clear()
         index(str(docs_dir), tiny_cfg(str(granite), tmp_path / f"kms_{caching}", objective=objective,
