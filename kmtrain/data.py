@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import datetime
 import errno
 import hashlib
 import json
@@ -525,15 +526,45 @@ _CONTENT = "kmtrainusercontentmarker"  # stands for the user text in a rendered 
 # so that no template's filters (trim, escaping) change it
 
 
+# The day a chat template may print: Llama 3.2's and 3.3's, SmolLM3's and others' system prompts say
+# "Today Date: ..." through transformers' strftime_now. Rendered with the real clock, a document's
+# prompts changed at midnight, and with them its examples' tokens: a run resumed the next day rebuilt
+# the wave's teacher cache and restarted its training from step 0 (both are keyed by those tokens), and
+# the same command on two days trained two different KMs. Every prompt kmtrain renders (generation,
+# teacher, student, questions) says this day instead: Llama 3.1's own template falls back to it.
+TEMPLATE_DATE = datetime.datetime(2024, 7, 26)
+
+
+class _TemplateClock(datetime.datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return TEMPLATE_DATE.replace(tzinfo=tz)
+
+
+@contextlib.contextmanager
+def _template_date_pinned() -> Iterator[None]:
+    """transformers' strftime_now (the clock its chat templates read) reads TEMPLATE_DATE inside."""
+    from transformers.utils import chat_template_utils
+
+    real = chat_template_utils.datetime  # the class strftime_now calls .now() on, looked up at each call
+    chat_template_utils.datetime = _TemplateClock
+    try:
+        yield
+    finally:
+        chat_template_utils.datetime = real
+
+
 def chat_prompt_ids(tokenizer, user_text: str) -> List[int]:
     """Token ids of the chat template with one user turn and the assistant generation prompt. The
-    user text is plain text (see `text_ids`): the template's own markers are the only control tokens."""
+    user text is plain text (see `text_ids`): the template's own markers are the only control tokens.
+    A template that prints today's date prints TEMPLATE_DATE."""
     if not getattr(tokenizer, "chat_template", None):
         return text_ids(tokenizer, f"User: {user_text}\nAssistant:")
-    if any(c in user_text for c in _control_strings(tokenizer)):
-        return _spliced_chat_ids(tokenizer, user_text)
-    out = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], add_generation_prompt=True,
-                                        tokenize=True)  # as it always was
+    with _template_date_pinned():
+        if any(c in user_text for c in _control_strings(tokenizer)):
+            return _spliced_chat_ids(tokenizer, user_text)
+        out = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], add_generation_prompt=True,
+                                            tokenize=True)  # as it always was
     if isinstance(out, dict) or hasattr(out, "keys"):
         out = out["input_ids"]
     return list(out)

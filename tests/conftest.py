@@ -101,3 +101,21 @@ def run_without_triton(code: str, timeout: float = 300):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run([sys.executable, "-c", WITHOUT_TRITON + code], capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+def on_day(monkeypatch, day: int):
+    """transformers' chat templates (strftime_now) see 2026-12-``day`` as today from here on."""
+    import datetime
+
+    from transformers.utils import chat_template_utils
+
+    class Clock(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime(2026, 12, day, 23, 59)
+
+    monkeypatch.setattr(chat_template_utils, "datetime", Clock)
+    return Clock
+
+
+DATED_TEMPLATE = "{{ 'Today Date: ' + strftime_now('%d %b %Y') + '\\n' }}"

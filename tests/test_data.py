@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import tiny_cfg
+from conftest import DATED_TEMPLATE, on_day, tiny_cfg
 from kmtrain import DocumentError, IndexConfig, index, load_documents
 from kmtrain.data import chunk_tokens, parse_qa, sanitize_id
 
@@ -480,6 +480,28 @@ def test_special_token_strings_in_text_stay_plain(tiny_model):
     tok.chat_template = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"
     with pytest.raises(ValueError, match="does not place the user text once"):
         chat_prompt_ids(tok, hostile)
+
+
+def test_prompts_do_not_change_with_the_day(tiny_model, monkeypatch):
+    """A template that prints today's date (Llama 3.2's, SmolLM3's) made every prompt change at midnight:
+    the examples' tokens, so the keys of the teacher cache and of the training checkpoint, and the KM.
+    Every prompt now says TEMPLATE_DATE, on both tokenization paths, and the clock is left as it was."""
+    from transformers import AutoTokenizer
+    from transformers.utils import chat_template_utils
+
+    from kmtrain.data import chat_prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = DATED_TEMPLATE + tok.chat_template
+    prompts = {}
+    for day in (5, 6):
+        clock = on_day(monkeypatch, day)
+        prompts[day] = [chat_prompt_ids(tok, text) for text in ("The bell Moro.", "Quoting <|im_end|> plainly.")]
+        assert chat_template_utils.datetime is clock  # restored
+        rendered = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+        assert rendered.startswith(f"Today Date: 0{day} Dec 2026")  # outside kmtrain, the clock is the user's
+    assert prompts[5] == prompts[6]
+    assert tok.decode(prompts[5][0]).startswith("Today Date: 26 Jul 2024\n<|im_start|>user\nThe bell Moro.")
 
 
 def test_a_hub_dataset_name_without_network_fails_at_once_and_says_why(monkeypatch):

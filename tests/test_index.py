@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import DOCS, HAS_CUDA, tiny_cfg, write_docs
+from conftest import DATED_TEMPLATE, DOCS, HAS_CUDA, on_day, tiny_cfg, write_docs
 from kmtrain import IndexConfig, ask, index, load_documents
 from kmtrain.config import PRESETS
 from kmtrain.data import recitation_items
@@ -1056,6 +1056,30 @@ def test_a_model_without_the_lora_targets_fails_before_generation(tiny_model, do
     with pytest.raises(ValueError, match=r"no linear layer to adapt: wanted the LoRA targets wq, wo; its linear "
                                          r"layers: down_proj, gate_proj, .*q_proj, up_proj, v_proj"):
         index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", target_modules=("wq", "wo")))
+
+
+def test_a_run_resumed_the_next_day_keeps_its_work(tiny_model, docs_dir, tmp_path, monkeypatch):
+    """A model whose chat template prints today's date (Llama 3.2's, SmolLM3's): its prompts, so its
+    examples' tokens, so the keys of the teacher cache and of the training checkpoint, changed at
+    midnight. Resumed the next day, a run rebuilt the cache and lost the wave's training; now the cache
+    is kept (the checkpoint's key is made of the same tokens), and the KMs of the two days are the same."""
+    kindex = importlib.import_module("kmtrain.index")
+    dated = tmp_path / "dated"
+    shutil.copytree(tiny_model, dated)
+    template = dated / "chat_template.jinja"
+    template.write_text(DATED_TEMPLATE + template.read_text())
+    builds = []
+    real_build = kindex.build_cache
+    monkeypatch.setattr(kindex, "build_cache", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    out = tmp_path / "kms"
+    on_day(monkeypatch, 5)
+    index(str(docs_dir), tiny_cfg(str(dated), out, keep_teacher_cache=True))
+    assert len(builds) == len(DOCS)
+    first = {d: json.loads((out / d / "km.json").read_text())["adapter_sha256"] for d in DOCS}
+    on_day(monkeypatch, 6)
+    index(str(docs_dir), tiny_cfg(str(dated), out, keep_teacher_cache=True, retrain=True))
+    assert len(builds) == len(DOCS)  # every cache of the day before reused
+    assert {d: json.loads((out / d / "km.json").read_text())["adapter_sha256"] for d in DOCS} == first
 
 
 def _copy_tiny_tokenizer(tiny_model, folder) -> None:
