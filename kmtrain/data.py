@@ -535,6 +535,13 @@ _CONTENT = "kmtrainusercontentmarker"  # stands for the user text in a rendered 
 TEMPLATE_DATE = datetime.datetime(2024, 7, 26)
 
 
+# What every chat template kmtrain renders is told: no thinking. Qwen3's and SmolLM3's templates let the
+# model reason in a <think> block before it answers unless told otherwise; a summary, a Q/A pair or an
+# answer then began with reasoning that took the --max-new-tokens budget, without a word. (Templates
+# without the switch ignore it: SmolLM2's prompts are the same.)
+TEMPLATE_KWARGS = {"enable_thinking": False}
+
+
 class _TemplateClock(datetime.datetime):
     @classmethod
     def now(cls, tz=None):
@@ -557,14 +564,15 @@ def _template_date_pinned() -> Iterator[None]:
 def chat_prompt_ids(tokenizer, user_text: str) -> List[int]:
     """Token ids of the chat template with one user turn and the assistant generation prompt. The
     user text is plain text (see `text_ids`): the template's own markers are the only control tokens.
-    A template that prints today's date prints TEMPLATE_DATE."""
+    A template that prints today's date prints TEMPLATE_DATE, and one that can turn thinking on is
+    told it is off (TEMPLATE_KWARGS)."""
     if not getattr(tokenizer, "chat_template", None):
         return text_ids(tokenizer, f"User: {user_text}\nAssistant:")
     with _template_date_pinned():
         if any(c in user_text for c in _control_strings(tokenizer)):
             return _spliced_chat_ids(tokenizer, user_text)
         out = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], add_generation_prompt=True,
-                                            tokenize=True)  # as it always was
+                                            tokenize=True, **TEMPLATE_KWARGS)
     if isinstance(out, dict) or hasattr(out, "keys"):
         out = out["input_ids"]
     return list(out)
@@ -575,7 +583,7 @@ def _spliced_chat_ids(tokenizer, user_text: str) -> List[int]:
     user text as plain text. For text without special strings these are the joint tokenization's
     ids (tested on the demo corpus): the template's markers and newlines cut the text the same way."""
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": _CONTENT}], add_generation_prompt=True,
-                                             tokenize=False)
+                                             tokenize=False, **TEMPLATE_KWARGS)
     if rendered.count(_CONTENT) != 1:
         raise ValueError(f"the tokenizer's chat template does not place the user text once, as written, so text "
                          f"with special-token strings in it ({', '.join(_control_strings(tokenizer)[:3])}) "

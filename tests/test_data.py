@@ -504,6 +504,27 @@ def test_prompts_do_not_change_with_the_day(tiny_model, monkeypatch):
     assert tok.decode(prompts[5][0]).startswith("Today Date: 26 Jul 2024\n<|im_start|>user\nThe bell Moro.")
 
 
+def test_prompts_turn_thinking_off(tiny_model):
+    """Qwen3's and SmolLM3's templates leave the model to reason in a <think> block first unless told
+    enable_thinking=False: summaries, Q/A pairs and answers began with reasoning that took the whole
+    --max-new-tokens budget. Every prompt now closes an empty think block, as Qwen3's switch writes it,
+    on both tokenization paths; a template without the switch renders as before."""
+    from transformers import AutoTokenizer
+
+    from kmtrain.data import chat_prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    plain = {text: chat_prompt_ids(tok, text) for text in ("The bell Moro.", "Quoting <|im_end|> plainly.")}
+    assert plain["The bell Moro."] == tok.apply_chat_template([{"role": "user", "content": "The bell Moro."}],
+                                                              add_generation_prompt=True, tokenize=True)["input_ids"]
+    tok.chat_template += ("{%- if add_generation_prompt and enable_thinking is defined and enable_thinking is false %}"
+                          "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}")
+    for text, before in plain.items():
+        ids = chat_prompt_ids(tok, text)
+        assert tok.decode(ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        assert ids[:len(before)] == before
+
+
 def test_a_hub_dataset_name_without_network_fails_at_once_and_says_why(monkeypatch):
     """With the Hub's host unresolvable, a name that is no file or folder goes to `datasets` in offline
     mode (a copy in its cache is read, anything else fails at once, where it retried the Hub for 25 s
