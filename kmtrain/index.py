@@ -337,12 +337,16 @@ def _check_positions(cfg: IndexConfig, model, tok, chunks: Dict[str, Tuple[List[
                           for t, ids in zip(texts, chunk_ids))
     if cfg.objective in ("sdcd", "pit"):  # the generator reads the chunk and an instruction, then writes
         prompt = max(len(chat_prompt_ids(tok, text + "\n\n" + PROMPT_OF[k])) for k, _ in requested_kinds(cfg))
-        if prompt + cfg.max_new_tokens > positions:
+        over = prompt + cfg.max_new_tokens - positions
+        if over > 0:
+            # what would fit: a shorter chunk where it can give the tokens over, fewer new tokens where
+            # the prompt leaves room (`--max-new-tokens 100000` was told to cut a 95-token chunk by 99647)
+            fixes = ([f"lower --chunk-tokens (by at least {over})"] if over < n else []) + (
+                [f"lower --max-new-tokens to at most {positions - prompt}"] if prompt < positions else [])
             raise ValueError(
                 f"{doc_id}: a chunk of {n} tokens makes a {prompt}-token generation prompt, which with "
                 f"--max-new-tokens {cfg.max_new_tokens} passes the {positions} positions --model {cfg.model} "
-                f"takes: lower --chunk-tokens (by at least {prompt + cfg.max_new_tokens - positions}) "
-                f"or --max-new-tokens")
+                f"takes: {' or '.join(fixes) or 'lower --chunk-tokens and --max-new-tokens'}")
         if cfg.objective == "sdcd" and cfg.recite_tokens:  # the teacher reads the chunk, a cue and a piece of it
             longest = max(len(chat_prompt_ids(tok, text + "\n\n" + it["prompt"])) + len(target_ids(tok, it["target"]))
                           for it in recitation_items([text], tok, cfg.recite_tokens))

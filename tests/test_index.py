@@ -1373,8 +1373,16 @@ def test_index_refuses_chunks_past_the_models_positions(tiny_model, docs_dir, tm
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/adapter_model.safetensors")}
     (docs_dir / "long.txt").write_text(" ".join(["The harbour bell Moro rings at every high tide."] * 60))
     with pytest.raises(ValueError, match=r"long: a chunk of \d+ tokens makes a \d+-token generation prompt, which "
-                                         r"with --max-new-tokens 10 passes the 512 positions"):
+                                         r"with --max-new-tokens 10 passes the 512 positions .*: lower --chunk-tokens "
+                                         r"\(by at least \d+\)$"):
         index(str(docs_dir), tiny_cfg(tiny_model, out, chunk_tokens=2048))
+    # too many new tokens for any chunk: only the new tokens are named, with what fits
+    with pytest.raises(ValueError, match=r"long: a chunk of (\d+) tokens makes a (\d+)-token generation prompt, which "
+                                         r"with --max-new-tokens 100000 passes the 512 positions .*: lower "
+                                         r"--max-new-tokens to at most \d+$") as got:
+        index(str(docs_dir), tiny_cfg(tiny_model, out, max_new_tokens=100000))
+    prompt = int(re.search(r"makes a (\d+)-token", str(got.value)).group(1))
+    assert str(got.value).endswith(f"to at most {512 - prompt}")
     with pytest.raises(ValueError, match=r"long: ddcd sequences of 513 tokens pass the 512 positions"):
         index(str(docs_dir), tiny_cfg(tiny_model, out, chunk_tokens=2048, objective="ddcd"))
     # the generator fits, but a recitation piece the length of the chunk doubles the teacher's sequence
