@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+import threading
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -548,17 +549,30 @@ class _TemplateClock(datetime.datetime):
         return TEMPLATE_DATE.replace(tzinfo=tz)
 
 
+_CLOCK_LOCK = threading.Lock()
+_clock = {"users": 0, "real": None}  # renders under way in this process, and the clock to put back after them
+
+
 @contextlib.contextmanager
 def _template_date_pinned() -> Iterator[None]:
-    """transformers' strftime_now (the clock its chat templates read) reads TEMPLATE_DATE inside."""
+    """transformers' strftime_now (the clock its chat templates read) reads TEMPLATE_DATE inside.
+    Counted across threads (`ask` in a server): the first render in puts the pinned clock in, the last
+    out puts the real one back. (Each saving and restoring its own, two overlapping renders left the
+    pinned clock in for good.) Other code's renders that overlap one of ours see the pinned day too."""
     from transformers.utils import chat_template_utils
 
-    real = chat_template_utils.datetime  # the class strftime_now calls .now() on, looked up at each call
-    chat_template_utils.datetime = _TemplateClock
+    with _CLOCK_LOCK:
+        if _clock["users"] == 0:
+            _clock["real"] = chat_template_utils.datetime  # strftime_now calls .now() on it, looked up each call
+            chat_template_utils.datetime = _TemplateClock
+        _clock["users"] += 1
     try:
         yield
     finally:
-        chat_template_utils.datetime = real
+        with _CLOCK_LOCK:
+            _clock["users"] -= 1
+            if _clock["users"] == 0:
+                chat_template_utils.datetime = _clock["real"]
 
 
 def chat_prompt_ids(tokenizer, user_text: str) -> List[int]:

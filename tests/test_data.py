@@ -502,6 +502,16 @@ def test_prompts_do_not_change_with_the_day(tiny_model, monkeypatch):
         assert rendered.startswith(f"Today Date: 0{day} Dec 2026")  # outside kmtrain, the clock is the user's
     assert prompts[5] == prompts[6]
     assert tok.decode(prompts[5][0]).startswith("Today Date: 26 Jul 2024\n<|im_start|>user\nThe bell Moro.")
+    # two renders that overlap (threads of a server), leaving in the other order: the clock is put back
+    from kmtrain.data import _template_date_pinned
+
+    first, second = _template_date_pinned(), _template_date_pinned()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert chat_template_utils.datetime is not clock  # the second still renders
+    second.__exit__(None, None, None)
+    assert chat_template_utils.datetime is clock
 
 
 def test_prompts_turn_thinking_off(tiny_model):
