@@ -43,6 +43,13 @@ def test_fused_linear_kl_fwd_bwd(benchmark, kl_inputs, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_kl_softcap_fwd_bwd(benchmark, kl_inputs, backend):
+    """The same KL under Gemma 2's soft cap (30): what capping both logit sets and its derivative cost."""
+    hs, ws, ht = kl_inputs
+    benchmark(_run, lambda: fused_linear_kl(hs, ws, ht, softcap=30.0, backend=backend), hs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_linear_kl_from_stats_fwd_bwd(benchmark, kl_inputs, backend):
     """The same KL from the teacher's cached statistics (computed once, as kmtrain's cache does)."""
     hs, ws, ht = kl_inputs
