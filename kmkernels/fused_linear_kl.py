@@ -257,8 +257,8 @@ def _kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, inv_temp: float, row_scale
     loss = t.sum(-1)
     if row_scale is None:
         return loss, None
-    if softcap:  # the cap's derivative 1 - tanh^2, into t's block (free now): tanh = capped / c = (log p_s + lse_s) * T / c
-        t.copy_(s).add_(lse_s).mul_(1.0 / (inv_temp * softcap)).square_().neg_().add_(1.0)
+    if softcap:  # the cap's derivative 1 - tanh^2 into t's block (free now): tanh = capped / c
+        t.copy_(s).add_(lse_s).mul_(1.0 / (inv_temp * softcap)).square_().neg_().add_(1.0)  # (log p_s + lse_s) T / c
         return loss, s.exp_().sub_(pt).mul_(row_scale[:, None]).mul_(t)
     return loss, s.exp_().sub_(pt).mul_(row_scale[:, None])
 

@@ -527,6 +527,13 @@ _CONTENT = "kmtrainusercontentmarker"  # stands for the user text in a rendered 
 # so that no template's filters (trim, escaping) change it
 
 
+# What every chat template kmtrain renders is told: no thinking. Qwen3's and SmolLM3's templates let the
+# model reason in a <think> block before it answers unless told otherwise; a summary, a Q/A pair or an
+# answer then began with reasoning that took the --max-new-tokens budget, without a word. (Templates
+# without the switch ignore it: SmolLM2's prompts are the same.)
+TEMPLATE_KWARGS = {"enable_thinking": False}
+
+
 # The day a chat template may print: Llama 3.2's and 3.3's, SmolLM3's and others' system prompts say
 # "Today Date: ..." through transformers' strftime_now. Rendered with the real clock, a document's
 # prompts changed at midnight, and with them its examples' tokens: a run resumed the next day rebuilt
@@ -534,13 +541,6 @@ _CONTENT = "kmtrainusercontentmarker"  # stands for the user text in a rendered 
 # the same command on two days trained two different KMs. Every prompt kmtrain renders (generation,
 # teacher, student, questions) says this day instead: Llama 3.1's own template falls back to it.
 TEMPLATE_DATE = datetime.datetime(2024, 7, 26)
-
-
-# What every chat template kmtrain renders is told: no thinking. Qwen3's and SmolLM3's templates let the
-# model reason in a <think> block before it answers unless told otherwise; a summary, a Q/A pair or an
-# answer then began with reasoning that took the --max-new-tokens budget, without a word. (Templates
-# without the switch ignore it: SmolLM2's prompts are the same.)
-TEMPLATE_KWARGS = {"enable_thinking": False}
 
 
 class _TemplateClock(datetime.datetime):
