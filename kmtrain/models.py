@@ -439,8 +439,8 @@ def logit_temperature(model) -> float:
 
 
 def logit_softcap(model) -> Optional[float]:
-    """c where the model caps its logits at c * tanh(z / c) after the output head (Gemma 2, Gemma 3n,
-    VaultGemma...: ``final_logit_softcapping``), else None. The KM losses cap both logit sets so
+    """c where the model caps its logits at c * tanh(z / c) after the output head (Gemma 2,
+    VaultGemma, nanochat...: ``final_logit_softcapping``), else None. The KM losses cap both logit sets so
     (kmkernels' ``softcap``), before the temperature, as these models do."""
     cap = getattr(_text_config(model), "final_logit_softcapping", None)
     if cap is None:
