@@ -498,6 +498,19 @@ def output_kv_cache(out):
     return out["cache"] if "cache" in out else out["past_key_values"]
 
 
+def kv_reuse_ok(model, cached_tokens: int) -> bool:
+    """Whether the keys and values of ``cached_tokens`` tokens, computed once and reused (``prompt_kv``,
+    ``prompt_cache``: shared prompts and prefixes), are all of them. Not where a layer of the model's
+    cache has a sliding window that keeps fewer (Gemma 2 and 3, Mistral v0.1, Qwen2 with
+    use_sliding_window): it drops the oldest, and a reused cache put the rest at the wrong positions
+    (generation failed on a shape mismatch). Those calls then run each sequence whole."""
+    from transformers import DynamicCache
+
+    windows = [layer.sliding_window for layer in DynamicCache(config=model.config).layers
+               if getattr(layer, "sliding_window", None)]
+    return not windows or cached_tokens <= min(windows) - 1  # a sliding layer keeps its window less one
+
+
 @torch.no_grad()
 def prompt_kv(model, ids: Sequence[int], past: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
               ) -> List[Tuple[torch.Tensor, torch.Tensor]]:

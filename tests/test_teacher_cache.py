@@ -54,6 +54,50 @@ def test_teacher_cache_round_trip(tiny_model, tmp_path, dtype, tol):
         assert rounded > 10 * stored, errors
 
 
+def test_sliding_window_models_reuse_no_keys_their_window_dropped(tiny_model, tmp_path):
+    """A sliding-window layer (Gemma 3: 512 tokens at 1B, Mistral v0.1) keeps only its window's last
+    keys. A prefix longer than that, run once and reused, gave the teacher wrong states without a word
+    (max error 7.5 on this model: the cache of a Gemma 3 at 2048-token chunks), and the generator and
+    ICL answers failed on a shape mismatch. Such prefixes now run whole: the cache holds each example's
+    own states, and generation and answers are those of the plain batched prefill."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from conftest import DOCS
+    from kmtrain.data import SUMMARY_PROMPT, chat_prompt_ids
+    from kmtrain.evaluate import generate_answers, question_prompt
+    from kmtrain.models import kv_reuse_ok
+    from kmtrain.synth import _generate_hf
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=8, sliding_window=16, initializer_range=0.2)).eval()
+    assert kv_reuse_ok(model, 15) and not kv_reuse_ok(model, 16)  # the layer keeps its window less one
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(3, len(tok), (30,), generator=g).tolist()  # two targets after one 30-token prefix
+    examples = [Example([1, 2], 0, n, prefix + torch.randint(3, len(tok), (n + 2,), generator=g).tolist(), 31)
+                for n in (4, 7)]
+    path = tmp_path / "c.safetensors"
+    build_cache(model, examples, path, 2, IndexConfig(cache_dtype="fp32"), pad_id=0)
+    cache = TeacherCache(path)
+    for i, e in enumerate(examples):
+        (ref,) = teacher_hiddens(model, [e], cache.layers, pad_id=0)
+        torch.testing.assert_close(cache.get(i)[0], ref, rtol=1e-5, atol=1e-5)
+    # generation: prompts of ~60 tokens, past the window
+    cfg = IndexConfig(max_new_tokens=6, gen_batch_size=3)
+    prompts = [chat_prompt_ids(tok, DOCS[k] + "\n\n" + SUMMARY_PROMPT) for k in ("alpha", "alpha", "beta", "gamma")]
+    assert min(map(len, prompts)) > 16
+    seeds = list(range(len(prompts)))
+    assert list(_generate_hf(model, tok, prompts, cfg, seeds)) == list(_generate_hf(model, tok, prompts, cfg, seeds,
+                                                                                      share_prompts=False))
+    # ICL answers: a document's questions share it as their prefix
+    model.generation_config.suppress_tokens = tok.all_special_ids  # words to compare, not the end of turn
+    asked = [question_prompt(q, DOCS["alpha"]) for q in ("Which bell?", "Where?", "When?")]
+    shared = generate_answers(model, tok, asked, max_new_tokens=5, batch_size=2, share_prefixes=True)
+    assert shared == generate_answers(model, tok, asked, max_new_tokens=5, batch_size=2) and all(shared)
+
+
 def test_soft_capped_model_caches_its_last_layer_for_the_kl(tmp_path):
     """A model that soft-caps its logits (Gemma 2) has no KL statistics (they need logits linear in h):
     its cache holds the teacher's last layer as computed, in the LM head's dtype, in their place, sized
