@@ -503,11 +503,16 @@ def kv_reuse_ok(model, cached_tokens: int) -> bool:
     ``prompt_cache``: shared prompts and prefixes), are all of them. Not where a layer of the model's
     cache has a sliding window that keeps fewer (Gemma 2 and 3, Mistral v0.1, Qwen2 with
     use_sliding_window): it drops the oldest, and a reused cache put the rest at the wrong positions
-    (generation failed on a shape mismatch). Those calls then run each sequence whole."""
+    (generation failed on a shape mismatch). Nor where a layer keeps a recurrent state instead of keys
+    (Mamba and linear-attention layers: Granite 4.0 hybrids, Qwen3-Next, Jamba, Falcon-H1), which a
+    reuse read as keys and failed on. Those calls then run each sequence whole."""
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-    windows = [layer.sliding_window for layer in DynamicCache(config=model.config).layers
-               if getattr(layer, "sliding_window", None)]
+    layers = DynamicCache(config=model.config).layers
+    if any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
+        return False
+    windows = [layer.sliding_window for layer in layers if type(layer) is DynamicSlidingWindowLayer]
     return not windows or cached_tokens <= min(windows) - 1  # a sliding layer keeps its window less one
 
 

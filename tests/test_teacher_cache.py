@@ -54,13 +54,32 @@ def test_teacher_cache_round_trip(tiny_model, tmp_path, dtype, tol):
         assert rounded > 10 * stored, errors
 
 
-def test_sliding_window_models_reuse_no_keys_their_window_dropped(tiny_model, tmp_path):
+def _no_full_kv_model(kind: str, vocab: int):
+    """A tiny model whose cache does not keep every key: a 16-token sliding window (Mistral v0.1's kind,
+    Gemma 3's), or a Mamba layer's recurrent state (Granite 4.0's hybrids)."""
+    from transformers import (GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, MistralConfig,
+                              MistralForCausalLM)
+
+    torch.manual_seed(0)
+    if kind == "sliding":
+        return MistralForCausalLM(MistralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                head_dim=8, sliding_window=16, initializer_range=0.2)).eval()
+    return GraniteMoeHybridForCausalLM(GraniteMoeHybridConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=32,
+        mamba_d_state=16, mamba_n_groups=1, num_local_experts=0, shared_intermediate_size=64)).eval()
+
+
+@pytest.mark.parametrize("kind", ["sliding", "recurrent"])
+def test_models_whose_cache_keeps_not_every_key_reuse_none(tiny_model, tmp_path, kind):
     """A sliding-window layer (Gemma 3: 512 tokens at 1B, Mistral v0.1) keeps only its window's last
-    keys. A prefix longer than that, run once and reused, gave the teacher wrong states without a word
-    (max error 7.5 on this model: the cache of a Gemma 3 at 2048-token chunks), and the generator and
-    ICL answers failed on a shape mismatch. Such prefixes now run whole: the cache holds each example's
-    own states, and generation and answers are those of the plain batched prefill."""
-    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+    keys; a Mamba or linear-attention layer (Granite 4.0 hybrids, Qwen3-Next) keeps a state, no keys. A
+    prefix run once and reused then gave the teacher wrong states without a word (sliding: max error
+    7.5 on this model, the cache of a Gemma 3 at 2048-token chunks), or failed (recurrent: "no attribute
+    'keys'"), and the generator and ICL answers failed. Such prefixes now run whole: the cache holds
+    each example's own states, and generation and answers are those of the plain batched prefill."""
+    from transformers import AutoTokenizer
 
     from conftest import DOCS
     from kmtrain.data import SUMMARY_PROMPT, chat_prompt_ids
@@ -69,11 +88,11 @@ def test_sliding_window_models_reuse_no_keys_their_window_dropped(tiny_model, tm
     from kmtrain.synth import _generate_hf
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    torch.manual_seed(0)
-    model = MistralForCausalLM(MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             head_dim=8, sliding_window=16, initializer_range=0.2)).eval()
-    assert kv_reuse_ok(model, 15) and not kv_reuse_ok(model, 16)  # the layer keeps its window less one
+    model = _no_full_kv_model(kind, len(tok))
+    if kind == "sliding":
+        assert kv_reuse_ok(model, 15) and not kv_reuse_ok(model, 16)  # the layer keeps its window less one
+    else:
+        assert not kv_reuse_ok(model, 1)
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(3, len(tok), (30,), generator=g).tolist()  # two targets after one 30-token prefix
     examples = [Example([1, 2], 0, n, prefix + torch.randint(3, len(tok), (n + 2,), generator=g).tolist(), 31)
