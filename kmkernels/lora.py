@@ -560,6 +560,18 @@ class GroupedLoRALinear(nn.Module):
         self.register_buffer("scaling", torch.full((num_adapters,), alpha / rank, dtype=torch.float32, device=dev))
         self._ids = ids
 
+    # The base layer's weight and bias, read through the wrapper as through PEFT's LoRA layers: models
+    # read a projection's `.weight` for its dtype or shape, and Jamba's Mamba computes
+    # `dt_proj.weight @ x` itself (which, there as with PEFT, bypasses the adapter: its slot's B stays 0).
+    # Without them such a model failed: "'GroupedLoRALinear' object has no attribute 'weight'".
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base.bias
+
     @torch.no_grad()
     def reset_slot(self, slot: int, generator: torch.Generator):
         """PEFT init: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0."""

@@ -590,3 +590,27 @@ def test_all_linear_adapts_every_projection_whatever_its_name(tmp_path):
                                                    "linear layers: lm_head (its Conv1D layers, c_attn, c_fc, c_proj, "
                                                    "are not supported)")):
         attach_grouped_lora(gpt2, 2, backend="torch")
+
+
+def test_a_model_that_reads_a_projections_weight_runs_with_the_slots_attached():
+    """Models read a projection's `.weight` (its dtype, its shape, or Jamba's Mamba computing
+    `dt_proj.weight @ x` itself): the wrapper gives the base layer's weight and bias, as PEFT's LoRA
+    layers do, where such a model failed with "'GroupedLoRALinear' object has no attribute 'weight'".
+    With fresh slots (B = 0) the output is the base model's."""
+    from transformers import JambaConfig, JambaForCausalLM
+
+    torch.manual_seed(0)
+    model = JambaForCausalLM(JambaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2,
+                                         attn_layer_offset=1, expert_layer_period=100, num_experts=1,
+                                         mamba_d_state=8, mamba_expand=2, use_mamba_kernels=False)).eval()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    attach_grouped_lora(model, 2, rank=4, alpha=4, backend="torch")
+    dt_proj = model.model.layers[0].mamba.dt_proj
+    assert isinstance(dt_proj, GroupedLoRALinear)
+    assert dt_proj.weight is dt_proj.base.weight and dt_proj.bias is dt_proj.base.bias
+    set_adapter_ids(model, torch.tensor([0, 1]))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-6)
