@@ -610,11 +610,28 @@ def _module_seed(seed: int, slot_key: str) -> int:
     return h
 
 
+def _maps_like_a_linear(m: nn.Linear) -> bool:
+    """Whether ``m`` maps [n, in] to a tensor [n, out] as nn.Linear does. An nn.Linear subclass may
+    not: Llama 4's and PhiMoE's routers return (scores, logits), and wrapped they failed in the
+    forward ("'tuple' object has no attribute 'shape'"). A subclass that overrides forward is run
+    once on a row of zeros to tell (Falcon's FalconLinear maps as a linear layer does, and is kept)."""
+    if type(m).forward is nn.Linear.forward:
+        return True
+    try:
+        with torch.no_grad():
+            y = m(torch.zeros(1, m.in_features, device=m.weight.device, dtype=m.weight.dtype))
+    except Exception:  # it takes other inputs than a linear layer's
+        return False
+    return isinstance(y, torch.Tensor) and tuple(y.shape) == (1, m.out_features)
+
+
 def lora_targets(model: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGETS) -> List[Tuple[str, nn.Linear]]:
     """(name, module) of each nn.Linear whose last name component is in ``target_modules``, or of
     every nn.Linear but the output head (``get_output_embeddings()``; a module without that method
-    has none) for "all-linear": the layers attach_grouped_lora wraps. None at all raises ValueError
-    naming the linear layers the model has, so a caller can check a model before any slow work."""
+    has none) for "all-linear": the layers attach_grouped_lora wraps. An nn.Linear subclass that does
+    not map like one (an MoE router returning scores and logits: ``_maps_like_a_linear``) is left out
+    of "all-linear" and refused by name. None at all raises ValueError naming the linear layers the
+    model has, so a caller can check a model before any slow work."""
     if isinstance(target_modules, str):  # "q_proj" would be read as the names "q", "_", "p", ...
         raise ValueError(f"target_modules must be a sequence of names, got the string {target_modules!r}")
     targets = set(target_modules)
@@ -623,6 +640,17 @@ def lora_targets(model: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGE
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     found = [(name, m) for name, m in linears
              if name.rsplit(".", 1)[-1] in targets or (ALL_LINEAR in targets and m is not head)]
+    odd = {}  # one probe per class: its instances map alike
+    for name, m in found:
+        if type(m) not in odd:
+            odd[type(m)] = not _maps_like_a_linear(m)
+    named = sorted({name.rsplit(".", 1)[-1] for name, m in found if odd[type(m)] and name.rsplit(".", 1)[-1] in targets})
+    if named:
+        kinds = sorted({type(m).__name__ for name, m in found if odd[type(m)]})
+        raise ValueError(f"LoRA targets {', '.join(named)} are {', '.join(kinds)}: linear layers whose output is not "
+                         f"a linear layer's (an MoE router's scores and logits?), so an adapter cannot be added to "
+                         f"it; leave them out of the targets")
+    found = [(name, m) for name, m in found if not odd[type(m)]]
     if not found:
         have = sorted({name.rsplit(".", 1)[-1] for name, _ in linears})
         wanted = ("every linear layer but the output head (all-linear)" if ALL_LINEAR in targets

@@ -614,3 +614,31 @@ def test_a_model_that_reads_a_projections_weight_runs_with_the_slots_attached():
     set_adapter_ids(model, torch.tensor([0, 1]))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_subclasses_that_do_not_map_like_one_are_not_adapted():
+    """Llama 4's MoE router is an nn.Linear that returns (scores, logits): "all-linear" wrapped it and the
+    forward failed ("'tuple' object has no attribute 'shape'"). It is now left out (and refused when
+    named), while a subclass that maps like a linear layer (Falcon's FalconLinear) is still adapted."""
+    from transformers import FalconConfig, FalconForCausalLM, Llama4ForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(0)
+    llama4 = Llama4ForCausalLM(Llama4TextConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=32, intermediate_size_mlp=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2, interleave_moe_layer_step=2,
+        no_rope_layers=[1, 0])).eval()
+    names = {name.rsplit(".", 1)[-1] for name, _ in lora_targets(llama4, ["all-linear"])}
+    assert "router" not in names and {"q_proj", "o_proj", "gate_proj", "down_proj"} <= names
+    with pytest.raises(ValueError, match=r"LoRA targets router are Llama4Router: linear layers whose output is not "
+                                         r"a linear layer's"):
+        lora_targets(llama4, ["q_proj", "router"])
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        before = llama4(input_ids=ids).logits
+    attach_grouped_lora(llama4, 2, rank=4, alpha=4, backend="torch")
+    set_adapter_ids(llama4, torch.tensor([1, 0]))
+    with torch.no_grad():
+        torch.testing.assert_close(llama4(input_ids=ids).logits, before, rtol=1e-5, atol=1e-6)  # fresh slots: B = 0
+    falcon = FalconForCausalLM(FalconConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4))
+    kinds = {type(m).__name__ for _, m in lora_targets(falcon, ["all-linear"])}
+    assert kinds == {"FalconLinear"}
