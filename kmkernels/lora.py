@@ -627,8 +627,9 @@ def _maps_like_a_linear(m: nn.Linear) -> bool:
 
 def lora_targets(model: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGETS) -> List[Tuple[str, nn.Linear]]:
     """(name, module) of each nn.Linear whose last name component is in ``target_modules``, or of
-    every nn.Linear but the output head (``get_output_embeddings()``; a module without that method
-    has none) for "all-linear": the layers attach_grouped_lora wraps. An nn.Linear subclass that does
+    every nn.Linear of the language model (``get_decoder()``, where the model has one: not a
+    multimodal model's vision tower) but the output head (``get_output_embeddings()``) for
+    "all-linear": the layers attach_grouped_lora wraps. An nn.Linear subclass that does
     not map like one (an MoE router returning scores and logits: ``_maps_like_a_linear``) is left out
     of "all-linear" and refused by name. None at all raises ValueError naming the linear layers the
     model has, so a caller can check a model before any slow work."""
@@ -637,9 +638,18 @@ def lora_targets(model: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGE
     targets = set(target_modules)
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
+    # "all-linear" is the language model's: a multimodal model's vision tower and projector never see
+    # text (a KM's adapters there would stay zero), and are outside get_decoder()
+    get_decoder = getattr(model, "get_decoder", None)
+    try:
+        decoder = get_decoder() if callable(get_decoder) else None
+    except Exception:  # a model whose get_decoder is not implemented
+        decoder = None
+    in_decoder = None if decoder is None else {id(m) for m in decoder.modules()}
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     found = [(name, m) for name, m in linears
-             if name.rsplit(".", 1)[-1] in targets or (ALL_LINEAR in targets and m is not head)]
+             if name.rsplit(".", 1)[-1] in targets
+             or (ALL_LINEAR in targets and m is not head and (in_decoder is None or id(m) in in_decoder))]
     odd = {}  # one probe per class: its instances map alike
     for name, m in found:
         if type(m) not in odd:
@@ -761,7 +771,14 @@ def export_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike], *,
         tensors[_peft_key(name, "lora_A")] = m.lora_A[slot, :r].detach().to("cpu").contiguous().clone()
         tensors[_peft_key(name, "lora_B")] = m.lora_B[slot, :, :r].detach().to("cpu").contiguous().clone()
     base_name = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(st["targets"]), lora_dropout=0.0, bias="none",
+    # PEFT takes a target name for every module whose name ends with it. Where a linear layer that holds
+    # no adapter shares one (a multimodal model's vision tower has its own q_proj), PEFT would add LoRA
+    # layers there and warn of missing keys on load: the adapted modules are then named in full.
+    targets, wrapped = list(st["targets"]), grouped_lora_modules(model)
+    if any(name.rsplit(".", 1)[-1] in st["targets"] and name not in wrapped
+           for name, m in model.named_modules() if isinstance(m, nn.Linear)):
+        targets = sorted(wrapped)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none",
                      task_type="CAUSAL_LM", base_model_name_or_path=base_name)
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))

@@ -41,8 +41,8 @@ from .config import IndexConfig, resolve_device
 from .data import (Document, atomic_write_text, chat_prompt_ids, check_documents, chunk_tokens, file_sha256,
                    load_documents, recitation_items, target_ids, text_ids, whole_character_cuts)
 from .evaluate import ANSWER_BATCH, generate_answers, question_prompt
-from .models import (hub_snapshot, load_model, logit_softcap, logit_temperature, logits_problem, native_bf16, resolve_model,
-                     weights_hash)
+from .models import (hub_snapshot, load_model, logit_softcap, logit_temperature, logits_problem, native_bf16,
+                     resolve_model, text_config, weights_hash)
 from .synth import GENERATION_MARGIN, PROMPT_OF, requested_kinds, requests_to_make, split_heldout, synthesize
 from .teacher_cache import TeacherCache, build_cache, build_examples, cache_bytes, select_layers
 from .train import DocState, train_wave
@@ -330,7 +330,7 @@ def _check_positions(cfg: IndexConfig, model, tok, chunks: Dict[str, Tuple[List[
     2048-position model under the paper preset's 2048-token chunks and 768 new tokens would generate
     and distil past its last position, quietly: transformers only warns). ``chunks``: each
     document's (chunk texts, chunk token ids); the longest chunk decides."""
-    positions = getattr(model.config, "max_position_embeddings", None)
+    positions = getattr(text_config(model), "max_position_embeddings", None)
     if not positions or not chunks:
         return
     n, doc_id, text = max((len(ids), d, t) for d, (texts, chunk_ids) in chunks.items()
@@ -525,7 +525,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     # another folder, or none, when asked from elsewhere); aliases and Hub names as given
     local = os.path.expanduser(cfg.model)
     model_path = os.path.abspath(local) if os.path.isdir(local) else cfg.model
-    num_layers = model.config.num_hidden_layers
+    num_layers = text_config(model).num_hidden_layers
     select_layers(num_layers, cfg.cache_layers)  # a layer the model lacks fails now, not after generation
     try:  # attach_grouped_lora would refuse such a model too, but only after generation
         lora_targets(model, cfg.target_modules)
@@ -699,7 +699,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                     if old != path:  # superseded caches only take disk
                         old.unlink()
             kl_bytes = None if softcap is None else model.get_output_embeddings().weight.element_size()
-            check_cache_space(work, {st.id: cache_bytes(st.examples, num_layers, model.config.hidden_size, cfg, kl_bytes)
+            check_cache_space(work, {st.id: cache_bytes(st.examples, num_layers, text_config(model).hidden_size, cfg, kl_bytes)
                                      for st in wave if not paths[st.id].is_file()}, cfg)
             bar = _bar(cfg, total=len(wave), desc=f"teacher cache {span}")
             for st in wave:
@@ -930,7 +930,7 @@ def ask(pairs: Iterable[Tuple[Optional[str], str]], *, model: Optional[str] = No
         attach_grouped_lora(m, 1, rank=1, backend=backend)
     # A prompt past the model's positions made transformers warn and the answer come out as noise
     # (or as nothing): say which question, as every other bad input here is said.
-    positions = getattr(m.config, "max_position_embeddings", None)
+    positions = getattr(text_config(m), "max_position_embeddings", None)
     for k, (km, question) in enumerate(pairs, 1):
         n = len(chat_prompt_ids(tok, question_prompt(question)))
         if positions and n + max_new_tokens > positions:

@@ -419,7 +419,10 @@ def decoder_hidden_states(model, input_ids: torch.Tensor, attention_mask: Option
     return out.hidden_states[1:]
 
 
-def _text_config(model):
+def text_config(model):
+    """The config of the model's language model: the model's own, or a multimodal model's text_config
+    (Gemma 3 at 4B and up, Mistral 3), where the layer count, hidden size and positions are; the
+    composite config has none of them (indexing a multimodal Gemma 3 failed on num_hidden_layers)."""
     config = getattr(model, "config", None)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
@@ -429,7 +432,7 @@ def logit_temperature(model) -> float:
     ``logit_scale`` s multiplies them (T = 1/s), Granite's ``logits_scaling`` divides them; 1.0 for
     the rest. The KM losses take it as their softmax temperature (no T^2 factor), so that they see
     the model's own distributions."""
-    cfg = _text_config(model)
+    cfg = text_config(model)
     scale, divisor = getattr(cfg, "logit_scale", None), getattr(cfg, "logits_scaling", None)
     for name, v in (("logit_scale", scale), ("logits_scaling", divisor)):
         positive = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
@@ -442,7 +445,7 @@ def logit_softcap(model) -> Optional[float]:
     """c where the model caps its logits at c * tanh(z / c) after the output head (Gemma 2,
     VaultGemma, nanochat...: ``final_logit_softcapping``), else None. The KM losses cap both logit sets so
     (kmkernels' ``softcap``), before the temperature, as these models do."""
-    cap = getattr(_text_config(model), "final_logit_softcapping", None)
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
     if cap is None:
         return None
     if isinstance(cap, bool) or not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0):

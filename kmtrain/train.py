@@ -32,7 +32,7 @@ from kmkernels import dcd_loss, reset_slot, set_adapter_ids, slot_parameters
 from kmkernels.lora import grouped_lora_modules
 
 from .checkpoint import TrainingCheckpoint, load_checkpoint, save_checkpoint
-from .models import decoder_hidden_states, logit_softcap, logit_temperature
+from .models import decoder_hidden_states, logit_softcap, logit_temperature, text_config
 from .teacher_cache import Example, TeacherCache, _decode, _encode, _pad, select_layers, teacher_hiddens
 
 
@@ -420,7 +420,7 @@ def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device
     Returns the step training started from (0, or the checkpoint's)."""
     distill = cfg.objective in ("sdcd", "ddcd")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    num_layers = model.config.num_hidden_layers
+    num_layers = text_config(model).num_hidden_layers
     layers = wave[0].cache.layers if (distill and wave[0].cache is not None) else select_layers(num_layers, cfg.cache_layers)
     for doc in wave:
         if len(doc.heldout) >= len(doc.examples):

@@ -1082,6 +1082,30 @@ def test_a_run_resumed_the_next_day_keeps_its_work(tiny_model, docs_dir, tmp_pat
     assert {d: json.loads((out / d / "km.json").read_text())["adapter_sha256"] for d in DOCS} == first
 
 
+def test_a_multimodal_model_indexes_its_language_model(tiny_model, docs_dir, tmp_path):
+    """A multimodal Gemma 3 (4B and up are) keeps its layer count, hidden size and positions in its
+    text_config: indexing failed with "'Gemma3Config' object has no attribute 'num_hidden_layers'".
+    Now its KMs adapt the language model alone and answer."""
+    from transformers import AutoConfig, Gemma3Config, Gemma3ForConditionalGeneration
+
+    vocab = AutoConfig.from_pretrained(tiny_model).vocab_size
+    text = dict(vocab_size=vocab + 8, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=512)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    folder = tmp_path / "gemma3"
+    Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                                image_token_index=vocab + 5, boi_token_index=vocab + 6,
+                                                eoi_token_index=vocab + 7)).save_pretrained(folder)
+    _copy_tiny_tokenizer(tiny_model, folder)
+    got = index(str(docs_dir), tiny_cfg(str(folder), tmp_path / "kms", steps=2))
+    assert {s["status"] for s in got} == {"trained"}
+    targets = json.loads((tmp_path / "kms" / "alpha" / "adapter_config.json").read_text())["target_modules"]
+    assert len(targets) == 14 and all("language_model" in t for t in targets)
+    assert len(ask([(str(tmp_path / "kms" / "alpha"), "Which bell?")], max_new_tokens=3)) == 1
+
+
 def _copy_tiny_tokenizer(tiny_model, folder) -> None:
     for name in os.listdir(tiny_model):
         if name.startswith("tokenizer") or name.endswith(".jinja"):

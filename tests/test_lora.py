@@ -642,3 +642,43 @@ def test_linear_subclasses_that_do_not_map_like_one_are_not_adapted():
     falcon = FalconForCausalLM(FalconConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4))
     kinds = {type(m).__name__ for _, m in lora_targets(falcon, ["all-linear"])}
     assert kinds == {"FalconLinear"}
+
+
+def test_a_multimodal_models_kms_adapt_its_language_model_only(tmp_path):
+    """A multimodal model (Gemma 3 from 4B up) has linear layers in its vision tower too, some with the
+    language model's names (q_proj). "all-linear" adapted them (adapters that never see text, zero
+    for good); it now takes the language model's (get_decoder()). The exported config names the
+    adapted modules in full, so plain PEFT adds no LoRA layers to the vision tower and warns of no
+    missing keys; it loads to our logits."""
+    import warnings
+
+    from peft import PeftModel
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = dict(vocab_size=120, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                  patch_size=14)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=110,
+                          boi_token_index=111, eoi_token_index=112)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    base = copy.deepcopy(model)
+    names = [name for name, _ in lora_targets(model, ["all-linear"])]
+    assert len(names) == 14 and all("language_model" in name for name in names)  # 2 layers x 7 projections
+    attach_grouped_lora(model, 1, rank=4, alpha=8, backend="torch")
+    with torch.no_grad():
+        for m in grouped_lora_modules(model).values():
+            m.lora_B.normal_(0, 0.1)
+    export_peft(model, 0, tmp_path / "km")
+    saved = json.loads((tmp_path / "km" / "adapter_config.json").read_text())["target_modules"]
+    assert sorted(saved) == sorted(names)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(base, str(tmp_path / "km")).eval()
+    assert not [w for w in caught if "missing adapter keys" in str(w.message)]
+    assert not any("vision" in name for name, _ in peft_model.named_modules() if name.endswith("lora_A"))
+    ids = torch.randint(0, 100, (1, 9))
+    set_adapter_ids(model, torch.tensor([0]))
+    with torch.no_grad():
+        assert rel_err(model(input_ids=ids).logits, peft_model(input_ids=ids).logits) < 1e-5
