@@ -11,6 +11,7 @@ import inspect
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -306,6 +307,29 @@ def _gguf_bar(enabled: bool) -> Iterator[None]:
         gguf_utils.tqdm = real
 
 
+def _causal_lm(auto_causal, folder: str, name_or_path: str, dtype, trust_remote_code: bool):
+    """The model as a causal LM; a vision-language model that transformers does not file as one (Qwen2-VL,
+    Mistral 3, LLaVA: AutoModelForImageTextToText) as that, whose language model reads and writes text
+    alone as well. Neither: a ValueError naming the model's type, where transformers' own listed its
+    ~200 known configurations."""
+    from transformers import AutoModelForImageTextToText
+
+    try:
+        return auto_causal.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        kind = re.search(r"configuration class <class '[\w.]*?(\w+)'>", str(e))
+    try:
+        return AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise
+    raise ValueError(f"model {name_or_path!r}: a {kind.group(1) if kind else 'model'} model, which transformers loads "
+                     f"neither as a causal language model nor as an image-text-to-text one: kmtrain trains KMs of "
+                     f"language models that generate text") from None
+
+
 def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
                trust_remote_code: bool = False):
     """(model, tokenizer, display name, weights hash). The model is in eval mode, frozen. ``progress``:
@@ -327,7 +351,7 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torc
 
         try:
             tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = _causal_lm(AutoModelForCausalLM, folder, name_or_path, dtype, trust_remote_code)
         except json.JSONDecodeError as e:
             # a tokenizer file cut short: json's own message named neither file nor model (a bad
             # config.json comes wrapped in an OSError by transformers, below)
@@ -508,10 +532,14 @@ def kv_reuse_ok(model, cached_tokens: int) -> bool:
     use_sliding_window): it drops the oldest, and a reused cache put the rest at the wrong positions
     (generation failed on a shape mismatch). Nor where a layer keeps a recurrent state instead of keys
     (Mamba and linear-attention layers: Granite 4.0 hybrids, Qwen3-Next, Jamba, Falcon-H1), which a
-    reuse read as keys and failed on. Those calls then run each sequence whole."""
+    reuse read as keys and failed on. Nor in a multimodal model (Gemma 3 from 4B up, Qwen2-VL, Mistral 3),
+    whose generate prepares its own positions and cache (Qwen2-VL's multimodal rotary positions: a
+    reused prompt cache failed on a batch-size mismatch). Those calls then run each sequence whole."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+    if text_config(model) is not model.config:
+        return False
     layers = DynamicCache(config=model.config).layers
     if any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
         return False

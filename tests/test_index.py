@@ -1082,27 +1082,40 @@ def test_a_run_resumed_the_next_day_keeps_its_work(tiny_model, docs_dir, tmp_pat
     assert {d: json.loads((out / d / "km.json").read_text())["adapter_sha256"] for d in DOCS} == first
 
 
-def test_a_multimodal_model_indexes_its_language_model(tiny_model, docs_dir, tmp_path):
-    """A multimodal Gemma 3 (4B and up are) keeps its layer count, hidden size and positions in its
-    text_config: indexing failed with "'Gemma3Config' object has no attribute 'num_hidden_layers'".
-    Now its KMs adapt the language model alone and answer."""
-    from transformers import AutoConfig, Gemma3Config, Gemma3ForConditionalGeneration
+@pytest.mark.parametrize("family", ["gemma3", "qwen2vl"])
+def test_a_multimodal_model_indexes_its_language_model(tiny_model, docs_dir, tmp_path, family):
+    """A multimodal model keeps its layer count, hidden size and positions in its text_config: a Gemma 3
+    (4B and up are multimodal) failed with "'Gemma3Config' object has no attribute 'num_hidden_layers'".
+    Qwen2-VL is no causal LM to transformers (AutoModelForImageTextToText), and failed with its list of
+    ~200 configurations; its generate also prepares positions of its own, so no prompt keys are reused
+    for it. Now each indexes, its KMs adapt the language model alone, and they answer."""
+    import transformers
 
-    vocab = AutoConfig.from_pretrained(tiny_model).vocab_size
-    text = dict(vocab_size=vocab + 8, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=8, max_position_embeddings=512)
-    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, image_size=28,
-                  patch_size=14)
+    vocab = transformers.AutoConfig.from_pretrained(tiny_model).vocab_size + 8
+    text = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512)
     torch.manual_seed(0)
-    folder = tmp_path / "gemma3"
-    Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
-                                                image_token_index=vocab + 5, boi_token_index=vocab + 6,
-                                                eoi_token_index=vocab + 7)).save_pretrained(folder)
+    if family == "gemma3":
+        model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+            text_config=dict(text, head_dim=8), mm_tokens_per_image=4, image_token_index=vocab - 3,
+            boi_token_index=vocab - 2, eoi_token_index=vocab - 1,
+            vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                               image_size=28, patch_size=14)))
+    else:
+        model = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(
+            text_config=dict(text, model_type="qwen2_vl_text", rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+            vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=4, patch_size=14, spatial_merge_size=2),
+            image_token_id=vocab - 3, video_token_id=vocab - 2, vision_start_token_id=vocab - 1))
+    folder = tmp_path / family
+    model.save_pretrained(folder)
     _copy_tiny_tokenizer(tiny_model, folder)
     got = index(str(docs_dir), tiny_cfg(str(folder), tmp_path / "kms", steps=2))
     assert {s["status"] for s in got} == {"trained"}
-    targets = json.loads((tmp_path / "kms" / "alpha" / "adapter_config.json").read_text())["target_modules"]
-    assert len(targets) == 14 and all("language_model" in t for t in targets)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "kms" / "alpha" / "adapter_model.safetensors"), "pt") as f:
+        adapted = {k.split(".lora_")[0] for k in f.keys()}
+    assert len(adapted) == 14 and all("language_model" in k for k in adapted)  # 2 layers x 7 projections
     assert len(ask([(str(tmp_path / "kms" / "alpha"), "Which bell?")], max_new_tokens=3)) == 1
 
 

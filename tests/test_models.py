@@ -674,3 +674,23 @@ def test_hub_unreachable_is_one_name_lookup_of_the_endpoint(monkeypatch):
     resolved = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", 443))]
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: resolved)
     assert hub_unreachable() is None
+
+
+def test_a_model_that_is_no_causal_lm_is_named(tiny_model, tmp_path):
+    """An encoder-decoder (T5) loads neither as a causal LM nor as an image-text-to-text model: said in one
+    line naming its kind, where transformers listed its ~200 known configurations."""
+    import shutil
+
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from kmtrain.models import load_model
+
+    T5ForConditionalGeneration(T5Config(vocab_size=97, d_model=16, d_ff=32, num_layers=1, num_heads=2,
+                                        d_kv=8)).save_pretrained(tmp_path / "t5")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{tiny_model}/{name}", tmp_path / "t5" / name)
+    with pytest.raises(ValueError) as got:
+        load_model(str(tmp_path / "t5"))
+    assert str(got.value) == (f"model {str(tmp_path / 't5')!r}: a T5Config model, which transformers loads neither as a "
+                              f"causal language model nor as an image-text-to-text one: kmtrain trains KMs of language "
+                              f"models that generate text")
