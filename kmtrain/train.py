@@ -434,7 +434,11 @@ def train_wave(model, tokenizer, wave: List[DocState], cfg, device: torch.device
                              {"params": [m.lora_B for m in mods], "lr": cfg.lr * cfg.lr_b_ratio}],
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(cfg, s))
-    model.train()
+    # The frozen base stays in eval mode while its KMs train (autograd needs no train mode): a config
+    # with dropout (Seed-OSS: 0.1 on attention and residuals) or an MoE router's jitter noise drew from
+    # the global RNG in train mode, so a document's KM depended on its batch-mates' draws, and a cached
+    # run's losses on the uncached run's. The slots have no dropout of their own (lora_dropout 0).
+    model.eval()
 
     # model selection on held-out examples: each slot keeps its own best weights (on the CPU)
     selecting = any(doc.heldout for doc in wave)

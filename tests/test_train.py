@@ -46,6 +46,37 @@ def test_km_does_not_depend_on_batch_mates(tiny_model, tmp_path, amp):
         assert mates < 0.1 and other_seed > 10 * mates, (mates, other_seed)
 
 
+def test_a_base_with_dropout_trains_its_kms_without_it(tiny_model, tmp_path):
+    """A config with dropout (Seed-OSS ships 0.1 on attention and residuals): in train mode the base's
+    dropout drew from the global RNG, so a document's KM depended on its batch-mates' draws and a cached
+    run differed from an uncached one. The frozen base now trains its KMs in eval mode: alpha's KM is
+    the same beside beta as beside gamma, and the cached run's losses are the uncached run's."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    dropout = tmp_path / "dropout"
+    shutil.copytree(tiny_model, dropout)
+    conf = dropout / "config.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "attention_dropout": 0.5}))
+
+    def train(ids, out, **kw):
+        docs = tmp_path / f"docs_{out}"
+        docs.mkdir()
+        for k in ids:
+            (docs / f"{k}.txt").write_text(DOCS[k])
+        got = index(str(docs), tiny_cfg(str(dropout), tmp_path / out, docs_per_step=2, steps=3, amp="off",
+                                        cache_dtype="fp32", **kw))
+        return load_file(str(tmp_path / out / "alpha" / "adapter_model.safetensors")), got[0]["final_loss"]
+
+    (with_beta, loss), (with_gamma, _) = train(["alpha", "beta"], "ab"), train(["alpha", "gamma"], "ag")
+    for k in with_beta:
+        assert torch.allclose(with_beta[k], with_gamma[k], rtol=1e-4, atol=1e-6), k
+    _, uncached = train(["alpha", "beta"], "ab_fresh", teacher_cache=False)
+    assert all(abs(loss[part] - uncached[part]) <= 1e-5 * abs(uncached[part]) + 1e-6 for part in loss), (loss, uncached)
+
+
 @pytest.mark.parametrize("precision", ["default", "fp32", "fp8"])
 def test_loss_with_cache_equals_loss_without(tiny_model, docs_dir, tmp_path, monkeypatch, precision):
     """Same losses whether the teacher is cached (KL from its cached statistics) or re-run on every
