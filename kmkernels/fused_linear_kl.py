@@ -229,6 +229,12 @@ def _kl_rows_grad(s, t, lse_s, lse_t, row_scale, inv_temp: float, backend: str, 
     return out
 
 
+def softcap_logits(z: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    """c * tanh(z / c), the soft cap Gemma 2 puts on its logits, out of place (autograd through it);
+    ``z`` itself where ``softcap`` is None."""
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
 def _softcap_(z: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
     """z <- c * tanh(z / c) in place (fp32 logits), as Gemma 2 caps its logits; z as it is without a cap."""
     if softcap:

@@ -767,14 +767,15 @@ def export_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike], *,
     _check_slot(model, slot)
     r, alpha = st["slot_rank"][slot], st["slot_alpha"][slot]
     tensors = {}
-    for name, m in grouped_lora_modules(model).items():
+    wrapped = grouped_lora_modules(model)
+    for name, m in wrapped.items():
         tensors[_peft_key(name, "lora_A")] = m.lora_A[slot, :r].detach().to("cpu").contiguous().clone()
         tensors[_peft_key(name, "lora_B")] = m.lora_B[slot, :, :r].detach().to("cpu").contiguous().clone()
     base_name = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None
     # PEFT takes a target name for every module whose name ends with it. Where a linear layer that holds
     # no adapter shares one (a multimodal model's vision tower has its own q_proj), PEFT would add LoRA
     # layers there and warn of missing keys on load: the adapted modules are then named in full.
-    targets, wrapped = list(st["targets"]), grouped_lora_modules(model)
+    targets = list(st["targets"])
     if any(name.rsplit(".", 1)[-1] in st["targets"] and name not in wrapped
            for name, m in model.named_modules() if isinstance(m, nn.Linear)):
         targets = sorted(wrapped)

@@ -699,7 +699,8 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                     if old != path:  # superseded caches only take disk
                         old.unlink()
             kl_bytes = None if softcap is None else model.get_output_embeddings().weight.element_size()
-            check_cache_space(work, {st.id: cache_bytes(st.examples, num_layers, text_config(model).hidden_size, cfg, kl_bytes)
+            hidden_size = text_config(model).hidden_size
+            check_cache_space(work, {st.id: cache_bytes(st.examples, num_layers, hidden_size, cfg, kl_bytes)
                                      for st in wave if not paths[st.id].is_file()}, cfg)
             bar = _bar(cfg, total=len(wave), desc=f"teacher cache {span}")
             for st in wave:

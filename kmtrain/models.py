@@ -22,6 +22,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from kmkernels.fused_linear_kl import softcap_logits
 from kmkernels.utils import cpu_native_bf16
 
 from .data import library_bars, safetensors_io_errors, sanitize_id
@@ -307,15 +308,15 @@ def _gguf_bar(enabled: bool) -> Iterator[None]:
         gguf_utils.tqdm = real
 
 
-def _causal_lm(auto_causal, folder: str, name_or_path: str, dtype, trust_remote_code: bool):
+def _causal_lm(folder: str, name_or_path: str, dtype, trust_remote_code: bool):
     """The model as a causal LM; a vision-language model that transformers does not file as one (Qwen2-VL,
     Mistral 3, LLaVA: AutoModelForImageTextToText) as that, whose language model reads and writes text
     alone as well. Neither: a ValueError naming the model's type, where transformers' own listed its
     ~200 known configurations."""
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     try:
-        return auto_causal.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
     except ValueError as e:
         if "Unrecognized configuration class" not in str(e):
             raise
@@ -336,7 +337,7 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torc
     transformers' loading bars (off for `--no-progress`). ``trust_remote_code``: a model that brings
     its own Python code loads only with it (never by a question on the terminal, which would stop a
     run without one, and never without the user's say: that code runs with their permissions)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     bars = (hf_logging.is_progress_bar_enabled, hf_logging.enable_progress_bar, hf_logging.disable_progress_bar)
@@ -351,7 +352,7 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torc
 
         try:
             tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-            model = _causal_lm(AutoModelForCausalLM, folder, name_or_path, dtype, trust_remote_code)
+            model = _causal_lm(folder, name_or_path, dtype, trust_remote_code)
         except json.JSONDecodeError as e:
             # a tokenizer file cut short: json's own message named neither file nor model (a bad
             # config.json comes wrapped in an OSError by transformers, below)
@@ -497,8 +498,7 @@ def logits_problem(model) -> Optional[str]:
     dev = head.weight.device
     ids = (torch.arange(1, 9, device=dev) % head.weight.shape[0])[None]
     logits = model(input_ids=ids).logits.float()
-    ours = decoder_hidden_states(model, ids)[-1].float() @ head.weight.float().t()
-    ours = (ours if cap is None else cap * torch.tanh(ours / cap)) / temperature
+    ours = softcap_logits(decoder_hidden_states(model, ids)[-1].float() @ head.weight.float().t(), cap) / temperature
     tol = 1e-4 if head.weight.dtype == torch.float32 else 3e-2  # bf16/fp16 logits: rounded at ~2**-8
     err = ((logits - ours).abs().max() / logits.abs().max().clamp_min(1e-6)).item()
     if not err <= tol:  # NaN too
@@ -526,25 +526,31 @@ def output_kv_cache(out):
 
 
 def kv_reuse_ok(model, cached_tokens: int) -> bool:
-    """Whether the keys and values of ``cached_tokens`` tokens, computed once and reused (``prompt_kv``,
-    ``prompt_cache``: shared prompts and prefixes), are all of them. Not where a layer of the model's
-    cache has a sliding window that keeps fewer (Gemma 2 and 3, Mistral v0.1, Qwen2 with
-    use_sliding_window): it drops the oldest, and a reused cache put the rest at the wrong positions
-    (generation failed on a shape mismatch). Nor where a layer keeps a recurrent state instead of keys
-    (Mamba and linear-attention layers: Granite 4.0 hybrids, Qwen3-Next, Jamba, Falcon-H1), which a
-    reuse read as keys and failed on. Nor in a multimodal model (Gemma 3 from 4B up, Qwen2-VL, Mistral 3),
-    whose generate prepares its own positions and cache (Qwen2-VL's multimodal rotary positions: a
-    reused prompt cache failed on a batch-size mismatch). Those calls then run each sequence whole."""
+    """Whether the keys and values of ``cached_tokens`` tokens may be computed once and reused
+    (``kv_reuse_limit``; a caller that asks often takes the limit once)."""
+    return cached_tokens <= kv_reuse_limit(model)
+
+
+def kv_reuse_limit(model) -> float:
+    """The most tokens whose keys and values, computed once and reused (``prompt_kv``, ``prompt_cache``:
+    shared prompts and prefixes), are all of them: inf for most models. Fewer where a layer of the
+    model's cache has a sliding window (Gemma 2 and 3, Mistral v0.1, Qwen2 with use_sliding_window):
+    it drops the oldest, and a reused cache put the rest at the wrong positions (generation failed on a
+    shape mismatch). None (0) where a layer keeps a recurrent state instead of keys (Mamba and
+    linear-attention layers: Granite 4.0 hybrids, Qwen3-Next, Jamba, Falcon-H1), which a reuse read as
+    keys and failed on, nor in a multimodal model (Gemma 3 from 4B up, Qwen2-VL, Mistral 3), whose
+    generate prepares its own positions and cache (Qwen2-VL's multimodal rotary positions: a reused
+    prompt cache failed on a batch-size mismatch). Longer sequences run whole."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     if text_config(model) is not model.config:
-        return False
+        return 0
     layers = DynamicCache(config=model.config).layers
     if any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
-        return False
+        return 0
     windows = [layer.sliding_window for layer in layers if type(layer) is DynamicSlidingWindowLayer]
-    return not windows or cached_tokens <= min(windows) - 1  # a sliding layer keeps its window less one
+    return min(windows) - 1 if windows else math.inf  # a sliding layer keeps its window less one
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from .data import FACTS_PROMPT, QA_PROMPT, SENTENCE_END, SUMMARY_PROMPT, chat_prompt_ids, parse_qa, qa_target
-from .models import cache_kwarg, kv_reuse_ok, prompt_cache
+from .models import cache_kwarg, kv_reuse_limit, prompt_cache
 
 
 # The generator's instruction for each kind of synthetic target, after the chunk.
@@ -154,6 +154,7 @@ def _generate_hf(model, tokenizer, prompts: Sequence[Sequence[int]], cfg, seeds:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dev = next(model.parameters()).device
     kv: Dict[Tuple[int, ...], list] = {}
+    reusable = kv_reuse_limit(model)  # the most prompt tokens whose keys may be reused (a sliding window's)
     for i in range(0, len(prompts), cfg.gen_batch_size):
         batch = prompts[i:i + cfg.gen_batch_size]
         width = max(len(p) for p in batch)
@@ -164,7 +165,7 @@ def _generate_hf(model, tokenizer, prompts: Sequence[Sequence[int]], cfg, seeds:
             mask[j, width - len(p):] = 1
         sampler = RowSampler(seeds[i:i + cfg.gen_batch_size], cfg.temperature, cfg.top_p)
         cached = {}
-        if share_prompts and min(len(p) for p in batch) > 1 and kv_reuse_ok(model, width - 1):
+        if share_prompts and min(len(p) for p in batch) > 1 and width - 1 <= reusable:
             cached[cache_kwarg(model)] = prompt_cache(model, batch, width, kv, cfg.max_new_tokens)
             kv = {p: kv[p] for p in map(tuple, batch)}  # a prompt may go on into the next batch; older ones go
         with torch.no_grad():

@@ -41,7 +41,7 @@ import torch
 from kmkernels import teacher_kl_stats
 
 from .data import ANSWER_PROMPT, QA_PROMPT, atomic_save_tensors, chat_prompt_ids, parse_qa, target_ids, text_ids
-from .models import (cache_kwarg, cpu_bf16_attention, decoder_hidden_states, kv_reuse_ok, logit_softcap,
+from .models import (cache_kwarg, cpu_bf16_attention, decoder_hidden_states, kv_reuse_limit, logit_softcap,
                      logit_temperature, prompt_kv, shared_prefixes)
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -336,9 +336,10 @@ def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg
     # windows: each its own) run whole, batched.
     shared, alone = prefix_groups(examples)
     # a prefix longer than a sliding-window layer keeps cannot be reused: its examples run whole
-    too_long = [i for prefix, idx in shared.items() if not kv_reuse_ok(model, len(prefix)) for i in idx]
+    reusable = kv_reuse_limit(model)
+    too_long = [i for prefix, idx in shared.items() if len(prefix) > reusable for i in idx]
     if too_long:
-        shared = {prefix: idx for prefix, idx in shared.items() if kv_reuse_ok(model, len(prefix))}
+        shared = {prefix: idx for prefix, idx in shared.items() if len(prefix) <= reusable}
         alone = sorted(alone + too_long)
     for prefix, idx in shared.items():
         store_all(idx, shared_prefix_hiddens(model, prefix, [examples[i] for i in idx], layers, pad_id, no_adapter,

@@ -29,6 +29,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from kmkernels import dcd_loss, reset_slot, set_adapter_ids, slot_parameters
+from kmkernels.fused_linear_kl import softcap_logits
 from kmkernels.lora import grouped_lora_modules
 
 from .checkpoint import TrainingCheckpoint, load_checkpoint, save_checkpoint
@@ -130,9 +131,7 @@ def round_like_cache(h: torch.Tensor, cache_dtype: str) -> torch.Tensor:
 
 def _ce_rows(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
              softcap: Optional[float]) -> torch.Tensor:
-    logits = (h @ weight.t()).float()
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
+    logits = softcap_logits((h @ weight.t()).float(), softcap)
     return torch.nn.functional.cross_entropy(logits if temperature == 1.0 else logits / temperature, targets,
                                              reduction="none")
 
