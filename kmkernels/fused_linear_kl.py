@@ -1,10 +1,11 @@
 """KL(p_teacher || p_student) from hidden states, without the [N, V] logits.
 
     loss_n = sum_v p_t(v) * (log p_t(v) - log p_s(v)),
-    p_s = softmax(cap(h_s @ W_s^T) / T),  p_t = softmax(cap(h_t @ W_t^T) / T)
+    p_s = softmax(cap(h_s @ W_s^T + b_s) / T),  p_t = softmax(cap(h_t @ W_t^T + b_t) / T)
 
-with cap the identity, or with ``softcap`` c the soft cap c * tanh(z / c) that Gemma 2 puts on its
-logits after the output head (``final_logit_softcapping``).
+with b the output head's bias where it has one (Phi-1/1.5/2, GPT-J, CodeGen), else 0, and cap the
+identity, or with ``softcap`` c the soft cap c * tanh(z / c) that Gemma 2 puts on its logits after
+the output head (``final_logit_softcapping``).
 
 Design (same for both backends, so they differ only in who does the arithmetic):
   * Positions are processed in chunks of C rows; only [C, V] fp32 logits exist at a time
@@ -363,16 +364,27 @@ def _logit_blocks(rows: int, vocab: int, device: torch.device):
             torch.empty(rows, vocab, device=device, dtype=torch.float32))
 
 
-def _linear_kl_chunks(hs, ws, ht, wt, inv_temp, backend, chunk_size, row_scale, need_dh, need_dw, softcap=None):
-    """Loop over row chunks. Returns (loss_rows fp32 [N], dh [N, Hs] or None, dw fp32 [V, Hs] or None).
+def _add_bias_(z: torch.Tensor, b32: Optional[torch.Tensor]) -> torch.Tensor:
+    """z [R, V] += b32 [V] in place (fp32 logits plus the head's fp32 bias); z as it is without a bias."""
+    return z if b32 is None else z.add_(b32)
+
+
+def _linear_kl_chunks(hs, ws, ht, wt, inv_temp, backend, chunk_size, row_scale, need_dh, need_dw, softcap=None,
+                      bs=None, bt=None, need_db=False):
+    """Loop over row chunks. Returns (loss_rows fp32 [N], dh [N, Hs] or None, dw fp32 [V, Hs] or None,
+    db fp32 [V] or None).
 
     row_scale: fp32 [N] (gradient weight per row, already including 1/N for 'mean') or None
-    for a forward without gradient.
+    for a forward without gradient. bs, bt: the student's and teacher's head biases [V], or None.
     """
     N = hs.shape[0]
     loss = torch.empty(N, device=hs.device, dtype=torch.float32)
     dh = torch.empty_like(hs) if (need_dh and row_scale is not None) else None
     dw = torch.zeros(ws.shape, device=ws.device, dtype=torch.float32) if (need_dw and row_scale is not None) else None
+    db = torch.zeros(ws.shape[0], device=ws.device, dtype=torch.float32) if (need_db and row_scale is not None) else None
+    # the biases in fp32, added to the fp32 logits straight out of the GEMM (before the cap)
+    bs32 = None if bs is None else bs.detach().float()
+    bt32 = None if bt is None else (bs32 if bt is bs else bt.detach().float())
     bf16_cpu = False
     if backend == "torch":
         # Upcast once per call: the CPU path multiplies in fp32 so logits keep fp32 precision.
@@ -383,14 +395,14 @@ def _linear_kl_chunks(hs, ws, ht, wt, inv_temp, backend, chunk_size, row_scale, 
         # as the GPU path does (it is written in bf16 anyway). Never the logits rounded to bf16.
         bf16_cpu = (hs.device.type == "cpu" and cpu_native_bf16()
                     and all(x.dtype == torch.bfloat16 for x in (hs, ht, ws, wt)))
-    want_grad = row_scale is not None and (need_dh or need_dw)
+    want_grad = row_scale is not None and (need_dh or need_dw or need_db)
     for c0 in range(0, N, chunk_size):
         c1 = min(N, c0 + chunk_size)
         hs_c, ht_c = hs[c0:c1], ht[c0:c1]
         scale_c = (row_scale[c0:c1] * inv_temp).contiguous() if want_grad else None
         if backend == "triton":
-            s = _softcap_(_logits_fp32(hs_c, ws), softcap)
-            t = _softcap_(_logits_fp32(ht_c, wt), softcap)
+            s = _softcap_(_add_bias_(_logits_fp32(hs_c, ws), bs32), softcap)
+            t = _softcap_(_add_bias_(_logits_fp32(ht_c, wt), bt32), softcap)
             loss[c0:c1], lse_s, lse_t = _kl_rows_forward(s, t, inv_temp, backend)
             if not want_grad:
                 continue
@@ -402,6 +414,8 @@ def _linear_kl_chunks(hs, ws, ht, wt, inv_temp, backend, chunk_size, row_scale, 
             with cpu_bf16_products() if bf16_cpu else contextlib.nullcontext():
                 torch.mm(hs_c.float(), ws32.T, out=s)
                 torch.mm(ht_c.float(), wt32.T, out=t)
+            _add_bias_(s, bs32)
+            _add_bias_(t, bt32)
             loss[c0:c1], g = _kl_chunk_torch(s, t, inv_temp, scale_c, softcap)
             if not want_grad:
                 continue
@@ -417,7 +431,9 @@ def _linear_kl_chunks(hs, ws, ht, wt, inv_temp, backend, chunk_size, row_scale, 
                 dh[c0:c1] = _mm_fp32_acc(g, ws).to(hs.dtype)
         if dw is not None:
             _add_dw(dw, g, hs_c.to(g.dtype) if g.dtype != torch.float32 else hs_c)
-    return loss, dh, dw
+        if db is not None:
+            db += g.sum(0, dtype=torch.float32)
+    return loss, dh, dw, db
 
 
 def _scaled_cast(dw: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -431,30 +447,33 @@ def _scaled_cast(dw: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch
 class FusedLinearKLFunction(torch.autograd.Function):
     """Autograd for fused_linear_kl on already-flattened, already-masked rows.
 
-    Inputs: hs [N, Hs], ws [V, Hs], ht [N, Ht], wt [V, Ht] (or ws itself).
+    Inputs: hs [N, Hs], ws [V, Hs], ht [N, Ht], wt [V, Ht] (or None for ws itself), bs [V] or None
+    (the student head's bias), bt [V] or None (the teacher's: bs itself where the head is shared).
     Output: fp32 scalar for 'mean'/'sum', fp32 [N] for 'none'.
     """
 
     @staticmethod
-    def forward(ctx, hs, ws, ht, wt, inv_temp: float, reduction: str, chunk_size: int, backend: str,
+    def forward(ctx, hs, ws, ht, wt, bs, bt, inv_temp: float, reduction: str, chunk_size: int, backend: str,
                 softcap: Optional[float] = None):
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_dh, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[4]
         shared = wt is None
         wt_ = ws if shared else wt
         N = hs.shape[0]
-        ctx.eager = reduction != "none" and (need_dh or need_dw)
+        ctx.eager = reduction != "none" and (need_dh or need_dw or need_db)
         row_scale = None
         if ctx.eager:
             row_scale = torch.full((N,), 1.0 / max(N, 1) if reduction == "mean" else 1.0,
                                    device=hs.device, dtype=torch.float32)
-        loss, dh, dw = _linear_kl_chunks(hs, ws, ht, wt_, inv_temp, backend, chunk_size, row_scale, need_dh, need_dw,
-                                         softcap)
+        loss, dh, dw, db = _linear_kl_chunks(hs, ws, ht, wt_, inv_temp, backend, chunk_size, row_scale, need_dh,
+                                             need_dw, softcap, bs, bt, need_db)
         ctx.inv_temp, ctx.backend, ctx.chunk_size, ctx.shared, ctx.softcap = inv_temp, backend, chunk_size, shared, softcap
         ctx.ws_dtype = ws.dtype
+        ctx.bias_shared = bt is not None and bt is bs
+        ctx.bs_dtype = None if bs is None else bs.dtype
         if ctx.eager:
-            ctx.save_for_backward(dh, dw)
+            ctx.save_for_backward(dh, dw, db)
         else:
-            ctx.save_for_backward(hs, ws, ht, wt_)
+            ctx.save_for_backward(hs, ws, ht, wt_, bs, None if ctx.bias_shared else bt)
         if reduction == "none":
             return loss
         total = loss.sum()
@@ -462,20 +481,23 @@ class FusedLinearKLFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_dh, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[4]
         if ctx.eager:
-            dh, dw = ctx.saved_tensors
+            dh, dw, db = ctx.saved_tensors
             g = grad_out.to(torch.float32)
             dh_out = (dh * g.to(dh.dtype)) if (need_dh and dh is not None) else None
             dw_out = _scaled_cast(dw, g, ctx.ws_dtype) if (need_dw and dw is not None) else None
         else:
-            hs, ws, ht, wt = ctx.saved_tensors
-            _, dh_out, dw = _linear_kl_chunks(
+            hs, ws, ht, wt, bs, bt = ctx.saved_tensors
+            _, dh_out, dw, db = _linear_kl_chunks(
                 hs, ws, ht, wt, ctx.inv_temp, ctx.backend, ctx.chunk_size,
                 grad_out.to(torch.float32).contiguous(), need_dh, need_dw, ctx.softcap,
+                bs, bs if ctx.bias_shared else bt, need_db,
             )
             dw_out = dw.to(ws.dtype) if dw is not None else None
-        return dh_out, dw_out, None, None, None, None, None, None, None
+            g = 1.0  # grad_out is in db already (it was the row scale)
+        db_out = (db * g).to(ctx.bs_dtype) if (need_db and db is not None) else None
+        return dh_out, dw_out, None, None, db_out, None, None, None, None, None, None
 
 
 def _check_kl_hidden_args(student_hidden, student_weight, teacher_hidden, teacher_weight, temperature):
@@ -513,6 +535,16 @@ def _check_kl_hidden_args(student_hidden, student_weight, teacher_hidden, teache
         named.append(("teacher_weight", teacher_weight))
     check_operands("fused_linear_kl", named)
     _check_temperature(temperature)
+
+
+def check_bias(op: str, name: str, bias, weight: torch.Tensor) -> None:
+    """Refuse a head bias that is not None or a float [V] tensor on ``weight``'s device, V = weight.shape[0]."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"{op}: {name} must be a [V] tensor with V = {weight.shape[0]} (the head's rows), "
+                         f"got {tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    check_operands(op, [("weight", weight), (name, bias)])
 
 
 def _check_temperature(temperature) -> None:
@@ -558,8 +590,10 @@ def fused_linear_kl(
     backend: str = "auto",
     chunk_size: Optional[int] = None,
     softcap: Optional[float] = None,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """KL(softmax(h_t W_t^T / T) || softmax(h_s W_s^T / T)), summed over the vocabulary.
+    """KL(softmax((h_t W_t^T + b_t) / T) || softmax((h_s W_s^T + b_s) / T)), summed over the vocabulary.
 
     Args:
         student_hidden: [..., Hs], any float dtype; receives gradient.
@@ -573,12 +607,21 @@ def fused_linear_kl(
         chunk_size: rows per chunk (default: [C, V] fp32 ~ 256 MiB).
         softcap: c > 0 to cap both logit sets at c * tanh(z / c) before the temperature (Gemma 2's
             ``final_logit_softcapping``), or None (default) for none.
+        student_bias: [V], the student head's bias b_s (Phi-2's lm_head has one), added to its fp32
+            logits before the cap; receives gradient if it requires grad. None (default): no bias.
+        teacher_bias: [V], the teacher head's bias, only with a separate ``teacher_weight``; where the
+            head is shared (``teacher_weight`` None) the teacher shares ``student_bias`` too.
     Returns:
         fp32 scalar, or fp32 tensor of the leading shape for reduction='none'.
     """
     check_reduction(reduction)
     _check_kl_hidden_args(student_hidden, student_weight, teacher_hidden, teacher_weight, temperature)
     softcap = check_softcap(softcap)
+    check_bias("fused_linear_kl", "student_bias", student_bias, student_weight)
+    if teacher_bias is not None and teacher_weight is None:
+        raise ValueError("fused_linear_kl: teacher_bias without teacher_weight: a shared head (teacher_weight None) "
+                         "shares student_bias too; pass the teacher's head as teacher_weight, or drop teacher_bias")
+    check_bias("fused_linear_kl", "teacher_bias", teacher_bias, student_weight)
     be = resolve_backend(backend, student_hidden.device)
     lead_shape = student_hidden.shape[:-1]
     keep_mask = flatten_mask(mask, lead_shape)
@@ -590,15 +633,18 @@ def fused_linear_kl(
     wt = None
     if teacher_weight is not None and teacher_weight is not student_weight:
         wt = teacher_weight.detach().contiguous()
+    bs = student_bias
+    bt = bs if teacher_weight is None else (None if teacher_bias is None else teacher_bias.detach())
     cs = chunk_rows(chunk_size, ws.shape[0])
-    out = FusedLinearKLFunction.apply(hs, ws, ht, wt, 1.0 / float(temperature), reduction, cs, be, softcap)
+    out = FusedLinearKLFunction.apply(hs, ws, ht, wt, bs, bt, 1.0 / float(temperature), reduction, cs, be, softcap)
     if reduction == "none":
         return _scatter_rows(out, keep, n, lead_shape)
     return out
 
 
 class FusedLinearKL(nn.Module):
-    """Module form of :func:`fused_linear_kl`; ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight=None, mask=None)``."""
+    """Module form of :func:`fused_linear_kl`; ``forward(student_hidden, student_weight, teacher_hidden,
+    teacher_weight=None, mask=None, student_bias=None, teacher_bias=None)``."""
 
     def __init__(self, temperature: float = 1.0, reduction: str = "mean", backend: str = "auto",
                  chunk_size: Optional[int] = None, softcap: Optional[float] = None):
@@ -607,10 +653,12 @@ class FusedLinearKL(nn.Module):
         self.temperature, self.reduction, self.backend, self.chunk_size = temperature, reduction, backend, chunk_size
         self.softcap = check_softcap(softcap)
 
-    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight=None, mask=None):
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight=None, mask=None,
+                student_bias=None, teacher_bias=None):
         return fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                temperature=self.temperature, mask=mask, reduction=self.reduction,
-                               backend=self.backend, chunk_size=self.chunk_size, softcap=self.softcap)
+                               backend=self.backend, chunk_size=self.chunk_size, softcap=self.softcap,
+                               student_bias=student_bias, teacher_bias=teacher_bias)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,14 @@ the teacher's logits nor a pass over them. Where the teacher is frozen and its s
 (kmtrain's teacher cache), this takes the teacher's logit GEMM and every [N, V] pass over its
 logits out of each training step; ``fused_linear_kl`` recomputes them on every call.
 
+With a bias b on the head (Phi-2's lm_head), the logits are W h + b, and
+
+    sum_v p_t log p_s = (h_s . e_t + p_t . b) / T - lse_s,
+
+so the KL keeps the form above with negent_t replaced by sum_v p_t log p_t - (p_t . b) / T: that is
+what ``teacher_kl_stats`` returns as its second value for a biased head (the part of the KL that the
+student cannot change), and lse_s is taken over the biased logits. No third statistic is needed.
+
 Limits: W must not require gradient (dL/dW needs p_t itself; use ``fused_linear_kl`` to train the
 lm_head), and the statistics hold for the W and the temperature they were computed with.
 
@@ -38,8 +46,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .fused_linear_kl import (_check_temperature, _fp32_copy, _kept_rows, _logits_fp32, _mm_fp32_acc, _pick_block,
-                              _scatter_rows, chunk_rows)
+from .fused_linear_kl import (_add_bias_, _check_temperature, _fp32_copy, _kept_rows, _logits_fp32, _mm_fp32_acc, _pick_block,
+                              _scatter_rows, check_bias, chunk_rows)
 from .utils import (HAS_TRITON, check_operands, check_reduction, cpu_bf16_products, cpu_native_bf16, cpu_scratch,
                     flatten_mask, resolve_backend)
 
@@ -132,12 +140,14 @@ def _weighted_embedding(s: torch.Tensor, lse: torch.Tensor, z: Optional[torch.Te
     return _mm_fp32_acc(s, w)
 
 
-def _row_chunks(hs: torch.Tensor, w: torch.Tensor, backend: str, chunk_size: int):
-    """Yield (c0, c1, fp32 logits [c1 - c0, V], w32 or None) for each chunk of rows of ``hs``.
+def _row_chunks(hs: torch.Tensor, w: torch.Tensor, backend: str, chunk_size: int, bias: Optional[torch.Tensor]):
+    """Yield (c0, c1, fp32 logits [c1 - c0, V], w32 or None) for each chunk of rows of ``hs``: hs W^T,
+    plus ``bias`` [V] (in fp32) where it is not None.
 
     The torch path multiplies in fp32 (bf16 operands on a CPU with native bf16 at the bf16 rate,
     with fp32 products and output: exact for bf16 values) into one reused CPU buffer."""
     N, V = hs.shape[0], w.shape[0]
+    b32 = None if bias is None else bias.detach().float()
     w32 = None
     bf16_cpu = False
     if backend != "triton":
@@ -146,13 +156,13 @@ def _row_chunks(hs: torch.Tensor, w: torch.Tensor, backend: str, chunk_size: int
     for c0 in range(0, N, chunk_size):
         c1 = min(N, c0 + chunk_size)
         if backend == "triton":
-            yield c0, c1, _logits_fp32(hs[c0:c1], w), None
+            yield c0, c1, _add_bias_(_logits_fp32(hs[c0:c1], w), b32), None
             continue
         s = cpu_scratch("logits", c1 - c0, V) if hs.device.type == "cpu" else \
             torch.empty(c1 - c0, V, device=hs.device, dtype=torch.float32)
         with cpu_bf16_products() if bf16_cpu else contextlib.nullcontext():
             torch.mm(hs[c0:c1].float(), w32.T, out=s)
-        yield c0, c1, s, w32
+        yield c0, c1, _add_bias_(s, b32), w32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,9 +176,10 @@ def teacher_kl_stats(
     temperature: float = 1.0,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """What the KL needs of a teacher: (e_t = W^T p_t, fp32 [..., H]; negent_t = sum_v p_t log p_t,
-    fp32 [...]), p_t = softmax(W h_t / T).
+    fp32 [...]), p_t = softmax((W h_t + b) / T).
 
     Args:
         teacher_hidden: [..., H], the teacher's last (post-norm) hidden state, any float dtype.
@@ -176,6 +187,9 @@ def teacher_kl_stats(
         temperature: T > 0, the temperature the KL will use.
         backend: 'auto' (Triton on CUDA, torch elsewhere), 'triton' or 'torch'.
         chunk_size: rows per chunk (default: [C, V] fp32 ~ 256 MiB).
+        bias: [V], the lm_head's bias b where it has one, else None. With a bias the second value
+            is sum_v p_t log p_t - (p_t . b) / T, the form ``fused_linear_kl_from_stats`` takes (see
+            the module's docstring), not the negative entropy itself.
     """
     _check_temperature(temperature)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -184,6 +198,7 @@ def teacher_kl_stats(
         raise ValueError(f"teacher_hidden must be [..., H] with H = weight.shape[1] = {weight.shape[1]}, "
                          f"got {tuple(getattr(teacher_hidden, 'shape', ()))}")
     check_operands("teacher_kl_stats", [("teacher_hidden", teacher_hidden), ("weight", weight)])
+    check_bias("teacher_kl_stats", "bias", bias, weight)
     be = resolve_backend(backend, teacher_hidden.device)
     lead = teacher_hidden.shape[:-1]
     ht = teacher_hidden.detach().reshape(-1, weight.shape[1]).contiguous()
@@ -194,10 +209,11 @@ def teacher_kl_stats(
     negent = torch.empty(ht.shape[0], device=ht.device, dtype=torch.float32)
     # no autocast: it would round the fp32 probabilities to 16 bits before the W^T p GEMM
     with torch.autocast(ht.device.type, enabled=False):
-        for c0, c1, s, w32 in _row_chunks(ht, w, be, cs):
+        for c0, c1, s, w32 in _row_chunks(ht, w, be, cs, bias):
             lse, z = _softmax_rows_(s, inv_temp, be)
             emb[c0:c1] = _weighted_embedding(s, lse, z, w, w32, inv_temp, be)
             # sum_v p_t (z_v / T - lse) with sum_v p_t z_v = p_t^T W h_t = e_t . h_t: no second pass over V
+            # (with a bias, z_v is the biased logit less b_v: p_t . b / T is left out, as the KL wants it)
             negent[c0:c1] = inv_temp * (emb[c0:c1] * ht[c0:c1].float()).sum(-1) - lse
     return emb.reshape(*lead, w.shape[1]), negent.reshape(lead)
 
@@ -205,19 +221,19 @@ def teacher_kl_stats(
 # ----------------------------------------------------------------------------------------------
 # The KL
 # ----------------------------------------------------------------------------------------------
-def _kl_stats_chunks(hs, w, emb, negent, inv_temp, backend, chunk_size, row_scale):
+def _kl_stats_chunks(hs, w, bias, emb, negent, inv_temp, backend, chunk_size, row_scale):
     """Returns (loss_rows fp32 [N], dh [N, H] in hs's dtype or None). row_scale: fp32 [N] gradient
     weight per row (1/N included for 'mean'), or None for a forward without gradient."""
     N = hs.shape[0]
     loss = torch.empty(N, device=hs.device, dtype=torch.float32)
     dh = torch.empty_like(hs) if row_scale is not None else None
     with torch.autocast(hs.device.type, enabled=False):  # as in teacher_kl_stats
-        _kl_stats_chunk_loop(hs, w, emb, negent, inv_temp, backend, chunk_size, row_scale, loss, dh)
+        _kl_stats_chunk_loop(hs, w, bias, emb, negent, inv_temp, backend, chunk_size, row_scale, loss, dh)
     return loss, dh
 
 
-def _kl_stats_chunk_loop(hs, w, emb, negent, inv_temp, backend, chunk_size, row_scale, loss, dh) -> None:
-    for c0, c1, s, w32 in _row_chunks(hs, w, backend, chunk_size):
+def _kl_stats_chunk_loop(hs, w, bias, emb, negent, inv_temp, backend, chunk_size, row_scale, loss, dh) -> None:
+    for c0, c1, s, w32 in _row_chunks(hs, w, backend, chunk_size, bias):
         lse, z = _softmax_rows_(s, inv_temp, backend)
         h32 = hs[c0:c1].float()
         loss[c0:c1] = negent[c0:c1] - inv_temp * (h32 * emb[c0:c1]).sum(-1) + lse
@@ -227,19 +243,20 @@ def _kl_stats_chunk_loop(hs, w, emb, negent, inv_temp, backend, chunk_size, row_
 
 
 class FusedLinearKLFromStatsFunction(torch.autograd.Function):
-    """Autograd on flattened, kept rows: hs [N, H], w [V, H] frozen, emb fp32 [N, H], negent fp32 [N]."""
+    """Autograd on flattened, kept rows: hs [N, H], w [V, H] frozen, bias [V] frozen or None, emb fp32
+    [N, H], negent fp32 [N]."""
 
     @staticmethod
-    def forward(ctx, hs, w, emb, negent, inv_temp: float, reduction: str, chunk_size: int, backend: str):
+    def forward(ctx, hs, w, bias, emb, negent, inv_temp: float, reduction: str, chunk_size: int, backend: str):
         N = hs.shape[0]
         ctx.eager = reduction != "none" and ctx.needs_input_grad[0]
         row_scale = None
         if ctx.eager:
             row_scale = torch.full((N,), 1.0 / max(N, 1) if reduction == "mean" else 1.0,
                                    device=hs.device, dtype=torch.float32)
-        loss, dh = _kl_stats_chunks(hs, w, emb, negent, inv_temp, backend, chunk_size, row_scale)
+        loss, dh = _kl_stats_chunks(hs, w, bias, emb, negent, inv_temp, backend, chunk_size, row_scale)
         ctx.inv_temp, ctx.backend, ctx.chunk_size = inv_temp, backend, chunk_size
-        ctx.save_for_backward(*((dh,) if ctx.eager else (hs, w, emb, negent)))
+        ctx.save_for_backward(*((dh,) if ctx.eager else (hs, w, bias, emb, negent)))
         if reduction == "none":
             return loss
         total = loss.sum()
@@ -247,15 +264,16 @@ class FusedLinearKLFromStatsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        nones = (None,) * 8
         if not ctx.needs_input_grad[0]:
-            return (None,) * 8
+            return (None, *nones)
         if ctx.eager:
             (dh,) = ctx.saved_tensors
-            return dh * grad_out.to(torch.float32).to(dh.dtype), None, None, None, None, None, None, None
-        hs, w, emb, negent = ctx.saved_tensors
-        _, dh = _kl_stats_chunks(hs, w, emb, negent, ctx.inv_temp, ctx.backend, ctx.chunk_size,
+            return (dh * grad_out.to(torch.float32).to(dh.dtype), *nones)
+        hs, w, bias, emb, negent = ctx.saved_tensors
+        _, dh = _kl_stats_chunks(hs, w, bias, emb, negent, ctx.inv_temp, ctx.backend, ctx.chunk_size,
                                  grad_out.to(torch.float32).contiguous())
-        return dh, None, None, None, None, None, None, None
+        return (dh, *nones)
 
 
 def fused_linear_kl_from_stats(
@@ -269,9 +287,10 @@ def fused_linear_kl_from_stats(
     reduction: str = "mean",
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """KL(p_t || softmax(W h_s / T)) summed over the vocabulary, the teacher given by
-    ``teacher_kl_stats`` (computed with the same ``weight`` and ``temperature``).
+    """KL(p_t || softmax((W h_s + b) / T)) summed over the vocabulary, the teacher given by
+    ``teacher_kl_stats`` (computed with the same ``weight``, ``bias`` and ``temperature``).
 
     Args:
         student_hidden: [..., H], any float dtype; receives gradient.
@@ -280,6 +299,7 @@ def fused_linear_kl_from_stats(
         teacher_neg_entropy: fp32 [...], negent_t from ``teacher_kl_stats``; no gradient.
             Both may be on another device (the host): they are copied to ``student_hidden``'s.
         temperature, mask, reduction, backend, chunk_size: as in ``fused_linear_kl``.
+        bias: [V], the lm_head's bias where it has one (frozen), else None.
     Returns:
         fp32 scalar, or fp32 tensor of the leading shape for reduction='none'.
     """
@@ -304,6 +324,10 @@ def fused_linear_kl_from_stats(
                          f"got {tuple(teacher_neg_entropy.shape)}")
     # The teacher's statistics may stay on the host (a memory-mapped cache): they are copied below.
     check_operands("fused_linear_kl_from_stats", [("student_hidden", student_hidden), ("weight", weight)])
+    check_bias("fused_linear_kl_from_stats", "bias", bias, weight)
+    if bias is not None and bias.requires_grad:
+        raise ValueError("bias requires grad, but the teacher's statistics give no gradient for the lm_head's bias "
+                         "(it needs p_t itself): freeze it, or use fused_linear_kl with the teacher's hidden state")
     be = resolve_backend(backend, student_hidden.device)
     keep_mask = flatten_mask(mask, lead_shape)
     H = weight.shape[1]
@@ -314,7 +338,7 @@ def fused_linear_kl_from_stats(
     keep, hs, emb, negent = _kept_rows(keep_mask, hs, emb, negent)
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     cs = chunk_rows(chunk_size, w.shape[0])
-    out = FusedLinearKLFromStatsFunction.apply(hs, w, emb, negent, 1.0 / float(temperature), reduction, cs, be)
+    out = FusedLinearKLFromStatsFunction.apply(hs, w, bias, emb, negent, 1.0 / float(temperature), reduction, cs, be)
     if reduction == "none":
         return _scatter_rows(out, keep, n, lead_shape)
     return out
@@ -322,7 +346,7 @@ def fused_linear_kl_from_stats(
 
 class FusedLinearKLFromStats(nn.Module):
     """Module form of :func:`fused_linear_kl_from_stats`;
-    ``forward(student_hidden, weight, teacher_embedding, teacher_neg_entropy, mask=None)``."""
+    ``forward(student_hidden, weight, teacher_embedding, teacher_neg_entropy, mask=None, bias=None)``."""
 
     def __init__(self, temperature: float = 1.0, reduction: str = "mean", backend: str = "auto",
                  chunk_size: Optional[int] = None):
@@ -330,7 +354,7 @@ class FusedLinearKLFromStats(nn.Module):
         check_reduction(reduction)
         self.temperature, self.reduction, self.backend, self.chunk_size = temperature, reduction, backend, chunk_size
 
-    def forward(self, student_hidden, weight, teacher_embedding, teacher_neg_entropy, mask=None):
+    def forward(self, student_hidden, weight, teacher_embedding, teacher_neg_entropy, mask=None, bias=None):
         return fused_linear_kl_from_stats(student_hidden, weight, teacher_embedding, teacher_neg_entropy,
                                           temperature=self.temperature, mask=mask, reduction=self.reduction,
-                                          backend=self.backend, chunk_size=self.chunk_size)
+                                          backend=self.backend, chunk_size=self.chunk_size, bias=bias)

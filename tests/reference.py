@@ -51,10 +51,15 @@ def softcap_ref(z, softcap=None):
     return z if softcap is None else softcap * torch.tanh(z / softcap)
 
 
-def linear_kl_ref(hs, ws, ht, wt=None, temperature=1.0, mask=None, reduction="mean", softcap=None):
-    wt = ws if wt is None else wt
-    return kl_ref(softcap_ref(hs.double() @ ws.double().T, softcap), softcap_ref(ht.double() @ wt.double().T, softcap),
-                  temperature, mask, reduction)
+def linear_kl_ref(hs, ws, ht, wt=None, temperature=1.0, mask=None, reduction="mean", softcap=None, bs=None, bt=None):
+    """KL of the logits cap(h W^T + b) / T; ``wt`` None shares the student's head and bias (the
+    teacher's side gets no gradient)."""
+    if wt is None:
+        wt, bt = ws.detach(), None if bs is None else bs.detach()
+    zs, zt = hs.double() @ ws.double().T, ht.double() @ wt.double().T
+    zs = zs if bs is None else zs + bs.double()
+    zt = zt if bt is None else zt + bt.double()
+    return kl_ref(softcap_ref(zs, softcap), softcap_ref(zt, softcap), temperature, mask, reduction)
 
 
 def hidden_l1_ref(hs_list, ht_list, mask=None):
@@ -70,7 +75,8 @@ def hidden_l1_ref(hs_list, ht_list, mask=None):
     return torch.stack(terms).mean()
 
 
-def dcd_ref(hs_list, ht_list, w, kl_weight=1.0, hidden_weight=1.0, temperature=1.0, mask=None, softcap=None):
-    kl = linear_kl_ref(hs_list[-1], w, ht_list[-1], None, temperature, mask, "mean", softcap)
+def dcd_ref(hs_list, ht_list, w, kl_weight=1.0, hidden_weight=1.0, temperature=1.0, mask=None, softcap=None,
+            bias=None):
+    kl = linear_kl_ref(hs_list[-1], w, ht_list[-1], None, temperature, mask, "mean", softcap, bias)
     hid = hidden_l1_ref(hs_list, ht_list, mask)
     return kl_weight * kl + hidden_weight * hid

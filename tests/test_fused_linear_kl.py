@@ -22,22 +22,35 @@ def _make(n, hs_dim, v, dtype, ht_dim=None, seed=None, lead=None, separate_teach
     return hs, ws, ht, wt
 
 
+def _make_bias(v, dtype, seed, grad):
+    """A head bias [V] of logits' size (~2, as Phi-2's lm_head bias spreads them)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(v, generator=g) * 2).to(DEVICE, dtype).requires_grad_(grad)
+
+
 def _check(backend, dtype, n=23, hs_dim=24, v=301, ht_dim=None, temperature=1.0, mask_kind="none",
            reduction="mean", separate_teacher_w=False, grad_scale=1.0, lead=None, chunk_size=8, weight_grad=True,
-           softcap=None):
+           softcap=None, bias=None):
+    """``bias``: None, "student" (a bias on the student's head: the shared head's, or with a separate
+    teacher head the student's only), "both" (and another on the teacher's head) or "teacher"."""
     hs, ws, ht, wt = _make(n, hs_dim, v, dtype, ht_dim, lead=lead, separate_teacher_w=separate_teacher_w,
                            weight_grad=weight_grad)
+    seed = torch.randint(0, 2**31, ()).item()
+    bs = _make_bias(v, dtype, seed, weight_grad) if bias in ("student", "both") else None
+    bt = _make_bias(v, dtype, seed + 1, False) if bias in ("teacher", "both") else None
     lead_shape = hs.shape[:-1]
     mask = random_mask(mask_kind, lead_shape)
     mask_d = mask.to(DEVICE) if mask is not None else None
     out = fused_linear_kl(hs, ws, ht, wt, temperature=temperature, mask=mask_d, reduction=reduction,
-                          backend=backend, chunk_size=chunk_size, softcap=softcap)
+                          backend=backend, chunk_size=chunk_size, softcap=softcap, student_bias=bs, teacher_bias=bt)
     # Reference on the same (rounded) inputs, in float64.
     hs64 = hs.detach().double().cpu().requires_grad_()
     ws64 = ws.detach().double().cpu().requires_grad_()
     ht64 = ht.detach().double().cpu()
-    wt64 = wt.detach().double().cpu() if wt is not None else ws64.detach()
-    ref = linear_kl_ref(hs64, ws64, ht64, wt64, temperature, mask, reduction, softcap)
+    wt64 = wt.detach().double().cpu() if wt is not None else None
+    bs64 = bs.detach().double().cpu().requires_grad_() if bs is not None else None
+    bt64 = bt.detach().double().cpu() if bt is not None else None
+    ref = linear_kl_ref(hs64, ws64, ht64, wt64, temperature, mask, reduction, softcap, bs64, bt64)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     assert rel_err(out, ref) < 1e-5 if dtype == torch.float32 else rel_err(out, ref) < 5e-5 * (10 if dtype == torch.bfloat16 else 1) + 1e-6
 
@@ -47,9 +60,12 @@ def _check(backend, dtype, n=23, hs_dim=24, v=301, ht_dim=None, temperature=1.0,
     else:
         loss, ref_loss = out * grad_scale, ref * grad_scale
     inputs = [hs, ws] if weight_grad else [hs]
+    ref_inputs = [hs64, ws64] if weight_grad else [hs64]
+    if bs is not None and weight_grad:  # a trainable head's bias gets its gradient too
+        inputs, ref_inputs = inputs + [bs], ref_inputs + [bs64]
     grads = torch.autograd.grad(loss, inputs)
-    ref_grads = torch.autograd.grad(ref_loss, [hs64, ws64] if weight_grad else [hs64])
-    for name, g, rg in zip(["d_student_hidden", "d_student_weight"], grads, ref_grads):
+    ref_grads = torch.autograd.grad(ref_loss, ref_inputs)
+    for name, g, rg in zip(["d_student_hidden", "d_student_weight", "d_student_bias"], grads, ref_grads):
         assert g.dtype == dtype and g.shape == rg.shape
         err = rel_err(g, rg)
         assert err < TOL[dtype], f"{name}: rel err {err:.3g}"
@@ -86,9 +102,17 @@ def test_basic_mean(backend, dtype):
         dict(softcap=2.0, temperature=1.7, grad_scale=-0.7),
         dict(softcap=1.5, reduction="none", mask_kind="partial", temperature=0.6),
         dict(softcap=4.0, separate_teacher_w=True, v=1000, hs_dim=13),
+        # a biased head (Phi-2's lm_head): shared by both (T != 1, grad_output != 1; per position under
+        # a mask; frozen, the KM case; under a cap), and separate heads biased on one side or both
+        dict(bias="student", temperature=1.7, grad_scale=-0.7),
+        dict(bias="student", reduction="none", mask_kind="partial", temperature=0.6),
+        dict(bias="student", weight_grad=False, softcap=2.0),
+        dict(bias="both", separate_teacher_w=True, ht_dim=40, reduction="sum"),
+        dict(bias="teacher", separate_teacher_w=True, v=1000, hs_dim=13),
     ],
     ids=["n1", "odd_h_v", "temp_gradscale", "mask", "mask_all_false", "sum", "none", "teacher_w", "teacher_h",
-         "lead3d", "frozen_w", "softcap", "softcap_none", "softcap_teacher_w"],
+         "lead3d", "frozen_w", "softcap", "softcap_none", "softcap_teacher_w", "bias", "bias_none", "bias_frozen_cap",
+         "bias_both", "bias_teacher"],
 )
 def test_cases(backend, dtype, case):
     _check(backend, dtype, **case)
@@ -241,6 +265,26 @@ def test_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fused_linear_kl(args["hs"], args["ws"], args["ht"], args["wt"], mask=args["mask"],
                         reduction=args["reduction"], backend=args["backend"], temperature=args["temperature"])
+
+
+def test_bad_bias():
+    hs, ws, ht, _ = _make(5, 8, 50, torch.float32, seed=2)
+    with pytest.raises(ValueError, match=r"student_bias must be a \[V\] tensor with V = 50"):
+        fused_linear_kl(hs, ws, ht, student_bias=torch.randn(49, device=DEVICE))
+    with pytest.raises(ValueError, match="teacher_bias without teacher_weight"):
+        fused_linear_kl(hs, ws, ht, teacher_bias=torch.randn(50, device=DEVICE))
+    with pytest.raises(ValueError, match=r"teacher_bias must be a \[V\] tensor"):
+        fused_linear_kl(hs, ws, ht, ws.detach(), teacher_bias=torch.randn(1, 50, device=DEVICE))
+    with pytest.raises(ValueError, match="student_bias must be a float16"):
+        fused_linear_kl(hs, ws, ht, student_bias=torch.arange(50, device=DEVICE))
+
+
+def test_module_passes_the_biases():
+    hs, ws, ht, wt = _make(7, 8, 60, torch.float32, seed=4, separate_teacher_w=True)
+    bs, bt = _make_bias(60, torch.float32, 5, False), _make_bias(60, torch.float32, 6, False)
+    a = FusedLinearKL(temperature=1.4)(hs, ws, ht, wt, student_bias=bs, teacher_bias=bt)
+    b = fused_linear_kl(hs, ws, ht, wt, temperature=1.4, student_bias=bs, teacher_bias=bt)
+    assert torch.equal(a, b) and not torch.equal(a, fused_linear_kl(hs, ws, ht, wt, temperature=1.4))
 
 
 # ------------------------------------------------------------------------------------- kl_div_logits

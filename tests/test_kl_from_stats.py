@@ -21,18 +21,28 @@ def _make(n, h, v, dtype, lead=None, spread=3.0, seed=None):
     return hs, w, ht
 
 
-def _ref_stats(ht, w, temperature):
-    p = ((ht.double() @ w.double().T) / temperature).softmax(-1)
-    return p @ w.double(), (p * p.clamp_min(1e-300).log()).sum(-1)
+def _make_bias(v, dtype, seed=None):
+    """A head bias [V] of the logits' size (~2)."""
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.randint(0, 2**31, ()).item())
+    return (torch.randn(v, generator=g) * 2).to(DEVICE, dtype)
+
+
+def _ref_stats(ht, w, temperature, bias=None):
+    """(W^T p_t, sum_v p_t log p_t - p_t . b / T) in float64: the negative entropy less the bias's share."""
+    z = ht.double() @ w.double().T
+    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.double()
+    p = ((z + b) / temperature).softmax(-1)
+    return p @ w.double(), (p * p.clamp_min(1e-300).log()).sum(-1) - p @ b / temperature
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_teacher_stats_match_float64(backend, dtype, temperature):
+@pytest.mark.parametrize("temperature,biased", [(1.0, False), (0.7, False), (1.3, True)])
+def test_teacher_stats_match_float64(backend, dtype, temperature, biased):
     _, w, ht = _make(29, 20, 333, dtype, lead=(29,))
-    emb, negent = teacher_kl_stats(ht, w, temperature=temperature, backend=backend, chunk_size=8)
-    ref_emb, ref_neg = _ref_stats(ht.cpu(), w.cpu(), temperature)
+    bias = _make_bias(333, dtype) if biased else None
+    emb, negent = teacher_kl_stats(ht, w, temperature=temperature, backend=backend, chunk_size=8, bias=bias)
+    ref_emb, ref_neg = _ref_stats(ht.cpu(), w.cpu(), temperature, None if bias is None else bias.cpu())
     assert emb.dtype == negent.dtype == torch.float32
     assert rel_err(emb, ref_emb) < 1e-5 and rel_err(negent, ref_neg) < 1e-5
 
@@ -52,8 +62,12 @@ def test_teacher_stats_match_float64(backend, dtype, temperature):
         dict(reduction="none", mask_kind="partial", temperature=0.6),
         dict(lead=(3, 5), mask_kind="partial"),
         dict(close=True),                                     # student near the teacher: KL ~1e-3
+        dict(bias=True, temperature=1.7, grad_scale=-0.7),    # a biased head (Phi-2's lm_head)
+        dict(bias=True, reduction="none", mask_kind="partial", h=13, v=1000),
+        dict(bias=True, close=True),
     ],
-    ids=["mean", "n1", "odd_h_v", "temp_gradscale", "mask", "mask_all_false", "sum", "none", "lead3d", "close"],
+    ids=["mean", "n1", "odd_h_v", "temp_gradscale", "mask", "mask_all_false", "sum", "none", "lead3d", "close",
+         "bias", "bias_none", "bias_close"],
 )
 def test_matches_float64(backend, dtype, case):
     case = dict(case)
@@ -61,6 +75,7 @@ def test_matches_float64(backend, dtype, case):
     temperature, reduction = case.pop("temperature", 1.0), case.pop("reduction", "mean")
     grad_scale, mask_kind, lead = case.pop("grad_scale", 1.0), case.pop("mask_kind", "none"), case.pop("lead", None)
     hs, w, ht = _make(n, h, v, dtype, lead=lead)
+    bias = _make_bias(v, dtype) if case.pop("bias", False) else None
     tol = TOL[dtype]
     if case.pop("close", False):
         ht = (hs.detach().float() + 0.02 * torch.randn(hs.shape, device=DEVICE)).to(dtype)
@@ -69,11 +84,13 @@ def test_matches_float64(backend, dtype, case):
         tol = 4 * tol
     lead_shape = hs.shape[:-1]
     mask = random_mask(mask_kind, lead_shape)
-    emb, negent = teacher_kl_stats(ht, w, temperature=temperature, backend=backend, chunk_size=8)
+    emb, negent = teacher_kl_stats(ht, w, temperature=temperature, backend=backend, chunk_size=8, bias=bias)
     out = fused_linear_kl_from_stats(hs, w, emb, negent, temperature=temperature, reduction=reduction,
-                                     mask=mask.to(DEVICE) if mask is not None else None, backend=backend, chunk_size=8)
+                                     mask=mask.to(DEVICE) if mask is not None else None, backend=backend, chunk_size=8,
+                                     bias=bias)
     hs64 = hs.detach().double().cpu().requires_grad_()
-    ref = linear_kl_ref(hs64, w.double().cpu(), ht.double().cpu(), None, temperature, mask, reduction)
+    ref = linear_kl_ref(hs64, w.double().cpu(), ht.double().cpu(), None, temperature, mask, reduction,
+                        bs=None if bias is None else bias.double().cpu())
     assert out.dtype == torch.float32 and out.shape == ref.shape
     # fp32 sums of terms ~|logits| for a KL that can be 1e-3: absolute slack of a few fp32 ulps of them
     assert (out.double().cpu() - ref).abs().max() < 2e-5 * (1 + ref.abs().max())
@@ -91,12 +108,14 @@ def test_matches_float64(backend, dtype, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_same_as_fused_linear_kl(backend):
+@pytest.mark.parametrize("biased", [False, True])
+def test_same_as_fused_linear_kl(backend, biased):
     """The two KL ops are one loss: same value and gradient on the same inputs."""
     hs, w, ht = _make(37, 16, 500, torch.float32)
-    emb, negent = teacher_kl_stats(ht, w, backend=backend)
-    a = fused_linear_kl_from_stats(hs, w, emb, negent, backend=backend)
-    b = fused_linear_kl(hs, w, ht, backend=backend)
+    bias = _make_bias(500, torch.float32) if biased else None
+    emb, negent = teacher_kl_stats(ht, w, backend=backend, bias=bias)
+    a = fused_linear_kl_from_stats(hs, w, emb, negent, backend=backend, bias=bias)
+    b = fused_linear_kl(hs, w, ht, backend=backend, student_bias=bias)
     (ga,) = torch.autograd.grad(a, [hs])
     (gb,) = torch.autograd.grad(b, [hs])
     assert rel_err(a, b) < 1e-5 and rel_err(ga, gb) < 1e-5
@@ -130,11 +149,13 @@ def test_bf16_split_keeps_16_more_bits():
 
 def test_module_matches_functional():
     hs, w, ht = _make(9, 8, 60, torch.float32)
-    emb, negent = teacher_kl_stats(ht, w)
-    mask = torch.tensor([True, False] * 4 + [True], device=DEVICE)
-    a = FusedLinearKLFromStats(temperature=0.9, reduction="sum")(hs, w, emb, negent, mask=mask)
-    b = fused_linear_kl_from_stats(hs, w, emb, negent, temperature=0.9, reduction="sum", mask=mask)
-    assert torch.equal(a, b)
+    bias = _make_bias(60, torch.float32)
+    for b_ in (None, bias):
+        emb, negent = teacher_kl_stats(ht, w, bias=b_)
+        mask = torch.tensor([True, False] * 4 + [True], device=DEVICE)
+        a = FusedLinearKLFromStats(temperature=0.9, reduction="sum")(hs, w, emb, negent, mask=mask, bias=b_)
+        b = fused_linear_kl_from_stats(hs, w, emb, negent, temperature=0.9, reduction="sum", mask=mask, bias=b_)
+        assert torch.equal(a, b)
 
 
 def test_bad_input():
@@ -156,6 +177,15 @@ def test_bad_input():
         teacher_kl_stats(ht, w, chunk_size=-1)
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         fused_linear_kl_from_stats(hs, w, emb, negent, chunk_size=-1)
+    bias = torch.randn(40, device=DEVICE)
+    with pytest.raises(ValueError, match=r"bias must be a \[V\] tensor with V = 40"):
+        teacher_kl_stats(ht, w, bias=bias[:39])
+    with pytest.raises(ValueError, match=r"bias must be a \[V\] tensor"):
+        fused_linear_kl_from_stats(hs, w, emb, negent, bias=bias[None])
+    with pytest.raises(ValueError, match="bias must be a float16"):
+        teacher_kl_stats(ht, w, bias=torch.arange(40, device=DEVICE))
+    with pytest.raises(ValueError, match="bias requires grad"):
+        fused_linear_kl_from_stats(hs, w, emb, negent, bias=bias.clone().requires_grad_())
 
 
 @requires_cuda
