@@ -32,6 +32,7 @@ def dcd_loss(
     backend: str = "auto",
     chunk_size: Optional[int] = None,
     softcap: Optional[float] = None,
+    lm_head_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """DCD loss on the distillation positions.
 
@@ -56,6 +57,8 @@ def dcd_loss(
             ``final_logit_softcapping``), applied to both logit sets before the temperature; None
             (default) for none. Not with ``teacher_kl_stats``: they stand for the teacher only where
             the logits are linear in the hidden state.
+        lm_head_bias: [V], the lm_head's bias where it has one (Phi-1/1.5/2), shared like the weight;
+            None (default) for none. With ``teacher_kl_stats`` they must be computed with it too.
     Returns:
         (loss, {"kl": kl, "hidden": hidden}), all fp32 scalars; the dict entries are detached.
     """
@@ -76,11 +79,12 @@ def dcd_loss(
     kl = zero
     if kl_weight != 0 and teacher_kl_stats is not None:
         kl = fused_linear_kl_from_stats(hs[-1], lm_head_weight, *teacher_kl_stats, temperature=temperature, mask=mask,
-                                        reduction="mean", backend=backend, chunk_size=chunk_size)
+                                        reduction="mean", backend=backend, chunk_size=chunk_size, bias=lm_head_bias)
     elif kl_weight != 0:
         teacher_last = ht[-1] if kl_teacher_hidden is None else kl_teacher_hidden
         kl = fused_linear_kl(hs[-1], lm_head_weight, teacher_last, None, temperature=temperature, mask=mask,
-                             reduction="mean", backend=backend, chunk_size=chunk_size, softcap=softcap)
+                             reduction="mean", backend=backend, chunk_size=chunk_size, softcap=softcap,
+                             student_bias=lm_head_bias)
     hid = zero
     if hidden_weight != 0:
         hid = hidden_l1(hs, ht, mask=mask, teacher_norms=teacher_norms, backend=backend)
@@ -92,7 +96,7 @@ class DCDLoss(nn.Module):
     """Module form of :func:`dcd_loss`.
 
     ``forward(student_hiddens, teacher_hiddens, lm_head_weight, mask=None, teacher_norms=None,
-    teacher_kl_stats=None, kl_teacher_hidden=None)``
+    teacher_kl_stats=None, kl_teacher_hidden=None, lm_head_bias=None)``
     returns ``(loss, {"kl", "hidden"})``.
     """
 
@@ -103,9 +107,9 @@ class DCDLoss(nn.Module):
         self.backend, self.chunk_size, self.softcap = backend, chunk_size, check_softcap(softcap)
 
     def forward(self, student_hiddens, teacher_hiddens, lm_head_weight, mask=None, teacher_norms=None,
-                teacher_kl_stats=None, kl_teacher_hidden=None):
+                teacher_kl_stats=None, kl_teacher_hidden=None, lm_head_bias=None):
         return dcd_loss(student_hiddens, teacher_hiddens, lm_head_weight, kl_weight=self.kl_weight,
                         hidden_weight=self.hidden_weight, temperature=self.temperature, mask=mask,
                         teacher_norms=teacher_norms, teacher_kl_stats=teacher_kl_stats,
                         kl_teacher_hidden=kl_teacher_hidden, backend=self.backend, chunk_size=self.chunk_size,
-                        softcap=self.softcap)
+                        softcap=self.softcap, lm_head_bias=lm_head_bias)

@@ -478,19 +478,24 @@ def logit_softcap(model) -> Optional[float]:
     return float(cap)
 
 
+def head_bias(model) -> Optional[torch.Tensor]:
+    """The output head's bias [V] where it has one (Phi-1/1.5/2, GPT-J, CodeGen), else None. The KM
+    losses add it to both logit sets (kmkernels' ``student_bias`` / ``bias``), as the head does."""
+    bias = getattr(model.get_output_embeddings(), "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
 @torch.no_grad()
 def logits_problem(model) -> Optional[str]:
-    """Why the model's logits are not ``cap(last hidden state @ lm_head.weight^T) / logit_temperature``
-    (``cap``: ``logit_softcap``'s, or none), or None where they are. Every KM loss computes them so
-    (the fused KL recomputes the teacher's from its cached last hidden state; the LM loss the
-    student's): on a model that biases its logits, or transforms them otherwise, it would distil or
-    fit other distributions than the model's, without a word. Named from the config and the head's
-    bias, then checked on a few tokens, which also catches a transform no config names, or a last
-    hidden state that is not the head's input. (A random-weight model's logits are small, where a
-    cap of 30 is close to none: the check is sharp on trained weights.)"""
+    """Why the model's logits are not ``cap(last hidden state @ lm_head.weight^T + bias) / logit_temperature``
+    (``cap``: ``logit_softcap``'s, or none; ``bias``: ``head_bias``'s, or none), or None where they are.
+    Every KM loss computes them so (the fused KL recomputes the teacher's from its cached last hidden
+    state; the LM loss the student's): on a model that transforms its logits otherwise, it would distil
+    or fit other distributions than the model's, without a word. Named from the config, then checked
+    on a few tokens, which also catches a transform no config names, or a last hidden state that is not
+    the head's input. (A random-weight model's logits are small, where a cap of 30 is close to none:
+    the check is sharp on trained weights.)"""
     head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        return "its output head has a bias"
     try:
         temperature, cap = logit_temperature(model), logit_softcap(model)
     except ValueError as e:
@@ -498,7 +503,9 @@ def logits_problem(model) -> Optional[str]:
     dev = head.weight.device
     ids = (torch.arange(1, 9, device=dev) % head.weight.shape[0])[None]
     logits = model(input_ids=ids).logits.float()
-    ours = softcap_logits(decoder_hidden_states(model, ids)[-1].float() @ head.weight.float().t(), cap) / temperature
+    z = torch.nn.functional.linear(decoder_hidden_states(model, ids)[-1].float(), head.weight.float(),
+                                   None if head_bias(model) is None else head_bias(model).float())
+    ours = softcap_logits(z, cap) / temperature
     tol = 1e-4 if head.weight.dtype == torch.float32 else 3e-2  # bf16/fp16 logits: rounded at ~2**-8
     err = ((logits - ours).abs().max() / logits.abs().max().clamp_min(1e-6)).item()
     if not err <= tol:  # NaN too

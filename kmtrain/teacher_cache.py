@@ -41,7 +41,7 @@ import torch
 from kmkernels import teacher_kl_stats
 
 from .data import ANSWER_PROMPT, QA_PROMPT, atomic_save_tensors, chat_prompt_ids, parse_qa, target_ids, text_ids
-from .models import (cache_kwarg, cpu_bf16_attention, decoder_hidden_states, kv_reuse_limit, logit_softcap,
+from .models import (cache_kwarg, cpu_bf16_attention, decoder_hidden_states, head_bias, kv_reuse_limit, logit_softcap,
                      logit_temperature, prompt_kv, shared_prefixes)
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -356,8 +356,9 @@ def build_cache(model, examples: List[Example], path: Path, num_layers: int, cfg
     # (train._batch_losses). The layer goes in the LM head's dtype: the states came from the model in
     # it (so nothing is rounded), and a mixed-dtype GEMM would run without tensor cores.
     w = model.get_output_embeddings().weight
-    if logit_softcap(model) is None:
-        emb, negent = teacher_kl_stats(last.to(w.dtype), w, temperature=logit_temperature(model), backend=cfg.backend)
+    if logit_softcap(model) is None:  # (a biased head's p_t . b / T goes into negent: see kmkernels.kl_from_stats)
+        emb, negent = teacher_kl_stats(last.to(w.dtype), w, temperature=logit_temperature(model), backend=cfg.backend,
+                                       bias=head_bias(model))
         kl = {"kl_embedding": emb.contiguous(), "kl_neg_entropy": negent.contiguous()}
     else:  # capped logits are not linear in h, so no statistics stand for p_t: the KL recomputes it from h
         kl = {"kl_hidden": last.to(w.dtype).contiguous()}

@@ -33,7 +33,7 @@ from kmkernels.fused_linear_kl import softcap_logits
 from kmkernels.lora import grouped_lora_modules
 
 from .checkpoint import TrainingCheckpoint, load_checkpoint, save_checkpoint
-from .models import decoder_hidden_states, logit_softcap, logit_temperature, text_config
+from .models import decoder_hidden_states, head_bias, logit_softcap, logit_temperature, text_config
 from .teacher_cache import Example, TeacherCache, _decode, _encode, _pad, select_layers, teacher_hiddens
 
 
@@ -130,24 +130,25 @@ def round_like_cache(h: torch.Tensor, cache_dtype: str) -> torch.Tensor:
 
 
 def _ce_rows(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
-             softcap: Optional[float]) -> torch.Tensor:
-    logits = softcap_logits((h @ weight.t()).float(), softcap)
+             softcap: Optional[float], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    logits = softcap_logits(torch.nn.functional.linear(h, weight, bias).float(), softcap)
     return torch.nn.functional.cross_entropy(logits if temperature == 1.0 else logits / temperature, targets,
                                              reduction="none")
 
 
 def chunked_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024,
-                    temperature: float = 1.0, softcap: Optional[float] = None) -> torch.Tensor:
+                    temperature: float = 1.0, softcap: Optional[float] = None,
+                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Next-token cross entropy per row, [N] fp32, from last hidden states ``h`` [N, H] and the LM
-    head ``weight`` [V, H] (logits capped at softcap * tanh(z / softcap) where given, then divided by
-    ``temperature``: the model's own), without a [N, V] tensor living through the backward: each chunk's
+    head ``weight`` [V, H] with its ``bias`` [V] where it has one (logits capped at softcap * tanh(z /
+    softcap) where given, then divided by ``temperature``: the model's own), without a [N, V] tensor living through the backward: each chunk's
     logits are recomputed there (activation checkpointing). The LM and PIT baselines on 8 x 1024
     tokens would otherwise hold ~19 GB of fp32 logits and their softmax on a CPU (seen: OOM-killed)."""
     from torch.utils.checkpoint import checkpoint
 
     if h.shape[0] == 0:
         return h.new_zeros(0, dtype=torch.float32)
-    return torch.cat([checkpoint(_ce_rows, h[i:i + chunk], weight, targets[i:i + chunk], temperature, softcap,
+    return torch.cat([checkpoint(_ce_rows, h[i:i + chunk], weight, targets[i:i + chunk], temperature, softcap, bias,
                                  use_reentrant=False) for i in range(0, h.shape[0], chunk)])
 
 
@@ -282,6 +283,7 @@ def _batch_losses(model, wave: List[DocState], picks: List[Tuple[int, int]], gro
     lm_head = model.get_output_embeddings().weight
     temperature = logit_temperature(model)  # the model's own logit scale (Cohere, Granite), else 1
     softcap = logit_softcap(model)  # its own soft cap on the logits (Gemma 2), else None
+    bias = head_bias(model)  # its head's bias (Phi-2), else None
     out = []
     if distill:
         t_all = torch.cat([t.hidden for t in teacher], dim=1).to(device)  # [L_sel, N_pos, H]
@@ -302,12 +304,12 @@ def _batch_losses(model, wave: List[DocState], picks: List[Tuple[int, int]], gro
             loss, parts = dcd_loss([h[sel] for h in s_rows], t_all[:, sel], lm_head, kl_weight=cfg.kl_weight * share,
                                    hidden_weight=cfg.hidden_weight, teacher_norms=norms, teacher_kl_stats=stats,
                                    kl_teacher_hidden=t_kl[sel] if t_kl is not None else None,
-                                   temperature=temperature, softcap=softcap, backend=cfg.backend)
+                                   temperature=temperature, softcap=softcap, lm_head_bias=bias, backend=cfg.backend)
             out.append((loss, {"loss": float(loss.detach()), "kl": float(parts["kl"]) * share,
                                "hidden": float(parts["hidden"])}))
     else:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            ce = chunked_lm_loss(s_rows[0], lm_head, targets, temperature=temperature, softcap=softcap)
+            ce = chunked_lm_loss(s_rows[0], lm_head, targets, temperature=temperature, softcap=softcap, bias=bias)
         for g in range(G):
             rows = ce[(group_of_pos == g).to(device)]
             loss = rows.mean() if totals is None else rows.sum() / totals[g][0]

@@ -89,6 +89,31 @@ def test_dcd_softcap(backend):
             dcd_loss(hs, ht, w, softcap=bad, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dcd_biased_head(backend):
+    """A biased lm_head (Phi-2): its bias reaches the KL on the teacher's hidden state and from the
+    teacher's statistics, through the function and the module, against float64; the bias (~2, the
+    logits' size) changes the loss."""
+    L, N, H, V = 2, 11, 16, 89
+    g = torch.Generator().manual_seed(2)
+    hs = [torch.randn(N, H, generator=g).to(DEVICE).requires_grad_() for _ in range(L)]
+    ht = torch.randn(L, N, H, generator=g).to(DEVICE)
+    w = (torch.randn(V, H, generator=g) / 2).to(DEVICE)
+    b = (torch.randn(V, generator=g) * 2).to(DEVICE)
+    hs64 = [s.detach().double().cpu().requires_grad_() for s in hs]
+    ref = dcd_ref(hs64, ht.cpu(), w.cpu().double(), temperature=1.5, bias=b.cpu().double())
+    unbiased = dcd_ref(hs64, ht.cpu(), w.cpu().double(), temperature=1.5)
+    assert rel_err(unbiased, ref) > 1e-2
+    ref_grads = torch.autograd.grad(ref, hs64)
+    for stats in (None, teacher_kl_stats(ht[-1], w, temperature=1.5, bias=b, backend=backend)):
+        loss, _ = dcd_loss(hs, ht, w, temperature=1.5, teacher_kl_stats=stats, lm_head_bias=b, backend=backend)
+        assert rel_err(loss, ref) < 1e-5
+        for gr, rg in zip(torch.autograd.grad(loss, hs), ref_grads):
+            assert rel_err(gr, rg) < 2e-5
+    module_loss, _ = DCDLoss(temperature=1.5, backend=backend)(hs, ht, w, lm_head_bias=b)
+    assert rel_err(module_loss, ref) < 1e-5
+
+
 def test_dcd_errors():
     hs = [torch.randn(4, 8) for _ in range(2)]
     with pytest.raises(ValueError, match="layer counts differ"):

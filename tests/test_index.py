@@ -1125,9 +1125,9 @@ def _copy_tiny_tokenizer(tiny_model, folder) -> None:
             shutil.copy(os.path.join(tiny_model, name), folder / name)
 
 
-def _spy_on_losses(monkeypatch, keyword: str) -> list:
+def _spy_on_losses(monkeypatch, keyword: str, dcd_keyword: "str | None" = None) -> list:
     """A list that gets (name, the call's ``keyword`` argument) for every call of the teacher's KL
-    statistics ("stats"), the DCD loss ("kl") and the LM loss ("lm")."""
+    statistics ("stats"), the DCD loss ("kl", its ``dcd_keyword`` where given) and the LM loss ("lm")."""
     import kmtrain.teacher_cache as kcache
     import kmtrain.train as ktrain
 
@@ -1135,7 +1135,7 @@ def _spy_on_losses(monkeypatch, keyword: str) -> list:
 
     def spy(fn, name):
         def wrapped(*a, **kw):
-            seen.append((name, kw.get(keyword)))
+            seen.append((name, kw.get(dcd_keyword or keyword if name == "kl" else keyword)))
             return fn(*a, **kw)
         return wrapped
 
@@ -1199,6 +1199,58 @@ def test_a_model_that_soft_caps_its_logits_trains_on_its_own_distributions(tiny_
                                                  teacher_cache=False, amp="off", cache_dtype="fp32"))
         assert all(abs(s["final_loss"]["kl"] - final[False][s["id"]]["kl"]) > 1e-2 * final[False][s["id"]]["kl"]
                    for s in uncapped)
+
+
+@pytest.mark.parametrize("objective", ["sdcd", "lm"])
+def test_a_model_whose_output_head_has_a_bias_trains_on_its_own_distributions(tiny_model, docs_dir, tmp_path,
+                                                                              monkeypatch, objective):
+    """Phi-1/1.5/2 (and GPT-J, CodeGen) add a bias to their logits in the output head; they were refused,
+    as the KM losses took logits as h @ W^T. Now the teacher's KL statistics, the KL and the LM loss get
+    the head's bias in every call, with and without the cache, and the cached run's losses equal the
+    re-run teacher's in fp32. A KM loads in plain PEFT, and ask answers with it."""
+    from peft import PeftModel
+    from transformers import AutoConfig, PhiConfig, PhiForCausalLM
+
+    import kmtrain.train as ktrain
+
+    llama = AutoConfig.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    phi = PhiForCausalLM(PhiConfig(
+        vocab_size=llama.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=512, eos_token_id=llama.eos_token_id,
+        bos_token_id=llama.eos_token_id, pad_token_id=llama.pad_token_id, initializer_range=0.2))
+    torch.nn.init.normal_(phi.lm_head.bias, std=1.0)  # transformers starts it at 0; Phi-2's is ~1 in size
+    bias = phi.lm_head.bias.detach().clone()
+    folder = tmp_path / "phi"
+    phi.save_pretrained(folder)
+    _copy_tiny_tokenizer(tiny_model, folder)
+    seen = _spy_on_losses(monkeypatch, "bias", dcd_keyword="lm_head_bias")
+    final = {}
+    for caching in (True, False):
+        seen.clear()
+        out = tmp_path / f"kms_{caching}"
+        got = index(str(docs_dir), tiny_cfg(str(folder), out, objective=objective, teacher_cache=caching, amp="off",
+                                            cache_dtype="fp32"))
+        assert {s["status"] for s in got} == {"trained"}
+        final[caching] = {s["id"]: s["final_loss"] for s in got}
+        want = {"sdcd": {"stats", "kl"} if caching else {"kl"}, "lm": {"lm"}}[objective]
+        assert {name for name, _ in seen} == want, (caching, seen)
+        assert all(isinstance(b, torch.Tensor) and torch.equal(b.detach().cpu(), bias) for _, b in seen)
+    for d in DOCS:
+        for part, value in final[False][d].items():
+            assert abs(final[True][d][part] - value) <= 1e-5 * abs(value) + 1e-6, (d, part, final[True][d], value)
+    if objective == "sdcd":
+        # the bias moves this model's distributions: without it, the same run's KL differs
+        monkeypatch.setattr(ktrain, "head_bias", lambda model: None)
+        unbiased = index(str(docs_dir), tiny_cfg(str(folder), tmp_path / "unbiased", teacher_cache=False, amp="off",
+                                                 cache_dtype="fp32"))
+        assert all(abs(s["final_loss"]["kl"] - final[False][s["id"]]["kl"]) > 1e-2 * final[False][s["id"]]["kl"]
+                   for s in unbiased)
+        km = PeftModel.from_pretrained(PhiForCausalLM.from_pretrained(folder), str(tmp_path / "kms_True" / "alpha"))
+        assert km.peft_config["default"].r == 4
+        answers = ask([(str(tmp_path / "kms_True" / "alpha"), "Which bell rings?"), (None, "Which bell rings?")],
+                      model=str(folder), max_new_tokens=4)
+        assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
 @pytest.mark.parametrize("objective", ["sdcd", "lm"])

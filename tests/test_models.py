@@ -31,13 +31,14 @@ def test_decoder_hidden_states_are_the_causal_lm_ones(tiny_model):
 def test_a_model_that_transforms_its_logits_after_the_head_is_named_or_scaled(tiny_model):
     """Every KM loss computes logits as (last hidden state @ lm_head.weight^T) / T. Cohere's logit_scale
     and Granite's logits_scaling are such a T (logit_temperature), checked against the models' own
-    logits, and so is Gemma 2's soft cap (logit_softcap). A model that biases its logits would be
-    distilled towards other distributions than its own without a word: logits_problem names why, from
-    the config, the head, or (for a transform no config names) the logits themselves."""
+    logits, and so is Gemma 2's soft cap (logit_softcap), and the head's bias (Phi-2's: head_bias). A model
+    that transforms its logits otherwise would be distilled towards other distributions than its own
+    without a word: logits_problem names why, from the config, or (for a transform no config names)
+    the logits themselves."""
     from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
                               GraniteForCausalLM, LlamaConfig, LlamaForCausalLM)
 
-    from kmtrain.models import load_model, logit_softcap, logit_temperature, logits_problem
+    from kmtrain.models import head_bias, load_model, logit_softcap, logit_temperature, logits_problem
 
     model, _, _, _ = load_model(tiny_model)
     assert logits_problem(model) is None and logit_temperature(model) == 1.0
@@ -60,9 +61,22 @@ def test_a_model_that_transforms_its_logits_after_the_head_is_named_or_scaled(ti
     # a config that names a cap its model does not apply (Llama's code has none): the logits tell
     said = logits_problem(LlamaForCausalLM(LlamaConfig(**big, final_logit_softcapping=0.5)))
     assert said.startswith("its logits differ from the output head's product of the last hidden state")
-    biased = LlamaForCausalLM(LlamaConfig(**shape))
+    # a biased head (Phi-2's): its bias is in the formula; a model that holds one but does not add it is named
+    biased = LlamaForCausalLM(LlamaConfig(**big))
     biased.lm_head = torch.nn.Linear(32, 97, bias=True)
-    assert logits_problem(biased) == "its output head has a bias"
+    torch.nn.init.normal_(biased.lm_head.bias, std=3.0)
+    assert head_bias(biased) is biased.lm_head.bias and head_bias(model) is None
+    assert logits_problem(biased) is None
+
+    class BiasUnused(LlamaForCausalLM):
+        def forward(self, *a, **kw):
+            out = super().forward(*a, **kw)
+            out.logits = out.logits - self.lm_head.bias
+            return out
+
+    unused = BiasUnused(LlamaConfig(**big))
+    unused.lm_head = biased.lm_head
+    assert logits_problem(unused).startswith("its logits differ from the output head's product")
 
     class Doubled(LlamaForCausalLM):  # a transform that nothing in the config names
         def forward(self, *a, **kw):

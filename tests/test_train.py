@@ -102,19 +102,21 @@ def test_loss_with_cache_equals_loss_without(tiny_model, docs_dir, tmp_path, mon
             assert abs(la[k][part] - lb[k][part]) <= tol * abs(lb[k][part]) + 1e-6, (k, part, la[k], lb[k])
 
 
-@pytest.mark.parametrize("n", [0, 5, 37])
-def test_chunked_lm_loss_matches_float64_cross_entropy(n):
+@pytest.mark.parametrize("n,biased", [(0, False), (5, False), (37, False), (37, True)])
+def test_chunked_lm_loss_matches_float64_cross_entropy(n, biased):
     """The LM/PIT loss without a [N, V] tensor: values and dh against a float64 reference, with
-    chunks that do not divide N."""
+    chunks that do not divide N; with a biased head (Phi-2), its bias in the logits."""
     from kmtrain.train import chunked_lm_loss
 
     g = torch.Generator().manual_seed(n)
     h = torch.randn(n, 24, generator=g, requires_grad=True)
     w = torch.randn(101, 24, generator=g)
+    b = torch.randn(101, generator=g) * 3 if biased else None
     t = torch.randint(0, 101, (n,), generator=g)
-    got = chunked_lm_loss(h, w, t, chunk=8)
+    got = chunked_lm_loss(h, w, t, chunk=8, bias=b)
     h64 = h.detach().double().requires_grad_()
-    ref = torch.nn.functional.cross_entropy(h64 @ w.double().t(), t, reduction="none")
+    ref = torch.nn.functional.cross_entropy(h64 @ w.double().t() + (0 if b is None else b.double()), t,
+                                            reduction="none")
     assert got.dtype == torch.float32 and got.shape == (n,)
     torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-5)
     if n:
