@@ -50,6 +50,14 @@ def test_fused_linear_kl_softcap_fwd_bwd(benchmark, kl_inputs, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_kl_bias_fwd_bwd(benchmark, kl_inputs, backend):
+    """The same KL with a biased head (Phi-2's lm_head): what adding the bias to both logit sets costs."""
+    hs, ws, ht = kl_inputs
+    bias = torch.randn(V, device=DEV).to(DT)
+    benchmark(_run, lambda: fused_linear_kl(hs, ws, ht, student_bias=bias, backend=backend), hs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_linear_kl_from_stats_fwd_bwd(benchmark, kl_inputs, backend):
     """The same KL from the teacher's cached statistics (computed once, as kmtrain's cache does)."""
     hs, ws, ht = kl_inputs
