@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -535,22 +536,44 @@ class AdapterIds:
         return row_ids, seg
 
 
+def is_conv1d(m: nn.Module) -> bool:
+    """Whether ``m`` is transformers' Conv1D (GPT-2's projections): a linear layer whose weight is
+    stored transposed, [in, out]. Checked against the class itself, which is loaded wherever a model
+    holds one (kmkernels does not import transformers for it)."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(utils, "Conv1D", None)
+    return conv1d is not None and isinstance(m, conv1d)
+
+
+def linear_features(m: nn.Module) -> Optional[Tuple[int, int]]:
+    """(in, out) features of an ``nn.Linear`` or a transformers Conv1D, None for any other module."""
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    if is_conv1d(m):
+        return m.weight.shape[0], m.weight.shape[1]
+    return None
+
+
 class GroupedLoRALinear(nn.Module):
-    """An ``nn.Linear`` (frozen) plus D LoRA slots; each sequence uses the slot set in ``ids``.
+    """An ``nn.Linear`` (or GPT-2's Conv1D, a linear layer with its weight stored [in, out]), frozen,
+    plus D LoRA slots; each sequence uses the slot set in ``ids``.
 
     Parameters: lora_A [D, r, in], lora_B [D, out, r], fp32 (fp64 on an fp64 base) whatever the
     base dtype; buffer ``scaling`` fp32 [D] (alpha / r of
     each slot; slots holding a smaller rank are zero-padded and keep their own alpha / r).
+    The adapter's shapes and its delta do not depend on how the base stores its weight.
     """
 
-    def __init__(self, base: nn.Linear, num_adapters: int, rank: int, alpha: float, ids: AdapterIds):
+    def __init__(self, base: nn.Module, num_adapters: int, rank: int, alpha: float, ids: AdapterIds):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"GroupedLoRALinear wraps nn.Linear, got {type(base).__name__}")
+        features = linear_features(base)
+        if features is None:
+            raise ValueError(f"GroupedLoRALinear wraps nn.Linear or transformers' Conv1D, got {type(base).__name__}")
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = features
+        self.fan_in_fan_out = is_conv1d(base)  # PEFT's name for a base weight stored [in, out]
         self.num_adapters, self.rank, self.alpha = num_adapters, rank, alpha
         # Adapter weights in at least fp32 whatever the base dtype (PEFT's autocast_adapter_dtype):
         # AdamW updates of ~lr * 1e-3 vanish in bf16. The kernels cast them to the activations' dtype.
@@ -610,12 +633,12 @@ def _module_seed(seed: int, slot_key: str) -> int:
     return h
 
 
-def _maps_like_a_linear(m: nn.Linear) -> bool:
+def _maps_like_a_linear(m: nn.Module) -> bool:
     """Whether ``m`` maps [n, in] to a tensor [n, out] as nn.Linear does. An nn.Linear subclass may
     not: Llama 4's and PhiMoE's routers return (scores, logits), and wrapped they failed in the
     forward ("'tuple' object has no attribute 'shape'"). A subclass that overrides forward is run
     once on a row of zeros to tell (Falcon's FalconLinear maps as a linear layer does, and is kept)."""
-    if type(m).forward is nn.Linear.forward:
+    if type(m).forward is nn.Linear.forward or is_conv1d(m):
         return True
     try:
         with torch.no_grad():
@@ -625,10 +648,11 @@ def _maps_like_a_linear(m: nn.Linear) -> bool:
     return isinstance(y, torch.Tensor) and tuple(y.shape) == (1, m.out_features)
 
 
-def lora_targets(model: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGETS) -> List[Tuple[str, nn.Linear]]:
-    """(name, module) of each nn.Linear whose last name component is in ``target_modules``, or of
-    every nn.Linear of the language model (``get_decoder()``, where the model has one: not a
-    multimodal model's vision tower) but the output head (``get_output_embeddings()``) for
+def lora_targets(model: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGETS) -> List[Tuple[str, nn.Module]]:
+    """(name, module) of each linear layer (nn.Linear, or transformers' Conv1D as in GPT-2, as PEFT
+    counts them) whose last name component is in ``target_modules``, or of every linear layer of the
+    language model (``get_decoder()``, where the model has one: not a multimodal model's vision
+    tower) but the output head (``get_output_embeddings()``) for
     "all-linear": the layers attach_grouped_lora wraps. An nn.Linear subclass that does
     not map like one (an MoE router returning scores and logits: ``_maps_like_a_linear``) is left out
     of "all-linear" and refused by name. None at all raises ValueError naming the linear layers the
@@ -646,7 +670,7 @@ def lora_targets(model: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGE
     except Exception:  # a model whose get_decoder is not implemented
         decoder = None
     in_decoder = None if decoder is None else {id(m) for m in decoder.modules()}
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [(name, m) for name, m in model.named_modules() if linear_features(m) is not None]
     found = [(name, m) for name, m in linears
              if name.rsplit(".", 1)[-1] in targets
              or (ALL_LINEAR in targets and m is not head and (in_decoder is None or id(m) in in_decoder))]
@@ -665,10 +689,7 @@ def lora_targets(model: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGE
         have = sorted({name.rsplit(".", 1)[-1] for name, _ in linears})
         wanted = ("every linear layer but the output head (all-linear)" if ALL_LINEAR in targets
                   else f"the LoRA targets {', '.join(target_modules)}")
-        # GPT-2 and its kin compute their projections in transformers' Conv1D, a weight stored transposed
-        conv1d = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Conv1D"})
-        raise ValueError(f"no linear layer to adapt: wanted {wanted}; its linear layers: {', '.join(have) or 'none'}"
-                         + (f" (its Conv1D layers, {', '.join(conv1d)}, are not supported)" if conv1d else ""))
+        raise ValueError(f"no linear layer to adapt: wanted {wanted}; its linear layers: {', '.join(have) or 'none'}")
     return found
 
 
@@ -777,10 +798,13 @@ def export_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike], *,
     # layers there and warn of missing keys on load: the adapted modules are then named in full.
     targets = list(st["targets"])
     if any(name.rsplit(".", 1)[-1] in st["targets"] and name not in wrapped
-           for name, m in model.named_modules() if isinstance(m, nn.Linear)):
+           for name, m in model.named_modules() if linear_features(m) is not None):
         targets = sorted(wrapped)
+    # GPT-2's Conv1D stores its weight [in, out]: PEFT's fan_in_fan_out (only its merge reads it; the
+    # A and B weights have the same shapes either way)
+    fan_in_fan_out = any(m.fan_in_fan_out for m in wrapped.values())
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none",
-                     task_type="CAUSAL_LM", base_model_name_or_path=base_name)
+                     task_type="CAUSAL_LM", base_model_name_or_path=base_name, fan_in_fan_out=fan_in_fan_out)
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)

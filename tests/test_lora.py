@@ -557,10 +557,9 @@ def test_attach_names_the_linear_layers_when_no_target_matches():
 def test_all_linear_adapts_every_projection_whatever_its_name(tmp_path):
     """The default, PEFT's "all-linear": every linear layer but the output head. A list of Llama's names
     left Phi-3's fused qkv_proj and gate_up_proj without LoRA (its KMs adapted o_proj and down_proj only).
-    Exported, the Phi-3 slot loads in plain PEFT to the same outputs. GPT-2's Conv1D layers are named as
-    not supported."""
+    Exported, the Phi-3 slot loads in plain PEFT to the same outputs."""
     from peft import PeftModel
-    from transformers import GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM
+    from transformers import Phi3Config, Phi3ForCausalLM
 
     assert sorted({n.rsplit(".", 1)[-1] for n, _ in lora_targets(tiny_llama(1))}) == sorted(TARGETS)
     from kmkernels.lora import DEFAULT_TARGETS
@@ -585,11 +584,55 @@ def test_all_linear_adapts_every_projection_whatever_its_name(tmp_path):
     with torch.no_grad():
         ours, theirs = grouped(input_ids=input_ids).logits, loaded(input_ids=input_ids).logits
         assert rel_err(theirs, ours) < 1e-5 and rel_err(phi3(input_ids=input_ids).logits, ours) > 1e-3
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=4, n_positions=64))
-    with pytest.raises(ValueError, match=re.escape("wanted every linear layer but the output head (all-linear); its "
-                                                   "linear layers: lm_head (its Conv1D layers, c_attn, c_fc, c_proj, "
-                                                   "are not supported)")):
-        attach_grouped_lora(gpt2, 2, backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gpt2_conv1d_projections_are_adapted_as_peft_adapts_them(tmp_path, backend):
+    """GPT-2 computes its projections in transformers' Conv1D (a linear layer whose weight is stored
+    [in, out]); "all-linear" found no linear layer there but the head, and GPT-2 was refused. Now its
+    c_attn, c_proj and c_fc are wrapped as PEFT wraps them: each sequence with its own slot equals that
+    slot exported and loaded in plain PEFT (fan_in_fan_out, as PEFT sets for Conv1D), and a PEFT
+    adapter loads into a slot to the same outputs."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+    grouped = attach_grouped_lora(copy.deepcopy(gpt2), 3, rank=4, alpha=8, seed=1, backend=backend)
+    wrapped = {n: m for n, m in grouped.named_modules() if isinstance(m, GroupedLoRALinear)}
+    assert sorted(wrapped) == sorted(f"transformer.h.{i}.{m}" for i in range(2)
+                                     for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert wrapped["transformer.h.0.attn.c_attn"].lora_A.shape == (3, 4, 32)  # in = 32
+    assert wrapped["transformer.h.0.attn.c_attn"].lora_B.shape == (3, 96, 4)  # out = 3 x 32
+    with torch.no_grad():
+        for p in slot_parameters(grouped):
+            p.add_(torch.randn_like(p) * 0.05)
+    ids = torch.randint(0, 97, (3, 7))
+    set_adapter_ids(grouped, [2, 0, -1])
+    with torch.no_grad():
+        ours = grouped(input_ids=ids).logits
+    for slot in (0, 2):
+        export_peft(grouped, slot, tmp_path / f"km{slot}")
+    assert json.loads((tmp_path / "km0" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    with torch.no_grad():
+        for row, slot in ((0, 2), (1, 0)):
+            theirs = PeftModel.from_pretrained(copy.deepcopy(gpt2), tmp_path / f"km{slot}")(input_ids=ids[row:row + 1])
+            assert rel_err(ours[row:row + 1], theirs.logits) < 1e-5, slot
+        assert rel_err(ours[2:], gpt2(input_ids=ids[2:]).logits) < 1e-6  # no slot: the base
+        assert rel_err(ours[:1], gpt2(input_ids=ids[:1]).logits) > 1e-3
+    # and the other way: an adapter PEFT trained (here: made) loads into a slot
+    peft_model = get_peft_model(copy.deepcopy(gpt2), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                fan_in_fan_out=True))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.05)
+        want = peft_model(input_ids=ids[:1]).logits
+    peft_model.save_pretrained(tmp_path / "peft_km")
+    load_peft(grouped, 1, tmp_path / "peft_km")
+    set_adapter_ids(grouped, [1])
+    with torch.no_grad():
+        assert rel_err(grouped(input_ids=ids[:1]).logits, want) < 1e-5
 
 
 def test_a_model_that_reads_a_projections_weight_runs_with_the_slots_attached():
