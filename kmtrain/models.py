@@ -547,11 +547,15 @@ def kv_reuse_limit(model) -> float:
     linear-attention layers: Granite 4.0 hybrids, Qwen3-Next, Jamba, Falcon-H1), which a reuse read as
     keys and failed on, nor in a multimodal model (Gemma 3 from 4B up, Qwen2-VL, Mistral 3), whose
     generate prepares its own positions and cache (Qwen2-VL's multimodal rotary positions: a reused
-    prompt cache failed on a batch-size mismatch). Longer sequences run whole."""
+    prompt cache failed on a batch-size mismatch), nor in a model with no KV cache at all (GPT-1's
+    decoder returns none: "KeyError: 'cache'"). Longer sequences run whole."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     if text_config(model) is not model.config:
+        return 0
+    takes = inspect.signature(type(model.get_decoder()).forward).parameters
+    if "cache" not in takes and "past_key_values" not in takes:
         return 0
     layers = DynamicCache(config=model.config).layers
     if any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
