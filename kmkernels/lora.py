@@ -501,6 +501,19 @@ class AdapterIds:
         slot, active = hit
         return slot, scaling.index_select(0, slot) * active
 
+    def note_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A forward pre-hook of the model (and of its decoder): the tokens per sequence, from its
+        input_ids [B, T] or inputs_embeds [B, T, H], before any layer runs. A layer that reads the batch
+        flattened may come before every [B, T, in] one (JetMoE's attention router, first in its
+        decoder layer, failed on that)."""
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None and args:
+            x = args[0]
+        if isinstance(x, torch.Tensor) and x.dim() >= 2:
+            self.tokens = x.shape[1]
+
     def _unflattened(self, n: int) -> Tuple[int, int]:
         """[B, T] of a layer input of ``n`` rows, for one read flattened to [B * T, in] in row-major order
         (``x.view(-1, in)`` of [B, T, in]); one sequence's rows are all its own whatever their order.
@@ -510,7 +523,7 @@ class AdapterIds:
             return (1, n)
         if self.tokens is not None and n == B * self.tokens:
             return (B, self.tokens)
-        raise ValueError(f"a LoRA layer read {n} rows for {B} sequences"
+        raise ValueError(f"read {n} rows for {B} sequences"
                          + (f" of {self.tokens} tokens" if self.tokens is not None else "")
                          + ": not the batch's tokens in order (an MoE expert's routed tokens?), so one adapter per "
                            "sequence cannot be told apart there; leave that layer out of the LoRA targets")
@@ -615,7 +628,11 @@ class GroupedLoRALinear(nn.Module):
                 if not self._ids.any_active and not torch.is_grad_enabled():
                     return out  # the teacher pass: no sequence has an adapter
                 return out + _sequence_lora_torch(x, self.lora_A, self.lora_B, slot, scale).to(out.dtype)
-        row_ids, seg = self._ids.rows(x.shape[:-1], x.device, backend)
+        try:
+            row_ids, seg = self._ids.rows(x.shape[:-1], x.device, backend)
+        except ValueError as e:  # name the layer, so that it can be left out of the targets
+            name = getattr(self, "module_name", None)
+            raise ValueError(f"{'the LoRA layer ' + name if name else 'a LoRA layer'} {e}") from None
         x2 = x.reshape(-1, self.in_features)
         delta = grouped_lora(x2, self.lora_A, self.lora_B, row_ids, self.scaling, backend=backend,
                              segments=seg, check_ids=False)
@@ -722,7 +739,19 @@ def attach_grouped_lora(
         p.requires_grad_(False)
     for name, module in found:
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        setattr(parent, name.rsplit(".", 1)[-1], GroupedLoRALinear(module, num_adapters, rank, alpha, ids))
+        wrapper = GroupedLoRALinear(module, num_adapters, rank, alpha, ids)
+        wrapper.module_name = name  # for its errors
+        setattr(parent, name.rsplit(".", 1)[-1], wrapper)
+    # the tokens per sequence, from the inputs, for layers that read the batch flattened (AdapterIds.note_inputs)
+    entries = [model]
+    try:
+        decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
+    except Exception:  # a model whose get_decoder is not implemented
+        decoder = None
+    if isinstance(decoder, nn.Module) and decoder is not model:
+        entries.append(decoder)
+    for entry in entries:
+        entry.register_forward_pre_hook(ids.note_inputs, with_kwargs=True)
     model._grouped_lora = {"ids": ids, "rank": rank, "alpha": alpha, "targets": sorted({n.rsplit('.', 1)[-1] for n, _ in found}),
                            "slot_rank": [rank] * num_adapters, "slot_alpha": [alpha] * num_adapters}
     for slot in range(num_adapters):

@@ -541,9 +541,38 @@ def test_layers_that_read_the_batch_flattened_keep_each_sequences_adapter(backen
         assert rel_err(batched[2:3], base(input_ids=input_ids[2:3]).logits) > 1e-3  # the adapter matters there
         set_adapter_ids(grouped, [0, 1])
         expert = dict(grouped.named_modules())[flat[0]]
-        with pytest.raises(ValueError, match=re.escape("a LoRA layer read 5 rows for 2 sequences: not the batch's "
-                                                       "tokens in order (an MoE expert's routed tokens?)")):
+        with pytest.raises(ValueError, match=re.escape(f"the LoRA layer {flat[0]} read 5 rows for 2 sequences: not the "
+                                                       "batch's tokens in order (an MoE expert's routed tokens?)")):
             expert(torch.randn(5, expert.in_features, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_flattened_layer_before_any_other_reads_its_sequences_from_the_inputs(backend):
+    """JetMoE's attention router reads the batch flattened, [B * T, in], first in each decoder layer:
+    before any layer had shown T, the grouped LoRA refused it ("read 28 rows for 2 sequences"). The
+    tokens per sequence now come from the model's inputs, as the forward starts: a mixed batch gives
+    each sequence what it gives alone, through the model and through its decoder."""
+    from transformers import JetMoeConfig, JetMoeForCausalLM
+
+    torch.manual_seed(0)
+    base = JetMoeForCausalLM(JetMoeConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, kv_channels=16, intermediate_size=64, num_local_experts=4,
+                                          num_experts_per_tok=2, max_position_embeddings=64)).float().eval().to(DEVICE)
+    grouped = attach_grouped_lora(base, 3, rank=4, alpha=8, seed=1, backend=backend)
+    wrapped = [n for n, m in grouped.named_modules() if isinstance(m, GroupedLoRALinear)]
+    assert "model.layers.0.self_attention.experts.router.layer" in wrapped
+    with torch.no_grad():
+        for p in slot_parameters(grouped):
+            p.add_(torch.randn_like(p) * 0.05)
+    input_ids = torch.randint(0, 97, (3, 7)).to(DEVICE)
+    ids = [2, -1, 0]
+    with torch.no_grad():
+        for run in (lambda x: grouped(input_ids=x).logits, lambda x: grouped.get_decoder()(x).last_hidden_state):
+            set_adapter_ids(grouped, ids)
+            batched = run(input_ids)
+            for b, d in enumerate(ids):
+                set_adapter_ids(grouped, [d])
+                assert rel_err(batched[b:b + 1], run(input_ids[b:b + 1])) < 1e-5
 
 
 def test_attach_names_the_linear_layers_when_no_target_matches():
