@@ -466,16 +466,25 @@ def logit_temperature(model) -> float:
     return float(divisor or 1.0) / float(scale or 1.0)
 
 
+# where configs name the soft cap on the logits: Gemma 2's kin, and RecurrentGemma (which capped at 30 and
+# was refused by the start-up logits check, its cap unread)
+SOFTCAP_NAMES = ("final_logit_softcapping", "logits_soft_cap")
+
+
 def logit_softcap(model) -> Optional[float]:
     """c where the model caps its logits at c * tanh(z / c) after the output head (Gemma 2,
-    VaultGemma, nanochat...: ``final_logit_softcapping``), else None. The KM losses cap both logit sets so
-    (kmkernels' ``softcap``), before the temperature, as these models do."""
-    cap = getattr(text_config(model), "final_logit_softcapping", None)
-    if cap is None:
-        return None
-    if isinstance(cap, bool) or not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0):
-        raise ValueError(f"its config sets final_logit_softcapping={cap!r}, not a positive finite cap on the logits")
-    return float(cap)
+    VaultGemma, nanochat...: ``final_logit_softcapping``; RecurrentGemma: ``logits_soft_cap``), else
+    None. The KM losses cap both logit sets so (kmkernels' ``softcap``), before the temperature, as
+    these models do."""
+    cfg = text_config(model)
+    for name in SOFTCAP_NAMES:
+        cap = getattr(cfg, name, None)
+        if cap is None:
+            continue
+        if isinstance(cap, bool) or not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0):
+            raise ValueError(f"its config sets {name}={cap!r}, not a positive finite cap on the logits")
+        return float(cap)
+    return None
 
 
 def head_bias(model) -> Optional[torch.Tensor]:
