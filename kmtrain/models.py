@@ -438,10 +438,21 @@ def decoder_hidden_states(model, input_ids: torch.Tensor, attention_mask: Option
     lm_head's input), from the decoder alone: the KM losses start from hidden states, so the
     lm_head is never run here. A causal-LM call computes [B, T, V] logits (about a fifth of a
     SmolLM2 forward), and even ``logits_to_keep=1`` on CPU turned the strided last-position slice
-    into a bmm over a copy of the [V, H] weight per sequence (0.86 s of a 4.7 s training step)."""
+    into a bmm over a copy of the [V, H] weight per sequence (0.86 s of a 4.7 s training step).
+
+    No KV cache is asked for (``use_cache=False`` where the decoder takes it): the model stays in eval
+    mode while KMs train, where transformers would build one by default, and RWKV then updated its
+    state in place inside the autograd graph ("modified by an inplace operation" in the backward)."""
+    decoder = model.get_decoder()
+    kw = {"use_cache": False} if _takes_use_cache(type(decoder)) else {}
     with cpu_bf16_attention(input_ids.device, next(model.parameters()).dtype, keys=input_ids.shape[-1]):
-        out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kw)
     return out.hidden_states[1:]
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_use_cache(cls) -> bool:  # once per decoder class (GPT-1's takes no use_cache)
+    return "use_cache" in inspect.signature(cls.forward).parameters
 
 
 def text_config(model):

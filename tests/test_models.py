@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from reference import rel_err
+
 
 def test_decoder_hidden_states_are_the_causal_lm_ones(tiny_model):
     """The training and teacher passes skip the lm_head: their hidden states must be exactly the
@@ -26,6 +28,30 @@ def test_decoder_hidden_states_are_the_causal_lm_ones(tiny_model):
         assert torch.equal(a, b)
     logits = got[-1] @ model.get_output_embeddings().weight.T
     assert torch.allclose(logits, ref.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_hidden_states_ask_for_no_cache_and_train_through_a_recurrent_state():
+    """The base stays in eval mode while KMs train, where transformers builds a KV cache by default:
+    RWKV then updated its recurrent state in place inside the autograd graph, and the backward failed
+    ("modified by an inplace operation"). The training pass asks for no cache: the gradient flows, and
+    equals the one of RWKV's own training mode (which turns its cache off); GPT-1's decoder, which takes
+    no use_cache, still runs."""
+    from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel, RwkvConfig, RwkvForCausalLM
+
+    from kmtrain.models import decoder_hidden_states
+
+    torch.manual_seed(0)
+    rwkv = RwkvForCausalLM(RwkvConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                                      intermediate_size=64)).eval()
+    ids = torch.randint(0, 97, (2, 6))
+    weight = rwkv.get_decoder().blocks[0].attention.key.weight
+    (grad,) = torch.autograd.grad(decoder_hidden_states(rwkv, ids)[-1].square().sum(), [weight])
+    rwkv.train()  # no dropout in RWKV: the same function
+    out = rwkv.get_decoder()(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    (want,) = torch.autograd.grad(out.square().sum(), [weight])
+    assert rel_err(grad, want) < 1e-6 and grad.abs().max() > 0
+    gpt1 = OpenAIGPTLMHeadModel(OpenAIGPTConfig(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4)).eval()
+    assert len(decoder_hidden_states(gpt1, ids)) == 2
 
 
 def test_a_model_that_transforms_its_logits_after_the_head_is_named_or_scaled(tiny_model):
