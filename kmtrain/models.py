@@ -568,7 +568,10 @@ def kv_reuse_limit(model) -> float:
     keys and failed on, nor in a multimodal model (Gemma 3 from 4B up, Qwen2-VL, Mistral 3), whose
     generate prepares its own positions and cache (Qwen2-VL's multimodal rotary positions: a reused
     prompt cache failed on a batch-size mismatch), nor in a model with no KV cache at all (GPT-1's
-    decoder returns none: "KeyError: 'cache'"). Longer sequences run whole."""
+    decoder returns none: "KeyError: 'cache'"), nor in one whose config turns the cache off (MPT's
+    use_cache=False): its generate then feeds the whole sequence at every step, on top of a reused
+    cache, and sampled from wrong logits without a word (off by up to 1.3 from the second token on).
+    Longer sequences run whole."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
@@ -576,6 +579,9 @@ def kv_reuse_limit(model) -> float:
         return 0
     takes = inspect.signature(type(model.get_decoder()).forward).parameters
     if "cache" not in takes and "past_key_values" not in takes:
+        return 0
+    if getattr(model.config, "use_cache", True) is False or \
+            getattr(getattr(model, "generation_config", None), "use_cache", True) is False:
         return 0
     layers = DynamicCache(config=model.config).layers
     if any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):

@@ -56,11 +56,15 @@ def test_teacher_cache_round_trip(tiny_model, tmp_path, dtype, tol):
 
 def _no_full_kv_model(kind: str, vocab: int):
     """A tiny model whose cache does not keep every key: a 16-token sliding window (Mistral v0.1's kind,
-    Gemma 3's), a Mamba layer's recurrent state (Granite 4.0's hybrids), or no cache at all (GPT-1)."""
+    Gemma 3's), a Mamba layer's recurrent state (Granite 4.0's hybrids), no cache at all (GPT-1), or
+    a config that turns the cache off (MPT's use_cache=False)."""
     from transformers import (GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, MistralConfig,
-                              MistralForCausalLM, OpenAIGPTConfig, OpenAIGPTLMHeadModel)
+                              MistralForCausalLM, MptConfig, MptForCausalLM, OpenAIGPTConfig, OpenAIGPTLMHeadModel)
 
     torch.manual_seed(0)
+    if kind == "off":
+        return MptForCausalLM(MptConfig(vocab_size=vocab, d_model=32, n_heads=4, n_layers=2, max_seq_len=512,
+                                        initializer_range=0.2)).eval()  # words to compare, not empty answers
     if kind == "none":
         return OpenAIGPTLMHeadModel(OpenAIGPTConfig(vocab_size=vocab, n_positions=512, n_embd=32, n_layer=2,
                                                     n_head=4)).eval()
@@ -74,15 +78,16 @@ def _no_full_kv_model(kind: str, vocab: int):
         mamba_d_state=16, mamba_n_groups=1, num_local_experts=0, shared_intermediate_size=64)).eval()
 
 
-@pytest.mark.parametrize("kind", ["sliding", "recurrent", "none"])
+@pytest.mark.parametrize("kind", ["sliding", "recurrent", "none", "off"])
 def test_models_whose_cache_keeps_not_every_key_reuse_none(tiny_model, tmp_path, kind):
     """A sliding-window layer (Gemma 3: 512 tokens at 1B, Mistral v0.1) keeps only its window's last
     keys; a Mamba or linear-attention layer (Granite 4.0 hybrids, Qwen3-Next) keeps a state, no keys;
-    GPT-1 keeps no cache at all. A prefix run once and reused then gave the teacher wrong states
-    without a word (sliding: max error 7.5 on this model, the cache of a Gemma 3 at 2048-token chunks),
-    or failed (recurrent: "no attribute 'keys'"; none: "KeyError: 'cache'"), and the generator and ICL
-    answers failed. Such prefixes now run whole: the cache holds each example's own states, and
-    generation and answers are those of the plain batched prefill."""
+    GPT-1 keeps no cache at all; MPT's config turns it off. A prefix run once and reused then gave the
+    teacher wrong states without a word (sliding: max error 7.5 on this model, the cache of a Gemma 3
+    at 2048-token chunks), or failed (recurrent: "no attribute 'keys'"; none: "KeyError: 'cache'"), and
+    the generator and ICL answers failed, or (off: generate fed the whole sequence on top of the reused
+    cache) sampled from wrong logits. Such prefixes now run whole: the cache holds each example's own
+    states, and generation and answers are those of the plain batched prefill."""
     from transformers import AutoTokenizer
 
     from conftest import DOCS
