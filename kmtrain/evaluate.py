@@ -10,7 +10,7 @@ import torch
 from kmkernels import set_adapter_ids
 
 from .data import ANSWER_PROMPT, chat_prompt_ids
-from .models import cache_kwarg, kv_reuse_ok, prompt_cache, prompt_kv, shared_prefixes
+from .models import cache_kwarg, kv_reuse_ok, left_padding_ok, prompt_cache, prompt_kv, shared_prefixes
 
 
 def question_prompt(question: str, context: Optional[str] = None) -> str:
@@ -38,6 +38,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], slots: Optional[S
     ids_all = [chat_prompt_ids(tokenizer, p) for p in prompts]
     # a sliding-window layer keeps too few of a long prompt's keys to reuse them: each prompt runs whole
     share_prefixes = share_prefixes and kv_reuse_ok(model, max(map(len, ids_all), default=1) - 1)
+    if not left_padding_ok(model):  # it ignores the padding's mask (RWKV): each answer alone, not after its batch-mates
+        batch_size = 1
     prefix_of: Dict[int, Tuple[int, ...]] = {}
     last_use: Dict[Tuple[int, ...], int] = {}
     if share_prefixes:

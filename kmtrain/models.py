@@ -591,6 +591,34 @@ def kv_reuse_limit(model) -> float:
 
 
 @torch.no_grad()
+def left_padding_ok(model) -> bool:
+    """Whether the model keeps left padding out of a row's logits: the generator, the ICL answers and
+    ``ask`` batch prompts of several documents with left padding, and a document's synthetic data and
+    answers must not depend on its batch-mates. RWKV takes an attention mask but does not use it (its
+    state runs through the padding: logits 13% off on a tiny one), so such a model generates one row
+    at a time. Checked once per model: 6 tokens behind 3 masked ones, the masked ones zeros or other
+    tokens. Where the mask holds, their content cannot reach the logits, and the two are the same
+    to rounding in any dtype (the same shapes and positions); a comparison with the row alone would
+    not be, in bf16. The grouped LoRA's slots are off for it where they are attached."""
+    known = getattr(model, "_kmtrain_left_padding_ok", None)
+    if known is not None:
+        return known
+    dev = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = (torch.arange(1, 7, device=dev) % vocab)[None]
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long, device=dev), torch.ones_like(ids)], dim=1)
+    if getattr(model, "_grouped_lora", None) is not None:
+        from kmkernels.lora import set_adapter_ids
+
+        set_adapter_ids(model, [-1])
+    logits = [model(input_ids=torch.cat([pad[None], ids], dim=1), attention_mask=mask).logits[0, -1].float()
+              for pad in (torch.zeros(3, dtype=ids.dtype, device=dev), (torch.arange(7, 10, device=dev) % vocab))]
+    ok = bool(((logits[0] - logits[1]).abs().max() / logits[0].abs().max().clamp_min(1e-6)).item() <= 1e-3)
+    model._kmtrain_left_padding_ok = ok
+    return ok
+
+
+@torch.no_grad()
 def prompt_kv(model, ids: Sequence[int], past: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
               ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """Each decoder layer's (keys, values) [1, kv_heads, P + len(ids), head_dim] for the token ids
