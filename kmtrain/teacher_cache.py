@@ -6,7 +6,8 @@ loss needs is stored on the distillation positions only: every selected decoder 
 state, each example's per-layer sum|h_t|, and for the KL two numbers per position that stand for
 the teacher's whole distribution (kmkernels.teacher_kl_stats, from the last hidden state as the
 teacher computed it, before the cache's rounding, so the KL is exact under every cache dtype):
-e_t = W^T p_t and negent_t = sum_v p_t log p_t. Teacher logits are neither stored nor
+e_t = W^T p_t and negent_t = sum_v p_t log p_t (less p_t . b / T for a head with a bias b, as
+the KL takes it: kmkernels.kl_from_stats). Teacher logits are neither stored nor
 recomputed: the KL needs only these (kmkernels.fused_linear_kl_from_stats), one vocabulary GEMM
 fewer per step.
 
@@ -18,7 +19,7 @@ File per document: ``teacher.safetensors`` with
   norms           [n_examples, L_sel]  fp32, per-example sum|h_t| from the full-precision values
   kl_embedding    [T_total, H]         fp32, e_t (fp32 whatever the hidden dtype: the KL is a small
                                        difference of e_t . h_s and lse_s, bf16 would swamp it)
-  kl_neg_entropy  [T_total]            fp32, negent_t
+  kl_neg_entropy  [T_total]            fp32, negent_t (with a biased head, less p_t . b / T)
   kl_hidden       [T_total, H]         the LM head's dtype, in place of the two above for a model that
                                        soft-caps its logits (Gemma 2): the statistics need logits linear in
                                        h, so the KL's teacher is the last layer as computed, unrounded
