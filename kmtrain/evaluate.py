@@ -10,7 +10,7 @@ import torch
 from kmkernels import set_adapter_ids
 
 from .data import ANSWER_PROMPT, chat_prompt_ids
-from .models import cache_kwarg, kv_reuse_ok, left_padding_ok, prompt_cache, prompt_kv, shared_prefixes
+from .models import cache_kwarg, kv_reuse_ok, left_padding_ok, prompt_cache, prompt_kv, row_batches, shared_prefixes
 
 
 def question_prompt(question: str, context: Optional[str] = None) -> str:
@@ -38,8 +38,6 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], slots: Optional[S
     ids_all = [chat_prompt_ids(tokenizer, p) for p in prompts]
     # a sliding-window layer keeps too few of a long prompt's keys to reuse them: each prompt runs whole
     share_prefixes = share_prefixes and kv_reuse_ok(model, max(map(len, ids_all), default=1) - 1)
-    if not left_padding_ok(model):  # it ignores the padding's mask (RWKV): each answer alone, not after its batch-mates
-        batch_size = 1
     prefix_of: Dict[int, Tuple[int, ...]] = {}
     last_use: Dict[Tuple[int, ...], int] = {}
     if share_prefixes:
@@ -51,8 +49,10 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], slots: Optional[S
         last_use = {prefix: max(idx) for prefix, idx in shared.items()}
     prefix_kv: Dict[Tuple[int, ...], list] = {}  # each shared prefix's keys and values, while needed
     answers: List[str] = []
-    for i in range(0, len(prompts), batch_size):
-        batch = ids_all[i:i + batch_size]
+    # a model that lets left padding in (RWKV ignores the mask) batches prompts of one length only, so
+    # that an answer does not follow its batch-mates'
+    for i, end in row_batches([len(b) for b in ids_all], batch_size, left_padding_ok(model)):
+        batch = ids_all[i:end]
         width = max(len(b) for b in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -72,10 +72,10 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], slots: Optional[S
                     rest = b[len(prefix):-1]
                     kv[tuple(b)] = prompt_kv(model, rest, past=prefix_kv[prefix]) if rest else prefix_kv[prefix]
             # a prefix whose prompts are all in this batch or before goes
-            prefix_kv = {p: v for p, v in prefix_kv.items() if last_use[p] >= i + batch_size}
+            prefix_kv = {p: v for p, v in prefix_kv.items() if last_use[p] >= end}
             cached[cache_kwarg(model)] = prompt_cache(model, batch, width, kv, max_new_tokens)
         if slots is not None:
-            set_adapter_ids(model, torch.tensor(list(slots[i:i + batch_size])))
+            set_adapter_ids(model, torch.tensor(list(slots[i:end])))
         out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=pad, **cached)
         answers += [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]

@@ -595,8 +595,8 @@ def left_padding_ok(model) -> bool:
     """Whether the model keeps left padding out of a row's logits: the generator, the ICL answers and
     ``ask`` batch prompts of several documents with left padding, and a document's synthetic data and
     answers must not depend on its batch-mates. RWKV takes an attention mask but does not use it (its
-    state runs through the padding: logits 13% off on a tiny one), so such a model generates one row
-    at a time. Checked once per model: 6 tokens behind 3 masked ones, the masked ones zeros or other
+    state runs through the padding: logits 13% off on a tiny one), so such a model batches prompts of
+    one length only (``row_batches``). Checked once per model: 6 tokens behind 3 masked ones, the masked ones zeros or other
     tokens. Where the mask holds, their content cannot reach the logits, and the two are the same
     to rounding in any dtype (the same shapes and positions); a comparison with the row alone would
     not be, in bf16. The grouped LoRA's slots are off for it where they are attached."""
@@ -616,6 +616,25 @@ def left_padding_ok(model) -> bool:
     ok = bool(((logits[0] - logits[1]).abs().max() / logits[0].abs().max().clamp_min(1e-6)).item() <= 1e-3)
     model._kmtrain_left_padding_ok = ok
     return ok
+
+
+def row_batches(lengths: Sequence[int], size: int, padding_ok: bool) -> List[Tuple[int, int]]:
+    """[start, end) of each batch of rows, in order, for prompts of these ``lengths``: ``size`` rows at a
+    time, or, for a model that lets left padding in (``left_padding_ok`` False), runs of consecutive rows
+    of one length, at most ``size`` each, which need no padding. A chunk's requests share its prompt,
+    and a document's questions often have one length, so such a model still generates in batches."""
+    out: List[Tuple[int, int]] = []
+    i, n = 0, len(lengths)
+    while i < n:
+        end = min(n, i + max(1, size))
+        if not padding_ok:
+            k = i + 1
+            while k < end and lengths[k] == lengths[i]:
+                k += 1
+            end = k
+        out.append((i, end))
+        i = end
+    return out
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from .data import FACTS_PROMPT, QA_PROMPT, SENTENCE_END, SUMMARY_PROMPT, chat_prompt_ids, parse_qa, qa_target
-from .models import cache_kwarg, kv_reuse_limit, left_padding_ok, prompt_cache
+from .models import cache_kwarg, kv_reuse_limit, left_padding_ok, prompt_cache, row_batches
 
 
 # The generator's instruction for each kind of synthetic target, after the chunk.
@@ -155,17 +155,17 @@ def _generate_hf(model, tokenizer, prompts: Sequence[Sequence[int]], cfg, seeds:
     dev = next(model.parameters()).device
     kv: Dict[Tuple[int, ...], list] = {}
     reusable = kv_reuse_limit(model)  # the most prompt tokens whose keys may be reused (a sliding window's)
-    # a model that ignores the padding's mask (RWKV) would write each row's text after its batch-mates'
-    rows = cfg.gen_batch_size if left_padding_ok(model) else 1
-    for i in range(0, len(prompts), rows):
-        batch = prompts[i:i + rows]
+    # a model that lets left padding in (RWKV ignores the mask) would write each row's text after its
+    # batch-mates': it batches prompts of one length only
+    for i, end in row_batches([len(p) for p in prompts], cfg.gen_batch_size, left_padding_ok(model)):
+        batch = prompts[i:end]
         width = max(len(p) for p in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for j, p in enumerate(batch):
             ids[j, width - len(p):] = torch.tensor(p)
             mask[j, width - len(p):] = 1
-        sampler = RowSampler(seeds[i:i + rows], cfg.temperature, cfg.top_p)
+        sampler = RowSampler(seeds[i:end], cfg.temperature, cfg.top_p)
         cached = {}
         if share_prompts and min(len(p) for p in batch) > 1 and width - 1 <= reusable:
             cached[cache_kwarg(model)] = prompt_cache(model, batch, width, kv, cfg.max_new_tokens)

@@ -30,6 +30,15 @@ def test_decoder_hidden_states_are_the_causal_lm_ones(tiny_model):
     assert torch.allclose(logits, ref.logits, rtol=1e-5, atol=1e-5)
 
 
+def test_row_batches_keep_order_and_batch_one_length_where_padding_leaks():
+    from kmtrain.models import row_batches
+
+    lengths = [5, 5, 5, 7, 7, 5, 5, 5, 5, 5]
+    assert row_batches(lengths, 4, True) == [(0, 4), (4, 8), (8, 10)]
+    assert row_batches(lengths, 4, False) == [(0, 3), (3, 5), (5, 9), (9, 10)]
+    assert row_batches([], 4, False) == [] and row_batches([3, 4], 0, True) == [(0, 1), (1, 2)]
+
+
 def test_decoder_hidden_states_ask_for_no_cache_and_train_through_a_recurrent_state():
     """The base stays in eval mode while KMs train, where transformers builds a KV cache by default:
     RWKV then updated its recurrent state in place inside the autograd graph, and the backward failed

@@ -247,9 +247,10 @@ def test_synthetic_targets_do_not_depend_on_batch_mates(tiny_model):
 def test_a_model_that_lets_padding_in_generates_each_row_alone(tiny_model):
     """RWKV takes an attention mask but ignores it: left padding runs through its state, and a
     document's targets and answers depended on its batch-mates (its logits 13% off with 3 pad tokens).
-    Such a model is found at the first generation (left_padding_ok) and generates one row at a time:
-    the same targets alone and with other documents, the same answers alone and batched. The tiny
-    Llama, which masks its padding, keeps its batches."""
+    Such a model is found at the first generation (left_padding_ok) and batches prompts of one length
+    only: the same targets alone and with other documents, the same answers alone and batched, and
+    no padded batch, while the requests of a chunk (one prompt) still go together. The tiny Llama,
+    which masks its padding, keeps its batches."""
     from transformers import AutoTokenizer, RwkvConfig, RwkvForCausalLM
 
     from conftest import DOCS
@@ -262,9 +263,18 @@ def test_a_model_that_lets_padding_in_generates_each_row_alone(tiny_model):
                                       attention_hidden_size=32, intermediate_size=64)).eval()
     assert not left_padding_ok(rwkv) and left_padding_ok(load_model(tiny_model)[0])
     cfg = IndexConfig(summaries_per_chunk=2, qa_per_chunk=1, max_new_tokens=8, gen_batch_size=4)
+    calls = []
+    generate = rwkv.generate
+
+    def spy(*a, **kw):
+        calls.append(kw["attention_mask"])
+        return generate(*a, **kw)
+
+    rwkv.generate = spy
     alone = synthesize(rwkv, tok, {"gamma": [DOCS["gamma"]]}, cfg)["gamma"]
     together = synthesize(rwkv, tok, {k: [v] for k, v in DOCS.items()}, cfg.replace(gen_batch_size=3))["gamma"]
     assert alone == together
+    assert all(bool(m.all()) for m in calls) and max(len(m) for m in calls) > 1
     asked = [question_prompt(q, DOCS[k]) for k, q in (("alpha", "Which bell?"), ("beta", "Which market?"))]
     assert generate_answers(rwkv, tok, asked, max_new_tokens=5, batch_size=2) == \
         [generate_answers(rwkv, tok, [q], max_new_tokens=5, batch_size=1)[0] for q in asked]
