@@ -46,8 +46,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .fused_linear_kl import (_add_bias_, _check_temperature, _fp32_copy, _kept_rows, _logits_fp32, _mm_fp32_acc, _pick_block,
-                              _scatter_rows, check_bias, chunk_rows)
+from .fused_linear_kl import (_add_bias_, _check_temperature, _fp32_copy, _kept_rows, _logits_fp32, _mm_fp32_acc,
+                              _pick_block, _scatter_rows, check_bias, chunk_rows)
 from .utils import (HAS_TRITON, check_operands, check_reduction, cpu_bf16_products, cpu_native_bf16, cpu_scratch,
                     flatten_mask, resolve_backend)
 

@@ -535,8 +535,8 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     if problem is not None:
         raise ValueError(f"--model {cfg.model}: {problem}. The KM losses compute logits as the last hidden state "
                          f"times the output head's weight, plus its bias (the teacher's from its cache; with the "
-                         f"model's logit scale or soft cap, where its config names one), so they would train towards other "
-                         f"distributions than this model's: not supported")
+                         f"model's logit scale or soft cap, where its config names one), so they would train towards "
+                         f"other distributions than this model's: not supported")
     # Cohere's and Granite's logit scale (else 1) and Gemma 2's soft cap (else None): in the cache's key
     temperature, softcap = logit_temperature(model), logit_softcap(model)
     setting = {"model": model_hash, "chunk_tokens": cfg.chunk_tokens, "chunk_overlap": cfg.chunk_overlap}

@@ -523,8 +523,9 @@ def logits_problem(model) -> Optional[str]:
     dev = head.weight.device
     ids = (torch.arange(1, 9, device=dev) % head.weight.shape[0])[None]
     logits = model(input_ids=ids).logits.float()
+    bias = head_bias(model)
     z = torch.nn.functional.linear(decoder_hidden_states(model, ids)[-1].float(), head.weight.float(),
-                                   None if head_bias(model) is None else head_bias(model).float())
+                                   None if bias is None else bias.float())
     ours = softcap_logits(z, cap) / temperature
     tol = 1e-4 if head.weight.dtype == torch.float32 else 3e-2  # bf16/fp16 logits: rounded at ~2**-8
     err = ((logits - ours).abs().max() / logits.abs().max().clamp_min(1e-6)).item()
@@ -596,10 +597,11 @@ def left_padding_ok(model) -> bool:
     ``ask`` batch prompts of several documents with left padding, and a document's synthetic data and
     answers must not depend on its batch-mates. RWKV takes an attention mask but does not use it (its
     state runs through the padding: logits 13% off on a tiny one), so such a model batches prompts of
-    one length only (``row_batches``). Checked once per model: 6 tokens behind 3 masked ones, the masked ones zeros or other
-    tokens. Where the mask holds, their content cannot reach the logits, and the two are the same
-    to rounding in any dtype (the same shapes and positions); a comparison with the row alone would
-    not be, in bf16. The grouped LoRA's slots are off for it where they are attached."""
+    one length only (``row_batches``). Checked once per model: 6 tokens behind 3 masked ones, the
+    masked ones zeros or other tokens. Where the mask holds, their content cannot reach the logits,
+    and the two are the same to rounding in any dtype (the same shapes and positions); a comparison
+    with the row alone would not be, in bf16. The grouped LoRA's slots are off for it where they are
+    attached."""
     known = getattr(model, "_kmtrain_left_padding_ok", None)
     if known is not None:
         return known

@@ -141,9 +141,10 @@ def chunked_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Next-token cross entropy per row, [N] fp32, from last hidden states ``h`` [N, H] and the LM
     head ``weight`` [V, H] with its ``bias`` [V] where it has one (logits capped at softcap * tanh(z /
-    softcap) where given, then divided by ``temperature``: the model's own), without a [N, V] tensor living through the backward: each chunk's
-    logits are recomputed there (activation checkpointing). The LM and PIT baselines on 8 x 1024
-    tokens would otherwise hold ~19 GB of fp32 logits and their softmax on a CPU (seen: OOM-killed)."""
+    softcap) where given, then divided by ``temperature``: the model's own), without a [N, V] tensor
+    living through the backward: each chunk's logits are recomputed there (activation checkpointing).
+    The LM and PIT baselines on 8 x 1024 tokens would otherwise hold ~19 GB of fp32 logits and their
+    softmax on a CPU (seen: OOM-killed)."""
     from torch.utils.checkpoint import checkpoint
 
     if h.shape[0] == 0:

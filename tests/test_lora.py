@@ -556,8 +556,9 @@ def test_a_flattened_layer_before_any_other_reads_its_sequences_from_the_inputs(
 
     torch.manual_seed(0)
     base = JetMoeForCausalLM(JetMoeConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                          num_key_value_heads=2, kv_channels=16, intermediate_size=64, num_local_experts=4,
-                                          num_experts_per_tok=2, max_position_embeddings=64)).float().eval().to(DEVICE)
+                                          num_key_value_heads=2, kv_channels=16, intermediate_size=64,
+                                          num_local_experts=4, num_experts_per_tok=2,
+                                          max_position_embeddings=64)).float().eval().to(DEVICE)
     grouped = attach_grouped_lora(base, 3, rank=4, alpha=8, seed=1, backend=backend)
     wrapped = [n for n, m in grouped.named_modules() if isinstance(m, GroupedLoRALinear)]
     assert "model.layers.0.self_attention.experts.router.layer" in wrapped
