@@ -23,6 +23,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from kmkernels.fused_linear_kl import softcap_logits
+from kmkernels.lora import set_adapter_ids
 from kmkernels.utils import cpu_native_bf16
 
 from .data import library_bars, safetensors_io_errors, sanitize_id
@@ -444,15 +445,10 @@ def decoder_hidden_states(model, input_ids: torch.Tensor, attention_mask: Option
     mode while KMs train, where transformers would build one by default, and RWKV then updated its
     state in place inside the autograd graph ("modified by an inplace operation" in the backward)."""
     decoder = model.get_decoder()
-    kw = {"use_cache": False} if _takes_use_cache(type(decoder)) else {}
+    kw = {"use_cache": False} if "use_cache" in forward_params(type(decoder)) else {}  # GPT-1's takes none
     with cpu_bf16_attention(input_ids.device, next(model.parameters()).dtype, keys=input_ids.shape[-1]):
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kw)
     return out.hidden_states[1:]
-
-
-@functools.lru_cache(maxsize=None)
-def _takes_use_cache(cls) -> bool:  # once per decoder class (GPT-1's takes no use_cache)
-    return "use_cache" in inspect.signature(cls.forward).parameters
 
 
 def text_config(model):
@@ -540,12 +536,13 @@ def cache_kwarg(module) -> str:
     """The keyword under which ``module``'s forward (and generate) takes a KV cache in the installed
     transformers: ``cache`` from 5.24 (where ``past_key_values`` is deprecated, to be removed from the
     models' forward in 5.40), ``past_key_values`` before (5.23). Both checked: the tests pass under each."""
-    return _cache_kwarg_of(type(module))
+    return "cache" if "cache" in forward_params(type(module)) else "past_key_values"
 
 
 @functools.lru_cache(maxsize=None)
-def _cache_kwarg_of(cls) -> str:  # once per model class, not per batch
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+def forward_params(cls) -> frozenset:
+    """The parameter names of a module class's ``forward``: once per class, not per batch."""
+    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 def output_kv_cache(out):
@@ -578,7 +575,7 @@ def kv_reuse_limit(model) -> float:
 
     if text_config(model) is not model.config:
         return 0
-    takes = inspect.signature(type(model.get_decoder()).forward).parameters
+    takes = forward_params(type(model.get_decoder()))
     if "cache" not in takes and "past_key_values" not in takes:
         return 0
     if getattr(model.config, "use_cache", True) is False or \
@@ -610,8 +607,6 @@ def left_padding_ok(model) -> bool:
     ids = (torch.arange(1, 7, device=dev) % vocab)[None]
     mask = torch.cat([torch.zeros(1, 3, dtype=torch.long, device=dev), torch.ones_like(ids)], dim=1)
     if getattr(model, "_grouped_lora", None) is not None:
-        from kmkernels.lora import set_adapter_ids
-
         set_adapter_ids(model, [-1])
     logits = [model(input_ids=torch.cat([pad[None], ids], dim=1), attention_mask=mask).logits[0, -1].float()
               for pad in (torch.zeros(3, dtype=ids.dtype, device=dev), (torch.arange(7, 10, device=dev) % vocab))]
