@@ -479,6 +479,30 @@ def _print_already_done(done: List[Tuple[str, dict]], shown: int = 10) -> None:
           f"(retrain=True / --retrain redoes them): {ids}", flush=True)
 
 
+# A notice that can apply to every document (a corpus of long ones outruns the steps) is printed in
+# full for this many documents; a run over thousands printed one or two per document beside each
+# document's summary line, burying the rest of the output.
+NOTICES_IN_FULL = 3
+
+
+class _Notices:
+    """Counts one kind of per-document notice and prints only the first ``NOTICES_IN_FULL`` of them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, message: str) -> bool:
+        """Prints ``message`` if it is among the first few; returns whether it was printed."""
+        self.count += 1
+        if self.count <= NOTICES_IN_FULL:
+            print(message, flush=True)
+        return self.count <= NOTICES_IN_FULL
+
+    @property
+    def untold(self) -> int:
+        return max(0, self.count - NOTICES_IN_FULL)
+
+
 def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> List[dict]:
     work = out / ".work"
     remove_stale_temp(out)
@@ -581,6 +605,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     synth: Dict[str, dict] = {}
     if needs_synth:
         missing, to_make = [], {}
+        cut, cut_requests = _Notices(), [0, 0]  # the untold documents' requests: made, of
         for d in todo:
             path = work / d.id / "synth.json"
             got = _read_stage_record(d.id, path, lambda rec: _synth_problem(rec, n_chunks[d.id]))
@@ -598,12 +623,18 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
                 draws = cfg.steps * cfg.examples_per_doc
                 # the fewest steps whose sources_to_keep holds them all
                 all_steps = math.ceil((n_requests + pieces) / (GENERATION_MARGIN * cfg.examples_per_doc))
-                print(f"{d.id}: {n_chunks[d.id]} chunks make {n_requests} generation requests"
-                      + (f" and {pieces} recitation pieces" if pieces else "")
-                      + f", but {cfg.steps} steps x {cfg.examples_per_doc} per step draw only {draws} examples: a "
-                      f"random {to_make[d.id]} of the requests are made" + (" and as large a share of the pieces "
-                      "kept" if pieces else "") + f", which keeps what is drawn as it was (--steps {all_steps} makes "
-                      "them all)", flush=True)
+                if not cut(f"{d.id}: {n_chunks[d.id]} chunks make {n_requests} generation requests"
+                           + (f" and {pieces} recitation pieces" if pieces else "")
+                           + f", but {cfg.steps} steps x {cfg.examples_per_doc} per step draw only {draws} examples: "
+                           f"a random {to_make[d.id]} of the requests are made" + (" and as large a share of the "
+                           "pieces kept" if pieces else "") + f", which keeps what is drawn as it was (--steps "
+                           f"{all_steps} makes them all)"):
+                    cut_requests[0] += to_make[d.id]
+                    cut_requests[1] += n_requests
+        if cut.untold:
+            print(f"{cut.untold} more document{'s' if cut.untold > 1 else ''} likewise: {cut_requests[0]} of "
+                  f"{'their' if cut.untold > 1 else 'its'} {cut_requests[1]} generation requests are made (km.json "
+                  "counts synthetic_requests_not_made)", flush=True)
         if missing:
             sha = {d.id: d.sha256 for d in missing}
 
@@ -629,6 +660,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     attached, trained = False, 0
     doc_counts: Dict[str, dict] = {}
     versions = library_versions()  # for every km.json: looked up once, not once per KM
+    undrawn = _Notices()
 
     def doc_state(d: Document) -> Optional[DocState]:
         """The document's training (and held-out) examples, or None (said why) when it has none."""
@@ -659,8 +691,12 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
             # known here draws every example once.
             hint = "" if share_of_requests_made(made) < 1 else \
                 f" (--steps {math.ceil(len(examples) / cfg.examples_per_doc)} draws each once)"
-            print(f"{d.id}: {len(examples)} training examples, but {cfg.steps} steps x {cfg.examples_per_doc} per step "
-                  f"draw only {drawn}: a random {drawn} of them are cached and trained on, the rest never{hint}", flush=True)
+            if not undrawn(f"{d.id}: {len(examples)} training examples, but {cfg.steps} steps x {cfg.examples_per_doc} "
+                           f"per step draw only {drawn}: a random {drawn} of them are cached and trained on, the rest "
+                           f"never{hint}") and undrawn.untold == 1:
+                print("more documents have more training examples than their steps draw: they are not told one by "
+                      "one, each one's summary line says how many of its examples are drawn (km.json: "
+                      "examples_not_drawn)", flush=True)
             keep = sorted(random.Random(f"draws:{seed}").sample(range(len(examples)), drawn))
             examples = [examples[i] for i in keep]
         # the held-out examples go last: the cache holds them too, training never draws them
@@ -795,7 +831,9 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
             cache_txt = f", cache {_size(cache_info[st.id]['bytes'])}" if st.id in cache_info else ""
             held_txt = "" if heldout is None else (f", held-out loss {heldout['best']['loss']:.4f} at step "
                                                    f"{heldout['best_step']} (untrained {heldout['untrained']['loss']:.4f})")
-            n_txt = f"{meta['examples']} examples" + (f" + {len(st.heldout)} held out" if st.heldout else "")
+            n_txt = (f"{meta['examples']} examples" if not s["not_drawn"] else
+                     f"{meta['examples']} of {meta['examples'] + s['not_drawn']} examples drawn")
+            n_txt += f" + {len(st.heldout)} held out" if st.heldout else ""
             print(f"{st.id}: {n_txt} ({s.get('dropped', 0)} synthetic outputs dropped){cache_txt}, {cfg.steps} steps, "
                   f"{loss_txt}{held_txt}, {wave_s / len(wave):.1f} s", flush=True)
             if cache is not None and not cfg.keep_teacher_cache:  # its KM is written: the cache is done with

@@ -1430,6 +1430,46 @@ def test_a_long_documents_generation_is_cut_to_what_training_draws(tiny_model, t
     assert got["long"]["examples"] + got["long"]["examples_not_drawn"] == len(full["items"]) + pieces
 
 
+def test_notices_that_fit_every_document_are_told_for_the_first_few(tiny_model, docs_dir, tmp_path, capsys,
+                                                                     monkeypatch):
+    """A corpus of long documents outruns the steps in every document: the two notices (requests cut,
+    examples not drawn) are printed in full for the first NOTICES_IN_FULL documents only, then summed up
+    in one line each, and each document's summary line says how many of its examples are drawn. A run
+    over 1,600 documents printed one such notice per document beside its summary line."""
+    kindex = importlib.import_module("kmtrain.index")
+    monkeypatch.setattr(kindex, "NOTICES_IN_FULL", 1)
+    for k in (1, 2):  # two long documents: their requests are cut; the three short ones' are not
+        (docs_dir / f"long{k}.txt").write_text(" ".join(f"The keeper of tower {k}{j} rings its bell {j + 2} times "
+                                                        f"at noon." for j in range(60)))
+    got = {s["id"]: s for s in index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", steps=6, examples_per_doc=1,
+                                                           recite_tokens=16, amp="off", base_dtype="fp32"))}
+    lines = capsys.readouterr().out.splitlines()
+    cut = [line for line in lines if "generation requests" in line]
+    meta = json.loads((tmp_path / "kms" / "long2" / "km.json").read_text())
+    made, of = meta["synthetic_requested"], meta["synthetic_requested"] + meta["synthetic_requests_not_made"]
+    assert 0 < made < of
+    assert len(cut) == 2 and cut[0].startswith("long1: ") and "(--steps " in cut[0]
+    assert cut[1] == (f"1 more document likewise: {made} of its {of} generation requests are made (km.json counts "
+                      "synthetic_requests_not_made)")
+    assert sorted(d for d, s in got.items() if s["examples_not_drawn"]) == ["long1", "long2"]
+    told = [line for line in lines if "training examples, but" in line]
+    assert len(told) == 1 and told[0].startswith("long1: ")
+    assert sum(line.startswith("more documents have more training examples than their steps draw") for line in lines) == 1
+    for d, s in got.items():  # the summary line carries the count, for the documents not told too
+        n = s["examples"] + s["examples_not_drawn"]
+        head = f"{d}: 6 of {n} examples drawn (" if d.startswith("long") else f"{d}: {n} examples ("
+        assert sum(line.startswith(head) for line in lines) == 1, (head, lines)
+
+    # below the limit each document is told, and nothing is summed up
+    monkeypatch.setattr(kindex, "NOTICES_IN_FULL", 5)
+    index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", steps=6, examples_per_doc=1, recite_tokens=16,
+                                  amp="off", base_dtype="fp32", retrain=True))
+    lines = capsys.readouterr().out.splitlines()
+    assert sum("training examples, but" in line for line in lines) == 2
+    assert sum("generation requests" in line for line in lines) == 0  # the kept records: no requests made again
+    assert not any("more document" in line for line in lines)
+
+
 def test_ask_names_a_malformed_pair():
     with pytest.raises(ValueError, match=r"pair 1: expected \(KM folder or None, question\), got 'Which bell\?'"):
         ask(["Which bell?"])
