@@ -76,6 +76,9 @@ def _index_parser(sub):
     p.add_argument("--id-field", default="id", help="id field (.jsonl or dataset input; default id)")
     p.add_argument("--text-field", default="text", help="text field (.jsonl or dataset input; default text)")
     p.add_argument("--limit", type=int, help="index at most this many documents")
+    p.add_argument("--skip-bad-documents", action="store_true",
+                   help="index the documents that have no problem and list those left out (empty, not UTF-8, an id "
+                        "given twice, ...), rather than stop; an input wrong as a whole (no such folder) still stops")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="'paper': 2048-token chunks, 16 targets, 1500 steps, batch 8; flags given win over it")
     d, types = IndexConfig(), typing.get_type_hints(IndexConfig)
@@ -220,8 +223,23 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .index import index
 
             cfg = _config_from_args(a)
-            docs = load_sources(a.docs, split=a.split, id_field=a.id_field, text_field=a.text_field, limit=a.limit,
-                                progress=not a.no_progress)
+            left_out = ""
+            try:
+                docs = load_sources(a.docs, split=a.split, id_field=a.id_field, text_field=a.text_field,
+                                    limit=a.limit, progress=not a.no_progress)
+            except DocumentError as e:
+                if not a.skip_bad_documents or e.documents is None:
+                    raise
+                if not e.documents:
+                    raise DocumentError(f"{e}\nno document is left to index without them") from None
+                # every one of them, as without the flag: the list is what is left to fix
+                n = len(e.problems)
+                named = "the document this problem names" if n == 1 else f"the documents these {n} problems name"
+                print(f"kmtrain: --skip-bad-documents: {named} {'is' if n == 1 else 'are'} left out, no KM for "
+                      f"{'it' if n == 1 else 'them'}:\n  " + "\n  ".join(e.problems), file=sys.stderr, flush=True)
+                left_out = (f"kmtrain: --skip-bad-documents: {named.replace('these ', '')} {'was' if n == 1 else 'were'}"
+                            f" left out, no KM for {'it' if n == 1 else 'them'} (listed at the start)")
+                docs = e.documents
             summaries = index(docs, cfg)
             # the others are written; a script must still learn that these are missing
             missing = {why: [s["id"] for s in summaries if s["status"] == status]
@@ -232,9 +250,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                     for why, ids in missing.items() if ids]
             if said:
                 n = sum(map(len, missing.values()))
+                if left_out:
+                    print(left_out, file=sys.stderr)
                 print(f"kmtrain: error: {'; '.join(said)}; no KM written for {'it' if n == 1 else 'them'}",
                       file=sys.stderr)
                 return 1
+            if left_out:  # asked for: the run did what it was told, and its last line says what it left out
+                print(left_out, file=sys.stderr)
             return 0
         pairs = _ask_pairs(list(sys.argv[1:] if argv is None else argv))
         if a.questions is not None:

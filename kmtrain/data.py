@@ -14,7 +14,7 @@ import threading
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from kmkernels.utils import naming_file_on_error
 
@@ -39,11 +39,16 @@ ANSWER_PROMPT = ("Answer the following question. Give only the answer, and no ex
 
 class DocumentError(ValueError):
     """Bad input documents: the message names the file or record. ``problems``: each problem on its own
-    (one error lists all of an input's)."""
+    (one error lists all of an input's). ``documents``: where every problem is one document's or record's
+    (empty, not UTF-8, an id given twice), the input's other documents, which can be indexed without the
+    bad ones (`kmtrain index --skip-bad-documents`); None where the input as a whole is at fault (no such
+    folder, a field the dataset lacks)."""
 
-    def __init__(self, message: str, problems: Optional[List[str]] = None):
+    def __init__(self, message: str, problems: Optional[List[str]] = None,
+                 documents: Optional[List["Document"]] = None):
         super().__init__(message)
         self.problems = problems or [message]
+        self.documents = documents
 
 
 @dataclass
@@ -94,8 +99,10 @@ def _dead_link(p: Path) -> Optional[str]:
     return None
 
 
-def _add(docs: Dict[str, Document], problems: List[str], raw_id, text, source: str) -> None:
-    """Adds one document, or records why it cannot be added (the caller reports every problem at once)."""
+def _add(docs: Dict[str, Document], problems: List[str], raw_id, text, source: str, clashes: Set[str]) -> None:
+    """Adds one document, or records why it cannot be added (the caller reports every problem at once).
+    ``clashes``: ids given twice, whose every copy is left out where bad documents are skipped (which
+    of them was meant cannot be told)."""
     if text is None:  # an empty CSV cell, a JSON null
         problems.append(f"{source}: document {raw_id!r} has no text (null)")
         return
@@ -118,6 +125,7 @@ def _add(docs: Dict[str, Document], problems: List[str], raw_id, text, source: s
                         f"character {text.index(chr(0))}): a UTF-16 file, or not text; save it as UTF-8")
     elif doc_id in docs:
         problems.append(f"{source}: duplicate document id {doc_id!r} (also in {docs[doc_id].source})")
+        clashes.add(doc_id.casefold())
     else:
         docs[doc_id] = Document(doc_id, text, source)
 
@@ -169,6 +177,7 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
     _check_limit(limit)
     docs: Dict[str, Document] = {}
     problems: List[str] = []
+    clashes: Set[str] = set()
     source = os.path.expanduser(source)  # "~" is the home folder, as in a shell (from Python, nothing expanded it)
     path = Path(source)
     files = []
@@ -202,7 +211,7 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
             except OSError as e:  # no read permission, a file gone since listed: one problem among the rest
                 problems.append(_dead_link(p) or f"{p}: cannot be read ({e.strerror or e})")
                 continue
-            _add(docs, problems, p.stem, text, str(p))
+            _add(docs, problems, p.stem, text, str(p), clashes)
     elif path.is_file() and path.suffix.lower() == ".jsonl":
         try:
             lines = path.read_bytes().decode("utf-8-sig").splitlines()
@@ -220,7 +229,7 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
             if not isinstance(rec, dict) or id_field not in rec or text_field not in rec:
                 problems.append(f"{where}: each line needs {id_field!r} and {text_field!r} fields")
                 continue
-            _add(docs, problems, rec[id_field], rec[text_field], where)
+            _add(docs, problems, rec[id_field], rec[text_field], where, clashes)
     elif path.is_file() and not path.name.lower().endswith(_DATA_SUFFIXES):
         raise DocumentError(f"{source}: expected a folder of .txt/.md files, one .txt/.md file, a .jsonl file, or a "
                             f"dataset's data file ({', '.join(_DATA_SUFFIXES)})")
@@ -234,8 +243,8 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
         for i, rec in enumerate(ds):
             if limit is not None and len(docs) >= limit:
                 break
-            _add(docs, problems, rec[id_field], rec[text_field], f"{source}[{split}][{i}]")
-    return _checked(docs, problems, limit, source)
+            _add(docs, problems, rec[id_field], rec[text_field], f"{source}[{split}][{i}]", clashes)
+    return _checked(docs, problems, clashes, limit, source)
 
 
 def check_documents(documents: Sequence[Document]) -> List[Document]:
@@ -244,18 +253,20 @@ def check_documents(documents: Sequence[Document]) -> List[Document]:
     empty texts; every problem in one DocumentError."""
     docs: Dict[str, Document] = {}
     problems: List[str] = []
+    clashes: Set[str] = set()
     for k, d in enumerate(documents):
         if not isinstance(d, Document):
             problems.append(f"document {k}: expected a kmtrain Document, got {type(d).__name__}")
             continue
-        _add(docs, problems, d.id, d.text, d.source or f"document {k} ({d.id!r})")
-    return _checked(docs, problems, source="the documents given")
+        _add(docs, problems, d.id, d.text, d.source or f"document {k} ({d.id!r})", clashes)
+    return _checked(docs, problems, clashes, source="the documents given")
 
 
-def _checked(docs: Dict[str, Document], problems: List[str], limit: Optional[int] = None,
+def _checked(docs: Dict[str, Document], problems: List[str], clashes: Set[str], limit: Optional[int] = None,
              source: str = "the input") -> List[Document]:
-    """The documents, after the checks that need all of them; every problem found so far in one error.
-    No documents at all is an error too: an empty .jsonl indexed nothing and exited 0."""
+    """The documents, after the checks that need all of them; every problem found so far in one error,
+    which carries the documents free of them (``DocumentError.documents``). No documents at all is an
+    error too: an empty .jsonl indexed nothing and exited 0."""
     # Ids that differ only in letter case name one folder on case-insensitive file systems (macOS,
     # Windows): one KM would overwrite the other there, so they are refused everywhere.
     first_of: Dict[str, Document] = {}
@@ -264,7 +275,9 @@ def _checked(docs: Dict[str, Document], problems: List[str], limit: Optional[int
         if other is not d:
             problems.append(f"{d.source}: document id {d.id!r} differs from {other.id!r} ({other.source}) only in "
                             f"letter case; their KM folders would collide on case-insensitive file systems")
-    _raise_problems(problems)
+            clashes.add(d.id.casefold())
+    usable = [d for d in docs.values() if d.id.casefold() not in clashes]
+    _raise_problems(problems, usable[:limit] if limit is not None else usable)
     if not docs:
         raise DocumentError(f"{source}: no documents in it")
     out = list(docs.values())
@@ -278,9 +291,10 @@ def _problems_message(problems: List[str], where: str) -> str:
     return f"{len(problems)} problems in {where}:\n  " + "\n  ".join(problems)
 
 
-def _raise_problems(problems: List[str]) -> None:
+def _raise_problems(problems: List[str], documents: Optional[List[Document]]) -> None:
+    """Every problem in one DocumentError; ``documents``: those free of them (None: the input as a whole is at fault)."""
     if problems:
-        raise DocumentError(_problems_message(problems, "the input documents"), problems)
+        raise DocumentError(_problems_message(problems, "the input documents"), problems, documents)
 
 
 def load_sources(sources: Sequence[str], *, limit: Optional[int] = None, **kw) -> List[Document]:
@@ -291,6 +305,7 @@ def load_sources(sources: Sequence[str], *, limit: Optional[int] = None, **kw) -
     _check_limit(limit)  # before the loop, which would stop at once for a limit of 0
     found: List[Document] = []
     problems: List[str] = []
+    whole = False  # an input at fault as a whole: nothing to index without the bad documents
     for source in sources:
         if limit is not None and len(found) >= limit:  # a Hub dataset after them is not read at all
             break
@@ -298,12 +313,16 @@ def load_sources(sources: Sequence[str], *, limit: Optional[int] = None, **kw) -
             found += load_documents(source, limit=None if limit is None else limit - len(found), **kw)
         except DocumentError as e:
             problems += e.problems
+            whole = whole or e.documents is None
+            found += e.documents or []
     try:  # across the inputs: an id twice, or twice but for letter case (none found: each input said why)
         found = check_documents(found) if found else found
     except DocumentError as e:
         problems += e.problems
-    _raise_problems(problems)
-    return found[:limit] if limit is not None else found
+        found = e.documents
+    found = found[:limit] if limit is not None else found
+    _raise_problems(problems, None if whole else found)
+    return found
 
 
 def load_questions(source: str) -> List[Tuple[Optional[str], str]]:

@@ -316,6 +316,52 @@ def test_index_takes_several_inputs_as_one(tiny_model, tmp_path, capsys):
     assert not (tmp_path / "kms3").exists()
 
 
+def test_skip_bad_documents_indexes_the_rest_and_lists_what_it_left_out(tiny_model, tmp_path, capsys):
+    """A corpus of thousands with a few empty or clashing files: --skip-bad-documents indexes the
+    others and lists every problem (first and, counted, last on stderr), exit 0 as asked. An input
+    wrong as a whole, or nothing left, still stops with exit 2 and writes nothing."""
+    from kmtrain.cli import main
+
+    notes, more = tmp_path / "notes", tmp_path / "more"
+    notes.mkdir()
+    more.mkdir()
+    (notes / "bell.md").write_text("The bell of Lissen rings at noon.")
+    (notes / "tower.md").write_text("The tower of Lissen is 40 metres tall.")
+    (notes / "empty.md").write_text("  \n")
+    (more / "harbour.txt").write_text("The harbour freezes in January.")
+    (more / "Bell.txt").write_text("Another bell.")  # the same id as notes/bell.md but for letter case
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "text": "The ferry leaves at six."}\nnot json\n')
+    flags = ["--model", tiny_model, "--steps", "1", "--summaries-per-chunk", "1", "--qa-per-chunk", "1",
+             "--max-new-tokens", "8", "--chunk-tokens", "64", "--no-progress"]
+    inputs = [str(notes), str(more), str(bad)]
+    assert main(["index", *inputs, "--out", str(tmp_path / "strict"), *flags]) == 2  # without the flag: stops
+    assert not (tmp_path / "strict").exists()
+    capsys.readouterr()
+    assert main(["index", *inputs, "--out", str(tmp_path / "kms"), "--skip-bad-documents", *flags]) == 0
+    got = capsys.readouterr()
+    assert sorted(p.name for p in (tmp_path / "kms").iterdir() if not p.name.startswith(".")) == [
+        "harbour", "tower", "x"]
+    err = got.err.splitlines()
+    assert err[0] == "kmtrain: --skip-bad-documents: the documents these 3 problems name are left out, no KM for them:"
+    assert sorted(err[1:4]) == sorted([f"  {notes / 'empty.md'}: document 'empty' is empty", f"  {bad}:2: invalid JSON "
+                                       "(Expecting value)", f"  {more / 'Bell.txt'}: document id 'Bell' differs from "
+                                       f"'bell' ({notes / 'bell.md'}) only in letter case; their KM folders would "
+                                       "collide on case-insensitive file systems"])
+    assert err[-1] == ("kmtrain: --skip-bad-documents: the documents 3 problems name were left out, no KM for them "
+                       "(listed at the start)")
+    assert "indexed 3 documents" in got.out
+    # an input that is not there is no document's problem: the run stops, with the flag too
+    assert main(["index", *inputs, str(tmp_path / "nowhere"), "--out", str(tmp_path / "kms2"), "--skip-bad-documents",
+                 *flags]) == 2
+    assert "nowhere: no such file or folder" in capsys.readouterr().err and not (tmp_path / "kms2").exists()
+    # nothing left once the bad ones are out
+    assert main(["index", str(notes / "empty.md"), "--out", str(tmp_path / "kms3"), "--skip-bad-documents",
+                 *flags]) == 2
+    assert capsys.readouterr().err.endswith("is empty\nno document is left to index without them\n")
+    assert not (tmp_path / "kms3").exists()
+
+
 def test_ask_into_a_closed_pipe_stops_quietly(tmp_path, capsys, monkeypatch):
     """`kmtrain ask ... --json | head -2`: once head has its lines the pipe closes. ask said
     "kmtrain: error: [Errno 32] Broken pipe" and exited 1; it now stops as a Unix tool does, with no

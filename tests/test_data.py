@@ -7,7 +7,7 @@ import re
 import pytest
 
 from conftest import DATED_TEMPLATE, on_day, tiny_cfg
-from kmtrain import DocumentError, IndexConfig, index, load_documents
+from kmtrain import Document, DocumentError, IndexConfig, index, load_documents
 from kmtrain.data import chunk_tokens, parse_qa, sanitize_id
 
 
@@ -79,6 +79,53 @@ def test_every_bad_input_is_reported_in_one_error(tmp_path):
     lines = str(err.value).splitlines()
     assert lines[0] == "3 problems in the input documents:"
     assert [re.search(r"docs\.jsonl:(\d+): ", line).group(1) for line in lines[1:]] == ["2", "3", "4"]
+
+
+def test_the_error_carries_the_documents_free_of_problems(tmp_path):
+    """`kmtrain index --skip-bad-documents` indexes what a DocumentError says is free of problems:
+    every copy of an id given twice (or twice but for letter case) is left out, since which was meant
+    cannot be told; an input wrong as a whole carries none (None, not an empty list)."""
+    from kmtrain.data import check_documents, load_sources
+
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "a.txt").write_text("fine text")
+    (d / "a.md").write_text("same stem as a.txt")
+    (d / "b.txt").write_bytes(b"caf\xe9 not utf-8")
+    (d / "c.md").write_text("")
+    (d / "d.txt").write_text("also fine")
+    (d / "e.txt").write_text("fine too")
+    (d / "E2.md").write_text("and this")
+    with pytest.raises(DocumentError) as err:
+        load_documents(str(d))
+    assert len(err.value.problems) == 3 and [x.id for x in err.value.documents] == ["E2", "d", "e"]
+    assert [x.text for x in err.value.documents] == ["and this", "also fine", "fine too"]
+    with pytest.raises(DocumentError) as err:
+        load_documents(str(d), limit=2)
+    assert [x.id for x in err.value.documents] == ["E2", "d"]
+    j = tmp_path / "cases.jsonl"
+    j.write_text('{"id": "Report", "text": "one"}\n{"id": "other", "text": "two"}\n{"id": "report", "text": "3"}\n'
+                 'not json\n')
+    with pytest.raises(DocumentError) as err:
+        load_documents(str(j))
+    assert len(err.value.problems) == 2 and [x.id for x in err.value.documents] == ["other"]
+    # several inputs: an id in two of them is a clash too; a missing input spoils the whole
+    (tmp_path / "more.jsonl").write_text('{"id": "d", "text": "d again"}\n{"id": "f", "text": "new"}\n')
+    with pytest.raises(DocumentError) as err:
+        load_sources([str(d), str(j), str(tmp_path / "more.jsonl")])
+    assert len(err.value.problems) == 6 and [x.id for x in err.value.documents] == ["E2", "e", "other", "f"]
+    with pytest.raises(DocumentError) as err:
+        load_sources([str(d), str(tmp_path / "nowhere")])
+    assert err.value.documents is None
+    with pytest.raises(DocumentError) as err:
+        load_sources([str(d), str(j)], limit=3)
+    assert [x.id for x in err.value.documents] == ["E2", "d", "e"]
+    with pytest.raises(DocumentError) as err:  # nothing free of problems: an empty list, not None
+        check_documents([Document("x", "", "one"), Document("y", "ok", "two"), Document("Y", "ok", "three")])
+    assert err.value.documents == []
+    with pytest.raises(DocumentError) as err:  # no documents at all: the input as a whole
+        check_documents([])
+    assert err.value.documents is None
 
 
 def test_ids_chunks_and_qa_parsing():
