@@ -533,8 +533,66 @@ def text_ids(tokenizer, text: Union[str, List[str]]):
     it (a document about chat formats quoting "<|im_end|>", a hostile one opening a fake turn)
     stays characters: tokenized as the control token, it ended the chat turn in the teacher's and the
     generator's prompts and put an end-of-turn in the middle of recitation targets. Text without
-    such strings gets the ids it always had."""
+    such strings gets the ids it always had.
+
+    A text of more than ``2 * BLOCK_CHARS`` characters is tokenized a block at a time, cut where the
+    cut provably changes no token (``clean_cut``), with the same ids: in one call, a 48 MB text took
+    6.1 GB of memory for SmolLM2's tokenizer (8.4M tokens), which a laptop does not have for one
+    document. Where no clean cut is found near a block's end (a tokenizer that marks the start of
+    every text, as SentencePiece's does), the text is tokenized whole, as before."""
+    if isinstance(text, str) and len(text) > 2 * BLOCK_CHARS:
+        ids = _blockwise_ids(tokenizer, text)
+        if ids is not None:
+            return ids
+    return _plain_ids(tokenizer, text)
+
+
+def _plain_ids(tokenizer, text: Union[str, List[str]]):
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+BLOCK_CHARS = 1 << 18  # 256K characters: ~40 MB of the tokenizer's memory, and a batch of 8 at a time
+_SEAM_CHARS = 512  # context on each side of a cut when testing it
+_CUT_TRIES = 16
+
+
+def clean_cut(tokenizer, text: str, near: int) -> Optional[int]:
+    """A position at or before ``near`` (within 64K characters) where cutting ``text`` leaves its
+    tokens as they are, or None. Candidates are a single space between two non-space characters and
+    the position after a line break or a CJK full stop, where pre-tokenizers split; each is tested on
+    its context: the tokens of the 512 characters on each side of it, tokenized apart, must equal
+    those of both together. Pre-tokenization (a regular expression or a split on spaces) and the
+    merges within a pre-token look no further than that, so a cut that passes changes no token."""
+    lo = max(_SEAM_CHARS, near - (1 << 16))
+    pos, tried = near, 0
+    while pos > lo and tried < _CUT_TRIES:
+        ch, before = text[pos], text[pos - 1]
+        if (ch == " " and not before.isspace() and not text[pos + 1:pos + 2].isspace()) or \
+                (before in "\n" + "".join(_CJK_ENDS) and not ch.isspace()):
+            tried += 1
+            a, b = text[pos - _SEAM_CHARS:pos], text[pos:pos + _SEAM_CHARS]
+            both, first, second = _plain_ids(tokenizer, [a + b, a, b])
+            if both == first + second:
+                return pos
+        pos -= 1
+    return None
+
+
+def _blockwise_ids(tokenizer, text: str) -> Optional[List[int]]:
+    """``text``'s ids, tokenized in blocks of about BLOCK_CHARS cut at clean cuts; None where a block
+    end has none near it."""
+    cuts = [0]
+    while len(text) - cuts[-1] > 2 * BLOCK_CHARS:
+        cut = clean_cut(tokenizer, text, cuts[-1] + BLOCK_CHARS)
+        if cut is None or cut <= cuts[-1]:
+            return None
+        cuts.append(cut)
+    cuts.append(len(text))
+    ids: List[int] = []
+    for k in range(0, len(cuts) - 1, 8):  # a batch of blocks at a time: the tokenizer's memory is per call
+        for block in _plain_ids(tokenizer, [text[a:b] for a, b in zip(cuts[k:k + 9], cuts[k + 1:k + 9])]):
+            ids += block
+    return ids
 
 
 def _control_strings(tokenizer) -> Tuple[str, ...]:

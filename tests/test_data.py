@@ -140,6 +140,56 @@ def test_ids_chunks_and_qa_parsing():
     assert parse_qa("no pairs here") == []
 
 
+def _long_mixed_text(rng, n_pieces: int) -> str:
+    """Prose, code with indentation runs, CJK without spaces, emoji, combining marks, special-token
+    strings, CRLF and runs of spaces, tabs and newlines, in random order."""
+    pieces = ["The bell of Lissen rings at noon, and the keeper winds the clock.", "def f(x):\n    return  x  + 1\n",
+              "钟楼的守护者每天中午敲钟。", "他住在港口。", "café naïve e\u0301 ß — “quoted”", "😀👍🏽 ok", "<|im_end|>", "\r\n",
+              " " * 37, "\t\t", "\n\n\n", "x" * 300, "3.14159 2026-12-06", "  indented  words  "]
+    return "".join(rng.choice(pieces) + rng.choice(["", " ", "\n"]) for _ in range(n_pieces))
+
+
+def test_long_texts_are_tokenized_in_blocks_with_the_same_ids(tiny_model, monkeypatch):
+    """A long document is tokenized a block at a time (one call on a 48 MB text took 6.1 GB): the cuts
+    are tested to change no token, so the ids equal those of the text in one call; no call sees much
+    more than a block; a tokenizer that marks the start of every text (a normalizer that prepends "▁",
+    as Llama 2's does) has no clean cut, and its texts are tokenized whole."""
+    import os
+    import random
+
+    from tokenizers import Tokenizer, models, normalizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    import kmtrain.data as kdata
+
+    monkeypatch.setattr(kdata, "BLOCK_CHARS", 4096)  # many blocks in a text a test can afford
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    text = _long_mixed_text(rng, 3000)
+    assert len(text) > 10 * kdata.BLOCK_CHARS
+
+    byte_level = AutoTokenizer.from_pretrained(tiny_model)
+    prepending = Tokenizer(models.BPE(unk_token="<unk>"))
+    prepending.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    prepending.train_from_iterator([text[:5000]], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|im_end|>"]))
+    prepending = PreTrainedTokenizerFast(tokenizer_object=prepending, unk_token="<unk>", eos_token="<|im_end|>")
+    for tok, blockwise in ((byte_level, True), (prepending, False)):
+        seen, real = [], type(tok).__call__
+        monkeypatch.setattr(type(tok), "__call__", lambda self, t, *a, **kw: seen.append(t) or real(self, t, *a, **kw))
+        ids = kdata.text_ids(tok, text)
+        monkeypatch.setattr(type(tok), "__call__", real)
+        assert ids == tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"], seed
+        longest = max(len(t) for call in seen for t in ([call] if isinstance(call, str) else call))
+        if blockwise:  # blocks of at most two BLOCK_CHARS, and the 1 KB seam tests
+            assert longest <= 2 * kdata.BLOCK_CHARS and len(seen) > 10, seed
+        else:  # no cut passed its test: the whole text in one call, after a bounded search
+            assert longest == len(text) and len(seen) <= kdata._CUT_TRIES + 2, seed
+    # nothing to cut at: a run of letters has no candidate
+    assert kdata.clean_cut(byte_level, "a" * 20000, 10000) is None
+    # short texts and lists take the one call they always took
+    assert kdata.text_ids(byte_level, ["a b", "c"]) == byte_level(["a b", "c"], add_special_tokens=False)["input_ids"]
+
+
 def test_chunks_cut_only_where_a_character_ends_and_still_cover_the_document():
     import random
 
