@@ -728,14 +728,11 @@ def _cue(target: str, tokenizer, words: int) -> str:
     return cue[:lo].rstrip()
 
 
-def recitation_items(chunks: Sequence[str], tokenizer, piece_tokens: int, cue_words: int = 6) -> List[dict]:
-    """Synthetic items that need no generator: each chunk cut at sentence ends into pieces of about
-    ``piece_tokens`` tokens (a sentence longer than that is a piece of its own, up to twice that;
-    a longer one is cut: ``_cut_long``), each piece a target under RECITE_PROMPT cued by its first
-    ``cue_words`` words (``_cue``: at most 4 tokens a word). The teacher, with the chunk in context,
-    copies the piece; the student learns to recall it from the cue, so every fact of the chunk is in
-    some target, not only what the generated summaries mention."""
-    items = []
+def recitation_pieces(chunks: Sequence[str], tokenizer, piece_tokens: int) -> List[Tuple[int, str]]:
+    """(chunk, piece) for each recitation piece of ``chunks``, in order: `recitation_items` without
+    the cues, which cost as much again and which a long document needs for the few pieces it keeps
+    (`recitation_item` makes an item of one)."""
+    pieces = []
     for c, text in enumerate(chunks):
         sentences = [s for s in SENTENCE_END.split(text.strip()) if s]
         units: List[Tuple[str, int, str]] = []  # (text, tokens, separator before it)
@@ -750,11 +747,25 @@ def recitation_items(chunks: Sequence[str], tokenizer, piece_tokens: int, cue_wo
             piece.append(sep + unit if piece else unit)
             n += length
             if n >= piece_tokens or k == len(units) - 1:
-                target = "".join(piece)
-                cue = _cue(target, tokenizer, cue_words)
-                items.append({"chunk": c, "prompt": RECITE_PROMPT.format(cue=cue), "target": target})
+                pieces.append((c, "".join(piece)))
                 piece, n = [], 0
-    return items
+    return pieces
+
+
+def recitation_item(chunk: int, target: str, tokenizer, cue_words: int = 6) -> dict:
+    """The synthetic item of one recitation piece: the piece as target, cued by its first words."""
+    return {"chunk": chunk, "prompt": RECITE_PROMPT.format(cue=_cue(target, tokenizer, cue_words)), "target": target}
+
+
+def recitation_items(chunks: Sequence[str], tokenizer, piece_tokens: int, cue_words: int = 6) -> List[dict]:
+    """Synthetic items that need no generator: each chunk cut at sentence ends into pieces of about
+    ``piece_tokens`` tokens (a sentence longer than that is a piece of its own, up to twice that;
+    a longer one is cut: ``_cut_long``), each piece a target under RECITE_PROMPT cued by its first
+    ``cue_words`` words (``_cue``: at most 4 tokens a word). The teacher, with the chunk in context,
+    copies the piece; the student learns to recall it from the cue, so every fact of the chunk is in
+    some target, not only what the generated summaries mention."""
+    return [recitation_item(c, target, tokenizer, cue_words)
+            for c, target in recitation_pieces(chunks, tokenizer, piece_tokens)]
 
 
 def file_sha256(path: str) -> str:

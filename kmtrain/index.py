@@ -39,7 +39,8 @@ from kmkernels.utils import resolve_backend
 from .checkpoint import TrainingCheckpoint
 from .config import IndexConfig, resolve_device
 from .data import (Document, atomic_write_text, chat_prompt_ids, check_documents, chunk_tokens, file_sha256,
-                   load_documents, recitation_items, target_ids, text_ids, whole_character_cuts)
+                   load_documents, recitation_item, recitation_items, recitation_pieces, target_ids, text_ids,
+                   whole_character_cuts)
 from .evaluate import ANSWER_BATCH, generate_answers, question_prompt
 from .models import (hub_snapshot, load_model, logit_softcap, logit_temperature, logits_problem, native_bf16,
                      resolve_model, text_config, weights_hash)
@@ -170,12 +171,12 @@ def document_items(cfg, doc_id: str, items: List[dict], chunk_texts: Sequence[st
     if cfg.recite_tokens:
         if tokenizer is None or not chunk_texts:
             raise ValueError("recite_tokens needs the chunk texts and the tokenizer")
-        pieces = recitation_items(chunk_texts, tokenizer, cfg.recite_tokens)
+        pieces = recitation_pieces(chunk_texts, tokenizer, cfg.recite_tokens)
         if made_share < 1:
             kept = random.Random(f"pieces:{doc_seed(cfg.seed, doc_id)}").sample(range(len(pieces)),
                                                                                  math.ceil(made_share * len(pieces)))
             pieces = [pieces[i] for i in sorted(kept)]
-        train += pieces
+        train += [recitation_item(c, target, tokenizer) for c, target in pieces]  # cued: only those kept
     return train, held
 
 
@@ -190,7 +191,7 @@ def _requests_needed(cfg, chunk_texts: Sequence[str], tokenizer) -> Tuple[int, i
     """(requests to make, requests in all, recitation pieces) of one document: `requests_to_make`."""
     n_requests = len(chunk_texts) * sum(n for _, n in requested_kinds(cfg))
     recite = cfg.objective == "sdcd" and cfg.recite_tokens > 0
-    pieces = len(recitation_items(chunk_texts, tokenizer, cfg.recite_tokens)) if recite else 0
+    pieces = len(recitation_pieces(chunk_texts, tokenizer, cfg.recite_tokens)) if recite else 0
     return requests_to_make(n_requests, pieces, cfg.steps * cfg.examples_per_doc), n_requests, pieces
 
 

@@ -1430,6 +1430,33 @@ def test_a_long_documents_generation_is_cut_to_what_training_draws(tiny_model, t
     assert got["long"]["examples"] + got["long"]["examples_not_drawn"] == len(full["items"]) + pieces
 
 
+def test_a_long_documents_recitation_cues_are_made_for_the_pieces_it_keeps(tiny_model, monkeypatch):
+    """A document that keeps a share of its recitation pieces cues only those: the cues of all of a
+    48 MB text's pieces took 69 s to keep a few. The kept items are those all items give at the
+    sampled positions, cue included."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    import kmtrain.data as kdata
+    from kmtrain.index import doc_seed, document_items
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rng = random.Random()
+    words = "bell tower keeper harbour lamp copper salt river ledger".split()
+    chunk_texts = [" ".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) + "." for _ in range(12))
+                   for _ in range(6)]
+    cfg = IndexConfig(recite_tokens=8)
+    everything = kdata.recitation_items(chunk_texts, tok, 8)
+    cued, real = [], kdata._cue
+    monkeypatch.setattr(kdata, "_cue", lambda target, *a: cued.append(target) or real(target, *a))
+    train, held = document_items(cfg, "doc", [], chunk_texts, tok, made_share=0.2)
+    assert held == [] and len(everything) > 20 and len(train) == math.ceil(0.2 * len(everything))
+    assert cued == [it["target"] for it in train]  # one cue per kept piece, none for the others
+    kept = sorted(random.Random(f"pieces:{doc_seed(cfg.seed, 'doc')}").sample(range(len(everything)), len(train)))
+    assert train == [everything[i] for i in kept]
+
+
 def test_notices_that_fit_every_document_are_told_for_the_first_few(tiny_model, docs_dir, tmp_path, capsys,
                                                                      monkeypatch):
     """A corpus of long documents outruns the steps in every document: the two notices (requests cut,

@@ -111,6 +111,42 @@ def test_a_kind_asked_for_zero_times_is_never_tokenized(monkeypatch):
     assert any(SUMMARY_PROMPT in t for t in read) and any(QA_PROMPT in t for t in read)
 
 
+def test_only_the_prompts_of_requests_made_are_tokenized(monkeypatch):
+    """A long document makes a few of its requests (requests_to_make): the others' prompts are never
+    tokenized (a 48 MB text spent 122 s on prompts for 2 million requests to make 29), and the ones
+    made are what they are when all are made, in the same order, one array per distinct prompt."""
+    from kmtrain.synth import made_positions
+
+    read, sent = [], []
+
+    class Recording(_CharTokenizer):
+        def __call__(self, text, add_special_tokens=False, split_special_tokens=False):
+            read.append(text)
+            return super().__call__(text, add_special_tokens)
+
+    def fake_generate(model, tok, prompts, cfg, seeds, progress=None):
+        sent.append((list(prompts), list(seeds)))
+        return ["Question: q?\nAnswer: a" if QA_PROMPT in "".join(map(chr, p)) else "s" for p in prompts]
+
+    monkeypatch.setattr(synth, "_generate_hf", fake_generate)
+    rng = random.Random()
+    chunks = ["\n\n".join(_paragraphs(rng, 3)) for _ in range(40)]
+    cfg = IndexConfig(summaries_per_chunk=4, qa_per_chunk=2, focus_parts=2)
+    synthesize(None, Recording(), {"doc": chunks}, cfg)
+    (all_prompts, all_seeds), = sent
+    assert len(all_prompts) == 240
+    read.clear()
+    sent.clear()
+    got = synthesize(None, Recording(), {"doc": chunks}, cfg, requests={"doc": 10})["doc"]
+    (prompts, seeds), = sent
+    made = made_positions(240, 10, cfg.seed, "doc")
+    assert got["requested"] == 10 and got["of_requests"] == 240
+    assert [list(p) for p in prompts] == [list(all_prompts[i]) for i in made]
+    assert seeds == [all_seeds[i] for i in made]
+    assert len(read) == len({tuple(p) for p in prompts}) <= 10  # each distinct prompt tokenized once
+    assert len({id(p) for p in prompts}) == len({tuple(p) for p in prompts})  # and shared by its requests
+
+
 def test_a_generation_cut_inside_a_character_loses_only_that_character(monkeypatch):
     """The token cap can stop a generation between the byte tokens of one character, which decode
     to U+FFFD: it was distilled as part of the target."""
