@@ -557,25 +557,40 @@ _SEAM_CHARS = 512  # context on each side of a cut when testing it
 _CUT_TRIES = 16
 
 
+def _split_point(before: str, ch: str, after: str) -> bool:
+    """Whether a cut between ``before`` and ``ch`` (``after`` follows ``ch``) is where every
+    pre-tokenizer splits: before a single space between two non-space characters, or at the start
+    of a line or of a CJK sentence."""
+    if ch.isspace():
+        return ch == " " and not before.isspace() and not after.isspace()
+    return before in "\n" + "".join(_CJK_ENDS)
+
+
+def _class_change(before: str, ch: str, after: str) -> bool:
+    """A change between letters, digits and other characters, where byte-level pre-tokenizers split:
+    the only cuts in text without spaces (base64, minified JSON)."""
+    return not (before.isspace() or ch.isspace()) and \
+        (before.isalpha(), before.isdigit()) != (ch.isalpha(), ch.isdigit())
+
+
 def clean_cut(tokenizer, text: str, near: int) -> Optional[int]:
     """A position at or before ``near`` (within 64K characters) where cutting ``text`` leaves its
-    tokens as they are, or None. Candidates are a single space between two non-space characters and
-    the position after a line break or a CJK full stop, where pre-tokenizers split; each is tested on
-    its context: the tokens of the 512 characters on each side of it, tokenized apart, must equal
-    those of both together. Pre-tokenization (a regular expression or a split on spaces) and the
-    merges within a pre-token look no further than that, so a cut that passes changes no token."""
+    tokens as they are, or None. Candidates are `_split_point`s, then `_class_change`s (a tokenizer
+    that splits on spaces alone would spend its tries on those first); each is tested on its
+    context: the tokens of the 512 characters on each side of it, tokenized apart, must equal those
+    of both together. Pre-tokenization (a regular expression or a split on spaces) and the merges
+    within a pre-token look no further than that, so a cut that passes changes no token."""
     lo = max(_SEAM_CHARS, near - (1 << 16))
-    pos, tried = near, 0
-    while pos > lo and tried < _CUT_TRIES:
-        ch, before = text[pos], text[pos - 1]
-        if (ch == " " and not before.isspace() and not text[pos + 1:pos + 2].isspace()) or \
-                (before in "\n" + "".join(_CJK_ENDS) and not ch.isspace()):
-            tried += 1
-            a, b = text[pos - _SEAM_CHARS:pos], text[pos:pos + _SEAM_CHARS]
-            both, first, second = _plain_ids(tokenizer, [a + b, a, b])
-            if both == first + second:
-                return pos
-        pos -= 1
+    for candidate in (_split_point, _class_change):
+        pos, tried = near, 0
+        while pos > lo and tried < _CUT_TRIES:
+            if candidate(text[pos - 1], text[pos], text[pos + 1:pos + 2]):
+                tried += 1
+                a, b = text[pos - _SEAM_CHARS:pos], text[pos:pos + _SEAM_CHARS]
+                both, first, second = _plain_ids(tokenizer, [a + b, a, b])
+                if both == first + second:
+                    return pos
+            pos -= 1
     return None
 
 

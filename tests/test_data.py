@@ -154,6 +154,7 @@ def test_long_texts_are_tokenized_in_blocks_with_the_same_ids(tiny_model, monkey
     are tested to change no token, so the ids equal those of the text in one call; no call sees much
     more than a block; a tokenizer that marks the start of every text (a normalizer that prepends "▁",
     as Llama 2's does) has no clean cut, and its texts are tokenized whole."""
+    import base64
     import os
     import random
 
@@ -183,7 +184,15 @@ def test_long_texts_are_tokenized_in_blocks_with_the_same_ids(tiny_model, monkey
         if blockwise:  # blocks of at most two BLOCK_CHARS, and the 1 KB seam tests
             assert longest <= 2 * kdata.BLOCK_CHARS and len(seen) > 10, seed
         else:  # no cut passed its test: the whole text in one call, after a bounded search
-            assert longest == len(text) and len(seen) <= kdata._CUT_TRIES + 2, seed
+            assert longest == len(text) and len(seen) <= 2 * kdata._CUT_TRIES + 1, seed
+    # text without spaces (base64): cut where letters, digits and other characters meet
+    b64 = base64.b64encode(os.urandom(15 * kdata.BLOCK_CHARS // 4)).decode()
+    seen, real = [], type(byte_level).__call__
+    monkeypatch.setattr(type(byte_level), "__call__", lambda self, t, *a, **kw: seen.append(t) or real(self, t, *a, **kw))
+    ids = kdata.text_ids(byte_level, b64)
+    monkeypatch.setattr(type(byte_level), "__call__", real)
+    assert ids == byte_level(b64, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert max(len(t) for call in seen for t in ([call] if isinstance(call, str) else call)) <= 2 * kdata.BLOCK_CHARS
     # nothing to cut at: a run of letters has no candidate
     assert kdata.clean_cut(byte_level, "a" * 20000, 10000) is None
     # short texts and lists take the one call they always took
