@@ -14,7 +14,7 @@ import threading
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from kmkernels.utils import naming_file_on_error
 
@@ -133,11 +133,34 @@ def _add(docs: Dict[str, Document], problems: List[str], raw_id, text, source: s
 def _not_utf8(path, e: UnicodeDecodeError) -> str:
     # Windows PowerShell 5's `>` and Out-File write UTF-16 with a byte-order mark: say so, not just "byte 0".
     head = e.object[:4]
+    return _wide_file(path, head) or f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})"
+
+
+def _wide_file(path, head: bytes) -> Optional[str]:
+    """What is wrong with a file whose first bytes ``head`` are a UTF-16 or UTF-32 byte-order mark."""
     for bom, name in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
                       (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):
         if head.startswith(bom):
             return f"{path}: a {name} file (it starts with a {name} byte-order mark), not UTF-8: save it as UTF-8"
-    return f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})"
+    return None
+
+
+def _jsonl_lines(lines: Iterable[bytes]) -> Iterator[Tuple[int, Optional[str], Optional[str]]]:
+    """(line number, text, problem) of each line of a JSON Lines input that is not blank: text, or
+    None and what is wrong with it. Lines end at "\n" alone: str.splitlines also ends them at
+    U+2028, U+0085 and form feeds, which JSON strings may hold unescaped (json.dumps(...,
+    ensure_ascii=False) writes them so), and a document holding one was refused as invalid JSON. Each
+    line is decoded on its own, so a line that is not UTF-8 is that record's problem, not the file's."""
+    for i, raw in enumerate(lines, 1):
+        if i == 1 and raw.startswith(codecs.BOM_UTF8):  # Windows editors' byte-order mark is not text
+            raw = raw[len(codecs.BOM_UTF8):]
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield i, None, f"not valid UTF-8 ({e.reason} at byte {e.start} of the line)"
+            continue
+        if line.strip():
+            yield i, line, None
 
 
 def _undecodable(name: str) -> bool:
@@ -213,23 +236,25 @@ def load_documents(source: str, *, split: str = "train", id_field: str = "id", t
                 continue
             _add(docs, problems, p.stem, text, str(p), clashes)
     elif path.is_file() and path.suffix.lower() == ".jsonl":
-        try:
-            lines = path.read_bytes().decode("utf-8-sig").splitlines()
-        except UnicodeDecodeError as e:
-            raise DocumentError(_not_utf8(path, e)) from None
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{where}: invalid JSON ({e.msg})")
-                continue
-            if not isinstance(rec, dict) or id_field not in rec or text_field not in rec:
-                problems.append(f"{where}: each line needs {id_field!r} and {text_field!r} fields")
-                continue
-            _add(docs, problems, rec[id_field], rec[text_field], where, clashes)
+        with open(path, "rb") as f:  # a line at a time: a corpus's .jsonl can be gigabytes
+            wide = _wide_file(path, f.read(4))
+            if wide:
+                raise DocumentError(wide)
+            f.seek(0)
+            for i, line, problem in _jsonl_lines(f):
+                where = f"{path}:{i}"
+                if problem:
+                    problems.append(f"{where}: {problem}")
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    problems.append(f"{where}: invalid JSON ({e.msg})")
+                    continue
+                if not isinstance(rec, dict) or id_field not in rec or text_field not in rec:
+                    problems.append(f"{where}: each line needs {id_field!r} and {text_field!r} fields")
+                    continue
+                _add(docs, problems, rec[id_field], rec[text_field], where, clashes)
     elif path.is_file() and not path.name.lower().endswith(_DATA_SUFFIXES):
         raise DocumentError(f"{source}: expected a folder of .txt/.md files, one .txt/.md file, a .jsonl file, or a "
                             f"dataset's data file ({', '.join(_DATA_SUFFIXES)})")
@@ -346,15 +371,15 @@ def load_questions(source: str) -> List[Tuple[Optional[str], str]]:
             raise ValueError(f"{source}: no such file") from None
         except OSError as e:  # no read permission: the input's problem, named as such (exit 2)
             raise ValueError(f"{source}: cannot be read ({e.strerror or e})") from None
-    try:
-        lines = raw.decode("utf-8-sig").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(_not_utf8(name, e)) from None
+    wide = _wide_file(name, raw[:4])
+    if wide:
+        raise ValueError(wide)
     pairs: List[Tuple[Optional[str], str]] = []
     problems: List[Tuple[int, str]] = []  # (line, what is wrong there)
     missing: Dict[str, List[int]] = {}  # a KM folder that is not there: the lines that name it
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
+    for i, line, problem in _jsonl_lines(raw.split(b"\n")):
+        if problem:
+            problems.append((i, problem))
             continue
         try:
             rec = json.loads(line)

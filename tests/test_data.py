@@ -406,6 +406,36 @@ def test_utf16_files_and_nul_characters_are_named(tmp_path):
         load_documents(str(tmp_path / "ps.jsonl"))
 
 
+def test_jsonl_lines_end_at_newlines_only_and_a_bad_line_is_its_records_problem(tmp_path, monkeypatch):
+    """JSON strings may hold U+2028, U+2029, U+0085 and form feeds unescaped (json.dumps(...,
+    ensure_ascii=False) writes them so); str.splitlines ended lines there, and such a document was
+    refused as invalid JSON. A line that is not UTF-8 was the whole file's error; it is that record's
+    problem now, listed with the rest, and --skip-bad-documents indexes the others."""
+    texts = {"a": "first\u2028second\u2029third", "b": "next\x85line and a \x0c form feed and \x1c",
+             "c": "plain, after a CRLF"}
+    lines = [json.dumps({"id": k, "text": v}, ensure_ascii=False) for k, v in texts.items()]
+    j = tmp_path / "docs.jsonl"
+    j.write_bytes(codecs.BOM_UTF8 + "\n".join(lines[:2]).encode() + b"\r\n" + lines[2].encode() + b"\r\n")
+    assert {d.id: d.text for d in load_documents(str(j))} == texts
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"\n".join([lines[0].encode(), '{"id": "x", "text": "caf\xe9"}'.encode("latin-1"), b"",
+                                 lines[2].encode()]))
+    with pytest.raises(DocumentError) as err:
+        load_documents(str(bad))
+    assert err.value.problems == [f"{bad}:2: not valid UTF-8 (invalid continuation byte at byte 24 of the line)"]
+    assert [d.id for d in err.value.documents] == ["a", "c"]
+    # questions likewise
+    from kmtrain import load_questions
+
+    q = tmp_path / "q.jsonl"
+    who = json.dumps({"question": "Who\u2028rings?"}, ensure_ascii=False).encode()
+    q.write_bytes(who + b"\n" + '{"question": "caf\xe9?"}'.encode("latin-1") + b"\n" + b'{"question": "Where?"}')
+    with pytest.raises(ValueError, match=r"q.jsonl:2: not valid UTF-8 \(invalid continuation byte at byte 17"):
+        load_questions(str(q))
+    q.write_bytes(who + b"\n" + b'{"question": "Where?"}')
+    assert load_questions(str(q)) == [(None, "Who\u2028rings?"), (None, "Where?")]
+
+
 def test_a_file_name_that_is_not_utf8_is_named_not_turned_into_another_id(tmp_path):
     """A Latin-1 file name from an old archive ("\xe9t\xe9.txt", été) on a UTF-8 system: Python keeps its
     undecodable bytes as lone surrogates, which sanitising dropped, so the document became "t" (and
