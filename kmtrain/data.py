@@ -309,7 +309,7 @@ def _checked(docs: Dict[str, Document], problems: List[str], clashes: Set[str], 
     return out[:limit] if limit is not None else out
 
 
-def _problems_message(problems: List[str], where: str) -> str:
+def problems_message(problems: List[str], where: str) -> str:
     """One problem as it is, several as a count and a list (every problem of an input in one error)."""
     if len(problems) == 1:
         return problems[0]
@@ -319,7 +319,7 @@ def _problems_message(problems: List[str], where: str) -> str:
 def _raise_problems(problems: List[str], documents: Optional[List[Document]]) -> None:
     """Every problem in one DocumentError; ``documents``: those free of them (None: the input as a whole is at fault)."""
     if problems:
-        raise DocumentError(_problems_message(problems, "the input documents"), problems, documents)
+        raise DocumentError(problems_message(problems, "the input documents"), problems, documents)
 
 
 def load_sources(sources: Sequence[str], *, limit: Optional[int] = None, **kw) -> List[Document]:
@@ -408,7 +408,7 @@ def load_questions(source: str) -> List[Tuple[Optional[str], str]]:
         lines_word = "lines" if len(more) > 1 else "line"
         problems.append((first, f"km {km}: {what}" + (f" (also on {lines_word} {also})" if more else "")))
     if problems:  # in line order, a missing KM at its first line
-        raise ValueError(_problems_message([f"{name}:{i}: {what}" for i, what in sorted(problems)], name))
+        raise ValueError(problems_message([f"{name}:{i}: {what}" for i, what in sorted(problems)], name))
     if not pairs:
         raise ValueError(f"{name}: no questions in it")
     return pairs

@@ -39,8 +39,8 @@ from kmkernels.utils import resolve_backend
 from .checkpoint import TrainingCheckpoint
 from .config import IndexConfig, resolve_device
 from .data import (Document, atomic_write_text, chat_prompt_ids, check_documents, chunk_tokens, file_sha256,
-                   load_documents, recitation_item, recitation_items, recitation_pieces, target_ids, text_ids,
-                   whole_character_cuts)
+                   load_documents, problems_message, recitation_item, recitation_items, recitation_pieces, target_ids,
+                   text_ids, whole_character_cuts)
 from .evaluate import ANSWER_BATCH, generate_answers, question_prompt
 from .models import (hub_snapshot, load_model, logit_softcap, logit_temperature, logits_problem, native_bf16,
                      resolve_model, text_config, weights_hash)
@@ -867,6 +867,25 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     return summaries
 
 
+def _asked_km_problem(km: str) -> Optional[str]:
+    """Why the KM folder ``km`` cannot be asked (not there, a document's file, an index run's --out,
+    an unreadable km.json, a damaged or changed weights file), or None."""
+    folder = Path(km)
+    if not folder.is_dir():
+        return f"--km {km}: " + ("a file, not a KM folder" if folder.exists() else "no such folder")
+    if not (folder / "adapter_config.json").exists():
+        inside = sorted(p.name for p in folder.iterdir() if (p / "adapter_config.json").is_file())
+        if inside:  # the --out of an index run, not one of its KMs
+            return (f"--km {km} is a folder of {len(inside)} KMs, not one KM: name one, "
+                    f"e.g. --km {folder / inside[0]}")
+    meta_path = folder / "km.json"
+    meta = _read_json(meta_path) if meta_path.exists() else {}
+    if not isinstance(meta, dict):
+        return f"{meta_path}: unreadable (not a JSON object); re-index the document with --retrain"
+    problem = km_problem(folder, meta.get("adapter_sha256"))
+    return None if problem is None else f"{problem}; re-index the document with --retrain"
+
+
 def ask(pairs: Iterable[Tuple[Optional[str], str]], *, model: Optional[str] = None, max_new_tokens: int = 64,
         device: str = "auto", backend: str = "auto", kms_at_once: int = 64,
         on_answer: Optional[Callable[[int, str], None]] = None, trust_remote_code: bool = False) -> List[str]:
@@ -906,24 +925,15 @@ def ask(pairs: Iterable[Tuple[Optional[str], str]], *, model: Optional[str] = No
     kms = list(dict.fromkeys(km for km, _ in pairs if km is not None))  # as first named: answers stream in order
     base, base_hash = model, None
     configs, trained_on = [], {}
+    # A missing or damaged KM fails here, before the model loads, every one of them in one error (a
+    # thousand questions over hundreds of KMs with a few typos were told one KM a run). km.json is
+    # optional (any PEFT LoRA folder is accepted) but must read where it exists: it carries the checks below.
+    problems = [problem for problem in map(_asked_km_problem, kms) if problem is not None]
+    if problems:
+        raise ValueError(problems_message(problems, "the KMs asked"))
     for km in kms:
-        # A missing or damaged KM fails here, before the model loads. km.json is optional (any PEFT
-        # LoRA folder is accepted) but must read where it exists: it carries the checks below.
-        folder = Path(km)
-        if not folder.is_dir():
-            raise ValueError(f"--km {km}: " + ("a file, not a KM folder" if folder.exists() else "no such folder"))
-        if not (folder / "adapter_config.json").exists():
-            inside = sorted(p.name for p in folder.iterdir() if (p / "adapter_config.json").is_file())
-            if inside:  # the --out of an index run, not one of its KMs
-                raise ValueError(f"--km {km} is a folder of {len(inside)} KMs, not one KM: name one, "
-                                 f"e.g. --km {folder / inside[0]}")
-        meta_path = folder / "km.json"
+        meta_path = Path(km) / "km.json"
         meta = _read_json(meta_path) if meta_path.exists() else {}
-        if not isinstance(meta, dict):
-            raise ValueError(f"{meta_path}: unreadable (not a JSON object); re-index the document with --retrain")
-        problem = km_problem(folder, meta.get("adapter_sha256"))
-        if problem is not None:
-            raise ValueError(f"{problem}; re-index the document with --retrain")
         configs.append(read_adapter_config(km))
         trained_on[km] = km_hash = meta.get("base_model_sha256")
         km_base = meta.get("base_model_path")

@@ -1502,6 +1502,24 @@ def test_ask_names_a_malformed_pair():
         ask(["Which bell?"])
 
 
+def test_ask_names_every_km_it_cannot_use_in_one_error(tmp_path):
+    """Questions over many KMs with a few typos: every KM that cannot be used is named in one error,
+    before the model loads (the first one alone was, a run at a time); a KM asked twice is named once."""
+    nope, doc, meta = tmp_path / "nope", tmp_path / "doc.txt", tmp_path / "bad_meta"
+    doc.write_text("a document, not its KM")
+    meta.mkdir()
+    (meta / "adapter_config.json").write_text('{"r": 4}')
+    (meta / "km.json").write_text("[1]")
+    with pytest.raises(ValueError) as e:
+        ask([(str(nope), "a?"), (str(doc), "b?"), (None, "c?"), (str(meta), "d?"), (str(nope), "e?")])
+    assert str(e.value).splitlines() == [
+        "3 problems in the KMs asked:", f"  --km {nope}: no such folder", f"  --km {doc}: a file, not a KM folder",
+        f"  {meta / 'km.json'}: unreadable (not a JSON object); re-index the document with --retrain"]
+    with pytest.raises(ValueError) as e:  # one problem: the line alone, as before
+        ask([(str(nope), "a?")])
+    assert str(e.value) == f"--km {nope}: no such folder"
+
+
 def test_ask_refuses_a_question_past_the_models_positions(tiny_model):
     """The tiny Llama takes 512 positions: a 600-word question was answered with nothing and a warning."""
     with pytest.raises(ValueError, match=r"question 2 \('word word word word word word word word \.\.\.', for the base "
