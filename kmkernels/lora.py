@@ -650,6 +650,16 @@ def _module_seed(seed: int, slot_key: str) -> int:
     return h
 
 
+def _decoder_of(model: nn.Module) -> Optional[nn.Module]:
+    """``model.get_decoder()``, or None for a model without one (or whose get_decoder is not implemented)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    try:
+        decoder = get_decoder() if callable(get_decoder) else None
+    except Exception:
+        return None
+    return decoder if isinstance(decoder, nn.Module) else None
+
+
 def _maps_like_a_linear(m: nn.Module) -> bool:
     """Whether ``m`` maps [n, in] to a tensor [n, out] as nn.Linear does. An nn.Linear subclass may
     not: Llama 4's and PhiMoE's routers return (scores, logits), and wrapped they failed in the
@@ -681,11 +691,7 @@ def lora_targets(model: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGE
     head = get_head() if callable(get_head) else None
     # "all-linear" is the language model's: a multimodal model's vision tower and projector never see
     # text (a KM's adapters there would stay zero), and are outside get_decoder()
-    get_decoder = getattr(model, "get_decoder", None)
-    try:
-        decoder = get_decoder() if callable(get_decoder) else None
-    except Exception:  # a model whose get_decoder is not implemented
-        decoder = None
+    decoder = _decoder_of(model)
     in_decoder = None if decoder is None else {id(m) for m in decoder.modules()}
     linears = [(name, m) for name, m in model.named_modules() if linear_features(m) is not None]
     found = [(name, m) for name, m in linears
@@ -744,11 +750,8 @@ def attach_grouped_lora(
         setattr(parent, name.rsplit(".", 1)[-1], wrapper)
     # the tokens per sequence, from the inputs, for layers that read the batch flattened (AdapterIds.note_inputs)
     entries = [model]
-    try:
-        decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
-    except Exception:  # a model whose get_decoder is not implemented
-        decoder = None
-    if isinstance(decoder, nn.Module) and decoder is not model:
+    decoder = _decoder_of(model)
+    if decoder is not None and decoder is not model:
         entries.append(decoder)
     for entry in entries:
         entry.register_forward_pre_hook(ids.note_inputs, with_kwargs=True)

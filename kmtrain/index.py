@@ -867,23 +867,24 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     return summaries
 
 
-def _asked_km_problem(km: str) -> Optional[str]:
-    """Why the KM folder ``km`` cannot be asked (not there, a document's file, an index run's --out,
-    an unreadable km.json, a damaged or changed weights file), or None."""
+def _asked_km(km: str) -> Tuple[Optional[str], dict]:
+    """(why the KM folder ``km`` cannot be asked, or None; its km.json, {} where it has none). Why:
+    not there, a document's file, an index run's --out, an unreadable km.json, a damaged or changed
+    weights file."""
     folder = Path(km)
     if not folder.is_dir():
-        return f"--km {km}: " + ("a file, not a KM folder" if folder.exists() else "no such folder")
+        return f"--km {km}: " + ("a file, not a KM folder" if folder.exists() else "no such folder"), {}
     if not (folder / "adapter_config.json").exists():
         inside = sorted(p.name for p in folder.iterdir() if (p / "adapter_config.json").is_file())
         if inside:  # the --out of an index run, not one of its KMs
             return (f"--km {km} is a folder of {len(inside)} KMs, not one KM: name one, "
-                    f"e.g. --km {folder / inside[0]}")
+                    f"e.g. --km {folder / inside[0]}"), {}
     meta_path = folder / "km.json"
     meta = _read_json(meta_path) if meta_path.exists() else {}
     if not isinstance(meta, dict):
-        return f"{meta_path}: unreadable (not a JSON object); re-index the document with --retrain"
+        return f"{meta_path}: unreadable (not a JSON object); re-index the document with --retrain", {}
     problem = km_problem(folder, meta.get("adapter_sha256"))
-    return None if problem is None else f"{problem}; re-index the document with --retrain"
+    return (None if problem is None else f"{problem}; re-index the document with --retrain"), meta
 
 
 def ask(pairs: Iterable[Tuple[Optional[str], str]], *, model: Optional[str] = None, max_new_tokens: int = 64,
@@ -928,12 +929,11 @@ def ask(pairs: Iterable[Tuple[Optional[str], str]], *, model: Optional[str] = No
     # A missing or damaged KM fails here, before the model loads, every one of them in one error (a
     # thousand questions over hundreds of KMs with a few typos were told one KM a run). km.json is
     # optional (any PEFT LoRA folder is accepted) but must read where it exists: it carries the checks below.
-    problems = [problem for problem in map(_asked_km_problem, kms) if problem is not None]
+    checked = {km: _asked_km(km) for km in kms}
+    problems = [problem for problem, _ in checked.values() if problem is not None]
     if problems:
         raise ValueError(problems_message(problems, "the KMs asked"))
-    for km in kms:
-        meta_path = Path(km) / "km.json"
-        meta = _read_json(meta_path) if meta_path.exists() else {}
+    for km, (_, meta) in checked.items():
         configs.append(read_adapter_config(km))
         trained_on[km] = km_hash = meta.get("base_model_sha256")
         km_base = meta.get("base_model_path")

@@ -280,12 +280,9 @@ def test_output_in_another_script_never_fails_on_a_narrow_stdout(tiny_model, tmp
     assert "already done" in said and "\\u7b54\\u3048\\u306f\\u6b63\\u5348" in said
 
 
-def test_index_takes_several_inputs_as_one(tiny_model, tmp_path, capsys):
-    """`kmtrain index notes/*.md more/ --out kms`: a shell glob hands over several paths, which argparse
-    refused ("unrecognized arguments"). They are indexed as one input: ids unique across them, and the
-    problems of every input in one error."""
-    from kmtrain.cli import main
-
+def _two_inputs(tmp_path, tiny_model):
+    """Two document folders, notes/ (bell.md, tower.md) and more/ (harbour.txt), and the flags of a
+    seconds-long index run on the tiny model."""
     notes, more = tmp_path / "notes", tmp_path / "more"
     notes.mkdir()
     more.mkdir()
@@ -294,6 +291,16 @@ def test_index_takes_several_inputs_as_one(tiny_model, tmp_path, capsys):
     (more / "harbour.txt").write_text("The harbour freezes in January.")
     flags = ["--model", tiny_model, "--steps", "1", "--summaries-per-chunk", "1", "--qa-per-chunk", "1",
              "--max-new-tokens", "8", "--chunk-tokens", "64", "--no-progress"]
+    return notes, more, flags
+
+
+def test_index_takes_several_inputs_as_one(tiny_model, tmp_path, capsys):
+    """`kmtrain index notes/*.md more/ --out kms`: a shell glob hands over several paths, which argparse
+    refused ("unrecognized arguments"). They are indexed as one input: ids unique across them, and the
+    problems of every input in one error."""
+    from kmtrain.cli import main
+
+    notes, more, flags = _two_inputs(tmp_path, tiny_model)
     assert main(["index", str(notes / "bell.md"), str(notes / "tower.md"), str(more), "--out", str(tmp_path / "kms"),
                  *flags]) == 0
     assert sorted(p.name for p in (tmp_path / "kms").iterdir() if not p.name.startswith(".")) == [
@@ -322,18 +329,11 @@ def test_skip_bad_documents_indexes_the_rest_and_lists_what_it_left_out(tiny_mod
     wrong as a whole, or nothing left, still stops with exit 2 and writes nothing."""
     from kmtrain.cli import main
 
-    notes, more = tmp_path / "notes", tmp_path / "more"
-    notes.mkdir()
-    more.mkdir()
-    (notes / "bell.md").write_text("The bell of Lissen rings at noon.")
-    (notes / "tower.md").write_text("The tower of Lissen is 40 metres tall.")
+    notes, more, flags = _two_inputs(tmp_path, tiny_model)
     (notes / "empty.md").write_text("  \n")
-    (more / "harbour.txt").write_text("The harbour freezes in January.")
     (more / "Bell.txt").write_text("Another bell.")  # the same id as notes/bell.md but for letter case
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "x", "text": "The ferry leaves at six."}\nnot json\n')
-    flags = ["--model", tiny_model, "--steps", "1", "--summaries-per-chunk", "1", "--qa-per-chunk", "1",
-             "--max-new-tokens", "8", "--chunk-tokens", "64", "--no-progress"]
     inputs = [str(notes), str(more), str(bad)]
     assert main(["index", *inputs, "--out", str(tmp_path / "strict"), *flags]) == 2  # without the flag: stops
     assert not (tmp_path / "strict").exists()
