@@ -22,6 +22,7 @@ import torch
 from bench.common import env_block, environment, km_records, markdown_table, write_report
 from kmkernels import attach_grouped_lora, dcd_loss, load_peft, set_adapter_ids, teacher_kl_stats
 from kmtrain.config import IndexConfig
+from kmtrain.index import stored_chunk_ids
 from kmtrain.models import decoder_hidden_states, load_model
 from kmtrain.teacher_cache import DTYPE_BYTES, _pad, build_examples, teacher_hiddens
 from kmtrain.train import round_like_cache
@@ -60,7 +61,7 @@ def main(argv=None):
         load_peft(model, 0, run / doc_id)
         chunks = json.loads((run / ".work" / doc_id / "chunks.json").read_text())
         items = json.loads((run / ".work" / doc_id / "synth.json").read_text())["items"]
-        examples = build_examples("sdcd", tok, chunks["texts"], chunks["ids"], items, cfg, 0)[:4]
+        examples = build_examples("sdcd", tok, chunks["texts"], stored_chunk_ids(chunks), items, cfg, 0)[:4]
         per_example = teacher_hiddens(model, examples, list(range(L)), tok.pad_token_id,
                                       lambda b: set_adapter_ids(model, torch.full((b,), -1)))
         ht32 = torch.cat(per_example, dim=1)

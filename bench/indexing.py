@@ -111,7 +111,7 @@ def work_model(cfg, corpus: str, work_dir: Path) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
     from kmtrain.data import load_documents
-    from kmtrain.index import doc_seed, document_items, share_of_requests_made
+    from kmtrain.index import doc_seed, document_items, share_of_requests_made, stored_chunk_ids
     from kmtrain.models import resolve_model
     from kmtrain.teacher_cache import build_examples, prefix_groups
     from kmtrain.train import DocState
@@ -136,7 +136,8 @@ def work_model(cfg, corpus: str, work_dir: Path) -> dict:
         # the training examples only, as index() has them
         items = document_items(cfg, d.id, synth["items"], chunks["texts"], tok, share_of_requests_made(synth))[0]
         seed = doc_seed(cfg.seed, d.id)
-        states.append(DocState(d.id, build_examples(cfg.objective, tok, chunks["texts"], chunks["ids"], items, cfg, seed), seed))
+        states.append(DocState(d.id, build_examples(cfg.objective, tok, chunks["texts"], stored_chunk_ids(chunks), items, cfg,
+                                                          seed), seed))
     D = min(cfg.docs_per_step, len(states))
     ref = full = 0.0
     useful = padded = 0

@@ -12,6 +12,7 @@ outputs are redone, never used. One run at a time holds OUT (out_lock).
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import errno
 import hashlib
@@ -38,9 +39,9 @@ from kmkernels.utils import resolve_backend
 
 from .checkpoint import TrainingCheckpoint
 from .config import IndexConfig, resolve_device
-from .data import (Document, atomic_write_text, chat_prompt_ids, check_documents, chunk_tokens, file_sha256,
-                   load_documents, problems_message, recitation_item, recitation_items, recitation_pieces, target_ids,
-                   text_ids, whole_character_cuts)
+from .data import (Document, atomic_write_json, chat_prompt_ids, check_documents, chunk_tokens, document_ids,
+                   file_sha256, load_documents, problems_message, recitation_item, recitation_items, recitation_pieces,
+                   target_ids, whole_character_cuts)
 from .evaluate import ANSWER_BATCH, generate_answers, question_prompt
 from .models import (hub_snapshot, load_model, logit_softcap, logit_temperature, logits_problem, native_bf16,
                      resolve_model, text_config, weights_hash)
@@ -216,18 +217,53 @@ def _read_stage_record(doc_id: str, path: Path, problem: Callable[[dict], Option
     return got
 
 
-# how chunks.json's ids were made (data.text_ids); a record without it, or with another, is redone
+# how chunks.json's ids were made (data.document_ids); a record without it, or with another, is redone
 CHUNK_TOKENIZATION = "split_special_tokens"
+
+
+def _ids_field(chunk_ids: Sequence[array]) -> List[str]:
+    """chunks.json's "ids_int32le": each chunk's token ids as base64 of little-endian int32. As JSON
+    lists of numbers, a 70 MB document's 66M ids came back from the file as 2.4 GB of Python ints;
+    so they take 0.35 GB, and 0.26 GB as arrays."""
+    def le(a: array) -> array:
+        if sys.byteorder == "big":
+            a = array("i", a)
+            a.byteswap()
+        return a
+    return [base64.b64encode(le(a).tobytes()).decode("ascii") for a in chunk_ids]
+
+
+def stored_chunk_ids(record: dict) -> Optional[List[array]]:
+    """The token ids of a chunks.json ``record`` (OUT/.work/<id>/chunks.json, parsed), one int32
+    array per chunk: from "ids_int32le", or from "ids" (lists of ints) in records written before
+    it. None where they are missing or malformed."""
+    try:
+        if "ids_int32le" in record:
+            out = []
+            for field in record["ids_int32le"]:
+                raw = base64.b64decode(field, validate=True)
+                if len(raw) % 4:
+                    return None
+                a = array("i", raw)
+                if sys.byteorder == "big":
+                    a.byteswap()
+                out.append(a)
+            return out
+        ids = record["ids"]
+        if not all(type(c) is list and all(type(i) is int for i in c) for c in ids):
+            return None
+        return [array("i", c) for c in ids]
+    except (KeyError, TypeError, ValueError, OverflowError):  # not a list, not base64, an id past int32
+        return None
 
 
 # What is wrong with a stage file that parses as an object, or None: such a file is redone, never
 # trained on (a hand-edited synth.json, say, with a slip in it failed deep in training).
 def _chunks_problem(got: dict) -> Optional[str]:
-    texts, ids = got.get("texts"), got.get("ids")
-    if not (isinstance(texts, list) and isinstance(ids, list) and len(texts) == len(ids) > 0
-            and all(isinstance(t, str) for t in texts)
-            and all(isinstance(c, list) and all(type(i) is int for i in c) for c in ids)):
-        return "needs non-empty lists 'texts' (strings) and 'ids' (token id lists) of one length"
+    texts, ids = got.get("texts"), stored_chunk_ids(got)
+    if not (isinstance(texts, list) and ids is not None and len(texts) == len(ids) > 0
+            and all(isinstance(t, str) for t in texts) and all(min(c, default=0) >= 0 for c in ids)):
+        return "needs non-empty lists 'texts' (strings) and 'ids_int32le' (token ids) of one length"
     return None
 
 
@@ -575,22 +611,28 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         got = _read_stage_record(d.id, path, _chunks_problem)
         same_source = bool(got) and got.get("doc_sha") == d.sha256 and got.get("setting") == setting
         if not same_source or got.get("tokenized") != CHUNK_TOKENIZATION:
-            ids = text_ids(tok, d.text)
+            ids = document_ids(tok, d.text)
             pieces = chunk_tokens(ids, cfg.chunk_tokens, cfg.chunk_overlap, whole_character_cuts(tok, ids))
-            old, got = got, {"doc_sha": d.sha256, "setting": setting, "tokenized": CHUNK_TOKENIZATION, "ids": pieces,
-                             "texts": [tok.decode(p) for p in pieces]}
+            del ids
+            texts = [tok.decode(p.tolist()) for p in pieces]
             # Older code tokenized a "<|im_end|>" quoted in a document as the control token itself.
             # "tokenized" is kept out of `setting`, which synth.json is keyed on too, so a document
             # whose ids come out the same keeps its synthetic targets; one whose ids change loses
             # them, as they were written from a prompt the quoted token had broken.
-            if same_source and old["ids"] != pieces:
+            if same_source and stored_chunk_ids(got) != pieces:
                 print(f"{d.id}: the document quotes a special token, which older chunks.json held as the "
                       f"token itself; rechunked, and its synthetic targets are made again", flush=True)
                 (work / d.id / "synth.json").unlink(missing_ok=True)
-            atomic_write_text(path, json.dumps(got))
+            record = {"doc_sha": d.sha256, "setting": setting, "tokenized": CHUNK_TOKENIZATION, "texts": texts,
+                      "ids_int32le": _ids_field(pieces)}
+            atomic_write_json(path, record)
+            del record
+        else:
+            texts, pieces = got["texts"], stored_chunk_ids(got)
+        got = None
         # token ids as int32 arrays until the document's wave: a tenth of a list of Python ints
-        chunks[d.id] = (got["texts"], [array("i", c) for c in got["ids"]])
-        n_chunks[d.id] = len(got["texts"])
+        chunks[d.id] = (texts, pieces)
+        n_chunks[d.id] = len(texts)
 
     _check_positions(cfg, model, tok, chunks)
 
@@ -641,7 +683,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
 
             def save(doc_id: str, made: dict) -> None:  # as each document finishes: a kill keeps those done
                 rec = {**made, "setting": synth_setting, "doc_sha": sha[doc_id]}
-                atomic_write_text(work / doc_id / "synth.json", json.dumps(rec))
+                atomic_write_json(work / doc_id / "synth.json", rec)
                 synth[doc_id] = rec
 
             with out_of_memory_note("generation", f"lower --gen-batch-size (now {cfg.gen_batch_size}) or "
@@ -666,7 +708,6 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     def doc_state(d: Document) -> Optional[DocState]:
         """The document's training (and held-out) examples, or None (said why) when it has none."""
         texts, ids = chunks.pop(d.id)  # from here on its examples carry what training needs
-        ids = [list(c) for c in ids]
         made = synth.pop(d.id, {})
         doc_counts[d.id] = {"requested": made.get("requested", 0), "dropped": made.get("dropped", 0),
                             "not_made": made.get("of_requests", made.get("requested", 0)) - made.get("requested", 0)}

@@ -86,9 +86,10 @@ def _sdcd_turns(item: dict, qa_format: str) -> List[Tuple[str, str]]:
     return [chat] if qa_format == "chat" else [(item["prompt"], item["target"]), chat]
 
 
-def build_examples(objective: str, tokenizer, chunks: List[str], chunk_ids: List[List[int]], items: List[dict],
+def build_examples(objective: str, tokenizer, chunks: List[str], chunk_ids: Sequence[Sequence[int]], items: List[dict],
                    cfg, seed: int) -> List[Example]:
-    """Token layout of every example of one document (SPEC.md section 1)."""
+    """Token layout of every example of one document (SPEC.md section 1). ``chunk_ids``: each chunk's
+    token ids (lists, or int32 arrays as index keeps them); the examples hold lists."""
     rng = random.Random(seed)
     out: List[Example] = []
     if objective == "sdcd":
@@ -114,7 +115,7 @@ def build_examples(objective: str, tokenizer, chunks: List[str], chunk_ids: List
                     W = rng.randint(max(4, len(ids) // 4), len(ids))
                 m = max(2, int(round(W * cfg.ddcd_student_frac)))
                 off = rng.randint(0, len(ids) - W)
-                win = ids[off:off + W]
+                win = list(ids[off:off + W])
                 # The student sees the last m tokens, the teacher the whole window, both after the same
                 # start token. Without it the student's first distilled position is sequence position 0,
                 # where the model parks its attention sink (hidden states far larger than mid-text
@@ -125,7 +126,7 @@ def build_examples(objective: str, tokenizer, chunks: List[str], chunk_ids: List
     elif objective == "lm":
         for ids in chunk_ids:
             for s in range(0, len(ids), cfg.lm_seq_tokens):
-                seq = ids[s:s + cfg.lm_seq_tokens]
+                seq = list(ids[s:s + cfg.lm_seq_tokens])
                 if len(seq) >= 2:
                     out.append(Example(seq, 0, len(seq) - 1))
     elif objective == "pit":

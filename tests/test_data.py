@@ -3,6 +3,7 @@ import codecs
 import hashlib
 import json
 import re
+from array import array
 
 import pytest
 
@@ -193,6 +194,11 @@ def test_long_texts_are_tokenized_in_blocks_with_the_same_ids(tiny_model, monkey
     monkeypatch.setattr(type(byte_level), "__call__", real)
     assert ids == byte_level(b64, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     assert max(len(t) for call in seen for t in ([call] if isinstance(call, str) else call)) <= 2 * kdata.BLOCK_CHARS
+    # a document's ids as index keeps them: the same ids as an int32 array, blockwise or in one call
+    for tok in (byte_level, prepending):
+        doc_ids = kdata.document_ids(tok, text)
+        assert isinstance(doc_ids, array) and doc_ids.itemsize == 4
+        assert doc_ids.tolist() == tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"], seed
     # nothing to cut at: a run of letters has no candidate
     assert kdata.clean_cut(byte_level, "a" * 20000, 10000) is None
     # short texts and lists take the one call they always took
@@ -215,6 +221,9 @@ def test_chunks_cut_only_where_a_character_ends_and_still_cover_the_document():
         assert chunk_tokens(ids, size, overlap) == plain
         clean = {i for i in range(1, n) if rng.random() < rng.choice([0.2, 0.5, 0.9])}
         got = chunk_tokens(ids, size, overlap, clean_cut=clean.__contains__)
+        # index's int32 arrays: the same chunks, as arrays (a list of a 66M-token document took 2.4 GB)
+        as_arrays = chunk_tokens(array("i", ids), size, overlap, clean_cut=clean.__contains__)
+        assert all(type(c) is array for c in as_arrays) and [c.tolist() for c in as_arrays] == got
         spans = [(c[0], c[-1] + 1) for c in got]
         assert all(c == ids[s:e] for c, (s, e) in zip(got, spans))
         assert spans[0][0] == 0 and spans[-1][1] == n and all(0 < e - s <= size for s, e in spans)
@@ -240,6 +249,8 @@ def test_chunks_of_text_in_another_script_hold_whole_characters(tiny_model):
     whole = chunk_tokens(ids, 64, 0.1, whole_character_cuts(tok, ids))
     assert all("\ufffd" not in tok.decode(c) for c in whole) and all(len(c) <= 64 for c in whole)
     assert whole[0] == ids[:len(whole[0])] and whole[-1] == ids[-len(whole[-1]):]
+    packed = array("i", ids)  # as index holds them
+    assert [c.tolist() for c in chunk_tokens(packed, 64, 0.1, whole_character_cuts(tok, packed))] == whole
 
 
 def test_an_id_that_is_not_a_string_or_integer_is_refused(tmp_path):
@@ -736,11 +747,11 @@ def test_a_text_write_that_fails_names_the_file(tmp_path):
     path = tmp_path / "synth.json"
     code = f"""
 import errno, resource, signal
-from kmtrain.data import atomic_write_text
+from kmtrain.data import atomic_write_json
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 try:
-    atomic_write_text({str(path)!r}, "x" * 100000)
+    atomic_write_json({str(path)!r}, {{"items": ["x" * 100000]}})
 except OSError as e:
     print("OSError", errno.errorcode[e.errno], e.filename)
 """

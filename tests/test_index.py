@@ -1005,6 +1005,7 @@ def test_chunks_from_before_plain_special_tokens_are_redone(tiny_model, tmp_path
         rec = json.loads((work / doc_id / "chunks.json").read_text())
         ids = tok((docs / f"{doc_id}.txt").read_text(), add_special_tokens=False)["input_ids"]
         rec.pop("tokenized", None)
+        rec.pop("ids_int32le")  # and ids as lists of numbers
         (work / doc_id / "chunks.json").write_text(json.dumps({**rec, "ids": [ids], "texts": [tok.decode(ids)]}))
     synth_alpha = (work / "alpha" / "synth.json").read_text()
     made, real = [], kindex.synthesize
@@ -1023,9 +1024,64 @@ def test_chunks_from_before_plain_special_tokens_are_redone(tiny_model, tmp_path
     end = tok.convert_tokens_to_ids("<|im_end|>")
     for doc_id in ("alpha", "quoting"):
         rec = json.loads((work / doc_id / "chunks.json").read_text())
-        assert rec["tokenized"] == "split_special_tokens" and end not in rec["ids"][0]
-        assert rec["ids"][0] == tok((docs / f"{doc_id}.txt").read_text(), add_special_tokens=False,
-                                    split_special_tokens=True)["input_ids"]
+        stored = kindex.stored_chunk_ids(rec)[0].tolist()
+        assert rec["tokenized"] == "split_special_tokens" and end not in stored
+        assert stored == tok((docs / f"{doc_id}.txt").read_text(), add_special_tokens=False,
+                             split_special_tokens=True)["input_ids"]
+
+
+def test_chunk_ids_are_stored_as_int32_and_older_lists_still_read(tiny_model, docs_dir, tmp_path, capsys):
+    """chunks.json holds each chunk's ids as base64 of little-endian int32: as JSON numbers a 70 MB
+    document's 66M ids came back as 2.4 GB of Python ints. A record written before, with lists of
+    numbers, is read as it is (not redone, its synthetic targets kept) and trains the same KMs."""
+    import base64
+    import struct
+
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "kms"
+    cfg = tiny_cfg(tiny_model, out, steps=2)
+    first = {s["id"]: s["adapter_sha256"] for s in index(str(docs_dir), cfg)}
+    tok, work = AutoTokenizer.from_pretrained(tiny_model), out / ".work"
+    for doc_id in first:
+        rec = json.loads((work / doc_id / "chunks.json").read_text())
+        assert "ids" not in rec and len(rec["ids_int32le"]) == len(rec["texts"])
+        stored = [list(struct.unpack(f"<{len(raw) // 4}i", raw)) for raw in map(base64.b64decode, rec["ids_int32le"])]
+        assert [tok.decode(c) for c in stored] == rec["texts"]
+        assert stored[0] == tok((docs_dir / f"{doc_id}.txt").read_text(), add_special_tokens=False,
+                                split_special_tokens=True)["input_ids"][:len(stored[0])]
+        (work / doc_id / "chunks.json").write_text(json.dumps({**{k: v for k, v in rec.items() if k != "ids_int32le"},
+                                                               "ids": stored}))
+    older = {doc_id: (work / doc_id / "chunks.json").read_text() for doc_id in first}
+    synth = {doc_id: (work / doc_id / "synth.json").read_text() for doc_id in first}
+    capsys.readouterr()
+    again = {s["id"]: s["adapter_sha256"] for s in index(str(docs_dir), cfg.replace(retrain=True))}
+    assert "damaged" not in capsys.readouterr().out and again == first
+    for doc_id in first:  # read as they were: neither rewritten nor the targets made again
+        assert (work / doc_id / "chunks.json").read_text() == older[doc_id]
+        assert (work / doc_id / "synth.json").read_text() == synth[doc_id]
+
+
+@pytest.mark.parametrize("ids, why", [
+    (["AQAAAA==", "AgAAAAMAAAA="], None),  # [1], [2, 3]
+    ([[1], [2, 3]], None),  # older records: lists of numbers, in "ids"
+    (["AQAAAA==", "not base64!"], "not base64"),
+    (["AQAAAA==", "AQID"], "3 bytes: not whole int32s"),
+    (["AQAAAA==", "/////w=="], "a negative id"),
+    (["AQAAAA=="], "one chunk's ids for two texts"),
+    ([[1], [2, "3"]], "a string among the numbers"),
+    ([[1], [2, 1 << 40]], "past int32"),
+    ("AQAAAA==", "not a list"),
+])
+def test_malformed_chunk_ids_are_found(ids, why):
+    """A chunks.json whose ids do not decode to one array of token ids per text is damaged (redone),
+    in the current form and the older one."""
+    kindex = importlib.import_module("kmtrain.index")
+    field = "ids" if ids and isinstance(ids, list) and isinstance(ids[0], list) else "ids_int32le"
+    problem = kindex._chunks_problem({"texts": ["a", "b"], field: ids})
+    assert (problem is None) == (why is None), why
+    if why is None:
+        assert [c.tolist() for c in kindex.stored_chunk_ids({field: ids})] == [[1], [2, 3]]
 
 
 def test_km_records_a_local_base_by_absolute_path(tiny_model, docs_dir, tmp_path, monkeypatch):
