@@ -784,23 +784,28 @@ def recitation_pieces(chunks: Sequence[str], tokenizer, piece_tokens: int) -> Li
     """(chunk, piece) for each recitation piece of ``chunks``, in order: `recitation_items` without
     the cues, which cost as much again and which a long document needs for the few pieces it keeps
     (`recitation_item` makes an item of one)."""
-    pieces = []
-    for c, text in enumerate(chunks):
-        sentences = [s for s in SENTENCE_END.split(text.strip()) if s]
-        units: List[Tuple[str, int, str]] = []  # (text, tokens, separator before it)
-        for sent, n in zip(sentences, [len(ids) for ids in text_ids(tokenizer, sentences)] if sentences else []):
-            cut = [(sent, n, " ")] if n <= 2 * piece_tokens else _cut_long(sent, tokenizer, n, piece_tokens)
-            if units and units[-1][0].endswith(_CJK_ENDS):  # no space follows a CJK full stop
-                cut[0] = (*cut[0][:2], "")
-            units += cut
-        piece: List[str] = []
-        n = 0
-        for k, (unit, length, sep) in enumerate(units):
-            piece.append(sep + unit if piece else unit)
-            n += length
-            if n >= piece_tokens or k == len(units) - 1:
-                pieces.append((c, "".join(piece)))
-                piece, n = [], 0
+    return [(c, piece) for c, text in enumerate(chunks)
+            for piece in chunk_recitation_pieces(text, tokenizer, piece_tokens)]
+
+
+def chunk_recitation_pieces(text: str, tokenizer, piece_tokens: int) -> List[str]:
+    """The recitation pieces of one chunk (`recitation_items`): they depend on that chunk alone."""
+    sentences = [s for s in SENTENCE_END.split(text.strip()) if s]
+    units: List[Tuple[str, int, str]] = []  # (text, tokens, separator before it)
+    for sent, n in zip(sentences, [len(ids) for ids in text_ids(tokenizer, sentences)] if sentences else []):
+        cut = [(sent, n, " ")] if n <= 2 * piece_tokens else _cut_long(sent, tokenizer, n, piece_tokens)
+        if units and units[-1][0].endswith(_CJK_ENDS):  # no space follows a CJK full stop
+            cut[0] = (*cut[0][:2], "")
+        units += cut
+    pieces: List[str] = []
+    piece: List[str] = []
+    n = 0
+    for k, (unit, length, sep) in enumerate(units):
+        piece.append(sep + unit if piece else unit)
+        n += length
+        if n >= piece_tokens or k == len(units) - 1:
+            pieces.append("".join(piece))
+            piece, n = [], 0
     return pieces
 
 

@@ -1489,7 +1489,9 @@ def test_a_long_documents_generation_is_cut_to_what_training_draws(tiny_model, t
 def test_a_long_documents_recitation_cues_are_made_for_the_pieces_it_keeps(tiny_model, monkeypatch):
     """A document that keeps a share of its recitation pieces cues only those: the cues of all of a
     48 MB text's pieces took 69 s to keep a few. The kept items are those all items give at the
-    sampled positions, cue included."""
+    sampled positions, cue included. Given each chunk's count of pieces (counted before generation),
+    only the chunks that hold a kept piece are cut again: cutting all of a 70 MB text's took 175 s,
+    a second time, for 4 pieces."""
     import random
 
     from transformers import AutoTokenizer
@@ -1497,20 +1499,37 @@ def test_a_long_documents_recitation_cues_are_made_for_the_pieces_it_keeps(tiny_
     import kmtrain.data as kdata
     from kmtrain.index import doc_seed, document_items
 
+    kindex = importlib.import_module("kmtrain.index")
     tok = AutoTokenizer.from_pretrained(tiny_model)
     rng = random.Random()
     words = "bell tower keeper harbour lamp copper salt river ledger".split()
     chunk_texts = [" ".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) + "." for _ in range(12))
-                   for _ in range(6)]
+                   for _ in range(6)] + ["", "one short line."] * 10  # chunks of no piece, and of one
+    rng.shuffle(chunk_texts)
     cfg = IndexConfig(recite_tokens=8)
     everything = kdata.recitation_items(chunk_texts, tok, 8)
-    cued, real = [], kdata._cue
-    monkeypatch.setattr(kdata, "_cue", lambda target, *a: cued.append(target) or real(target, *a))
-    train, held = document_items(cfg, "doc", [], chunk_texts, tok, made_share=0.2)
-    assert held == [] and len(everything) > 20 and len(train) == math.ceil(0.2 * len(everything))
-    assert cued == [it["target"] for it in train]  # one cue per kept piece, none for the others
-    kept = sorted(random.Random(f"pieces:{doc_seed(cfg.seed, 'doc')}").sample(range(len(everything)), len(train)))
-    assert train == [everything[i] for i in kept]
+    counts = [len(kdata.chunk_recitation_pieces(t, tok, 8)) for t in chunk_texts]
+    assert 0 in counts and sum(counts) == len(everything)
+    cued, cut, real_cue, real_cut = [], [], kdata._cue, kindex.chunk_recitation_pieces
+    monkeypatch.setattr(kdata, "_cue", lambda target, *a: cued.append(target) or real_cue(target, *a))
+    monkeypatch.setattr(kindex, "chunk_recitation_pieces", lambda text, *a: cut.append(text) or real_cut(text, *a))
+    for share in (0.2, 0.05, 1e-9):
+        for pieces_per_chunk in (None, counts):
+            cued.clear(), cut.clear()
+            train, held = document_items(cfg, "doc", [], chunk_texts, tok, made_share=share,
+                                         pieces_per_chunk=pieces_per_chunk)
+            assert held == [] and len(everything) > 20 and len(train) == math.ceil(share * len(everything))
+            assert cued == [it["target"] for it in train]  # one cue per kept piece, none for the others
+            kept = sorted(random.Random(f"pieces:{doc_seed(cfg.seed, 'doc')}").sample(range(len(everything)),
+                                                                                       len(train)))
+            assert train == [everything[i] for i in kept]
+            if pieces_per_chunk is not None:  # each chunk holding a kept piece cut once, no other
+                assert sorted(cut) == sorted(chunk_texts[it["chunk"]] for it in {it["chunk"]: it for it in train}.values())
+    # counts that do not fit the chunks are refused, not trained on
+    with pytest.raises(ValueError, match="pieces counted for 3 chunks, not its 26"):
+        document_items(cfg, "doc", [], chunk_texts, tok, made_share=0.5, pieces_per_chunk=counts[:3])
+    with pytest.raises(RuntimeError, match="recitation pieces, counted"):
+        document_items(cfg, "doc", [], chunk_texts, tok, made_share=0.5, pieces_per_chunk=[c + 1 for c in counts])
 
 
 def test_notices_that_fit_every_document_are_told_for_the_first_few(tiny_model, docs_dir, tmp_path, capsys,
