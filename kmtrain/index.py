@@ -646,7 +646,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         if not same_source or got.get("tokenized") != CHUNK_TOKENIZATION:
             ids = document_ids(tok, d.text)
             pieces = chunk_tokens(ids, cfg.chunk_tokens, cfg.chunk_overlap, whole_character_cuts(tok, ids))
-            del ids
+            del ids  # the whole document's ids: only its chunks' are kept
             texts = [tok.decode(p.tolist()) for p in pieces]
             # Older code tokenized a "<|im_end|>" quoted in a document as the control token itself.
             # "tokenized" is kept out of `setting`, which synth.json is keyed on too, so a document
@@ -662,7 +662,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
             del record
         else:
             texts, pieces = got["texts"], stored_chunk_ids(got)
-        got = None
+        got = None  # the record as read (its ids in base64): not kept past this document
         # token ids as int32 arrays until the document's wave: a tenth of a list of Python ints
         chunks[d.id] = (texts, pieces)
         n_chunks[d.id] = len(texts)
