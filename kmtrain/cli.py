@@ -248,15 +248,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             # line of tens of kilobytes
             said = [f"{why} for {', '.join(ids[:10])}{f' and {len(ids) - 10} more' if len(ids) > 10 else ''}"
                     for why, ids in missing.items() if ids]
+            if left_out:  # asked for: the last line but an error's says what the run left out
+                print(left_out, file=sys.stderr)
             if said:
                 n = sum(map(len, missing.values()))
-                if left_out:
-                    print(left_out, file=sys.stderr)
                 print(f"kmtrain: error: {'; '.join(said)}; no KM written for {'it' if n == 1 else 'them'}",
                       file=sys.stderr)
                 return 1
-            if left_out:  # asked for: the run did what it was told, and its last line says what it left out
-                print(left_out, file=sys.stderr)
             return 0
         pairs = _ask_pairs(list(sys.argv[1:] if argv is None else argv))
         if a.questions is not None:

@@ -269,13 +269,14 @@ def _ids_field(chunk_ids: Sequence[array]) -> List[str]:
 def stored_chunk_ids(record: dict) -> Optional[List[array]]:
     """The token ids of a chunks.json ``record`` (OUT/.work/<id>/chunks.json, parsed), one int32
     array per chunk: from "ids_int32le", or from "ids" (lists of ints) in records written before
-    it. None where they are missing or malformed."""
+    it. None where they are missing, malformed or negative."""
     try:
         if "ids_int32le" in record:
             out = []
             for field in record["ids_int32le"]:
                 raw = base64.b64decode(field, validate=True)
-                if len(raw) % 4:
+                # whole int32s, none negative: the last byte of each little-endian one holds its sign
+                if len(raw) % 4 or max(raw[3::4], default=0) >= 0x80:
                     return None
                 a = array("i", raw)
                 if sys.byteorder == "big":
@@ -283,7 +284,7 @@ def stored_chunk_ids(record: dict) -> Optional[List[array]]:
                 out.append(a)
             return out
         ids = record["ids"]
-        if not all(type(c) is list and all(type(i) is int for i in c) for c in ids):
+        if not all(type(c) is list and all(type(i) is int and i >= 0 for i in c) for c in ids):
             return None
         return [array("i", c) for c in ids]
     except (KeyError, TypeError, ValueError, OverflowError):  # not a list, not base64, an id past int32
@@ -292,10 +293,11 @@ def stored_chunk_ids(record: dict) -> Optional[List[array]]:
 
 # What is wrong with a stage file that parses as an object, or None: such a file is redone, never
 # trained on (a hand-edited synth.json, say, with a slip in it failed deep in training).
-def _chunks_problem(got: dict) -> Optional[str]:
-    texts, ids = got.get("texts"), stored_chunk_ids(got)
+def _chunks_problem(got: dict, ids: Optional[List[array]]) -> Optional[str]:
+    """``ids``: stored_chunk_ids(got), decoded once by the caller, which keeps them."""
+    texts = got.get("texts")
     if not (isinstance(texts, list) and ids is not None and len(texts) == len(ids) > 0
-            and all(isinstance(t, str) for t in texts) and all(min(c, default=0) >= 0 for c in ids)):
+            and all(isinstance(t, str) for t in texts)):
         return "needs non-empty lists 'texts' (strings) and 'ids_int32le' (token ids) of one length"
     return None
 
@@ -638,10 +640,17 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     # 2. chunks
     chunks: Dict[str, Tuple[List[str], List[array]]] = {}
     n_chunks: Dict[str, int] = {}
+    read: Dict[str, Optional[List[array]]] = {}  # the ids of the record read, decoded once, by its check
+
+    def chunks_problem(rec: dict) -> Optional[str]:
+        read["ids"] = stored_chunk_ids(rec)
+        return _chunks_problem(rec, read["ids"])
+
     for d in todo:
         remove_stale_temp(work / d.id)  # what a dead run left in this document's stage folder
         path = work / d.id / "chunks.json"
-        got = _read_stage_record(d.id, path, _chunks_problem)
+        read.clear()
+        got = _read_stage_record(d.id, path, chunks_problem)
         same_source = bool(got) and got.get("doc_sha") == d.sha256 and got.get("setting") == setting
         if not same_source or got.get("tokenized") != CHUNK_TOKENIZATION:
             ids = document_ids(tok, d.text)
@@ -652,7 +661,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
             # "tokenized" is kept out of `setting`, which synth.json is keyed on too, so a document
             # whose ids come out the same keeps its synthetic targets; one whose ids change loses
             # them, as they were written from a prompt the quoted token had broken.
-            if same_source and stored_chunk_ids(got) != pieces:
+            if same_source and read["ids"] != pieces:
                 print(f"{d.id}: the document quotes a special token, which older chunks.json held as the "
                       f"token itself; rechunked, and its synthetic targets are made again", flush=True)
                 (work / d.id / "synth.json").unlink(missing_ok=True)
@@ -661,7 +670,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
             atomic_write_json(path, record)
             del record
         else:
-            texts, pieces = got["texts"], stored_chunk_ids(got)
+            texts, pieces = got["texts"], read["ids"]
         got = None  # the record as read (its ids in base64): not kept past this document
         # token ids as int32 arrays until the document's wave: a tenth of a list of Python ints
         chunks[d.id] = (texts, pieces)

@@ -1071,6 +1071,7 @@ def test_chunk_ids_are_stored_as_int32_and_older_lists_still_read(tiny_model, do
     (["AQAAAA=="], "one chunk's ids for two texts"),
     ([[1], [2, "3"]], "a string among the numbers"),
     ([[1], [2, 1 << 40]], "past int32"),
+    ([[1], [2, -3]], "a negative id, in the older form"),
     ("AQAAAA==", "not a list"),
 ])
 def test_malformed_chunk_ids_are_found(ids, why):
@@ -1078,7 +1079,8 @@ def test_malformed_chunk_ids_are_found(ids, why):
     in the current form and the older one."""
     kindex = importlib.import_module("kmtrain.index")
     field = "ids" if ids and isinstance(ids, list) and isinstance(ids[0], list) else "ids_int32le"
-    problem = kindex._chunks_problem({"texts": ["a", "b"], field: ids})
+    record = {"texts": ["a", "b"], field: ids}
+    problem = kindex._chunks_problem(record, kindex.stored_chunk_ids(record))
     assert (problem is None) == (why is None), why
     if why is None:
         assert [c.tolist() for c in kindex.stored_chunk_ids({field: ids})] == [[1], [2, 3]]
