@@ -5,7 +5,8 @@ re-run that reads its stages back (--retrain), for one or more source trees side
 
 The document is made here, the same every time: the demo corpus's sentences, Chinese sentences
 without spaces and lines of code, in a seeded random order, to ``--chars`` characters. The model
-is a two-layer Llama with random weights and SmolLM2's tokenizer (bench.indexing's "tiny" shape):
+is a two-layer Llama with random weights (bench.indexing's "tiny" shape) and SmolLM2's tokenizer,
+or with ``--tokenizer llama2-style`` one built as Llama 2's is (`llama2_style_tokenizer`):
 the stages a long document strains (tokenizing, chunking, counting and cutting recitation pieces,
 choosing the generation requests) are the tokenizer's and Python's, not the model's. Each run is
 `python -m kmtrain index` in its own process, with ``--tree``'s kmtrain (give a worktree of an
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from bench.common import env_block, environment, markdown_table, write_report
 from bench.indexing import random_model_folder
@@ -54,6 +55,29 @@ def long_text(chars: int, seed: int = 0) -> str:
         parts.append(part)
         n += len(part)
     return "".join(parts)[:chars]
+
+
+LLAMA2_STYLE = "llama2-style"
+
+
+def llama2_style_tokenizer(text: str, vocab_size: int, special_tokens: Sequence[str] = ("<unk>", "<s>", "</s>")):
+    """A fast tokenizer built as Llama 2's tokenizer.json is (and Phi-3's and Mistral 7B's, which use
+    it): a BPE vocabulary learned between spaces (as SentencePiece learns it) on ``text``, applied
+    to the whole text after a normalizer that writes "▁" for each space and prepends one, so that
+    every text's start is marked. No byte fallback: a character ``text`` lacks is "<unk>"."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=special_tokens[0]))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")  # learn within words only
+    pieces = [text[i:i + 100_000] for i in range(0, len(text), 100_000)]
+    tok.train_from_iterator(pieces, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                                        show_progress=False))
+    tok.pre_tokenizer = None
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    named = dict(zip(("unk_token", "bos_token", "eos_token"), special_tokens))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **named)
 
 
 def _run(tree: Path, docs: Path, out: Path, model: str, retrain: bool) -> Dict[str, str]:
@@ -89,7 +113,9 @@ def main(argv: Optional[List[str]] = None) -> str:
     ap.add_argument("--tree", action="append", type=Path, help="a checkout whose kmtrain runs (repeatable; "
                                                               "default: this one)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "huge_document")
-    ap.add_argument("--tokenizer", default="smollm2-135m", help="tokenizer of the random model (folder or alias)")
+    ap.add_argument("--tokenizer", default="smollm2-135m",
+                    help=f"tokenizer of the random model: a folder, an alias, or {LLAMA2_STYLE} (built here, a "
+                         f"32K vocabulary learned on the document's first 4M characters)")
     ap.add_argument("--out", help="write the report here too")
     args = ap.parse_args(argv)
     trees = [t.resolve() for t in (args.tree or [ROOT])]
@@ -97,7 +123,14 @@ def main(argv: Optional[List[str]] = None) -> str:
     docs.mkdir(parents=True, exist_ok=True)
     text = long_text(args.chars)
     (docs / "huge.txt").write_text(text, encoding="utf-8")
-    model = random_model_folder("tiny", args.tokenizer, args.work / "random-tiny")
+    tokenizer = args.tokenizer
+    if tokenizer == LLAMA2_STYLE:
+        tokenizer = str(args.work / LLAMA2_STYLE)
+        if not Path(tokenizer, "tokenizer.json").is_file():
+            llama2_style_tokenizer(text[:4_000_000], 32000).save_pretrained(tokenizer)
+    # one model folder per tokenizer: a folder made with another would be read as it is
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", args.tokenizer).strip("-")[-60:]
+    model = random_model_folder("tiny", tokenizer, args.work / f"random-tiny-{slug}")
     rows = []
     for k, tree in enumerate(trees):
         out = args.work / f"out{k}"

@@ -566,9 +566,8 @@ def text_ids(tokenizer, text: Union[str, List[str]]):
     A text of more than ``2 * BLOCK_CHARS`` characters is tokenized a block at a time, each cut where
     a test on its context shows that it changes no token (``clean_cut``), with the same ids: in one
     call, a 48 MB text took a 6.1 GB process peak with SmolLM2's tokenizer (8.4M tokens), which a
-    laptop does not have for one document; in blocks 0.9 GB. Where no cut near a block's end passes
-    (a tokenizer that marks the start of every text, as Llama 2's normalizer prepends "▁"), the
-    text is tokenized whole, as before."""
+    laptop does not have for one document; in blocks 0.9 GB. Where no cut near a block's end passes,
+    the text is tokenized whole, as before."""
     if isinstance(text, str) and len(text) > 2 * BLOCK_CHARS:
         return document_ids(tokenizer, text).tolist()
     return _plain_ids(tokenizer, text)
@@ -613,26 +612,41 @@ def clean_cut(tokenizer, text: str, near: int) -> Optional[int]:
     """A position at or before ``near`` (within 64K characters) where cutting ``text`` leaves its
     tokens as they are, or None. Candidates are `_split_point`s, then `_class_change`s (a tokenizer
     that splits on spaces alone would spend its tries on those first); each is tested on its
-    context: the tokens of the 512 characters on each side of it, tokenized apart, must equal those
-    of both together. Pre-tokenization (a regular expression or a split on spaces) and the merges
-    within a pre-token look no further than that, so a cut that passes changes no token."""
+    context by `_cut_keeps_tokens`."""
     lo = max(_SEAM_CHARS, near - (1 << 16))
     for candidate in (_split_point, _class_change):
         pos, tried = near, 0
         while pos > lo and tried < _CUT_TRIES:
             if candidate(text[pos - 1], text[pos], text[pos + 1:pos + 2]):
                 tried += 1
-                a, b = text[pos - _SEAM_CHARS:pos], text[pos:pos + _SEAM_CHARS]
-                both, first, second = _plain_ids(tokenizer, [a + b, a, b])
-                if both == first + second:
+                if _cut_keeps_tokens(tokenizer, text, pos):
                     return pos
             pos -= 1
     return None
 
 
+def _cut_keeps_tokens(tokenizer, text: str, pos: int) -> bool:
+    """Whether cutting ``text`` at ``pos`` changes no token, tested on the 512 characters on each
+    side, ``a`` before and ``b`` after: ``a``'s tokens stay the same with ``b`` after them (the cut
+    falls between two tokens), and ``b``'s tokens after ``a`` are those after the one character
+    before the cut (what comes before does not change them). Pre-tokenization (a regular expression
+    or a split on spaces) and the merges within a pre-token look no further than that, so a cut that
+    passes changes no token.
+
+    ``b``'s tokens are always read after some text, never from ``b`` alone: a tokenizer that marks
+    the start of every text (Llama 2's, Phi-3's and Mistral 7B's normalizer prepends "▁") marks
+    ``b``'s first word, which in the document is not a text's start. `_blockwise_ids` tokenizes
+    each block after the same one character, for the same reason."""
+    a, b = text[pos - _SEAM_CHARS:pos], text[pos:pos + _SEAM_CHARS]
+    c = a[-1]
+    a_ids, c_ids, a_b, c_b = _plain_ids(tokenizer, [a, c, a + b, c + b])
+    return a_b[:len(a_ids)] == a_ids and c_b[:len(c_ids)] == c_ids and a_b[len(a_ids):] == c_b[len(c_ids):]
+
+
 def _blockwise_ids(tokenizer, text: str) -> Optional[array]:
     """``text``'s ids, tokenized in blocks of about BLOCK_CHARS cut at clean cuts; None where a block
-    end has none near it."""
+    end has none near it. Every block but the first is tokenized after the character before its cut,
+    whose tokens are then dropped, as `_cut_keeps_tokens` tested it."""
     cuts = [0]
     while len(text) - cuts[-1] > 2 * BLOCK_CHARS:
         cut = clean_cut(tokenizer, text, cuts[-1] + BLOCK_CHARS)
@@ -642,7 +656,14 @@ def _blockwise_ids(tokenizer, text: str) -> Optional[array]:
     cuts.append(len(text))
     ids = array("i")
     for k in range(0, len(cuts) - 1, 8):  # a batch of blocks at a time: the tokenizer's memory is per call
-        for block in _plain_ids(tokenizer, [text[a:b] for a, b in zip(cuts[k:k + 9], cuts[k + 1:k + 9])]):
+        spans = list(zip(cuts[k:k + 9], cuts[k + 1:k + 9]))
+        lead = [text[a - 1] if a else "" for a, _ in spans]  # the character before each cut, none at the start
+        blocks = _plain_ids(tokenizer, [c + text[a:b] for c, (a, b) in zip(lead, spans)])
+        for c, c_ids, block in zip(lead, _plain_ids(tokenizer, lead), blocks):
+            if c:
+                if block[:len(c_ids)] != c_ids:  # the leading character's tokens ran into the block's
+                    return None
+                block = block[len(c_ids):]
             ids.extend(block)
     return ids
 

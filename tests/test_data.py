@@ -152,17 +152,18 @@ def _long_mixed_text(rng, n_pieces: int) -> str:
 
 def test_long_texts_are_tokenized_in_blocks_with_the_same_ids(tiny_model, monkeypatch):
     """A long document is tokenized a block at a time (one call on a 48 MB text took 6.1 GB): the cuts
-    are tested to change no token, so the ids equal those of the text in one call; no call sees much
-    more than a block; a tokenizer that marks the start of every text (a normalizer that prepends "▁",
-    as Llama 2's does) has no clean cut, and its texts are tokenized whole."""
+    are tested to change no token, so the ids equal those of the text in one call, and no call sees
+    much more than a block. That holds for a tokenizer that marks the start of every text (Llama 2's
+    normalizer prepends "▁"), whose blocks are read after the character before their cut; where no
+    cut passes its test, the text is tokenized whole."""
     import base64
     import os
     import random
 
-    from tokenizers import Tokenizer, models, normalizers, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
     import kmtrain.data as kdata
+    from bench.huge_document import llama2_style_tokenizer
 
     monkeypatch.setattr(kdata, "BLOCK_CHARS", 4096)  # many blocks in a text a test can afford
     seed = int.from_bytes(os.urandom(4), "little")
@@ -171,29 +172,33 @@ def test_long_texts_are_tokenized_in_blocks_with_the_same_ids(tiny_model, monkey
     assert len(text) > 10 * kdata.BLOCK_CHARS
 
     byte_level = AutoTokenizer.from_pretrained(tiny_model)
-    prepending = Tokenizer(models.BPE(unk_token="<unk>"))
-    prepending.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    prepending.train_from_iterator([text[:5000]], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|im_end|>"]))
-    prepending = PreTrainedTokenizerFast(tokenizer_object=prepending, unk_token="<unk>", eos_token="<|im_end|>")
-    for tok, blockwise in ((byte_level, True), (prepending, False)):
+    prepending = llama2_style_tokenizer(text[:5000], 300, ("<unk>", "<s>", "<|im_end|>"))
+    assert prepending.backend_tokenizer.normalizer.normalize_str(" b") == "▁▁b"  # one "▁" more than after "a"
+
+    def calls(tok, fn, *args):
         seen, real = [], type(tok).__call__
         monkeypatch.setattr(type(tok), "__call__", lambda self, t, *a, **kw: seen.append(t) or real(self, t, *a, **kw))
-        ids = kdata.text_ids(tok, text)
-        monkeypatch.setattr(type(tok), "__call__", real)
+        try:
+            return fn(tok, *args), [t for call in seen for t in ([call] if isinstance(call, str) else call)]
+        finally:
+            monkeypatch.setattr(type(tok), "__call__", real)
+
+    for tok in (byte_level, prepending):
+        ids, seen = calls(tok, kdata.text_ids, text)
         assert ids == tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"], seed
-        longest = max(len(t) for call in seen for t in ([call] if isinstance(call, str) else call))
-        if blockwise:  # blocks of at most two BLOCK_CHARS, and the 1 KB seam tests
-            assert longest <= 2 * kdata.BLOCK_CHARS and len(seen) > 10, seed
-        else:  # no cut passed its test: the whole text in one call, after a bounded search
-            assert longest == len(text) and len(seen) <= 2 * kdata._CUT_TRIES + 1, seed
+        assert max(map(len, seen)) <= 2 * kdata.BLOCK_CHARS + 1 and len(seen) > 10, seed  # + the leading character
+    # no cut passes its test: the whole text in one call, after a bounded search
+    real_test = kdata._cut_keeps_tokens
+    monkeypatch.setattr(kdata, "_cut_keeps_tokens", lambda tok, t, pos: False)
+    ids, seen = calls(byte_level, kdata.text_ids, text)
+    assert ids == byte_level(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert max(map(len, seen)) == len(text) and len(seen) == 1
+    monkeypatch.setattr(kdata, "_cut_keeps_tokens", real_test)
     # text without spaces (base64): cut where letters, digits and other characters meet
     b64 = base64.b64encode(os.urandom(15 * kdata.BLOCK_CHARS // 4)).decode()
-    seen, real = [], type(byte_level).__call__
-    monkeypatch.setattr(type(byte_level), "__call__", lambda self, t, *a, **kw: seen.append(t) or real(self, t, *a, **kw))
-    ids = kdata.text_ids(byte_level, b64)
-    monkeypatch.setattr(type(byte_level), "__call__", real)
+    ids, seen = calls(byte_level, kdata.text_ids, b64)
     assert ids == byte_level(b64, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    assert max(len(t) for call in seen for t in ([call] if isinstance(call, str) else call)) <= 2 * kdata.BLOCK_CHARS
+    assert max(map(len, seen)) <= 2 * kdata.BLOCK_CHARS + 1
     # a document's ids as index keeps them: the same ids as an int32 array, blockwise or in one call
     for tok in (byte_level, prepending):
         doc_ids = kdata.document_ids(tok, text)
@@ -203,6 +208,31 @@ def test_long_texts_are_tokenized_in_blocks_with_the_same_ids(tiny_model, monkey
     assert kdata.clean_cut(byte_level, "a" * 20000, 10000) is None
     # short texts and lists take the one call they always took
     assert kdata.text_ids(byte_level, ["a b", "c"]) == byte_level(["a b", "c"], add_special_tokens=False)["input_ids"]
+
+
+def test_a_cut_inside_a_token_is_refused_and_never_splits_one(monkeypatch):
+    """A vocabulary whose tokens run across spaces ("x▁") leaves no clean cut before a space: the test
+    refuses every one, and cuts forced there anyway (past the test) are caught when the block's
+    leading character does not keep its own tokens; the text is then tokenized whole."""
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    import kmtrain.data as kdata
+
+    bpe = models.BPE(vocab={"<unk>": 0, "▁": 1, "x": 2, "x▁": 3}, merges=[("x", "▁")], unk_token="<unk>")
+    tok = Tokenizer(bpe)
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    monkeypatch.setattr(kdata, "BLOCK_CHARS", 4096)
+    text = "x " * 8000
+    whole = tok(text, add_special_tokens=False)["input_ids"]
+    assert whole[:3] == [1, 3, 3]  # "▁", "x▁", "x▁", ...: every space inside a token
+    assert not kdata._cut_keeps_tokens(tok, text, 4001)  # before a space
+    assert kdata.clean_cut(tok, text, 4001) is None
+    assert kdata._blockwise_ids(tok, text) is None
+    assert kdata.document_ids(tok, text).tolist() == whole
+    monkeypatch.setattr(kdata, "clean_cut", lambda tok, t, near: near + 1)  # before a space, past the test
+    assert kdata._blockwise_ids(tok, text) is None
 
 
 def test_chunks_cut_only_where_a_character_ends_and_still_cover_the_document():
