@@ -119,6 +119,7 @@ def main(argv: Optional[List[str]] = None) -> str:
     ap.add_argument("--out", help="write the report here too")
     args = ap.parse_args(argv)
     trees = [t.resolve() for t in (args.tree or [ROOT])]
+    args.work = args.work.resolve()  # the runs start in each tree: a relative path would be read from there
     docs = args.work / "docs"
     docs.mkdir(parents=True, exist_ok=True)
     text = long_text(args.chars)
