@@ -743,15 +743,39 @@ def chat_prompt_ids(tokenizer, user_text: str) -> List[int]:
 
 
 def _spliced_chat_ids(tokenizer, user_text: str) -> List[int]:
-    """The template rendered around a marker, its parts tokenized with their control tokens and the
-    user text as plain text. For text without special strings these are the joint tokenization's
-    ids (tested on the demo corpus): the template's markers and newlines cut the text the same way."""
+    """The template's ids with the user text as plain text: the template is rendered around a marker
+    and tokenized with its control tokens, as `apply_chat_template` does; then the stretch of text
+    between the control tokens on each side of the marker, which the tokenizer reads as one piece
+    (added tokens split a text into pieces, each normalized and tokenized alone), is tokenized again
+    with the user text in it, as plain text. For text without special strings these are the joint
+    tokenization's ids, also for a tokenizer that marks the start of every piece (Llama 2's prepends
+    "▁"): tokenized apart, the template's text and the user's each got a mark of their own. Where
+    the pieces do not give the template's own ids back, the parts are tokenized apart."""
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": _CONTENT}], add_generation_prompt=True,
                                              tokenize=False, **TEMPLATE_KWARGS)
     if rendered.count(_CONTENT) != 1:
         raise ValueError(f"the tokenizer's chat template does not place the user text once, as written, so text "
                          f"with special-token strings in it ({', '.join(_control_strings(tokenizer)[:3])}) "
                          f"cannot be kept plain")
+    lo = rendered.index(_CONTENT)
+    hi = lo + len(_CONTENT)
+    # the user text as the template writes it (Llama 2's strips it): what it renders between the two parts
+    real = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], add_generation_prompt=True,
+                                         tokenize=False, **TEMPLATE_KWARGS)
+    if real.startswith(rendered[:lo]) and real.endswith(rendered[hi:]) and len(real) >= len(rendered) - len(_CONTENT):
+        user_text = real[lo:len(real) - (len(rendered) - hi)]
+    if getattr(tokenizer, "is_fast", False):  # offsets come from fast tokenizers alone
+        enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+        ids, spans = enc["input_ids"], enc["offset_mapping"]
+        control = set(tokenizer.convert_tokens_to_ids(list(_control_strings(tokenizer))))
+        marks = [j for j, t in enumerate(ids) if t in control]
+        k = max((j for j in marks if spans[j][1] <= lo), default=-1)  # the last control token before the marker
+        m = min((j for j in marks if spans[j][0] >= hi), default=len(ids))  # the first after it
+        piece_lo = spans[k][1] if k >= 0 else 0  # a control token's span holds the spaces it strips
+        piece_hi = spans[m][0] if m < len(ids) else len(rendered)
+        if _plain_ids(tokenizer, rendered[piece_lo:piece_hi]) == ids[k + 1:m]:
+            piece = rendered[piece_lo:lo] + user_text + rendered[hi:piece_hi]
+            return ids[:k + 1] + text_ids(tokenizer, piece) + ids[m:]
     before, after = rendered.split(_CONTENT)
     return (tokenizer(before, add_special_tokens=False)["input_ids"] + text_ids(tokenizer, user_text)
             + tokenizer(after, add_special_tokens=False)["input_ids"])

@@ -628,12 +628,14 @@ def test_no_documents_at_all_is_an_error(tmp_path):
         check_documents([])
 
 
-def test_special_token_strings_in_text_stay_plain(tiny_model):
+def test_special_token_strings_in_text_stay_plain(tiny_model, monkeypatch):
     """A document quoting "<|im_end|>" (one about chat formats, or a hostile one opening a fake
     assistant turn) was tokenized into the control tokens themselves: its chunk ended the user turn in
     the teacher's and the generator's prompts, and its recitation targets had an end-of-turn inside."""
     from transformers import AutoTokenizer
 
+    import kmtrain.data as kdata
+    from bench.huge_document import llama2_style_tokenizer
     from kmtrain.data import _spliced_chat_ids, chat_prompt_ids, target_ids, text_ids
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -653,6 +655,25 @@ def test_special_token_strings_in_text_stay_plain(tiny_model):
     # the spliced tokenization is the joint one for text without special strings
     for text in (plain, " leading space", "ends with a newline\n", "x", "Question: Answer:"):
         assert _spliced_chat_ids(tok, text) == chat_prompt_ids(tok, text)
+    # where the template's text does not come back from its piece alone, the parts are tokenized apart
+    real_plain = kdata._plain_ids
+    piece = "user\n" + kdata._CONTENT  # the tiny template's text between its control tokens
+    monkeypatch.setattr(kdata, "_plain_ids", lambda t, text: [] if text == piece else real_plain(t, text))
+    assert kdata._spliced_chat_ids(tok, hostile) == prompt
+    monkeypatch.setattr(kdata, "_plain_ids", real_plain)
+    # a tokenizer that marks the start of every piece (Llama 2's prepends "▁") and a template that strips
+    # the text, as Llama 2's: no mark of its own on the user text, and the text as the template writes it
+    llama2 = llama2_style_tokenizer(plain * 20 + hostile + " [INST] [/INST] Question Answer", 400)
+    llama2.chat_template = ("{{ bos_token }}{% for m in messages %}[INST] {{ m['content'].strip() }} [/INST]"
+                            "{% endfor %}")
+    assert llama2.backend_tokenizer.normalizer.normalize_str(" b") == "▁▁b"
+    for text in (plain, " leading space", "ends with a newline\n", "x", "Question: Answer:", ""):
+        assert _spliced_chat_ids(llama2, text) == chat_prompt_ids(llama2, text), text
+    bos = llama2.bos_token_id
+    rendered = llama2.apply_chat_template([{"role": "user", "content": hostile}], add_generation_prompt=True,
+                                          tokenize=False)
+    assert rendered.startswith(llama2.bos_token)
+    assert chat_prompt_ids(llama2, hostile) == [bos] + text_ids(llama2, rendered[len(llama2.bos_token):])
     # a template that does not place the text once, as written, cannot keep it plain: said, not guessed
     tok.chat_template = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"
     with pytest.raises(ValueError, match="does not place the user text once"):
