@@ -15,6 +15,7 @@ older commit to compare); its peak is that process's peak resident memory (wait4
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import random
 import re
@@ -126,11 +127,12 @@ def main(argv: Optional[List[str]] = None) -> str:
     (docs / "huge.txt").write_text(text, encoding="utf-8")
     tokenizer = args.tokenizer
     if tokenizer == LLAMA2_STYLE:
-        tokenizer = str(args.work / LLAMA2_STYLE)
+        learned_on = min(len(text), 4_000_000)  # the text's start is the same at any --chars
+        tokenizer = str(args.work / f"{LLAMA2_STYLE}-{learned_on}")
         if not Path(tokenizer, "tokenizer.json").is_file():
-            llama2_style_tokenizer(text[:4_000_000], 32000).save_pretrained(tokenizer)
+            llama2_style_tokenizer(text[:learned_on], 32000).save_pretrained(tokenizer)
     # one model folder per tokenizer: a folder made with another would be read as it is
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", args.tokenizer).strip("-")[-60:]
+    slug = Path(tokenizer).name + "-" + hashlib.sha256(tokenizer.encode()).hexdigest()[:8]
     model = random_model_folder("tiny", tokenizer, args.work / f"random-tiny-{slug}")
     rows = []
     for k, tree in enumerate(trees):

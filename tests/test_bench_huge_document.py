@@ -43,7 +43,7 @@ def test_the_llama2_style_tokenizer_marks_every_start_and_gets_its_own_model(tmp
     assert tok.unk_token_id not in ids and tok.decode(ids) == sample
     assert len(ids) < len(sample) / 2  # merges learned: not one token a character
     report = main(["--chars", "20000", "--tokenizer", "llama2-style", "--work", str(tmp_path / "work")])
-    model = tmp_path / "work" / "random-tiny-llama2-style"
+    model, = (tmp_path / "work").glob("random-tiny-llama2-style-20000-*")
     assert AutoTokenizer.from_pretrained(model).backend_tokenizer.normalizer.normalize_str(" b") == "▁▁b"
     summaries = re.findall(r"`(huge: [^`]*)`", report)
     assert len(summaries) == 2 and summaries[0] == summaries[1], report
