@@ -137,6 +137,19 @@ def _amp_dtype(cfg, device: torch.device):
     return None
 
 
+# Said once, before any work, where training falls back to fp32 on a CPU: on a 2-core AMD EPYC with
+# AVX2 only, make demo took 21:36 at 14.7 s per training step, where hosts with AVX512-BF16 or AMX
+# took 8-12 minutes at 5.5-7.8 s per step (bench/results/make_demo_cpu.md). A user should not have
+# to find that out from the progress bar.
+FP32_CPU_NOTICE = ("this CPU has no native bf16 matmuls (AVX512-BF16 or AMX): training runs in fp32, at about "
+                   "twice the time per step of a CPU that has them; fewer --steps train for less time")
+
+
+def _fp32_cpu_by_default(cfg, device: torch.device, amp) -> bool:
+    """Whether training falls back to fp32 on a CPU for want of native bf16 (not by --amp off)."""
+    return device.type == "cpu" and cfg.amp == "auto" and amp is None
+
+
 def _base_dtype(cfg, device: torch.device, amp) -> torch.dtype:
     """Base weights: bf16 when asked, or (auto) whenever training runs under bf16 autocast (every
     matmul runs in bf16 there anyway; fp32 weights would double the memory and add a cast per matmul,
@@ -613,6 +626,8 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
     _print_already_done(already)
     if not todo:
         return summaries
+    if _fp32_cpu_by_default(cfg, device, amp):
+        print(FP32_CPU_NOTICE, flush=True)
 
     model, tok, model_name, model_hash = load_model(cfg.model, str(device), dtype=base_dtype, progress=cfg.progress,
                                                     trust_remote_code=cfg.trust_remote_code)

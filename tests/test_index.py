@@ -726,6 +726,34 @@ def test_amp_resolution_follows_native_bf16(monkeypatch):
         assert index_mod._amp_dtype(IndexConfig(amp="bf16"), cpu) == bf16  # asked for: honoured
 
 
+def test_fp32_training_on_a_cpu_is_said_before_the_work(tiny_model, docs_dir, tmp_path, capsys, monkeypatch):
+    """A CPU without native bf16 trains in fp32, at about twice the time per step: said once, before
+    the model loads; not where bf16 runs, nor where --amp off asked for fp32, nor when every KM is
+    already finished (nothing will train)."""
+    index_mod = importlib.import_module("kmtrain.index")
+
+    class ModelLoads(Exception):
+        pass
+
+    def stop_at_model_load(*args, **kwargs):
+        raise ModelLoads
+
+    real_load = index_mod.load_model
+    monkeypatch.setattr(index_mod, "load_model", stop_at_model_load)
+    for native, amp, said in ((False, "auto", True), (True, "auto", False), (False, "off", False)):
+        monkeypatch.setattr(index_mod, "native_bf16", lambda device, native=native: native)
+        with pytest.raises(ModelLoads):
+            index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", amp=amp, device="cpu"))
+        assert capsys.readouterr().out.count(index_mod.FP32_CPU_NOTICE) == int(said), (native, amp)
+
+    monkeypatch.setattr(index_mod, "native_bf16", lambda device: False)
+    monkeypatch.setattr(index_mod, "load_model", real_load)
+    index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", device="cpu", steps=1))
+    assert capsys.readouterr().out.count(index_mod.FP32_CPU_NOTICE) == 1
+    index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", device="cpu", steps=1))  # all finished
+    assert index_mod.FP32_CPU_NOTICE not in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_smollm2_one_document_end_to_end(tmp_path):
     """Index one short document on the bundled SmolLM2 with few steps; the KM loads with plain PEFT
