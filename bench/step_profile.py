@@ -27,6 +27,7 @@ from bench.common import env_block, environment, markdown_table, matmul_rate_flo
 from kmtrain.config import IndexConfig, resolve_device
 from kmtrain.demo import CORPUS
 
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 KINDS = ("decoder projections (mm)", "LM head, the fused KL's (mm)", "LoRA (bmm, rank r)", "attention",
          "other ops", "Python and dispatch between ops")
 
@@ -47,6 +48,10 @@ def op_kind(name: str, shapes: Sequence[Sequence[int]], vocab: int, rank: int, f
             return KINDS[2]
         return KINDS[3]
     if name in ("aten::_softmax", "aten::_softmax_backward_data"):
+        return KINDS[3]
+    # PyTorch's fused CPU attention, which fp32 steps run (kmtrain's own bf16 path is the bmm and
+    # softmax above); before, an fp32 profile filed it under other ops and showed attention at 0
+    if name.startswith("aten::_scaled_dot_product_"):
         return KINDS[3]
     return KINDS[4]
 
@@ -157,7 +162,10 @@ def main(argv: Optional[List[str]] = None) -> str:
     rows = [[k, f"{per_kind.get(k, 0.0) / a.active:.3f}", f"{100 * per_kind.get(k, 0.0) / total:.1f}"]
             for k in KINDS]
     rows.append(["all (profiler's self times)", f"{total / a.active:.3f}", "100.0"])
-    host = matmul_rate_flops(torch.bfloat16, "cpu")
+    # the host's rate in the dtype the step's GEMMs ran in: bf16 under autocast, else fp32 (on a CPU
+    # without native bf16 a bf16 GEMM is emulated, and its rate says nothing about the step)
+    step_dtype = importlib.import_module("kmtrain.index")._amp_dtype(cfg, device) or torch.float32
+    host = matmul_rate_flops(step_dtype, "cpu")
     text = "\n".join([
         "# Where a training step goes (`python -m bench.step_profile`)", "",
         env_block(environment()),
@@ -167,8 +175,8 @@ def main(argv: Optional[List[str]] = None) -> str:
         f"- wall seconds of steps 2-{a.steps} (a step timed from the end of the one before): "
         f"{', '.join(f'{s:.2f}' for s in step_s)} (profiled: "
         f"{', '.join(f'{s:.2f}' for s in profiled)}, the profiler's overhead included)",
-        f"- decoder projection GEMMs ran at {rate / 1e9:.0f} GFLOP/s; a bf16 [2048, 2048] GEMM at "
-        f"{host / 1e9:.0f} GFLOP/s on this host", "",
+        f"- decoder projection GEMMs ran at {rate / 1e9:.0f} GFLOP/s; a {DTYPE_NAMES[step_dtype]} [2048, 2048] "
+        f"GEMM at {host / 1e9:.0f} GFLOP/s on this host", "",
         markdown_table(["kind", "s per step", "%"], rows), ""])
     write_report(text, a.out)
     return text

@@ -21,6 +21,10 @@ def test_op_kinds_of_a_smollm2_step():
     assert kind("aten::bmm", (30, 16, 64), (30, 64, 16)) == "attention"
     assert kind("aten::baddbmm", (39, 498, 166), (39, 498, 64), (39, 64, 166)) == "attention"
     assert kind("aten::_softmax", (39, 498, 166)) == "attention"
+    # an fp32 step's attention: PyTorch's fused CPU kernels, forward and backward
+    q = (10, 9, 166, 64)
+    assert kind("aten::_scaled_dot_product_flash_attention_for_cpu", q, q, q) == "attention"
+    assert kind("aten::_scaled_dot_product_flash_attention_for_cpu_backward", q, q, q, q, q) == "attention"
     assert kind("aten::add", (13, 166, 1536), (13, 166, 1536)) == "other ops"
     assert kind("ProfilerStep#7") == "Python and dispatch between ops"
 
