@@ -164,7 +164,7 @@ def main(argv: Optional[List[str]] = None) -> str:
     rows.append(["all (profiler's self times)", f"{total / a.active:.3f}", "100.0"])
     # the host's rate in the dtype the step's GEMMs ran in: bf16 under autocast, else fp32 (on a CPU
     # without native bf16 a bf16 GEMM is emulated, and its rate says nothing about the step)
-    step_dtype = importlib.import_module("kmtrain.index")._amp_dtype(cfg, device) or torch.float32
+    step_dtype = index_mod._amp_dtype(cfg, device) or torch.float32  # the module the run above used
     host = matmul_rate_flops(step_dtype, "cpu")
     text = "\n".join([
         "# Where a training step goes (`python -m bench.step_profile`)", "",
