@@ -28,7 +28,7 @@ import torch
 from bench.common import env_block, environment, markdown_table, projection_sizes, write_report
 from kmtrain.config import IndexConfig
 from kmtrain.demo import CORPUS, in_fresh_process
-from kmtrain.index import index
+from kmtrain.index import default_steps, index
 
 
 # Published shapes (config.json of each model); "tiny" is for a CPU smoke run of this script.
@@ -218,7 +218,7 @@ def _index_in_fresh_process(corpus: str, cfg: IndexConfig) -> tuple[list[dict], 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--corpus", default=str(CORPUS))
-    ap.add_argument("--steps", type=int, default=IndexConfig().steps)
+    ap.add_argument("--steps", type=int, help="training steps (default: kmtrain index's on this machine)")
     ap.add_argument("--work", default="runs/indexing")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--random-shape", choices=sorted(RANDOM_SHAPES),
@@ -234,7 +234,7 @@ def main(argv=None):
     shutil.rmtree(work, ignore_errors=True)
     if a.random_shape:  # kept beside the work folder: writing 16 GB once per machine is enough
         a.model = random_model_folder(a.random_shape, a.tokenizer, work.parent / f"random-{a.random_shape}")
-    base = IndexConfig(model=a.model, steps=a.steps, progress=False)
+    base = IndexConfig(model=a.model, steps=default_steps() if a.steps is None else a.steps, progress=False)
     if a.long:
         texts = [p.read_text() for p in sorted(Path(CORPUS).glob("*.txt"))]
         corpus = work / "long_corpus"

@@ -19,7 +19,7 @@ from kmtrain.index import index
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--objectives", nargs="+", default=["sdcd", "lm", "ddcd", "pit"])
-    ap.add_argument("--steps", type=int, default=IndexConfig().steps)
+    ap.add_argument("--steps", type=int, help="training steps (default: kmtrain index's on this machine)")
     ap.add_argument("--work", default="runs/quality")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="IndexConfig override for every KM run (e.g. qa_format=chat, hidden_weight=0)")
@@ -65,7 +65,7 @@ def main(argv=None):
                 per_doc[name] = {d: sum(v[c]) for d, v in res.items()}
         k = sum(sum(v["km"]) for v in res.values())
         n = sum(len(v["km"]) for v in res.values())
-        rows.append([f"KM ({obj})", str(a.steps), f"{k}/{n}", f"{100 * k / n:.1f}", f"{t_train:.0f}"])
+        rows.append([f"KM ({obj})", str(kms[0]["steps"]), f"{k}/{n}", f"{100 * k / n:.1f}", f"{t_train:.0f}"])
         per_doc[f"KM ({obj})"] = {d: sum(v["km"]) for d, v in res.items()}
         print(rows[-1], flush=True)
     table = markdown_table(["condition", "steps", "correct", "accuracy %", "training s (one wave of 8 documents, from km.json)"], rows)

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .config import CHOICES, PRESETS, IndexConfig
+from .config import CHOICES, DEFAULT_STEPS, FP32_CPU_STEPS, PRESETS, IndexConfig
 from .data import DocumentError
 from .index import OutputBusyError, library_versions, printable_output
 from .synth import GeneratorError
@@ -62,6 +62,10 @@ _FIELD_FLAGS = {
 }
 
 
+# Defaults that depend on the machine, as --help says them
+_DEFAULT_SAID = {"steps": f"default {DEFAULT_STEPS}, {FP32_CPU_STEPS} on a CPU without native bf16 matmuls"}
+
+
 _TRUST_HELP = ("load a model that brings its own Python code (config.json's auto_map): transformers runs it, with "
                "your permissions")
 
@@ -84,10 +88,13 @@ def _index_parser(sub):
     d, types = IndexConfig(), typing.get_type_hints(IndexConfig)
     for name, text in _FIELD_FLAGS.items():
         default = getattr(d, name)
-        shown = "; ".join([f"default {default}"] + [f"{k} preset {v[name]}" for k, v in PRESETS.items()
-                                                    if v.get(name, default) != default])
-        p.add_argument("--" + name.replace("_", "-"), type=types[name], choices=CHOICES.get(name),
-                       help=f"{text} ({shown})")
+        kind = types[name]
+        if type(None) in typing.get_args(kind):  # Optional[int] (steps): unset, the machine's default
+            kind = typing.get_args(kind)[0]
+        said = _DEFAULT_SAID.get(name, f"default {default}")
+        shown = "; ".join([said] + [f"{k} preset {v[name]}" for k, v in PRESETS.items()
+                                    if v.get(name, default) != default])
+        p.add_argument("--" + name.replace("_", "-"), type=kind, choices=CHOICES.get(name), help=f"{text} ({shown})")
     p.add_argument("--no-teacher-cache", action="store_true", help="re-run the teacher every step (reference recipe)")
     p.add_argument("--keep-teacher-cache", action="store_true",
                    help="keep each document's teacher cache after its KM is written (default: delete it; "

@@ -22,6 +22,16 @@ CHOICES = {"objective": OBJECTIVES, "qa_format": ("pair", "chat", "both"), "gene
 TARGETS = ("all-linear",)
 
 
+# Training steps when IndexConfig.steps is unset. 60: `make demo` takes 8-12 minutes from a cold
+# start on 2-core CPUs with native bf16 (AVX512-BF16 or AMX; bench/results/make_demo_cpu.md). A CPU
+# without them trains in fp32 at ~2x the time per step (15.2 s against 5.5-7.8 s), and there make demo
+# took 21:50 at 60 steps, so it trains FP32_CPU_STEPS by default. Measured on such a CPU (AVX2 only)
+# on the same synthetic targets, KM accuracy on the demo corpus at 30 against 60 steps: 33 against 35
+# of 64 at seed 0, 36 against 38 at seed 1 (bench/results/steps_fp32_cpu.md).
+DEFAULT_STEPS = 60
+FP32_CPU_STEPS = 30
+
+
 @dataclass
 class IndexConfig:
     """Everything `kmtrain index` does. Defaults fit a 2-core CPU with SmolLM2-135M (`make demo`)."""
@@ -92,12 +102,11 @@ class IndexConfig:
     cache_batch_size: int = 8
     # training (paper defaults but the lr: AdamW, warm-up + cosine, clip 1.0, r=16, alpha=16, every linear
     # layer but the output head)
-    # 60 steps: `make demo` took 10 min 55 s from a cold start on a 2-core CPU with native bf16 (12
-    # summaries, 2 examples per document per step; not re-timed on an fp32-only CPU since). sdcd
-    # on the demo corpus at 1 example per step: 19/64 at 30 steps (fp32), 22-26/64 at 60 (bf16),
+    # None: DEFAULT_STEPS, or FP32_CPU_STEPS on a CPU without native bf16 matmuls (`default_steps`).
+    # sdcd on the demo corpus at 1 example per step: 19/64 at 30 steps (fp32), 22-26/64 at 60 (bf16),
     # 24/64 at 90 (fp32), 21/64 at 120 (bf16, 6 summaries): more steps alone do not pay here.
     # The paper trains 250-1500 steps (preset "paper").
-    steps: int = 60
+    steps: Optional[int] = None
     docs_per_step: int = 8
     # 2 examples of each document per step: sdcd 33 and 28 of 64 over two seeds, against 26 and 25
     # with 1 (same targets, 60 steps); the same compute as 4 x 30 steps gave 29, and a lower lr at 1
@@ -175,7 +184,7 @@ class IndexConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("steps", "docs_per_step", "examples_per_doc", "rank", "max_new_tokens", "gen_batch_size",
                      "cache_batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:  # steps None: the device's default
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         # checked here, not where they are used, so that a bad value fails before the model loads
         if self.chunk_tokens < 8:
@@ -288,6 +297,15 @@ def _as_field_type(name: str, kind, value):
     """``value`` as IndexConfig's field ``name`` of type ``kind`` holds it (``IndexConfig.__post_init__``)."""
     import numbers
 
+    args = typing.get_args(kind)
+    if type(None) in args and args[0] in _KIND_NAME:  # Optional[int] (steps): None or the type's value
+        if value is None:
+            return None
+        try:
+            return _as_field_type(name, args[0], value)
+        except ValueError:
+            raise ValueError(f"{name} must be {_KIND_NAME[args[0]]} or None, got {type(value).__name__} "
+                             f"{value!r}") from None
     if kind in _KIND_NAME:
         if kind is str and isinstance(value, os.PathLike):
             value = os.fspath(value)

@@ -22,10 +22,10 @@ import torch
 from kmkernels import attach_grouped_lora, load_peft, read_adapter_config
 
 from .cli import reporting_errors
-from .config import IndexConfig, resolve_device
+from .config import DEFAULT_STEPS, FP32_CPU_STEPS, IndexConfig, resolve_device
 from .data import load_documents
 from .evaluate import generate_answers, is_correct, question_prompt
-from .index import index
+from .index import default_steps, index
 from .models import load_model, native_bf16
 
 CORPUS = Path(__file__).parent / "demo_corpus"
@@ -119,7 +119,8 @@ def main(argv=None) -> int:
                                              "score the base model, ICL and the KMs on its questions")
     ap.add_argument("--out", default="runs/demo", help="where the KMs go (default runs/demo)")
     ap.add_argument("--objective", default="sdcd", help="what the KMs are trained with (default sdcd)")
-    ap.add_argument("--steps", type=int, help=f"training steps (default {IndexConfig().steps})")
+    ap.add_argument("--steps", type=int, help=f"training steps (default {DEFAULT_STEPS}, {FP32_CPU_STEPS} on a CPU "
+                                              "without native bf16 matmuls)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="an IndexConfig field for the indexing run (repeatable), e.g. seed=1 or amp=off")
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
     try:
         overrides = dict(IndexConfig.parse_override(item) for item in a.set)
         cfg = IndexConfig(out=a.out, objective=a.objective, progress=not a.no_progress).replace(**overrides)
-        if a.steps:
+        if a.steps is not None:  # --steps 0 is refused by validate(), not ignored
             cfg = cfg.replace(steps=a.steps)
         cfg.validate()
     except ValueError as e:
@@ -137,7 +138,8 @@ def main(argv=None) -> int:
     def run() -> int:
         torch.manual_seed(0)
         t0 = time.time()
-        print(f"indexing {CORPUS} -> {a.out} ({cfg.objective}, {cfg.steps} steps, {cfg.docs_per_step} documents per step)")
+        steps = cfg.steps or default_steps(cfg.device)
+        print(f"indexing {CORPUS} -> {a.out} ({cfg.objective}, {steps} steps, {cfg.docs_per_step} documents per step)")
         index(str(CORPUS), cfg)
         t1 = time.time()
         result = in_fresh_process(evaluate_corpus, a.out, cfg.model)  # not in what indexing left

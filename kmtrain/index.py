@@ -40,7 +40,7 @@ from kmkernels import (adapter_targets, attach_grouped_lora, export_peft, load_p
 from kmkernels.utils import resolve_backend
 
 from .checkpoint import TrainingCheckpoint
-from .config import IndexConfig, resolve_device
+from .config import DEFAULT_STEPS, FP32_CPU_STEPS, IndexConfig, resolve_device
 from .data import (Document, atomic_write_json, chat_prompt_ids, check_documents, chunk_recitation_pieces,
                    chunk_tokens, document_ids, file_sha256, load_documents, problems_message, recitation_item,
                    recitation_items, recitation_pieces, target_ids, whole_character_cuts)
@@ -142,7 +142,19 @@ def _amp_dtype(cfg, device: torch.device):
 # took 8-12 minutes at 5.5-7.8 s per step (bench/results/make_demo_cpu.md). A user should not have
 # to find that out from the progress bar.
 FP32_CPU_NOTICE = ("this CPU has no native bf16 matmuls (AVX512-BF16 or AMX): training runs in fp32, at about "
-                   "twice the time per step of a CPU that has them; fewer --steps train for less time")
+                   "twice the time per step of a CPU that has them")
+# ... and, where the steps were left to their default, that there are fewer of them (`default_steps`)
+FP32_CPU_STEPS_NOTICE = (f"on a CPU without native bf16 matmuls a KM trains {FP32_CPU_STEPS} steps by default, not "
+                         f"{DEFAULT_STEPS}: --steps {DEFAULT_STEPS} trains as such CPUs do, in about twice the time")
+
+
+def default_steps(device: Union[str, torch.device] = "auto") -> int:
+    """The training steps of a run that leaves ``IndexConfig.steps`` unset (None): ``FP32_CPU_STEPS``
+    on a CPU without native bf16 matmuls, where a step takes ~2x the time (training runs in fp32; a
+    bf16 one would be emulated, slower still), else ``DEFAULT_STEPS``. A property of the machine,
+    not of --amp, so that one CPU trains the same steps whatever the precision asked for."""
+    dev = resolve_device(device) if isinstance(device, str) else device
+    return FP32_CPU_STEPS if dev.type == "cpu" and not native_bf16(dev) else DEFAULT_STEPS
 
 
 def _fp32_cpu_by_default(cfg, device: torch.device, amp) -> bool:
@@ -628,6 +640,10 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> Lis
         return summaries
     if _fp32_cpu_by_default(cfg, device, amp):
         print(FP32_CPU_NOTICE, flush=True)
+    if cfg.steps is None:
+        cfg = cfg.replace(steps=default_steps(device))
+        if cfg.steps != DEFAULT_STEPS:
+            print(FP32_CPU_STEPS_NOTICE, flush=True)
 
     model, tok, model_name, model_hash = load_model(cfg.model, str(device), dtype=base_dtype, progress=cfg.progress,
                                                     trust_remote_code=cfg.trust_remote_code)

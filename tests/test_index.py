@@ -13,7 +13,7 @@ import torch
 
 from conftest import DATED_TEMPLATE, DOCS, HAS_CUDA, on_day, tiny_cfg, write_docs
 from kmtrain import IndexConfig, ask, index, load_documents
-from kmtrain.config import PRESETS
+from kmtrain.config import DEFAULT_STEPS, FP32_CPU_STEPS, PRESETS
 from kmtrain.data import recitation_items
 from kmtrain.teacher_cache import TeacherCache
 
@@ -617,8 +617,8 @@ def test_config_takes_paths_and_numpy_numbers_as_python_callers_hand_them(tiny_m
     assert all(s["status"] == "trained" for s in summaries)
     meta = json.loads((tmp_path / "kms" / "alpha" / "km.json").read_text())
     assert meta["settings"]["model"] == tiny_model and meta["settings"]["cache_layers"] == [0]
-    for kw, said in ((dict(steps="60"), "steps must be an integer, got str '60'"),
-                     (dict(steps=6.0), "steps must be an integer, got float"),
+    for kw, said in ((dict(steps="60"), "steps must be an integer or None, got str '60'"),
+                     (dict(steps=6.0), "steps must be an integer or None, got float"),
                      (dict(retrain=1), "retrain must be true or false"),
                      (dict(cache_layers=5), "cache_layers must be a tuple of integers or None"),
                      (dict(target_modules="q_proj"), "target_modules must be a tuple of strings"),
@@ -729,7 +729,8 @@ def test_amp_resolution_follows_native_bf16(monkeypatch):
 def test_fp32_training_on_a_cpu_is_said_before_the_work(tiny_model, docs_dir, tmp_path, capsys, monkeypatch):
     """A CPU without native bf16 trains in fp32, at about twice the time per step: said once, before
     the model loads; not where bf16 runs, nor where --amp off asked for fp32, nor when every KM is
-    already finished (nothing will train)."""
+    already finished (nothing will train). There the steps, left unset, are FP32_CPU_STEPS, and that
+    is said too; steps given are the steps trained, unsaid."""
     index_mod = importlib.import_module("kmtrain.index")
 
     class ModelLoads(Exception):
@@ -740,18 +741,38 @@ def test_fp32_training_on_a_cpu_is_said_before_the_work(tiny_model, docs_dir, tm
 
     real_load = index_mod.load_model
     monkeypatch.setattr(index_mod, "load_model", stop_at_model_load)
-    for native, amp, said in ((False, "auto", True), (True, "auto", False), (False, "off", False)):
+    for native, amp, steps, said, fewer in ((False, "auto", None, True, True), (True, "auto", None, False, False),
+                                            (False, "off", None, False, True), (False, "auto", 3, True, False)):
         monkeypatch.setattr(index_mod, "native_bf16", lambda device, native=native: native)
         with pytest.raises(ModelLoads):
-            index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", amp=amp, device="cpu"))
-        assert capsys.readouterr().out.count(index_mod.FP32_CPU_NOTICE) == int(said), (native, amp)
+            index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", amp=amp, device="cpu", steps=steps))
+        out = capsys.readouterr().out
+        assert out.count(index_mod.FP32_CPU_NOTICE) == int(said), (native, amp, steps)
+        assert out.count(index_mod.FP32_CPU_STEPS_NOTICE) == int(fewer), (native, amp, steps)
 
     monkeypatch.setattr(index_mod, "native_bf16", lambda device: False)
     monkeypatch.setattr(index_mod, "load_model", real_load)
-    index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", device="cpu", steps=1))
-    assert capsys.readouterr().out.count(index_mod.FP32_CPU_NOTICE) == 1
-    index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", device="cpu", steps=1))  # all finished
+    summaries = index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", device="cpu", steps=None))
+    out = capsys.readouterr().out
+    assert out.count(index_mod.FP32_CPU_NOTICE) == 1 and out.count(index_mod.FP32_CPU_STEPS_NOTICE) == 1
+    meta = json.loads((tmp_path / "kms" / "alpha" / "km.json").read_text())
+    assert meta["steps"] == FP32_CPU_STEPS and {s["steps"] for s in summaries} == {FP32_CPU_STEPS}
+    index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", device="cpu", steps=None))  # all finished
     assert index_mod.FP32_CPU_NOTICE not in capsys.readouterr().out
+
+
+def test_default_steps_follow_the_machine(monkeypatch):
+    """Unset steps are DEFAULT_STEPS where bf16 is native or on a GPU, FP32_CPU_STEPS on a CPU without
+    native bf16 (make demo at 60 fp32 steps took 21:50 on such a 2-core CPU, over its 15 minutes)."""
+    index_mod = importlib.import_module("kmtrain.index")
+    assert IndexConfig().steps is None and FP32_CPU_STEPS < DEFAULT_STEPS
+    for native, want in ((True, DEFAULT_STEPS), (False, FP32_CPU_STEPS)):
+        monkeypatch.setattr(index_mod, "native_bf16", lambda device, native=native: native)
+        assert index_mod.default_steps("cpu") == want and index_mod.default_steps(torch.device("cpu")) == want
+    # a GPU keeps the default whatever the CPU beside it has (not asked: no GPU need be present)
+    assert index_mod.default_steps(torch.device("cuda")) == DEFAULT_STEPS
+    with pytest.raises(ValueError, match=re.escape("steps must be >= 1, got 0")):
+        IndexConfig(steps=0).validate()
 
 
 @pytest.mark.slow
