@@ -144,8 +144,9 @@ def _amp_dtype(cfg, device: torch.device):
 FP32_CPU_NOTICE = ("this CPU has no native bf16 matmuls (AVX512-BF16 or AMX): training runs in fp32, at about "
                    "twice the time per step of a CPU that has them")
 # ... and, where the steps were left to their default, that there are fewer of them (`default_steps`)
-FP32_CPU_STEPS_NOTICE = (f"on a CPU without native bf16 matmuls a KM trains {FP32_CPU_STEPS} steps by default, not "
-                         f"{DEFAULT_STEPS}: --steps {DEFAULT_STEPS} trains as such CPUs do, in about twice the time")
+FP32_CPU_STEPS_NOTICE = (f"a KM trains {FP32_CPU_STEPS} steps by default on a CPU without native bf16 matmuls, where "
+                         f"other machines train {DEFAULT_STEPS}: --steps {DEFAULT_STEPS} trains as they do, in about "
+                         "twice the time here")
 
 
 def default_steps(device: Union[str, torch.device] = "auto") -> int:
