@@ -764,7 +764,10 @@ def test_fp32_training_on_a_cpu_is_said_before_the_work(tiny_model, docs_dir, tm
 def test_default_steps_follow_the_machine(monkeypatch):
     """Unset steps are DEFAULT_STEPS where bf16 is native or on a GPU, FP32_CPU_STEPS on a CPU without
     native bf16 (make demo at 60 fp32 steps took 21:50 on such a 2-core CPU, over its 15 minutes)."""
+    import kmtrain
+
     index_mod = importlib.import_module("kmtrain.index")
+    assert kmtrain.default_steps is index_mod.default_steps  # public, as kmtrain.default_steps()
     assert IndexConfig().steps is None and FP32_CPU_STEPS < DEFAULT_STEPS
     for native, want in ((True, DEFAULT_STEPS), (False, FP32_CPU_STEPS)):
         monkeypatch.setattr(index_mod, "native_bf16", lambda device, native=native: native)
