@@ -14,7 +14,8 @@ def test_kms_are_scored_on_the_base_they_were_trained_on(tmp_path, monkeypatch):
 
     def fake_index(docs, cfg):
         indexed.append((cfg.objective, cfg.model))
-        km = {"base_model": "My-Model-1B", "train_seconds_wave": 1.0}
+        # steps: what index() resolved (60, or 30 on a CPU without native bf16, when not given)
+        km = {"base_model": "My-Model-1B", "train_seconds_wave": 1.0, "steps": 7}
         out = tmp_path / "work" / cfg.objective
         (out / ".work" / "doc").mkdir(parents=True, exist_ok=True)  # the stage files the next objective reuses
         (out / "doc" / "km.json").parent.mkdir(parents=True)
@@ -37,3 +38,4 @@ def test_kms_are_scored_on_the_base_they_were_trained_on(tmp_path, monkeypatch):
     text = report.read_text()
     assert text.startswith("# Closed-book accuracy on the demo corpus (My-Model-1B)")
     assert "SmolLM2" not in text.splitlines()[0]
+    assert "| KM (sdcd) | 7 | 1/2 |" in text  # the steps the KMs trained, from km.json
