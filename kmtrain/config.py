@@ -27,7 +27,8 @@ TARGETS = ("all-linear",)
 # without them trains in fp32 at ~2x the time per step (15.2 s against 5.5-7.8 s), and there make demo
 # took 21:50 at 60 steps, so it trains FP32_CPU_STEPS by default. Measured on such a CPU (AVX2 only)
 # on the same synthetic targets, KM accuracy on the demo corpus at 30 against 60 steps: 33 against 35
-# of 64 at seed 0, 36 against 38 at seed 1 (bench/results/steps_fp32_cpu.md).
+# of 64 at seed 0, 36 against 38 at seed 1, and 26 at 24 steps at both (bench/results/steps_fp32_cpu.md).
+# make demo there at 30 steps: 13:55 and 15:10, at the edge of its 15 minutes.
 DEFAULT_STEPS = 60
 FP32_CPU_STEPS = 30
 
