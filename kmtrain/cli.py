@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .config import CHOICES, DEFAULT_STEPS, FP32_CPU_STEPS, PRESETS, IndexConfig
+from .config import CHOICES, PRESETS, STEPS_DEFAULT_SAID, IndexConfig
 from .data import DocumentError
 from .index import OutputBusyError, library_versions, printable_output
 from .synth import GeneratorError
@@ -63,7 +63,7 @@ _FIELD_FLAGS = {
 
 
 # Defaults that depend on the machine, as --help says them
-_DEFAULT_SAID = {"steps": f"default {DEFAULT_STEPS}, {FP32_CPU_STEPS} on a CPU without native bf16 matmuls"}
+_DEFAULT_SAID = {"steps": STEPS_DEFAULT_SAID}
 
 
 _TRUST_HELP = ("load a model that brings its own Python code (config.json's auto_map): transformers runs it, with "

@@ -31,6 +31,8 @@ TARGETS = ("all-linear",)
 # make demo there at 30 steps: 13:55 and 15:10, at the edge of its 15 minutes.
 DEFAULT_STEPS = 60
 FP32_CPU_STEPS = 30
+# the default as --help says it (kmtrain index, kmtrain.demo)
+STEPS_DEFAULT_SAID = f"default {DEFAULT_STEPS}, {FP32_CPU_STEPS} on a CPU without native bf16 matmuls"
 
 
 @dataclass

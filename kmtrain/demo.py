@@ -22,7 +22,7 @@ import torch
 from kmkernels import attach_grouped_lora, load_peft, read_adapter_config
 
 from .cli import reporting_errors
-from .config import DEFAULT_STEPS, FP32_CPU_STEPS, IndexConfig, resolve_device
+from .config import STEPS_DEFAULT_SAID, IndexConfig, resolve_device
 from .data import load_documents
 from .evaluate import generate_answers, is_correct, question_prompt
 from .index import default_steps, index
@@ -119,8 +119,7 @@ def main(argv=None) -> int:
                                              "score the base model, ICL and the KMs on its questions")
     ap.add_argument("--out", default="runs/demo", help="where the KMs go (default runs/demo)")
     ap.add_argument("--objective", default="sdcd", help="what the KMs are trained with (default sdcd)")
-    ap.add_argument("--steps", type=int, help=f"training steps (default {DEFAULT_STEPS}, {FP32_CPU_STEPS} on a CPU "
-                                              "without native bf16 matmuls)")
+    ap.add_argument("--steps", type=int, help=f"training steps ({STEPS_DEFAULT_SAID})")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="an IndexConfig field for the indexing run (repeatable), e.g. seed=1 or amp=off")
