@@ -1,6 +1,7 @@
 """Timing, memory and environment helpers shared by the benchmark tables."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -173,3 +174,14 @@ def km_records(folder: Path) -> Dict[str, dict]:
     where there are none). The benches that read finished KMs take their base model and LoRA shape
     from these records, not from defaults."""
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(folder).glob("*/km.json"))}
+
+
+def set_overrides(ap: argparse.ArgumentParser, items: List[str]) -> Dict:
+    """The IndexConfig overrides of a bench's repeated ``--set FIELD=VALUE``; a malformed one ends
+    the command with argparse's usage error naming it."""
+    from kmtrain.config import IndexConfig
+
+    try:
+        return dict(IndexConfig.parse_override(item) for item in items)
+    except ValueError as e:
+        ap.error(str(e))

@@ -10,7 +10,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from bench.common import env_block, environment, km_records, markdown_table, write_report
+from bench.common import env_block, environment, km_records, markdown_table, set_overrides, write_report
 from kmtrain.config import IndexConfig
 from kmtrain.demo import CORPUS, evaluate_corpus, in_fresh_process
 from kmtrain.index import index
@@ -25,10 +25,7 @@ def main(argv=None):
                     help="IndexConfig override for every KM run (e.g. qa_format=chat, hidden_weight=0)")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
-    try:
-        overrides = dict(IndexConfig.parse_override(item) for item in a.set)
-    except ValueError as e:
-        ap.error(str(e))
+    overrides = set_overrides(ap, a.set)
     cfg = IndexConfig(**overrides)
     env = environment()
     rows, per_doc = [], {}

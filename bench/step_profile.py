@@ -23,7 +23,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from bench.common import env_block, environment, markdown_table, matmul_rate_flops, projection_sizes, write_report
+from bench.common import (env_block, environment, markdown_table, matmul_rate_flops, projection_sizes, set_overrides,
+                          write_report)
 from kmtrain.config import IndexConfig, resolve_device
 from kmtrain.demo import CORPUS
 
@@ -133,10 +134,7 @@ def main(argv: Optional[List[str]] = None) -> str:
     # the profiler's schedule counts steps from 0: `wait` of them unrecorded, then one warm-up step
     prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True,
                    schedule=schedule(wait=a.skip - 1, warmup=1, active=a.active, repeat=1))
-    try:
-        overrides = dict(IndexConfig.parse_override(item) for item in a.set)
-    except ValueError as e:
-        ap.error(str(e))
+    overrides = set_overrides(ap, a.set)
     cfg = IndexConfig(**{**overrides, "steps": a.steps, "retrain": True, "progress": False})
     try:
         device = resolve_device(cfg.device)

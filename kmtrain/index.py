@@ -41,6 +41,7 @@ from kmkernels.utils import resolve_backend
 
 from .checkpoint import TrainingCheckpoint
 from .config import DEFAULT_STEPS, FP32_CPU_STEPS, IndexConfig, resolve_device
+from .cpu_heap import heap_kept
 from .data import (Document, atomic_write_json, chat_prompt_ids, check_documents, chunk_recitation_pieces,
                    chunk_tokens, document_ids, file_sha256, load_documents, problems_message, recitation_item,
                    recitation_items, recitation_pieces, target_ids, whole_character_cuts)
@@ -471,6 +472,7 @@ def index(docs: Union[str, os.PathLike, Mapping[str, str], Sequence[Document]], 
         documents = check_documents([Document(k, v, f"docs[{k!r}]") for k, v in docs.items()])
     else:
         documents = check_documents(docs)
+    device = resolve_device(cfg.device)  # a device this machine lacks fails before --out is made
     # "~" is the home folder, as in a shell: from Python (or quoted) nothing expanded it, and the KMs went
     # to a folder named "~" under the working directory, where a later `rm -rf ~` would aim at the home folder
     out = Path(cfg.out).expanduser()
@@ -480,8 +482,8 @@ def index(docs: Union[str, os.PathLike, Mapping[str, str], Sequence[Document]], 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a parent that is a file, a read-only or missing mount
         raise ValueError(f"--out {out}: cannot create this folder ({e.strerror or e})") from None
-    with out_lock(out), printable_output():
-        return _index_locked(documents, cfg, out)
+    with out_lock(out), printable_output(), heap_kept(device):
+        return _index_locked(documents, cfg, out, device)
 
 
 class OutputBusyError(RuntimeError):
@@ -601,11 +603,10 @@ class _Notices:
         return max(0, self.count - NOTICES_IN_FULL)
 
 
-def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path) -> List[dict]:
+def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path, device: torch.device) -> List[dict]:
     work = out / ".work"
     remove_stale_temp(out)
     remove_stale_temp(work)  # a training checkpoint's write cut short
-    device = resolve_device(cfg.device)
     amp = _amp_dtype(cfg, device)
     base_dtype = _base_dtype(cfg, device, amp)
     _refuse_interpreted_bf16(cfg.backend, device, torch.bfloat16 in (amp, base_dtype),
