@@ -129,12 +129,9 @@ def reset_peak_rss() -> int:
     Without malloc_trim, memory freed while building inputs is reused silently and the peak
     under-counts; clear_refs=5 resets VmHWM (Linux >= 4.0).
     """
-    import ctypes
+    from kmtrain.cpu_heap import return_free_memory
 
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    return_free_memory()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return _proc_status_kib("VmRSS") * 1024

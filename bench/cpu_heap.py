@@ -19,9 +19,9 @@ import resource
 import time
 from typing import Dict, List, Optional
 
-
 from bench.common import env_block, environment, markdown_table, set_overrides, write_report
 from bench.step_profile import profiled_training
+from kmtrain import default_steps
 from kmtrain.config import IndexConfig, resolve_device
 from kmtrain.demo import CORPUS, in_fresh_process
 
@@ -97,7 +97,7 @@ def main(argv: Optional[List[str]] = None) -> str:
                      f"{r['peak_rss'] / 2**30:.2f}", f"{r['run_s']:.0f}"])
     base, kept_run = (runs[s] for s in SETTINGS)
     saved = 1 - sum(kept_run["wall"]) / sum(base["wall"])
-    steps = overrides.get("steps") or importlib.import_module("kmtrain.index").default_steps(device)
+    steps = overrides.get("steps") or default_steps(device)
     text = "\n".join([
         "# Training with glibc's heap kept (`python -m bench.cpu_heap`)", "",
         env_block(environment()),

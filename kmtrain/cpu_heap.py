@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import platform
 from typing import Iterator, Optional
 
@@ -34,7 +35,9 @@ KEPT_TRIM_THRESHOLD = 2**31 - 1
 AFTER_TRIM_THRESHOLD = 2 * KEPT_MMAP_THRESHOLD
 
 
+@functools.lru_cache(maxsize=None)
 def _glibc() -> Optional[ctypes.CDLL]:
+    """The C library when it is glibc (looked up once), else None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
@@ -60,4 +63,14 @@ def heap_kept(device: torch.device) -> Iterator[bool]:
         yield True
     finally:
         libc.mallopt(M_TRIM_THRESHOLD, AFTER_TRIM_THRESHOLD)
-        libc.malloc_trim(0)
+        return_free_memory()
+
+
+def return_free_memory() -> bool:
+    """Hand the heap's free memory back to the system now (glibc's ``malloc_trim``). Returns False
+    where there is no glibc, and nothing was done."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True

@@ -1,4 +1,5 @@
 """bench.cpu_heap: one setting with kmtrain's kept heap, one with glibc's defaults, side by side."""
+import importlib
 import re
 
 import torch
@@ -6,6 +7,7 @@ import torch
 import kmtrain.cpu_heap as cpu_heap
 from bench.cpu_heap import SETTINGS, main, run_setting
 from conftest import DOCS
+from kmtrain import IndexConfig
 
 TINY = ["docs_per_step=3", "examples_per_doc=1", "summaries_per_chunk=2", "qa_per_chunk=1", "max_new_tokens=10",
         "chunk_tokens=64", "gen_batch_size=8", "rank=4", "alpha=8", "device=cpu"]
@@ -29,8 +31,7 @@ class _FakeGlibc:
 def test_only_the_kept_setting_touches_the_heap(tiny_model, docs_dir, tmp_path, monkeypatch):
     libc = _FakeGlibc()
     monkeypatch.setattr(cpu_heap, "_glibc", lambda: libc)
-    overrides = dict(model=tiny_model, steps=3, **{k: int(v) if v.isdigit() else v
-                                                   for k, v in (s.split("=") for s in TINY)})
+    overrides = dict(model=tiny_model, steps=3, **dict(IndexConfig.parse_override(s) for s in TINY))
     base = run_setting(False, str(docs_dir), str(tmp_path / "work"), overrides)
     assert libc.calls == []
     assert len(base["wall"]) == len(base["faults"]) == len(base["sys"]) == 2 and base["peak_rss"] > 0
@@ -38,8 +39,6 @@ def test_only_the_kept_setting_touches_the_heap(tiny_model, docs_dir, tmp_path, 
     assert [c[0] for c in libc.calls] == ["mallopt", "mallopt", "mallopt", "malloc_trim"]
     assert len(kept["wall"]) == 2 and all(w > 0 for w in kept["wall"])
     # the glibc-defaults setting put the real heap_kept back for what runs after it
-    import importlib
-
     assert importlib.import_module("kmtrain.index").heap_kept is cpu_heap.heap_kept
 
 
