@@ -14,13 +14,21 @@ over measured time.
 GPU shapes: N in {2048, 8192}, in->out in {4096->4096, 4096->14336}, r in {16, 64},
 D in {1, 8, 32, 128}, bf16. CPU: N in {512, 2048}, 576->576 and 576->1536 (SmolLM2-135M),
 r=16, D in {1, 8, 32}, fp32, torch paths only (the Triton interpreter is a test tool).
+
+``--training-layer``: instead, a GroupedLoRALinear's fwd+bwd in the training layout of `kmtrain
+index` (torch path, one slot per sequence, SEQS sequences of TOKENS tokens over D slots, fp32, the
+frozen base's dX included) at each of SmolLM2-135M's seven projection shapes: the base layer alone,
+the delta added after the base's GEMM (``_sequence_lora_torch``), and the adds fused into the GEMMs
+(``SequenceLoRALinearFunction``, what the layer runs there), with whether the two give the same bits.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import itertools
-import sys
+import statistics
+import time
+from typing import List
 
 import torch
 from torch import nn
@@ -123,11 +131,102 @@ def layer_fns(N, din, dout, r, D, dtype):
     return ours_fn, peft_fn
 
 
+# SmolLM2-135M's projections (in, out): q, k, v, o, gate, up, down; kmtrain index's default layout on
+# the demo corpus: 8 documents x 2 examples per step, targets of up to ~150 tokens with their prompt.
+SMOLLM2_PROJECTIONS = (("q", 576, 576), ("k", 576, 192), ("v", 576, 192), ("o", 576, 576), ("gate", 576, 1536),
+                       ("up", 576, 1536), ("down", 1536, 576))
+SEQS, TOKENS, SLOTS = 16, 150, 8
+
+
+def training_layer_fns(din: int, dout: int, seqs: int, tokens: int, slots: int, r: int = 16,
+                       dtype: torch.dtype = torch.float32):
+    """fwd+bwd closures of one GroupedLoRALinear on x [seqs, tokens, din] (each slot on seqs / slots
+    sequences, in a shuffled order): (base only, delta added after the base, fused), and a function
+    that runs the last two once and returns [y, dx, dA, dB] of each."""
+    from kmkernels import lora as lora_mod
+
+    g = torch.Generator().manual_seed(0)
+    ids = lora_mod.AdapterIds(slots, "torch")
+    base = nn.Linear(din, dout, bias=False).to(dtype)
+    layer = lora_mod.GroupedLoRALinear(base, slots, r, alpha=r, ids=ids)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.randn(slots, r, din, generator=g) / din**0.5)
+        layer.lora_B.copy_(torch.randn(slots, dout, r, generator=g) * 0.01)
+    ids.set((torch.arange(seqs) % slots)[torch.randperm(seqs, generator=g)])
+    x = torch.randn(seqs, tokens, din, generator=g).to(dtype).requires_grad_()
+    dy = torch.randn(seqs, tokens, dout, generator=g).to(dtype)
+    params = (x, layer.lora_A, layer.lora_B)
+
+    def base_only():
+        return torch.autograd.grad(base(x), (x,), dy)
+
+    def run(fused: bool):
+        real = lora_mod.fuses_into_linear
+        if not fused:
+            lora_mod.fuses_into_linear = lambda *a: False
+        try:
+            y = layer(x)
+            return [y.detach(), *torch.autograd.grad(y, params, dy)]
+        finally:
+            lora_mod.fuses_into_linear = real
+
+    return base_only, lambda: run(False), lambda: run(True), lambda: (run(False), run(True))
+
+
+ROUNDS = 40
+
+
+def interleaved_ms(fns, rounds: int, warmup: int = 3) -> List[float]:
+    """Median ms of each of ``fns``, timed in turn within each round: a shared CPU's speed drifts by
+    tens of percent within a minute, which timing one function's repetitions after another's mistakes
+    for a difference between them."""
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    times: List[List[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for f, t in zip(fns, times):
+            t0 = time.perf_counter()
+            f()
+            t.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+def training_layer_report(quick: bool) -> str:
+    shapes = SMOLLM2_PROJECTIONS[:1] if quick else SMOLLM2_PROJECTIONS
+    seqs, tokens, slots = (4, 16, 2) if quick else (SEQS, TOKENS, SLOTS)
+    rows, sums = [], [0.0, 0.0, 0.0]
+    for name, din, dout in shapes:
+        base_only, separate, fused, both = training_layer_fns(din, dout, seqs, tokens, slots)
+        times = interleaved_ms((base_only, separate, fused), rounds=5 if quick else ROUNDS)
+        sums = [a + b for a, b in zip(sums, times)]
+        a, b = both()
+        same = all(torch.equal(u, v) for u, v in zip(a, b))
+        diff = max(((u - v).abs().max() / v.abs().max().clamp_min(1e-30)).item() for u, v in zip(a, b))
+        rows.append([f"{name} {din}->{dout}", *(f"{t:.2f}" for t in times), f"{1 - times[2] / times[1]:.1%}",
+                     "yes" if same else f"no (max diff {diff:.1e} of the largest)"])
+        print(" | ".join(rows[-1]), flush=True)
+    if len(shapes) > 1:  # a decoder layer's projections
+        rows.append(["all seven", *(f"{t:.2f}" for t in sums), f"{1 - sums[2] / sums[1]:.1%}", ""])
+    table = markdown_table(["projection", "base alone ms", "base + delta after it ms", "fused ms", "fused saves",
+                            "same bits (y, dx, dA, dB)"], rows)
+    return (f"# GroupedLoRALinear fwd+bwd in the training layout (`python -m bench.lora --training-layer`)\n\n"
+            f"{env_block(environment())}\n- dtype: float32 (torch path, no autocast)\n"
+            f"- layout: x [{seqs}, {tokens}, in], {slots} slots, {seqs // slots} sequences each in a shuffled order, "
+            f"r=16; fwd + bwd (dx, dA, dB; the base is frozen); the three timed in turn, {ROUNDS if not quick else 5} rounds after 3 warm-ups, medians\n\n{table}\n")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--training-layer", action="store_true",
+                    help="time the training layout's layer fwd+bwd, the delta fused and not (see above)")
     args = ap.parse_args(argv)
+    if args.training_layer:
+        text = training_layer_report(args.quick)
+        write_report(text, args.out)
+        return text
     env = environment()
     if GPU:
         dtype, Ns, dims, ranks, Ds = torch.bfloat16, [2048, 8192], [(4096, 4096), (4096, 14336)], [16, 64], [1, 8, 32, 128]
@@ -191,4 +290,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -113,6 +113,93 @@ def test_module_per_sequence_path_matches_loop(autocast):
         assert torch.equal(mod(x), lin(x))
 
 
+def _per_sequence_layer(g, din, dout, D, r, dtype, bias):
+    ids_ = AdapterIds(D, "torch")
+    lin = torch.nn.Linear(din, dout, bias=bias).to(dtype).requires_grad_(False)
+    mod = GroupedLoRALinear(lin, D, r, alpha=12.0, ids=ids_)
+    with torch.no_grad():
+        mod.lora_A.copy_(torch.randn(D, r, din, generator=g) * 0.3)
+        mod.lora_B.copy_(torch.randn(D, dout, r, generator=g) * 0.3)
+        mod.scaling.copy_(torch.rand(D, generator=g) + 0.5)
+    return mod, ids_
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_fused_layer_matches_float64_and_the_separate_adds(dtype, bias, x_grad, monkeypatch):
+    """Without autocast a plain nn.Linear's layer runs SequenceLoRALinearFunction (the delta's adds
+    inside the GEMMs): against the float64 loop and against the delta added after the base, with
+    and without a bias, with an input that needs no grad (a first layer's), and under no_grad."""
+    import kmkernels.lora as lora_mod
+
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    Bsz, T, din, dout, r, D = 6, 5, 24, 40, 8, 4
+    mod, ids_ = _per_sequence_layer(g, din, dout, D, r, dtype, bias)
+    seq = torch.tensor([3, 0, -1, 3, 2, 0])
+    ids_.set(seq)
+    x = torch.randn(Bsz, T, din, generator=g).to(dtype).requires_grad_(x_grad)
+    dy = torch.randn(Bsz, T, dout, generator=g).to(dtype)
+    params = (x, mod.lora_A, mod.lora_B) if x_grad else (mod.lora_A, mod.lora_B)
+    calls = []
+    real_apply = lora_mod.SequenceLoRALinearFunction.apply
+    monkeypatch.setattr(lora_mod.SequenceLoRALinearFunction, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    y = mod(x)
+    grads = torch.autograd.grad(y, params, dy)
+    assert len(calls) == 1 and y.dtype == dtype
+    lin = mod.base
+    rows = seq.repeat_interleave(T)
+    x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, mod.lora_A, mod.lora_B))
+    ref = torch.nn.functional.linear(x64, lin.weight.double(), None if lin.bias is None else lin.bias.double())
+    ref = ref.reshape(-1, dout) + loop_ref(x64.reshape(-1, din), A64, B64, rows, mod.scaling.double())
+    rgrads = torch.autograd.grad(ref, (x64, A64, B64) if x_grad else (A64, B64), dy.double().reshape(-1, dout))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert rel_err(y.reshape(-1, dout), ref) < tol
+    for got, want in zip(grads, rgrads):
+        assert got.dtype == dtype and rel_err(got, want) < tol
+    assert (grads[-2][1] == 0).all() and (grads[-1][1] == 0).all()  # slot 1 is in no sequence
+    # the same layer with the delta added after the base's GEMM (the path autocast takes)
+    monkeypatch.setattr(lora_mod, "fuses_into_linear", lambda *a: False)
+    y_sep = mod(x)
+    grads_sep = torch.autograd.grad(y_sep, params, dy)
+    assert len(calls) == 1
+    assert rel_err(y, y_sep) < tol / 10
+    for got, want in zip(grads, grads_sep):
+        assert rel_err(got, want) < tol / 10
+    # no_grad with adapters active (answering with KMs on such a CPU): the same output
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert rel_err(mod(x), y_sep) < tol / 10
+
+
+def test_fused_layer_only_where_it_computes_what_the_layer_would():
+    """fuses_into_linear: a plain frozen nn.Linear without hooks, no autocast, one dtype for x, the
+    weight and the adapters. Anything else keeps base(x) + delta, which the tests above check."""
+    from kmkernels.lora import fuses_into_linear
+
+    g = torch.Generator().manual_seed(0)
+    mod, _ = _per_sequence_layer(g, 8, 8, 2, 4, torch.float32, True)
+    x = torch.randn(2, 3, 8)
+    assert fuses_into_linear(mod.base, x, mod.lora_A)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fuses_into_linear(mod.base, x, mod.lora_A)
+    assert not fuses_into_linear(mod.base, x.bfloat16(), mod.lora_A)  # 16-bit activations, fp32 adapters
+    hook = mod.base.register_forward_hook(lambda m, a, out: out * 2)
+    assert not fuses_into_linear(mod.base, x, mod.lora_A)
+    hook.remove()
+    mod.base.weight.requires_grad_(True)  # an unfrozen base needs its own weight's grad
+    assert not fuses_into_linear(mod.base, x, mod.lora_A)
+    mod.base.weight.requires_grad_(False)
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    sub = Scaled(8, 8)
+    sub.requires_grad_(False)
+    assert not fuses_into_linear(sub, x, mod.lora_A)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [t for t in KERNEL_DTYPES if t != torch.float32])
 def test_fp32_master_weights_under_16bit_activations(backend, dtype):
