@@ -496,10 +496,14 @@ class SequenceLoRALinearFunction(torch.autograd.Function):
             dx = dy.matmul(weight)
             dx.baddbmm_(dh, a)
         # per-sequence grads, summed into each sequence's slot as index_select's backward sums them
-        da = torch.bmm(dh.transpose(1, 2), x)  # [B, r, in]
-        db = torch.bmm(dy.transpose(1, 2), h)  # [B, out, r]
-        g_a = da.new_zeros((ctx.slots,) + da.shape[1:]).index_add_(0, seq_slot, da)
-        g_b = db.new_zeros((ctx.slots,) + db.shape[1:]).index_add_(0, seq_slot, db)
+        # (frozen adapters, as under a Knowledge Extractor's training, get none)
+        g_a = g_b = None
+        if ctx.needs_input_grad[3]:
+            da = torch.bmm(dh.transpose(1, 2), x)  # [B, r, in]
+            g_a = da.new_zeros((ctx.slots,) + da.shape[1:]).index_add_(0, seq_slot, da)
+        if ctx.needs_input_grad[4]:
+            db = torch.bmm(dy.transpose(1, 2), h)  # [B, out, r]
+            g_b = db.new_zeros((ctx.slots,) + db.shape[1:]).index_add_(0, seq_slot, db)
         return dx, None, None, g_a, g_b, None, None
 
 

@@ -172,6 +172,27 @@ def test_fused_layer_matches_float64_and_the_separate_adds(dtype, bias, x_grad, 
         assert rel_err(mod(x), y_sep) < tol / 10
 
 
+def test_fused_layer_with_frozen_adapters_gives_dx_only():
+    """Frozen KMs under a trained input (a Knowledge Extractor's setting): the backward skips the
+    adapters' grads and still gives dx through base and delta, against float64."""
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    mod, ids_ = _per_sequence_layer(g, 16, 24, 3, 4, torch.float32, True)
+    mod.lora_A.requires_grad_(False)
+    mod.lora_B.requires_grad_(False)
+    seq = torch.tensor([2, 0, 2])
+    ids_.set(seq)
+    x = torch.randn(3, 5, 16, generator=g).requires_grad_()
+    dy = torch.randn(3, 5, 24, generator=g)
+    y = mod(x)
+    dx, = torch.autograd.grad(y, (x,), dy)
+    x64 = x.detach().double().requires_grad_()
+    ref = (torch.nn.functional.linear(x64, mod.base.weight.double(), mod.base.bias.double()).reshape(-1, 24)
+           + loop_ref(x64.reshape(-1, 16), mod.lora_A.double(), mod.lora_B.double(), seq.repeat_interleave(5),
+                      mod.scaling.double()))
+    rdx, = torch.autograd.grad(ref, (x64,), dy.double().reshape(-1, 24))
+    assert rel_err(y.reshape(-1, 24), ref) < 1e-5 and rel_err(dx, rdx) < 1e-5
+
+
 def test_fused_layer_only_where_it_computes_what_the_layer_would():
     """fuses_into_linear: a plain frozen nn.Linear without hooks, no autocast, one dtype for x, the
     weight and the adapters. Anything else keeps base(x) + delta, which the tests above check."""
