@@ -235,7 +235,8 @@ def _kept_pieces(cfg, doc_id: str, chunk_texts: Sequence[str], tokenizer, made_s
             cut[c] = chunk_recitation_pieces(chunk_texts[c], tokenizer, cfg.recite_tokens)
             if len(cut[c]) != pieces_per_chunk[c]:
                 raise RuntimeError(f"{doc_id}: chunk {c} has {len(cut[c])} recitation pieces, counted "
-                                   f"{pieces_per_chunk[c]}")
+                                   f"{pieces_per_chunk[c]} (a hand-edited 'recitation_pieces' in its synth.json? "
+                                   f"delete that entry and they are counted again)")
         kept.append((c, cut[c][i - starts[c]]))
     return kept
 
@@ -247,13 +248,34 @@ def share_of_requests_made(made: dict) -> float:
     return n / made["of_requests"] if made.get("of_requests") else 1.0
 
 
-def _requests_needed(cfg, chunk_texts: Sequence[str], tokenizer) -> Tuple[int, int, List[int]]:
+def _requests_needed(cfg, chunk_texts: Sequence[str], tokenizer,
+                     counts: Optional[List[int]] = None) -> Tuple[int, int, List[int]]:
     """(requests to make, requests in all, recitation pieces of each chunk) of one document:
-    `requests_to_make`."""
+    `requests_to_make`. ``counts``: the pieces per chunk as synth.json stored them (see
+    `_stored_piece_counts`), else each chunk is cut to count them."""
     n_requests = len(chunk_texts) * sum(n for _, n in requested_kinds(cfg))
     recite = cfg.objective == "sdcd" and cfg.recite_tokens > 0
-    counts = [len(chunk_recitation_pieces(t, tokenizer, cfg.recite_tokens)) for t in chunk_texts] if recite else []
+    if not recite:
+        counts = []
+    elif counts is None:
+        counts = [len(chunk_recitation_pieces(t, tokenizer, cfg.recite_tokens)) for t in chunk_texts]
     return requests_to_make(n_requests, sum(counts), cfg.steps * cfg.examples_per_doc), n_requests, counts
+
+
+def _stored_piece_counts(got: dict, cfg, n_chunks: int) -> Optional[List[int]]:
+    """The recitation pieces per chunk that synth.json recorded when its requests were counted, if
+    they were cut at the --recite-tokens in force; None otherwise (a record from before they were
+    kept, another length, or a malformed entry: counted again). A re-run of a long document whose
+    requests were made in part had cut every chunk again to count them (the 75 MB document's
+    648k pieces)."""
+    rec = got.get("recitation_pieces")
+    if not (isinstance(rec, dict) and rec.get("tokens") == cfg.recite_tokens):
+        return None
+    per_chunk = rec.get("per_chunk")
+    if not (isinstance(per_chunk, list) and len(per_chunk) == n_chunks
+            and all(type(n) is int and n >= 0 for n in per_chunk)):
+        return None
+    return per_chunk
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -734,7 +756,7 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path, device
             if got and got.get("setting") == synth_setting and got.get("doc_sha") == d.sha256:
                 made = got.get("requested", 0)
                 if made < got.get("of_requests", made):  # a share made: as many as these steps need? (more steps: more)
-                    needed = _requests_needed(cfg, chunks[d.id][0], tok)
+                    needed = _requests_needed(cfg, chunks[d.id][0], tok, _stored_piece_counts(got, cfg, n_chunks[d.id]))
                     pieces_per_chunk[d.id] = needed[2]
                 if needed is None or made >= needed[0]:
                     synth[d.id] = got
@@ -764,6 +786,8 @@ def _index_locked(documents: List[Document], cfg: IndexConfig, out: Path, device
 
             def save(doc_id: str, made: dict) -> None:  # as each document finishes: a kill keeps those done
                 rec = {**made, "setting": synth_setting, "doc_sha": sha[doc_id]}
+                if pieces_per_chunk.get(doc_id):  # counted for its requests: a re-run need not cut them again
+                    rec["recitation_pieces"] = {"tokens": cfg.recite_tokens, "per_chunk": pieces_per_chunk[doc_id]}
                 atomic_write_json(work / doc_id / "synth.json", rec)
                 synth[doc_id] = rec
 

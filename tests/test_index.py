@@ -14,7 +14,7 @@ import torch
 from conftest import DATED_TEMPLATE, DOCS, HAS_CUDA, on_day, tiny_cfg, write_docs
 from kmtrain import IndexConfig, ask, index, load_documents
 from kmtrain.config import DEFAULT_STEPS, FP32_CPU_STEPS, PRESETS
-from kmtrain.data import recitation_items
+from kmtrain.data import chunk_recitation_pieces, recitation_items
 from kmtrain.teacher_cache import TeacherCache
 
 
@@ -1463,7 +1463,7 @@ def test_a_document_with_more_examples_than_draws_is_told(tiny_model, docs_dir, 
     assert all(s["examples"] == n[s["id"]] and s["examples_not_drawn"] == 0 for s in enough)
 
 
-def test_a_long_documents_generation_is_cut_to_what_training_draws(tiny_model, tmp_path, capsys):
+def test_a_long_documents_generation_is_cut_to_what_training_draws(tiny_model, tmp_path, capsys, monkeypatch):
     """A document whose chunks make far more generation requests than its training draws examples
     has only a random share of them made, and as large a share of its recitation pieces kept. The
     requests made give the texts they give when all are made (in fp32, as here; bf16 rounds each
@@ -1522,10 +1522,27 @@ def test_a_long_documents_generation_is_cut_to_what_training_draws(tiny_model, t
     assert len(kept) == math.ceil(pieces * made / n_requests) and set(map(str, kept)) < set(
         map(str, document_items(cfg, "long", [], texts, tok)[0]))
 
-    # a re-run keeps them (nothing said, nothing made); more steps make more, a superset
+    # synth.json keeps the pieces per chunk its requests were counted with
+    counts = [len(chunk_recitation_pieces(t, tok, 16)) for t in texts]
+    assert cut["recitation_pieces"] == {"tokens": 16, "per_chunk": counts} and sum(counts) == pieces
+
+    # a re-run keeps them (nothing said, nothing made), and does not cut every chunk again to count
+    # its pieces: only the chunks holding a kept piece are cut
+    kindex = importlib.import_module("kmtrain.index")
+    calls, real_cut = [], kindex.chunk_recitation_pieces
+    monkeypatch.setattr(kindex, "chunk_recitation_pieces", lambda text, *a: calls.append(text) or real_cut(text, *a))
     before = (tmp_path / "cut" / ".work" / "long" / "synth.json").stat().st_mtime_ns
-    run("cut", 6, retrain=True)
+    _, again, _, _ = run("cut", 6, retrain=True)
     assert (tmp_path / "cut" / ".work" / "long" / "synth.json").stat().st_mtime_ns == before
+    assert 0 < len(calls) <= math.ceil(pieces * made / n_requests) < chunks
+    assert again["long"]["final_loss"] == got["long"]["final_loss"]
+    # without the stored counts (a record from before they were kept) every chunk is cut to count them
+    calls.clear()
+    (tmp_path / "cut" / ".work" / "long" / "synth.json").write_text(
+        json.dumps({k: v for k, v in cut.items() if k != "recitation_pieces"}))
+    _, again, _, _ = run("cut", 6, retrain=True)
+    assert len(calls) >= chunks and again["long"]["final_loss"] == got["long"]["final_loss"]
+    monkeypatch.undo()
     _, _, printed, more = run("cut", 30, retrain=True)
     assert made < more["requested"] < n_requests and "a random" in printed
     assert set(keyed(cut)) < set(keyed(more)) <= set(keyed(full))
@@ -1944,3 +1961,20 @@ def test_index_without_triton_installed_writes_the_same_kms(tiny_model, docs_dir
     for d in DOCS:
         assert ((out / d / "adapter_model.safetensors").read_bytes()
                 == (reference / d / "adapter_model.safetensors").read_bytes())
+
+
+def test_stored_piece_counts_are_used_only_as_they_were_cut():
+    """synth.json's recitation piece counts stand in for cutting the chunks again only at the
+    --recite-tokens they were cut at and in the shape one chunk each; anything else is counted again."""
+    from kmtrain.index import _stored_piece_counts
+
+    cfg = IndexConfig(recite_tokens=96)
+    good = {"recitation_pieces": {"tokens": 96, "per_chunk": [3, 0, 5]}}
+    assert _stored_piece_counts(good, cfg, 3) == [3, 0, 5]
+    assert _stored_piece_counts(good, IndexConfig(recite_tokens=48), 3) is None  # cut at another length
+    assert _stored_piece_counts(good, cfg, 4) is None  # not one per chunk
+    for bad in ({}, {"recitation_pieces": [3, 0, 5]}, {"recitation_pieces": {"tokens": 96}},
+                {"recitation_pieces": {"tokens": 96, "per_chunk": [3, -1, 5]}},
+                {"recitation_pieces": {"tokens": 96, "per_chunk": [3, 0.5, 5]}},
+                {"recitation_pieces": {"tokens": 96, "per_chunk": [3, True, 5]}}):
+        assert _stored_piece_counts(bad, cfg, 3) is None, bad
