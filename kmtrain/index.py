@@ -266,8 +266,8 @@ def _stored_piece_counts(got: dict, cfg, n_chunks: int) -> Optional[List[int]]:
     """The recitation pieces per chunk that synth.json recorded when its requests were counted, if
     they were cut at the --recite-tokens in force; None otherwise (a record from before they were
     kept, another length, or a malformed entry: counted again). A re-run of a long document whose
-    requests were made in part had cut every chunk again to count them (the 75 MB document's
-    648k pieces)."""
+    requests were made in part had cut every chunk again to count them (73 s of a 75 MB document's
+    re-run, 15 s without: bench/results/huge_document_cpu.md)."""
     rec = got.get("recitation_pieces")
     if not (isinstance(rec, dict) and rec.get("tokens") == cfg.recite_tokens):
         return None
