@@ -18,7 +18,10 @@ Kernels (Triton; the same ones serve training and no-grad serving):
   * A and B may be fp32 master weights under 16-bit activations (what training holds): the
     kernels round them to the activations' dtype in registers, as autocast would, and write dA,
     dB in fp32, with no cast kernels per layer.
-The torch path loops over the adapters present (fp32 math) and is the oracle's neighbour.
+The torch path loops over the adapters present (fp32 math) and is the oracle's neighbour. A layer
+whose input is [B, T, in] with one slot per sequence (training, generation) takes two bmm calls
+instead (``_sequence_lora_torch``); without autocast on a plain nn.Linear its adds go inside the
+base GEMMs' outputs, forward and backward (``SequenceLoRALinearFunction``).
 """
 from __future__ import annotations
 
