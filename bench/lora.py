@@ -195,10 +195,11 @@ def interleaved_ms(fns, rounds: int, warmup: int = 3) -> List[float]:
 def training_layer_report(quick: bool) -> str:
     shapes = SMOLLM2_PROJECTIONS[:1] if quick else SMOLLM2_PROJECTIONS
     seqs, tokens, slots = (4, 16, 2) if quick else (SEQS, TOKENS, SLOTS)
+    rounds = 5 if quick else ROUNDS
     rows, sums = [], [0.0, 0.0, 0.0]
     for name, din, dout in shapes:
         base_only, separate, fused, both = training_layer_fns(din, dout, seqs, tokens, slots)
-        times = interleaved_ms((base_only, separate, fused), rounds=5 if quick else ROUNDS)
+        times = interleaved_ms((base_only, separate, fused), rounds=rounds)
         sums = [a + b for a, b in zip(sums, times)]
         a, b = both()
         same = all(torch.equal(u, v) for u, v in zip(a, b))
@@ -213,7 +214,8 @@ def training_layer_report(quick: bool) -> str:
     return (f"# GroupedLoRALinear fwd+bwd in the training layout (`python -m bench.lora --training-layer`)\n\n"
             f"{env_block(environment())}\n- dtype: float32 (torch path, no autocast)\n"
             f"- layout: x [{seqs}, {tokens}, in], {slots} slots, {seqs // slots} sequences each in a shuffled order, "
-            f"r=16; fwd + bwd (dx, dA, dB; the base is frozen); the three timed in turn, {ROUNDS if not quick else 5} rounds after 3 warm-ups, medians\n\n{table}\n")
+            f"r=16; fwd + bwd (dx, dA, dB; the base is frozen); the three timed in turn, {rounds} rounds after 3 "
+            f"warm-ups, medians\n\n{table}\n")
 
 
 def main(argv=None):

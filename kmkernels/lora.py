@@ -493,18 +493,19 @@ class SequenceLoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, a, b, h, seq_slot, scale = ctx.saved_tensors
         dy = dy.contiguous()
-        dh = torch.bmm(dy, b) * scale  # [B, T, r]
+        need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        dh = torch.bmm(dy, b) * scale if need_x or need_a else None  # [B, T, r]; dB reads h, not dh
         dx = None
-        if ctx.needs_input_grad[0]:
+        if need_x:
             dx = dy.matmul(weight)
             dx.baddbmm_(dh, a)
         # per-sequence grads, summed into each sequence's slot as index_select's backward sums them
         # (frozen adapters, as under a Knowledge Extractor's training, get none)
         g_a = g_b = None
-        if ctx.needs_input_grad[3]:
+        if need_a:
             da = torch.bmm(dh.transpose(1, 2), x)  # [B, r, in]
             g_a = da.new_zeros((ctx.slots,) + da.shape[1:]).index_add_(0, seq_slot, da)
-        if ctx.needs_input_grad[4]:
+        if need_b:
             db = torch.bmm(dy.transpose(1, 2), h)  # [B, out, r]
             g_b = db.new_zeros((ctx.slots,) + db.shape[1:]).index_add_(0, seq_slot, db)
         return dx, None, None, g_a, g_b, None, None

@@ -28,7 +28,7 @@ def test_report_names_the_layout_and_each_projection(tmp_path):
     out = tmp_path / "lora.md"
     text = main(["--training-layer", "--quick", "--out", str(out)])
     assert out.read_text() == text
-    row = re.search(r"^\| q 576->576 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (-?[\d.]+)% \| (yes|no \(max diff .*\)) \|$",
-                    text, re.M)
+    row = re.search(r"^\| q 576->576 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (-?[\d.]+)% "
+                    r"\| (yes|no \(max diff .*\)) \|$", text, re.M)
     assert row and all(float(row.group(i)) > 0 for i in (1, 2, 3))
     assert "layout: x [4, 16, in], 2 slots" in text and f"torch: {torch.__version__}" in text

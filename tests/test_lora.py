@@ -174,7 +174,7 @@ def test_fused_layer_matches_float64_and_the_separate_adds(dtype, bias, x_grad, 
 
 def test_fused_layer_with_frozen_adapters_gives_dx_only():
     """Frozen KMs under a trained input (a Knowledge Extractor's setting): the backward skips the
-    adapters' grads and still gives dx through base and delta, against float64."""
+    adapters' grads and still gives dx through base and delta, against float64; and dB alone."""
     g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
     mod, ids_ = _per_sequence_layer(g, 16, 24, 3, 4, torch.float32, True)
     mod.lora_A.requires_grad_(False)
@@ -191,6 +191,14 @@ def test_fused_layer_with_frozen_adapters_gives_dx_only():
                       mod.scaling.double()))
     rdx, = torch.autograd.grad(ref, (x64,), dy.double().reshape(-1, 24))
     assert rel_err(y.reshape(-1, 24), ref) < 1e-5 and rel_err(dx, rdx) < 1e-5
+    # only B trained, the input needing no grad: dB alone (the backward skips dH)
+    mod.lora_B.requires_grad_(True)
+    gB, = torch.autograd.grad(mod(x.detach()), (mod.lora_B,), dy)
+    B64 = mod.lora_B.detach().double().requires_grad_()
+    ref_b = loop_ref(x.detach().double().reshape(-1, 16), mod.lora_A.double(), B64, seq.repeat_interleave(5),
+                     mod.scaling.double())
+    rB, = torch.autograd.grad(ref_b, (B64,), dy.double().reshape(-1, 24))
+    assert rel_err(gB, rB) < 1e-5
 
 
 def test_fused_layer_only_where_it_computes_what_the_layer_would():
