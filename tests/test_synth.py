@@ -352,8 +352,8 @@ def test_shared_prompt_cache_generates_what_a_batched_prefill_does(tiny_model):
 
 # A stand-in for vllm (not installable on a CPU machine), as a package on disk: the generator runs
 # vLLM in a child process, which imports it from the parent's sys.path. It logs what it is handed,
-# one JSON line per event, to $FAKE_VLLM_LOG; $FAKE_VLLM_FAIL_AT / $FAKE_VLLM_SLEEP_AT make that
-# generate() call fail or hang.
+# one JSON line per event, to $FAKE_VLLM_LOG; $FAKE_VLLM_FAIL_AT / $FAKE_VLLM_SLEEP_AT /
+# $FAKE_VLLM_DIE_AT make that generate() call fail, hang, or end the process at once.
 FAKE_VLLM = """
 import atexit, json, os, time
 from types import SimpleNamespace
@@ -381,6 +381,8 @@ class LLM:
         self.calls += 1
         if self.calls == int(os.environ.get("FAKE_VLLM_FAIL_AT", 0)):
             raise MemoryError("fake vllm: no room for the KV cache")
+        if self.calls == int(os.environ.get("FAKE_VLLM_DIE_AT", 0)):
+            os._exit(134)  # as a CUDA abort or a native crash ends it: no traceback, no exit handlers
         if self.calls == int(os.environ.get("FAKE_VLLM_SLEEP_AT", 0)):
             _log(event="asleep")
             time.sleep(120)
@@ -526,6 +528,21 @@ def test_a_vllm_generation_stopped_early_ends_its_process(fake_vllm, monkeypatch
     events = fake_vllm()
     assert time.monotonic() - start < 20 and _gone(events[0]["pid"])
     assert [e["event"] for e in events] == ["load", "generate", "asleep", "exit"]
+
+
+def test_a_vllm_process_that_dies_says_its_exit_code_and_how_far_it_got(fake_vllm, monkeypatch):
+    """vLLM's process ending with no word (a native crash, the kernel's OOM killer) is a
+    GeneratorError naming its exit code and the requests answered; the texts before it are kept."""
+    monkeypatch.setattr(synth, "VLLM_REQUESTS_PER_CALL", 2)
+    monkeypatch.setenv("FAKE_VLLM_DIE_AT", "2")
+    texts = synth._generate_vllm("some/model", [[1, 2], [3], [4, 5], [6]], IndexConfig(generator="vllm"),
+                                 [7, 8, 9, 10])
+    assert [next(texts), next(texts)] == ["Question: Who rings Moro?\nAnswer: The tide."] * 2
+    with pytest.raises(synth.GeneratorError, match=r"^the vLLM generator's process ended \(exit code 134\) after 2 "
+                                                   r"of 4 requests; its output is above$"):
+        next(texts)
+    events = fake_vllm()
+    assert [e["event"] for e in events] == ["load", "generate"] and _gone(events[0]["pid"])
 
 
 def test_the_vllm_process_ends_when_its_parent_is_killed(fake_vllm, tmp_path):

@@ -196,6 +196,19 @@ def test_damaged_teacher_cache_is_refused(tiny_model, tmp_path):
     save_file({**tensors, "norms": tensors["norms"][:1]}, str(bad))
     with pytest.raises(ValueError, match=r"damaged teacher cache \(norms \(1, 2\), expected \(2, 2\)\)"):
         TeacherCache(bad)
+    tokens, H = tensors["hidden"].shape[1:]
+    assert tensors["tok_offsets"].tolist() == [0, 3, 8] and tensors["kl_embedding"].shape == (tokens, H)
+    for name, value, why in [
+            ("tok_offsets", torch.tensor([0, 8, 3]), r"token offsets \[0, 8, 3\]\.\.\. are not a rising list from 0"),
+            ("tok_offsets", torch.tensor([1, 3, 8]), r"token offsets \[1, 3, 8\]\.\.\. are not a rising list from 0"),
+            ("hidden", tensors["hidden"][:, 1:].contiguous(), rf"hidden \(2, 7, {H}\), expected \(2, 8, H\)"),
+            ("kl_embedding", tensors["kl_embedding"][1:].contiguous(),
+             rf"kl_embedding \(7, {H}\) / kl_neg_entropy \(8,\), expected \(8, {H}\) / \(8,\)"),
+            ("kl_neg_entropy", tensors["kl_neg_entropy"][:, None].contiguous(),
+             rf"kl_embedding \(8, {H}\) / kl_neg_entropy \(8, 1\), expected")]:
+        save_file({**tensors, name: value}, str(bad))
+        with pytest.raises(ValueError, match=rf"{bad}: damaged teacher cache \({why}"):
+            TeacherCache(bad)
     save_file({k: v for k, v in tensors.items() if k != "tok_offsets"}, str(bad))
     with pytest.raises(ValueError, match="no tok_offsets tensor"):
         TeacherCache(bad)
