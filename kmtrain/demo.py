@@ -1,7 +1,9 @@
 """`make demo`: index the bundled corpus with the default settings, then compare closed-book
 accuracy of the base model, the base model with the document in context (ICL), and the KMs.
 
-    python -m kmtrain.demo [--out runs/demo] [--objective sdcd] [--steps N] [--set FIELD=VALUE ...]
+    python -m kmtrain.demo [--corpus DIR] [--out runs/demo] [--objective sdcd] [--steps N] [--set FIELD=VALUE ...]
+
+(--corpus: a folder of documents with a questions.json beside them, as kmtrain/demo_corpus has; see load_questions)
 
 (--set: any IndexConfig field, e.g. --set seed=1 --set amp=off; see IndexConfig.parse_override)
 """
@@ -23,8 +25,8 @@ from kmkernels import attach_grouped_lora, load_peft, read_adapter_config
 
 from .cli import reporting_errors
 from .config import STEPS_DEFAULT_SAID, IndexConfig, resolve_device
-from .data import load_documents
-from .evaluate import generate_answers, is_correct, question_prompt
+from .data import load_documents, problems_message
+from .evaluate import generate_answers, is_correct, normalize_answer, question_prompt
 from .index import default_steps, index
 from .models import load_model, native_bf16
 
@@ -49,12 +51,51 @@ def in_fresh_process(fn: Callable[..., T], *args, **kwargs) -> T:
         return pool.submit(fn, *args, **kwargs).result()
 
 
+def load_questions(corpus: Path) -> Dict[str, List[dict]]:
+    """``corpus``/questions.json, checked: {document id: [{"q": question, "a": [accepted answer, ...]}]}.
+
+    Every problem is named in one ValueError, so that a corpus of one's own is fixed in one go and
+    before its indexing: an accepted answer that normalises to nothing (is_correct ignores case and
+    most punctuation) would count every answer correct, and a question whose document id matches no
+    file would be dropped from the table without a word."""
+    path = Path(corpus) / "questions.json"
+    try:
+        questions = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file (a corpus's questions go beside its documents, as "
+                         f"{{document id: [{{\"q\": question, \"a\": [accepted answer, ...]}}]}})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({e})") from None
+    if not isinstance(questions, dict) or not questions:
+        raise ValueError(f"{path}: expected a non-empty object {{document id: [{{\"q\", \"a\"}}, ...]}}, "
+                         f"got {type(questions).__name__}{'' if questions else ' (empty)'}")
+    problems = []
+    for doc, entries in questions.items():
+        if not isinstance(entries, list) or not entries:
+            problems.append(f"{doc}: expected a non-empty list of questions")
+            continue
+        for i, e in enumerate(entries):
+            q, a = (e.get("q"), e.get("a")) if isinstance(e, dict) else (None, None)
+            if not isinstance(q, str) or not q.strip():
+                problems.append(f"{doc}[{i}]: needs \"q\", a non-empty question")
+            if not isinstance(a, list) or not a or not all(isinstance(x, str) and any(map(str.isalnum, normalize_answer(x))) for x in a):
+                problems.append(f"{doc}[{i}]: needs \"a\", a non-empty list of accepted answers, each with a "
+                                f"letter or digit (got {a!r})")
+    docs = {d.id for d in load_documents(str(corpus), progress=False)}
+    unknown = sorted(set(questions) - docs)
+    if unknown:
+        problems.append(f"questions for {', '.join(unknown)}, which no document of {corpus} is (ids are file stems)")
+    if problems:
+        raise ValueError(f"{path}: {problems[0]}" if len(problems) == 1 else problems_message(problems, str(path)))
+    return questions
+
+
 def answer_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=("base", "icl", "km"),
                   corpus: Path = CORPUS) -> Dict[str, Dict[str, List[str]]]:
-    """{doc_id: {condition: [greedy answer per question]}} on the bundled questions."""
-    questions = json.loads((corpus / "questions.json").read_text(encoding="utf-8"))
-    docs = {d.id: d for d in load_documents(str(corpus))}
-    ids = [d for d in questions if d in docs]
+    """{doc_id: {condition: [greedy answer per question]}} on ``corpus``'s questions (load_questions)."""
+    questions = load_questions(corpus)
+    docs = {d.id: d for d in load_documents(str(corpus), progress=False)}
+    ids = list(questions)
     # As `kmtrain ask` does: on a CUDA GPU when there is one, the base in bf16 where the device
     # multiplies bf16 natively (as it trained there). Before, a GPU machine answered on its CPU.
     device = resolve_device("auto")
@@ -90,8 +131,8 @@ def answer_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=("b
 
 def evaluate_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=("base", "icl", "km"),
                     corpus: Path = CORPUS) -> Dict[str, Dict[str, List[bool]]]:
-    """{doc_id: {condition: [correct per question]}} on the bundled questions."""
-    questions = json.loads((corpus / "questions.json").read_text(encoding="utf-8"))
+    """{doc_id: {condition: [correct per question]}} on ``corpus``'s questions (load_questions)."""
+    questions = load_questions(corpus)
     answers = answer_corpus(out_dir, model_name, conditions, corpus)
     return {d: {c: [is_correct(a, q["a"]) for a, q in zip(by[c], questions[d])] for c in conditions}
             for d, by in answers.items()}
@@ -115,8 +156,11 @@ def format_table(result: Dict[str, Dict[str, List[bool]]], conditions=("base", "
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="make demo: index the bundled corpus with the default settings, then "
-                                             "score the base model, ICL and the KMs on its questions")
+    ap = argparse.ArgumentParser(description="make demo: index a corpus (the bundled one by default) with the default "
+                                             "settings, then score the base model, ICL and the KMs on its questions")
+    ap.add_argument("--corpus", default=str(CORPUS),
+                    help="a folder of .txt/.md documents with their questions.json beside them, as the bundled "
+                         "corpus has (default: the bundled corpus)")
     ap.add_argument("--out", default="runs/demo", help="where the KMs go (default runs/demo)")
     ap.add_argument("--objective", default="sdcd", help="what the KMs are trained with (default sdcd)")
     ap.add_argument("--steps", type=int, help=f"training steps ({STEPS_DEFAULT_SAID})")
@@ -125,6 +169,7 @@ def main(argv=None) -> int:
                     help="an IndexConfig field for the indexing run (repeatable), e.g. seed=1 or amp=off")
     a = ap.parse_args(argv)
     a.out = os.path.expanduser(a.out)  # index() writes there, the evaluation reads there
+    corpus = Path(os.path.expanduser(a.corpus))
     try:
         overrides = dict(IndexConfig.parse_override(item) for item in a.set)
         cfg = IndexConfig(out=a.out, objective=a.objective, progress=not a.no_progress).replace(**overrides)
@@ -135,13 +180,14 @@ def main(argv=None) -> int:
         ap.error(str(e))
 
     def run() -> int:
+        load_questions(corpus)  # now, not after the indexing it would be scored on
         torch.manual_seed(0)
         t0 = time.time()
         steps = cfg.steps or default_steps(cfg.device)
-        print(f"indexing {CORPUS} -> {a.out} ({cfg.objective}, {steps} steps, {cfg.docs_per_step} documents per step)")
-        index(str(CORPUS), cfg)
+        print(f"indexing {corpus} -> {a.out} ({cfg.objective}, {steps} steps, {cfg.docs_per_step} documents per step)")
+        index(str(corpus), cfg)
         t1 = time.time()
-        result = in_fresh_process(evaluate_corpus, a.out, cfg.model)  # not in what indexing left
+        result = in_fresh_process(evaluate_corpus, a.out, cfg.model, corpus=corpus)  # not in what indexing left
         table = format_table(result)
         print()
         print(table)

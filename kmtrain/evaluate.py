@@ -82,7 +82,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], slots: Optional[S
     return answers
 
 
-def _norm(s: str) -> str:
+def normalize_answer(s: str) -> str:
+    """What is_correct compares: lower case, no commas, other punctuation but '.' and '-' as spaces."""
     s = s.lower().replace(",", "")
     s = "".join(ch if ch not in string.punctuation or ch in ".-" else " " for ch in s)
     return " ".join(s.split())
@@ -90,5 +91,5 @@ def _norm(s: str) -> str:
 
 def is_correct(answer: str, accepted: Sequence[str]) -> bool:
     """Short-answer match: an accepted answer appears in the generation as whole words."""
-    a = " " + _norm(answer) + " "
-    return any(re.search(r"(?<![\w])" + re.escape(_norm(x)) + r"(?![\w])", a) for x in accepted)
+    a = " " + normalize_answer(answer) + " "
+    return any(re.search(r"(?<![\w])" + re.escape(normalize_answer(x)) + r"(?![\w])", a) for x in accepted)

@@ -84,3 +84,59 @@ def test_in_fresh_process_runs_in_another_process_and_raises_its_errors_here():
     assert in_fresh_process(divmod, 17, 5) == (3, 2)
     with pytest.raises(ValueError, match="invalid literal"):
         in_fresh_process(int, "not a number")
+
+
+def test_demo_indexes_a_corpus_then_prints_and_saves_its_table(tiny_model, docs_dir, tmp_path, capsys):
+    """`make demo`'s whole job on a corpus of one's own (--corpus) and the tiny model: every document
+    is indexed, those with questions are scored (in a fresh process) and the table printed and saved."""
+    import re
+
+    from kmtrain.demo import main
+
+    questions = {"gamma": [{"q": "Who winds the clock tower of Avrin?", "a": ["Ida Solm", "Solm"]},
+                           {"q": "How many faces has the clock tower of Avrin?", "a": ["seven", "7"]}],
+                 "alpha": [{"q": "What is the bell of Lissen named?", "a": ["Moro"]}]}
+    (docs_dir / "questions.json").write_text(json.dumps(questions))
+    out = tmp_path / "demo"
+    assert main(["--corpus", str(docs_dir), "--out", str(out), "--steps", "1", "--no-progress", "--set",
+                 f"model={tiny_model}", "--set", "rank=4", "--set", "alpha=8", "--set", "max_new_tokens=10",
+                 "--set", "chunk_tokens=64", "--set", "summaries_per_chunk=1", "--set", "qa_per_chunk=1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"indexing {docs_dir} -> {out} (sdcd, 1 steps, " in printed
+    assert all((out / d / "km.json").is_file() for d in DOCS)  # beta too: indexed, though it has no questions
+    table = (out / "demo_results.md").read_text()
+    assert table.strip() in printed
+    rows = table.strip().splitlines()
+    assert rows[0] == "| document | base (closed book) | ICL (document in context) | KM (closed book) |"
+    assert re.fullmatch(r"\| gamma( \| [0-2]/2){3} \|", rows[2]) and re.fullmatch(r"\| alpha( \| [01]/1){3} \|", rows[3])
+    assert re.fullmatch(r"\| \*\*overall\*\*( \| \*\*[0-3]/3 \(\d+%\)\*\*){3} \|", rows[4]) and len(rows) == 5
+
+
+@pytest.mark.parametrize("questions, why", [
+    (None, r"questions.json: no such file \(a corpus's questions go beside its documents"),
+    ("[1, 2", r"questions.json: unreadable \(Expecting"),
+    ([], r"questions.json: expected a non-empty object .*, got list \(empty\)"),
+    ({"alpha": []}, r"questions.json: alpha: expected a non-empty list of questions"),
+    ({"alpha": [{"q": "Which bell?", "a": [" ?! "]}]},
+     r"questions.json: alpha\[0\]: needs \"a\", a non-empty list of accepted answers, each with a letter or digit "
+     r"\(got \[' \?! '\]\)"),
+    ({"alpha": [{"q": "", "a": "Moro"}], "delta": [{"q": "Which bell?", "a": ["Moro"]}]},
+     r"3 problems in .*questions.json:\n  alpha\[0\]: needs \"q\", a non-empty question\n  alpha\[0\]: needs \"a\".*"
+     r"\(got 'Moro'\)\n  questions for delta, which no document of .* is \(ids are file stems\)$"),
+])
+def test_demo_refuses_a_corpus_whose_questions_cannot_be_scored_before_indexing(docs_dir, tmp_path, capsys, questions,
+                                                                                why):
+    """A question file that is missing, broken, or would score wrongly (an accepted answer that
+    normalises to nothing matches every answer; a question for no document would vanish from the
+    table) is named, problem by problem, before any indexing: exit 2, nothing written."""
+    from kmtrain.demo import load_questions, main
+
+    if questions is not None:
+        (docs_dir / "questions.json").write_text(questions if isinstance(questions, str) else json.dumps(questions))
+    with pytest.raises(ValueError, match=why):
+        load_questions(docs_dir)
+    assert main(["--corpus", str(docs_dir), "--out", str(tmp_path / "demo"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"make demo: error: {docs_dir / 'questions.json'}: ") or \
+        err.startswith("make demo: error: 3 problems in ")
+    assert not (tmp_path / "demo").exists()
