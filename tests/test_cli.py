@@ -168,7 +168,12 @@ def test_config_rejects_what_would_train_nothing_or_garbage():
                         (dict(objective="lm", lm_seq_tokens=1), "lm_seq_tokens must be >= 2"),
                         (dict(ddcd_windows_per_chunk=0), "ddcd_windows_per_chunk must be >= 1"),
                         (dict(gen_batch_size=0), "gen_batch_size must be >= 1"),
-                        (dict(cache_batch_size=0), "cache_batch_size must be >= 1")):
+                        (dict(cache_batch_size=0), "cache_batch_size must be >= 1"),
+                        (dict(chunk_tokens=7), r"chunk_tokens must be >= 8, got 7"),
+                        (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+                        (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+                        (dict(warmup_frac=-0.1), r"warmup_frac must be in \[0, 1\], got -0.1"),
+                        (dict(objective="ddcd", ddcd_student_frac=1.0), r"ddcd_student_frac must be in \(0, 1\), got 1.0")):
         with pytest.raises(ValueError, match=message):
             IndexConfig(**kw).validate()
     IndexConfig(objective="lm", kl_weight=0.0, hidden_weight=0.0).validate()  # lm takes neither
