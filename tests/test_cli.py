@@ -49,6 +49,8 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
             "--json, --trust-remote-code)" in capsys.readouterr().err)
     # a flag between questions is not a question: "--trust-remote-code" is not asked of the base model
     assert _ask_pairs(["ask", "--km", "k", "q?", "--trust-remote-code", "r?"]) == [("k", "q?"), (None, "r?")]
+    with pytest.raises(ValueError, match="^--max-new-tokens needs a value$"):  # (main: argparse says it first)
+        _ask_pairs(["ask", "q?", "--max-new-tokens"])
     assert main(["index", str(d), "--out", str(tmp_path / "o"), "--focus-parts", "-1"]) == 2
     assert "focus_parts must be >= 0" in capsys.readouterr().err
     assert main(["index", str(d), "--out", str(tmp_path / "o"), "--heldout-every", "-2"]) == 2
@@ -79,9 +81,16 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     for args, message in ((["--max-new-tokens", "0", "q?"], "--max-new-tokens must be at least 1, got 0"),
                           (["--device", "gpu", "q?"], "device 'gpu' is not a device torch knows"),
                           (["--device=cuda:99", "q?"], "device 'cuda:99': "),
-                          (["q?", "--km", str(tmp_path / "x"), "  "], f"question 2 (for {tmp_path / 'x'}) is empty")):
+                          (["q?", "--km", str(tmp_path / "x"), "  "], f"question 2 (for {tmp_path / 'x'}) is empty"),
+                          ([], "no question given (on the command line, or in a file with --questions FILE)")):
         assert main(ask + args) == 2
         assert message in capsys.readouterr().err, args
+    # what argparse refuses is its usage error (exit 2): an option without its value, a stray index argument
+    for argv, message in ((ask + ["q?", "--km"], "argument --km: expected one argument"),
+                          (["index", str(d), "--out", str(tmp_path / "o"), "--kms", "x"], "unrecognized arguments: --kms x")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
     (tmp_path / "a_file").write_text("")
     assert main(["index", str(d), "--out", str(tmp_path / "a_file")]) == 2
     assert "a_file: exists and is not a folder" in capsys.readouterr().err
