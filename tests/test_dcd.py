@@ -120,6 +120,8 @@ def test_dcd_errors():
         dcd_loss(hs, hs[:1], torch.randn(10, 8))
     with pytest.raises(ValueError, match="student_weight"):
         dcd_loss(hs, hs, torch.randn(10, 9))
+    with pytest.raises(ValueError, match="student_hiddens is empty: need at least one layer"):
+        dcd_loss([], [], torch.randn(10, 8))
 
 
 def _tiny_llama(seed=0):

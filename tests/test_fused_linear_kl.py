@@ -256,6 +256,12 @@ def test_module_matches_functional():
         (dict(backend="cuda"), "backend"),
         (dict(temperature=0.0), "temperature"),
         (dict(ws=torch.randn(50, 7)), "student_weight"),
+        (dict(hs=[[0.0] * 8] * 5), "student_hidden must be a torch.Tensor, got list"),
+        (dict(ws=torch.randn(50)), r"student_weight must be \[V, H\], got shape \(50,\)"),
+        (dict(wt=torch.randn(50)), r"teacher_weight must be a \[V, H_teacher\] tensor, got torch.Size\(\[50\]\)"),
+        (dict(ht=torch.randn(5, 7)), r"teacher_hidden's last dim must match the teacher weight: teacher_hidden \(5, 7\), "
+                                     r"student_weight \(shared\) \(50, 8\)"),
+        (dict(mask=[True] * 5), r"mask must be a torch.Tensor of shape \(5,\), got list"),
     ],
 )
 def test_bad_input(kwargs, match):
@@ -321,6 +327,10 @@ def test_kl_div_logits_module_and_errors():
         kl_div_logits(s, torch.randn(4, 11))
     with pytest.raises(ValueError, match="same leading shape"):
         kl_div_logits(s, torch.randn(5, 10))
+    with pytest.raises(ValueError, match=r"student_logits must be a tensor \[\.\.\., V\], got torch.Size\(\[\]\)"):
+        kl_div_logits(torch.tensor(1.0), t)
+    with pytest.raises(ValueError, match=r"teacher_logits must be a tensor \[\.\.\., V\], got list"):
+        kl_div_logits(s, t.tolist())
     # a negative chunk would loop over nothing and return an uninitialised loss
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         kl_div_logits(s, t, chunk_size=-2)

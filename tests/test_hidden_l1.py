@@ -107,6 +107,15 @@ def test_module_and_errors():
         hidden_l1(hs, ht, teacher_norms=torch.ones(3))
     with pytest.raises(ValueError, match="backend"):
         hidden_l1(hs, ht, backend="cpu")
+    with pytest.raises(ValueError, match=r"student_hiddens as a tensor must be \[L, \.\.\., H\], got shape \(8,\)"):
+        hidden_l1(torch.randn(8), ht)
+    with pytest.raises(ValueError, match="teacher_hiddens must be a sequence of tensors"):
+        hidden_l1(hs, [ht[0], "layer 1"])
+    with pytest.raises(ValueError, match="student_hiddens is empty: need at least one layer"):
+        hidden_l1([], [])
+    two_lengths = [torch.randn(4, 8), torch.randn(5, 8)]  # each layer's pair agrees, the layers do not
+    with pytest.raises(ValueError, match=r"layer 1: leading shape \(5,\) differs from layer 0's \(4,\)"):
+        hidden_l1(two_lengths, [t.clone() for t in two_lengths])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -173,6 +173,10 @@ def test_bad_input():
         fused_linear_kl_from_stats(hs, w, emb, negent, temperature=0)
     with pytest.raises(ValueError, match="teacher_hidden must be"):
         teacher_kl_stats(ht[:, :3], w)
+    with pytest.raises(ValueError, match=r"weight must be a \[V, H\] tensor, got torch.Size\(\[40\]\)"):
+        teacher_kl_stats(ht, w[:, 0])
+    with pytest.raises(ValueError, match="teacher_neg_entropy must be a torch.Tensor, got list"):
+        fused_linear_kl_from_stats(hs, w, emb, negent.tolist())
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         teacher_kl_stats(ht, w, chunk_size=-1)
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
