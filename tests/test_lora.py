@@ -326,6 +326,9 @@ def test_deterministic_triton():
     (dict(A=torch.randn(0, 2, 4), B=torch.randn(0, 6, 2), ids=torch.full((3,), -1)), r"no adapters \(D=0\)"),
     (dict(ids=[0, 1, 2]), "adapter_ids must be a torch.Tensor, got list"),
     (dict(ids=torch.tensor([0, 1, 2], dtype=torch.complex64)), "integer"),
+    (dict(x=torch.randn(4)), r"x must be \[N, in\], got torch.Size\(\[4\]\)"),
+    (dict(A=torch.randn(2, 4)), r"lora_a must be \[D, r, in\] and lora_b \[D, out, r\], got \(2, 4\) and \(3, 6, 2\)"),
+    (dict(B=torch.randn(3, 6, 5)), r"lora_b must be \[D=3, out, r=2\], got \(3, 6, 5\)"),
 ])
 def test_bad_input(kwargs, match):
     args = dict(x=torch.randn(3, 4), A=torch.randn(3, 2, 4), B=torch.randn(3, 6, 2), ids=torch.tensor([0, 1, 2]),
@@ -587,6 +590,22 @@ def test_smaller_rank_slot_and_errors(tmp_path):
     (tmp_path / "bad_json" / "adapter_config.json").write_text('{"r": "two"}')
     with pytest.raises(ValueError, match=r"adapter_config.json: needs a positive integer rank 'r'"):
         load_peft(grouped, 0, tmp_path / "bad_json")
+    (tmp_path / "bad_json" / "adapter_config.json").write_text('{"r": 2, "peft_type": "IA3"}')
+    with pytest.raises(ValueError, match=r"bad_json: peft_type 'IA3' is not LORA"):
+        load_peft(grouped, 0, tmp_path / "bad_json")
+    (tmp_path / "bad_json" / "adapter_config.json").write_text('{"r": 2}')
+    (tmp_path / "bad_json" / "adapter_model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"bad_json: no adapter_model.safetensors"):
+        load_peft(grouped, 0, tmp_path / "bad_json")
+    from safetensors.torch import load_file, save_file
+
+    save_file({}, str(tmp_path / "bad_json" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"bad_json: the adapter holds no LoRA weights"):
+        load_peft(grouped, 0, tmp_path / "bad_json")
+    a_only = {k: v for k, v in load_file(str(tmp_path / "r2" / "adapter_model.safetensors")).items() if "lora_A" in k}
+    save_file(a_only, str(tmp_path / "bad_json" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"bad_json: module .* has only one of lora_A / lora_B"):
+        load_peft(grouped, 0, tmp_path / "bad_json")
     assert all(torch.equal(a, b) for a, b in zip(before, slot_parameters(grouped)))
 
 
@@ -620,6 +639,16 @@ def test_ids_errors():
         m(input_ids=torch.randint(0, 97, (3, 3)))
     with pytest.raises(ValueError, match="already has grouped LoRA"):
         attach_grouped_lora(m, 2)
+    with pytest.raises(ValueError, match=r"adapter ids must be an integer tensor \[B\] \(one per sequence\), got "
+                                         r"torch.int64 \(1, 2\)"):
+        set_adapter_ids(m, [[0, 1]])
+    with pytest.raises(ValueError, match=r"call attach_grouped_lora\(model, \.\.\.\) first"):
+        set_adapter_ids(tiny_llama(), [0])
+    for kw, said in ((dict(num_adapters=0), "num_adapters must be >= 1, got 0"), (dict(rank=0), "rank must be >= 1, got 0")):
+        with pytest.raises(ValueError, match=said):
+            attach_grouped_lora(tiny_llama(), **{"num_adapters": 2, **kw})
+    with pytest.raises(ValueError, match="GroupedLoRALinear wraps nn.Linear or transformers' Conv1D, got Conv2d"):
+        GroupedLoRALinear(torch.nn.Conv2d(2, 2, 1), 2, 2, 2.0, None)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
