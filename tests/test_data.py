@@ -80,6 +80,12 @@ def test_every_bad_input_is_reported_in_one_error(tmp_path):
     lines = str(err.value).splitlines()
     assert lines[0] == "3 problems in the input documents:"
     assert [re.search(r"docs\.jsonl:(\d+): ", line).group(1) for line in lines[1:]] == ["2", "3", "4"]
+    # an id of nothing but characters a folder name cannot keep would be the folder "" (the output folder)
+    j.write_text('{"id": "../..", "text": "ok"}\n{"id": " ", "text": "ok"}\n{"id": "z", "text": "ok"}\n')
+    with pytest.raises(DocumentError) as err:
+        load_documents(str(j))
+    assert str(err.value).splitlines()[1:] == [f"  {j}:1: document id '../..' is empty after sanitising",
+                                               f"  {j}:2: document id ' ' is empty after sanitising"]
 
 
 def test_the_error_carries_the_documents_free_of_problems(tmp_path):

@@ -1066,6 +1066,22 @@ def test_a_document_whose_every_synthetic_output_is_dropped_says_why(tiny_model,
     assert {d: (out / d / "km.json").read_bytes() for d in ("alpha", "gamma")} == kept
 
 
+@pytest.mark.parametrize("record, why", [
+    ({"items": {"chunk": 0}}, "needs a list 'items'"),
+    ({"items": [], "requested": 3, "of_requests": 2}, "needs integers 0 <= 'requested' <= 'of_requests', got 3 and 2"),
+    ({"items": [], "requested": "3"}, "needs integers 0 <= 'requested' <= 'of_requests', got '3' and '3'"),
+    ({"items": [], "requested": True, "of_requests": 2}, "needs integers 0 <= 'requested' <= 'of_requests', got True"),
+    ({"items": [{"chunk": 0, "prompt": "p", "target": "t"}, {"chunk": 2, "prompt": "p", "target": "t"}]},
+     'item 1 needs an integer \'chunk\' in [0, 2) and string \'prompt\' and \'target\', got {"chunk": 2, '),
+    ({"items": [{"chunk": 0, "prompt": "p", "target": None}]}, "item 0 needs an integer 'chunk'"),
+    ({"items": [], "requested": 2, "of_requests": 4}, None),
+])
+def test_synth_records_out_of_form_are_named(record, why):
+    """What makes a synth.json (parsed) unusable, said so that the redo's line tells what was wrong."""
+    problem = importlib.import_module("kmtrain.index")._synth_problem(record, n_chunks=2)
+    assert problem == why if why is None else problem.startswith(why), problem
+
+
 def test_damaged_stage_files_are_redone(tiny_model, docs_dir, tmp_path, capsys):
     """chunks.json / synth.json that parse but are not in their form (a slip in a hand-curated
     synth.json, say) are redone with a line saying why; before, errors from deep in the run. So are
