@@ -1153,6 +1153,34 @@ def test_chunks_from_before_plain_special_tokens_are_redone(tiny_model, tmp_path
                              split_special_tokens=True)["input_ids"]
 
 
+def test_synthetic_targets_are_reused_only_under_the_settings_that_made_them(tiny_model, docs_dir, tmp_path,
+                                                                             monkeypatch):
+    """A resumed or retrained run reuses a document's synthetic targets only when they were made
+    with its generation settings; a change to any (the new-token budget, --focus-parts, fact lists)
+    makes them again. Options added later enter the record only when set, so targets made before
+    them stay valid for runs that leave them off."""
+    kindex = importlib.import_module("kmtrain.index")
+    made, real = [], kindex.synthesize
+
+    def counted(model, tok, texts, *a, **k):  # which documents generation ran for
+        made.append(sorted(texts))
+        return real(model, tok, texts, *a, **k)
+
+    monkeypatch.setattr(kindex, "synthesize", counted)
+    work = tmp_path / "kms" / ".work"
+    cfg = tiny_cfg(tiny_model, tmp_path / "kms", steps=1, retrain=True)
+    setting = lambda: json.loads((work / "alpha" / "synth.json").read_text())["setting"]  # noqa: E731
+    for change, generated in ((dict(), True), (dict(), False), (dict(max_new_tokens=12), True),
+                              (dict(max_new_tokens=12), False), (dict(max_new_tokens=12, focus_parts=2), True),
+                              (dict(max_new_tokens=12, facts_per_chunk=1), True)):
+        made.clear()
+        index(str(docs_dir), cfg.replace(**change))
+        assert made == ([sorted(DOCS)] if generated else []), change
+        assert setting()["max_new_tokens"] == change.get("max_new_tokens", 10)
+        assert setting().get("focus_parts") == change.get("focus_parts")
+        assert setting().get("facts") == change.get("facts_per_chunk")
+
+
 def test_chunk_ids_are_stored_as_int32_and_older_lists_still_read(tiny_model, docs_dir, tmp_path, capsys):
     """chunks.json holds each chunk's ids as base64 of little-endian int32: as JSON numbers a 70 MB
     document's 66M ids came back as 2.4 GB of Python ints. A record written before, with lists of
