@@ -87,7 +87,8 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
         assert message in capsys.readouterr().err, args
     # what argparse refuses is its usage error (exit 2): an option without its value, a stray index argument
     for argv, message in ((ask + ["q?", "--km"], "argument --km: expected one argument"),
-                          (["index", str(d), "--out", str(tmp_path / "o"), "--kms", "x"], "unrecognized arguments: --kms x")):
+                          (["index", str(d), "--out", str(tmp_path / "o"), "--kms", "x"],
+                           "unrecognized arguments: --kms x")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
@@ -182,7 +183,8 @@ def test_config_rejects_what_would_train_nothing_or_garbage():
                         (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
                         (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
                         (dict(warmup_frac=-0.1), r"warmup_frac must be in \[0, 1\], got -0.1"),
-                        (dict(objective="ddcd", ddcd_student_frac=1.0), r"ddcd_student_frac must be in \(0, 1\), got 1.0")):
+                        (dict(objective="ddcd", ddcd_student_frac=1.0),
+                         r"ddcd_student_frac must be in \(0, 1\), got 1.0")):
         with pytest.raises(ValueError, match=message):
             IndexConfig(**kw).validate()
     IndexConfig(objective="lm", kl_weight=0.0, hidden_weight=0.0).validate()  # lm takes neither

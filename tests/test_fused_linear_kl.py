@@ -259,8 +259,9 @@ def test_module_matches_functional():
         (dict(hs=[[0.0] * 8] * 5), "student_hidden must be a torch.Tensor, got list"),
         (dict(ws=torch.randn(50)), r"student_weight must be \[V, H\], got shape \(50,\)"),
         (dict(wt=torch.randn(50)), r"teacher_weight must be a \[V, H_teacher\] tensor, got torch.Size\(\[50\]\)"),
-        (dict(ht=torch.randn(5, 7)), r"teacher_hidden's last dim must match the teacher weight: teacher_hidden \(5, 7\), "
-                                     r"student_weight \(shared\) \(50, 8\)"),
+        (dict(ht=torch.randn(5, 7)),
+         r"teacher_hidden's last dim must match the teacher weight: teacher_hidden \(5, 7\), student_weight \(shared\) "
+         r"\(50, 8\)"),
         (dict(mask=[True] * 5), r"mask must be a torch.Tensor of shape \(5,\), got list"),
     ],
 )

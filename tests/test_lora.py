@@ -644,7 +644,8 @@ def test_ids_errors():
         set_adapter_ids(m, [[0, 1]])
     with pytest.raises(ValueError, match=r"call attach_grouped_lora\(model, \.\.\.\) first"):
         set_adapter_ids(tiny_llama(), [0])
-    for kw, said in ((dict(num_adapters=0), "num_adapters must be >= 1, got 0"), (dict(rank=0), "rank must be >= 1, got 0")):
+    for kw, said in ((dict(num_adapters=0), "num_adapters must be >= 1, got 0"),
+                     (dict(rank=0), "rank must be >= 1, got 0")):
         with pytest.raises(ValueError, match=said):
             attach_grouped_lora(tiny_llama(), **{"num_adapters": 2, **kw})
     with pytest.raises(ValueError, match="GroupedLoRALinear wraps nn.Linear or transformers' Conv1D, got Conv2d"):
