@@ -4,7 +4,7 @@ closed-book accuracy of the base model, the base model with the document in cont
     python -m kmtrain.demo [--corpus DIR] [--out runs/demo] [--objective sdcd] [--steps N] [--set FIELD=VALUE ...]
 
 (--corpus: a folder of documents with a questions.json beside them, as kmtrain/demo_corpus has:
-see load_questions)
+see load_scored_questions)
 
 (--set: any IndexConfig field, e.g. --set seed=1 --set amp=off; see IndexConfig.parse_override)
 """
@@ -52,8 +52,10 @@ def in_fresh_process(fn: Callable[..., T], *args, **kwargs) -> T:
         return pool.submit(fn, *args, **kwargs).result()
 
 
-def load_questions(corpus: Path) -> Dict[str, List[dict]]:
+def load_scored_questions(corpus: Path) -> Dict[str, List[dict]]:
     """``corpus``/questions.json, checked: {document id: [{"q": question, "a": [accepted answer, ...]}]}.
+    (The questions a corpus is scored on, with their answers; kmtrain.load_questions reads the
+    questions `kmtrain ask --questions` answers.)
 
     Every problem is named in one ValueError, so that a corpus of one's own is fixed in one go and
     before its indexing: an accepted answer that normalises to nothing (is_correct ignores case and
@@ -95,8 +97,8 @@ def load_questions(corpus: Path) -> Dict[str, List[dict]]:
 
 def answer_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=("base", "icl", "km"),
                   corpus: Path = CORPUS) -> Dict[str, Dict[str, List[str]]]:
-    """{doc_id: {condition: [greedy answer per question]}} on ``corpus``'s questions (load_questions)."""
-    questions = load_questions(corpus)
+    """{doc_id: {condition: [greedy answer per question]}} on ``corpus``'s questions."""
+    questions = load_scored_questions(corpus)
     docs = {d.id: d for d in load_documents(str(corpus), progress=False)}
     ids = list(questions)
     # As `kmtrain ask` does: on a CUDA GPU when there is one, the base in bf16 where the device
@@ -134,8 +136,8 @@ def answer_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=("b
 
 def evaluate_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=("base", "icl", "km"),
                     corpus: Path = CORPUS) -> Dict[str, Dict[str, List[bool]]]:
-    """{doc_id: {condition: [correct per question]}} on ``corpus``'s questions (load_questions)."""
-    questions = load_questions(corpus)
+    """{doc_id: {condition: [correct per question]}} on ``corpus``'s questions."""
+    questions = load_scored_questions(corpus)
     answers = answer_corpus(out_dir, model_name, conditions, corpus)
     return {d: {c: [is_correct(a, q["a"]) for a, q in zip(by[c], questions[d])] for c in conditions}
             for d, by in answers.items()}
@@ -183,7 +185,7 @@ def main(argv=None) -> int:
         ap.error(str(e))
 
     def run() -> int:
-        load_questions(corpus)  # now, not after the indexing it would be scored on
+        load_scored_questions(corpus)  # now, not after the indexing it would be scored on
         torch.manual_seed(0)
         t0 = time.time()
         steps = cfg.steps or default_steps(cfg.device)

@@ -130,12 +130,12 @@ def test_demo_refuses_a_corpus_whose_questions_cannot_be_scored_before_indexing(
     """A question file that is missing, broken, or would score wrongly (an accepted answer that
     normalises to nothing matches every answer; a question for no document would vanish from the
     table) is named, problem by problem, before any indexing: exit 2, nothing written."""
-    from kmtrain.demo import load_questions, main
+    from kmtrain.demo import load_scored_questions, main
 
     if questions is not None:
         (docs_dir / "questions.json").write_text(questions if isinstance(questions, str) else json.dumps(questions))
     with pytest.raises(ValueError, match=why):
-        load_questions(docs_dir)
+        load_scored_questions(docs_dir)
     assert main(["--corpus", str(docs_dir), "--out", str(tmp_path / "demo"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"make demo: error: {docs_dir / 'questions.json'}: ") or \
