@@ -1181,6 +1181,20 @@ def test_synthetic_targets_are_reused_only_under_the_settings_that_made_them(tin
         assert setting().get("facts") == change.get("facts_per_chunk")
 
 
+def test_a_training_checkpoint_of_other_settings_is_deleted_not_kept_or_used(tiny_model, docs_dir, tmp_path):
+    """One training checkpoint at most is kept in OUT/.work: one left by a run of other settings (or
+    of documents since trained) is deleted when a wave starts, not left to fill the disk (three
+    fp32 copies of each document's LoRA: 469 MB for make demo's wave) nor resumed from."""
+    out = tmp_path / "kms"
+    stray = out / ".work" / "training_0123456789abcdef.safetensors"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"a checkpoint of another run")
+    got = index(str(docs_dir), tiny_cfg(tiny_model, out, steps=1, docs_per_step=3))
+    assert {s["status"] for s in got} == {"trained"}
+    assert not stray.exists() and not list((out / ".work").glob("training_*"))
+    assert all(json.loads((out / d / "km.json").read_text())["resumed_from_step"] == 0 for d in DOCS)
+
+
 def test_chunk_ids_are_stored_as_int32_and_older_lists_still_read(tiny_model, docs_dir, tmp_path, capsys):
     """chunks.json holds each chunk's ids as base64 of little-endian int32: as JSON numbers a 70 MB
     document's 66M ids came back as 2.4 GB of Python ints. A record written before, with lists of
