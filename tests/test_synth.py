@@ -244,12 +244,14 @@ def test_row_sampler_adds_each_rows_own_noise_to_its_nucleus_step_after_step():
             assert torch.equal(got, expected), (spread, candidates, step)
 
 
-def test_row_sampler_draws_from_the_tempered_nucleus():
-    """Frequencies of 20000 draws against the exact probabilities (float64), within 5 standard errors."""
+@pytest.mark.parametrize("top_p", [0.9, 1.0])
+def test_row_sampler_draws_from_the_tempered_nucleus(top_p):
+    """Frequencies of 20000 draws against the exact probabilities (float64), within 5 standard errors;
+    top_p=1 (--top-p 1) draws from the whole tempered distribution, through noise on every token."""
     from kmtrain.synth import RowSampler
 
     scores = torch.tensor([[2.0, 1.5, 1.0, 0.2, -1.0, -3.0]])
-    T, top_p, n = 0.7, 0.9, 20000
+    T, n = 0.7, 20000
     sampler = RowSampler([123], temperature=T, top_p=top_p)
     counts = torch.zeros(6, dtype=torch.float64)
     for _ in range(n):
@@ -261,6 +263,7 @@ def test_row_sampler_draws_from_the_tempered_nucleus():
     se = (q * (1 - q) / n).sqrt()
     assert torch.all((counts / n - q).abs() <= 5 * se + 1e-12), (counts / n, q)
     assert counts[~keep].sum() == 0
+    assert keep.all() == (top_p == 1.0)  # the cases differ: 0.9 leaves the tail out
 
 
 def test_synthetic_targets_do_not_depend_on_batch_mates(tiny_model):
