@@ -81,6 +81,23 @@ def test_an_accelerator_run_leaves_the_heap_alone():
         assert kept is False
 
 
+@pytest.mark.parametrize("system, libc", [("Darwin", ("", "")), ("Linux", ("musl", "1.2")), ("Windows", ("", ""))])
+def test_without_glibc_the_heap_is_left_alone_and_said_so(monkeypatch, system, libc):
+    """macOS, Windows and musl (Alpine) have no mallopt of glibc's: the block runs with the heap as it
+    is (kept False) and return_free_memory does nothing (False), neither fails."""
+    import kmtrain.cpu_heap as cpu_heap
+
+    monkeypatch.setattr(cpu_heap.platform, "system", lambda: system)
+    monkeypatch.setattr(cpu_heap.platform, "libc_ver", lambda: libc)
+    cpu_heap._glibc.cache_clear()
+    try:
+        with heap_kept(torch.device("cpu")) as kept:
+            assert kept is False
+        assert cpu_heap.return_free_memory() is False
+    finally:
+        cpu_heap._glibc.cache_clear()  # this machine's own answer again for the tests after
+
+
 def test_index_runs_inside_the_kept_heap_on_a_cpu(tiny_model, docs_dir, tmp_path, monkeypatch):
     index_mod = importlib.import_module("kmtrain.index")  # the package's `index` is the function
     entered = []
