@@ -26,7 +26,7 @@ from kmkernels import attach_grouped_lora, load_peft, read_adapter_config
 
 from .cli import reporting_errors
 from .config import STEPS_DEFAULT_SAID, IndexConfig, resolve_device
-from .data import load_documents, problems_message
+from .data import load_documents, problems_message, sanitize_id
 from .evaluate import generate_answers, is_correct, normalize_answer, question_prompt
 from .index import default_steps, index
 from .models import load_model, native_bf16
@@ -73,6 +73,8 @@ def load_scored_questions(corpus: Path) -> Dict[str, List[dict]]:
         raise ValueError(f"{path}: expected a non-empty object {{document id: [{{\"q\", \"a\"}}, ...]}}, "
                          f"got {type(questions).__name__}{'' if questions else ' (empty)'}")
     problems = []
+    # an answer normalised to nothing, or to punctuation alone, is found in every generation
+    scorable = lambda x: isinstance(x, str) and any(map(str.isalnum, normalize_answer(x)))  # noqa: E731
     for doc, entries in questions.items():
         if not isinstance(entries, list) or not entries:
             problems.append(f"{doc}: expected a non-empty list of questions")
@@ -81,15 +83,16 @@ def load_scored_questions(corpus: Path) -> Dict[str, List[dict]]:
             q, a = (e.get("q"), e.get("a")) if isinstance(e, dict) else (None, None)
             if not isinstance(q, str) or not q.strip():
                 problems.append(f"{doc}[{i}]: needs \"q\", a non-empty question")
-            # an answer normalised to nothing, or to punctuation alone, is found in every generation
-            scorable = lambda x: isinstance(x, str) and any(map(str.isalnum, normalize_answer(x)))  # noqa: E731
             if not isinstance(a, list) or not a or not all(map(scorable, a)):
                 problems.append(f"{doc}[{i}]: needs \"a\", a non-empty list of accepted answers, each with a "
                                 f"letter or digit (got {a!r})")
     docs = {d.id for d in load_documents(str(corpus), progress=False)}
     unknown = sorted(set(questions) - docs)
     if unknown:
-        problems.append(f"questions for {', '.join(unknown)}, which no document of {corpus} is (ids are file stems)")
+        # a file "North Gate.txt" is the document "North_Gate": said where that is the slip
+        named = [f"{k} (the document's id is {sanitize_id(k)})" if sanitize_id(k) in docs else k for k in unknown]
+        problems.append(f"questions for {', '.join(named)}, which no document of {corpus} is (ids are file stems, "
+                        f"sanitised)")
     if problems:
         raise ValueError(f"{path}: {problems[0]}" if len(problems) == 1 else problems_message(problems, str(path)))
     return questions

@@ -123,7 +123,9 @@ def test_demo_indexes_a_corpus_then_prints_and_saves_its_table(tiny_model, docs_
      r"\(got \[' \?! '\]\)"),
     ({"alpha": [{"q": "", "a": "Moro"}], "delta": [{"q": "Which bell?", "a": ["Moro"]}]},
      r"3 problems in .*questions.json:\n  alpha\[0\]: needs \"q\", a non-empty question\n  alpha\[0\]: needs \"a\".*"
-     r"\(got 'Moro'\)\n  questions for delta, which no document of .* is \(ids are file stems\)$"),
+     r"\(got 'Moro'\)\n  questions for delta, which no document of .* is \(ids are file stems, sanitised\)$"),
+    ({"alpha": [{"q": "Which bell?", "a": ["Moro"]}], "gamma?": [{"q": "How many faces?", "a": ["seven"]}]},
+     r"questions.json: questions for gamma\? \(the document's id is gamma\), which no document of "),
 ])
 def test_demo_refuses_a_corpus_whose_questions_cannot_be_scored_before_indexing(docs_dir, tmp_path, capsys, questions,
                                                                                 why):
