@@ -360,6 +360,14 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torc
             raise ValueError(f"model {name_or_path!r}: a tokenizer file in {folder} is not valid JSON ({e}): "
                              f"copy or download the model again") from None
         except ValueError as e:  # after JSONDecodeError, a ValueError of its own
+            unknown = re.search(r"has model type `([^`]*)` but Transformers does not recognize this architecture",
+                                str(e))
+            if unknown:  # transformers' own words: ~600 characters, the model's folder not among them
+                import transformers
+
+                raise ValueError(f"model {name_or_path!r}: its config.json's model_type {unknown.group(1)!r} is not "
+                                 f"one this transformers ({transformers.__version__}) knows: a newer transformers "
+                                 f"may (pip install --upgrade transformers), or the config.json is wrong") from None
             if "trust_remote_code" not in str(e):
                 raise
             # transformers' own words name an argument no kmtrain user passes

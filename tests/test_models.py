@@ -542,6 +542,13 @@ def test_a_model_whose_weights_or_tokenizer_are_cut_short_is_named_with_the_fix(
     with pytest.raises(ValueError, match=rf"model '{mine}': loading it from this folder failed: .*config.json.* not a "
                                          r"valid JSON file"):
         models.load_model(str(mine))
+    # a model type this transformers does not know (a model newer than it): named, with the fix, in one line
+    shutil.copy(tiny_model + "/config.json", config)
+    config.write_text(config.read_text().replace('"llama"', '"llama99"'))
+    with pytest.raises(ValueError, match=rf"^model '{mine}': its config.json's model_type 'llama99' is not one this "
+                                         r"transformers \([\w.]+\) knows: a newer transformers may \(pip install "
+                                         r"--upgrade transformers\), or the config.json is wrong$"):
+        models.load_model(str(mine))
 
 
 def test_a_gguf_file_is_converted_once_and_again_when_it_changes(tmp_path, monkeypatch):
