@@ -1,5 +1,6 @@
 """kmtrain.index: index + ask end to end (tiny random Llama, and the bundled SmolLM2), resume, precision choices."""
 import dataclasses
+import errno
 import hashlib
 import importlib
 import json
@@ -410,6 +411,33 @@ def test_a_disk_too_small_for_the_teacher_caches_stops_before_the_teacher(tiny_m
     free["bytes"] = 10**15
     assert main(["index", str(docs_dir), "--out", str(out), *flags]) == 0
     assert built == sorted(DOCS) and (out / third / "km.json").is_file()
+
+
+@pytest.mark.parametrize("settings, need, advice", [
+    (dict(), {"a": 500}, "--cache-dtype fp8 (a byte a value), or --cache-layers (some layers only), or "
+                         "--no-teacher-cache"),
+    (dict(cache_dtype="fp8", cache_layers=(1,)), {"a": 400, "b": 100},
+     "a lower --docs-per-step (a wave's caches are deleted before the next), or --no-teacher-cache"),
+    (dict(cache_dtype="fp8", keep_teacher_cache=True), {"a": 400, "b": 100},
+     "--cache-layers (some layers only), or --no-teacher-cache"),
+])
+def test_a_disk_too_small_is_told_only_the_ways_left_to_shrink_the_caches(tmp_path, monkeypatch, settings, need,
+                                                                          advice):
+    """What the line offers follows what the run already does: no fp8 for an fp8 run, no layer subset
+    for one that has it, no lower --docs-per-step for a wave of one document or a run that keeps its
+    caches (they stay on disk whatever the wave). Sizes below a kilobyte are said in bytes."""
+    import collections
+
+    kindex = importlib.import_module("kmtrain.index")
+    monkeypatch.setattr(kindex.shutil, "disk_usage",
+                        lambda path: collections.namedtuple("usage", "total used free")(10**6, 10**6 - 499, 499))
+    with pytest.raises(OSError) as e:
+        kindex.check_cache_space(tmp_path, need, IndexConfig(**settings))
+    assert e.value.errno == errno.ENOSPC
+    assert e.value.strerror == (f"the teacher caches of {len(need)} document(s) (the largest: a, {need['a']} bytes) "
+                                f"need 500 bytes in {tmp_path}, which has 499 bytes free: free some space, or make "
+                                f"them smaller with {advice} (no cache; the teacher runs every step)")
+    kindex.check_cache_space(tmp_path, {"a": 499}, IndexConfig(**settings))  # what fits passes
 
 
 def test_a_disk_that_fills_as_a_teacher_cache_is_written_is_one_line_and_keeps_the_targets(
