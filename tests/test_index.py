@@ -1309,6 +1309,29 @@ def test_a_model_without_the_lora_targets_fails_before_generation(tiny_model, do
         index(str(docs_dir), tiny_cfg(tiny_model, tmp_path / "kms", target_modules=("wq", "wo")))
 
 
+def test_a_model_whose_logits_the_losses_cannot_recompute_is_refused_before_generation(tiny_model, docs_dir,
+                                                                                       tmp_path, monkeypatch):
+    """The KM losses compute logits from the last hidden state and the head: a model whose config
+    transforms them otherwise (here a Cohere logit_scale of 0) is refused with why, before any
+    generation, not trained towards other distributions than its own."""
+    from transformers import AutoTokenizer, CohereConfig, CohereForCausalLM
+
+    kindex = importlib.import_module("kmtrain.index")
+    monkeypatch.setattr(kindex, "synthesize", lambda *a, **k: pytest.fail("generation ran"))
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    folder = tmp_path / "cohere"
+    CohereForCausalLM(CohereConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                                   logit_scale=0.0, pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
+                                   eos_token_id=tok.eos_token_id)).save_pretrained(folder)
+    _copy_tiny_tokenizer(tiny_model, folder)
+    with pytest.raises(ValueError, match=rf"^--model {re.escape(str(folder))}: its config sets logit_scale=0.0, not a "
+                                         r"positive finite factor of the logits\. The KM losses compute logits as the "
+                                         r"last hidden state times the output head's weight.*: not supported$"):
+        index(str(docs_dir), tiny_cfg(str(folder), tmp_path / "kms"))
+    assert not list((tmp_path / "kms").glob("*/km.json"))
+
+
 def test_a_run_resumed_the_next_day_keeps_its_work(tiny_model, docs_dir, tmp_path, monkeypatch):
     """A model whose chat template prints today's date (Llama 3.2's, SmolLM3's): its prompts, so its
     examples' tokens, so the keys of the teacher cache and of the training checkpoint, changed at
