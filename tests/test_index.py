@@ -1321,8 +1321,9 @@ def test_a_model_whose_logits_the_losses_cannot_recompute_is_refused_before_gene
     tok = AutoTokenizer.from_pretrained(tiny_model)
     folder = tmp_path / "cohere"
     CohereForCausalLM(CohereConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
-                                   logit_scale=0.0, pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                   max_position_embeddings=512, logit_scale=0.0, pad_token_id=tok.pad_token_id,
+                                   bos_token_id=tok.eos_token_id,
                                    eos_token_id=tok.eos_token_id)).save_pretrained(folder)
     _copy_tiny_tokenizer(tiny_model, folder)
     with pytest.raises(ValueError, match=rf"^--model {re.escape(str(folder))}: its config sets logit_scale=0.0, not a "
