@@ -82,10 +82,10 @@ def main(argv=None):
     counts = sorted({len(q) for q in questions.values()})
     per_doc_count = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     n_questions = sum(map(len, questions.values()))
-    described = ("kmtrain/demo_corpus, 8 fictional documents, 8 short-answer questions each (64)"
-                 if corpus.resolve() == CORPUS.resolve() else
+    bundled = corpus.resolve() == CORPUS.resolve()
+    described = ("kmtrain/demo_corpus, 8 fictional documents, 8 short-answer questions each (64)" if bundled else
                  f"{corpus}, {len(questions)} documents with questions ({per_doc_count} each, {n_questions} in all)")
-    title = "the demo corpus" if corpus.resolve() == CORPUS.resolve() else corpus.name
+    title = "the demo corpus" if bundled else corpus.name
     text = (f"# Closed-book accuracy on {title} ({base_name})\n\n{env_block(env)}\n"
             f"- overrides of the defaults for every KM here: {changed}\n"
             f"- corpus: {described}\n"

@@ -18,7 +18,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, List, TypeVar
+from typing import Callable, Dict, List, Tuple, TypeVar
 
 import torch
 
@@ -26,7 +26,7 @@ from kmkernels import attach_grouped_lora, load_peft, read_adapter_config
 
 from .cli import reporting_errors
 from .config import STEPS_DEFAULT_SAID, IndexConfig, resolve_device
-from .data import load_documents, problems_message, sanitize_id
+from .data import Document, load_documents, problems_message, sanitize_id
 from .evaluate import generate_answers, is_correct, normalize_answer, question_prompt
 from .index import default_steps, index
 from .models import load_model, native_bf16
@@ -55,7 +55,12 @@ def in_fresh_process(fn: Callable[..., T], *args, **kwargs) -> T:
 def load_scored_questions(corpus: Path) -> Dict[str, List[dict]]:
     """``corpus``/questions.json, checked: {document id: [{"q": question, "a": [accepted answer, ...]}]}.
     (The questions a corpus is scored on, with their answers; kmtrain.load_questions reads the
-    questions `kmtrain ask --questions` answers.)
+    questions `kmtrain ask --questions` answers.) How it is checked: _scored_corpus."""
+    return _scored_corpus(corpus)[0]
+
+
+def _scored_corpus(corpus: Path) -> Tuple[Dict[str, List[dict]], Dict[str, Document]]:
+    """(load_scored_questions's questions, the corpus's documents by id), the documents read once.
 
     Every problem is named in one ValueError, so that a corpus of one's own is fixed in one go and
     before its indexing: an accepted answer that normalises to nothing (is_correct ignores case and
@@ -86,8 +91,8 @@ def load_scored_questions(corpus: Path) -> Dict[str, List[dict]]:
             if not isinstance(a, list) or not a or not all(map(scorable, a)):
                 problems.append(f"{doc}[{i}]: needs \"a\", a non-empty list of accepted answers, each with a "
                                 f"letter or digit (got {a!r})")
-    docs = {d.id for d in load_documents(str(corpus), progress=False)}
-    unknown = sorted(set(questions) - docs)
+    docs = {d.id: d for d in load_documents(str(corpus), progress=False)}
+    unknown = sorted(set(questions) - set(docs))
     if unknown:
         # a file "North Gate.txt" is the document "North_Gate": said where that is the slip
         named = [f"{k} (the document's id is {sanitize_id(k)})" if sanitize_id(k) in docs else k for k in unknown]
@@ -95,14 +100,17 @@ def load_scored_questions(corpus: Path) -> Dict[str, List[dict]]:
                         f"sanitised)")
     if problems:
         raise ValueError(f"{path}: {problems[0]}" if len(problems) == 1 else problems_message(problems, str(path)))
-    return questions
+    return questions, docs
 
 
 def answer_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=("base", "icl", "km"),
                   corpus: Path = CORPUS) -> Dict[str, Dict[str, List[str]]]:
     """{doc_id: {condition: [greedy answer per question]}} on ``corpus``'s questions."""
-    questions = load_scored_questions(corpus)
-    docs = {d.id: d for d in load_documents(str(corpus), progress=False)}
+    return _answers(out_dir, model_name, conditions, *_scored_corpus(corpus))
+
+
+def _answers(out_dir: str, model_name: str, conditions, questions: Dict[str, List[dict]],
+             docs: Dict[str, Document]) -> Dict[str, Dict[str, List[str]]]:
     ids = list(questions)
     # As `kmtrain ask` does: on a CUDA GPU when there is one, the base in bf16 where the device
     # multiplies bf16 natively (as it trained there). Before, a GPU machine answered on its CPU.
@@ -140,8 +148,8 @@ def answer_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=("b
 def evaluate_corpus(out_dir: str, model_name: str = "smollm2-135m", conditions=("base", "icl", "km"),
                     corpus: Path = CORPUS) -> Dict[str, Dict[str, List[bool]]]:
     """{doc_id: {condition: [correct per question]}} on ``corpus``'s questions."""
-    questions = load_scored_questions(corpus)
-    answers = answer_corpus(out_dir, model_name, conditions, corpus)
+    questions, docs = _scored_corpus(corpus)
+    answers = _answers(out_dir, model_name, conditions, questions, docs)
     return {d: {c: [is_correct(a, q["a"]) for a, q in zip(by[c], questions[d])] for c in conditions}
             for d, by in answers.items()}
 
