@@ -26,6 +26,7 @@ base GEMMs' outputs, forward and backward (``SequenceLoRALinearFunction``).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -709,6 +710,163 @@ class GroupedLoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, adapters={self.num_adapters}, rank={self.rank}"
 
 
+# An MoE block's experts in transformers 5 are one module holding each projection of every expert as a
+# 3-D parameter ([E, out, in]; [E, in, out] where it says ``is_transposed``), not as linear layers: PEFT
+# adapts them through ``target_parameters`` (its ParamWrapper), and a KM must too, or on Mixtral, OLMoE or
+# Qwen3-MoE it adapts the attention alone. Only experts whose forward takes the batch's tokens in order
+# (hidden_states [N, H] with its routing, N = B * T) can give each sequence its own slot.
+_EXPERTS_ARGS = ("hidden_states",)
+
+
+def experts_parameters(m: nn.Module) -> List[str]:
+    """Names of ``m``'s own 3-D parameters, in registration order, if ``m`` is an MoE experts module that
+    takes the batch's tokens in order: forward(hidden_states, <routing>, <routing>) (Mixtral's
+    top_k_index and top_k_weights; GPT-OSS's router_indices and routing_weights), every 3-D parameter
+    [num_experts, ., .]. Otherwise []: torch's own layers (a convolution's weight is 3-D), and experts
+    that take tokens already sorted by expert (JetMoE's, Llama 4's)."""
+    if type(m).__module__.startswith("torch."):
+        return []
+    params = [(n, p) for n, p in m.named_parameters(recurse=False) if p.dim() == 3]
+    if not params or len({p.shape[0] for _, p in params}) != 1:
+        return []
+    try:
+        args = [a for a in inspect.signature(type(m).forward).parameters.values() if a.name != "self"]
+    except (TypeError, ValueError):
+        return []
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if len(args) != 3 or args[0].name not in _EXPERTS_ARGS or any(a.kind not in positional for a in args):
+        return []
+    return [n for n, _ in params]
+
+
+class GroupedLoRAExpertWeight(nn.Module):
+    """D LoRA slots on one 3-D expert parameter W: [E, out, in], or [E, in, out] (``transposed``). As
+    PEFT's ``target_parameters`` LoRA, expert e's weight in slot d is W_e + scaling[d] * B_{d,e} A_{d,e}
+    (transposed where W is).
+
+    Parameters: lora_A [D, E, r, in], lora_B [D, E, out, r], fp32 (fp64 on an fp64 base); buffer
+    ``scaling`` fp32 [D]. PEFT stores one slot as lora_A [E * r, in] (row e * r + j) and lora_B
+    [out, r * E] (column j * E + e): ``peft_tensors`` and ``load_slot`` convert.
+    """
+
+    def __init__(self, weight: torch.Tensor, num_adapters: int, rank: int, alpha: float, transposed: bool):
+        super().__init__()
+        E, a, b = weight.shape
+        self.num_experts, self.transposed = E, transposed
+        self.in_features, self.out_features = (a, b) if transposed else (b, a)
+        self.num_adapters, self.rank, self.alpha = num_adapters, rank, alpha
+        dev, dt = weight.device, torch.promote_types(weight.dtype, torch.float32)
+        self.lora_A = nn.Parameter(torch.zeros(num_adapters, E, rank, self.in_features, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.zeros(num_adapters, E, self.out_features, rank, device=dev, dtype=dt))
+        self.register_buffer("scaling", torch.full((num_adapters,), alpha / rank, dtype=torch.float32, device=dev))
+
+    @torch.no_grad()
+    def reset_slot(self, slot: int, generator: torch.Generator):
+        """PEFT init (as GroupedLoRALinear's, each expert's A drawn U(-1/sqrt(in), 1/sqrt(in))), B = 0."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        a = torch.rand(self.num_experts, self.rank, self.in_features, generator=generator, dtype=torch.float32)
+        self.lora_A[slot].copy_(a * (2 * bound) - bound)
+        self.lora_B[slot].zero_()
+        self.scaling[slot] = self.alpha / self.rank
+
+    def delta(self, slot: int, dtype: torch.dtype) -> torch.Tensor:
+        """Slot ``slot``'s weight delta in W's layout and ``dtype``, with autograd to its A and B."""
+        d = torch.bmm(self.lora_B[slot], self.lora_A[slot]) * self.scaling[slot]  # [E, out, in]
+        return (d.transpose(1, 2) if self.transposed else d).to(dtype)
+
+    def peft_tensors(self, slot: int, r: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Slot ``slot``'s first ``r`` ranks as PEFT's ParamWrapper stores them: A [E * r, in], B [out, r * E]."""
+        a = self.lora_A[slot, :, :r].detach().reshape(self.num_experts * r, self.in_features)
+        b = self.lora_B[slot, :, :, :r].detach().permute(1, 2, 0).reshape(self.out_features, r * self.num_experts)
+        return a, b
+
+    def peft_shapes(self, r: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+        return (self.num_experts * r, self.in_features), (self.out_features, r * self.num_experts)
+
+    @torch.no_grad()
+    def load_slot(self, slot: int, a: Optional[torch.Tensor], b: Optional[torch.Tensor], r: int):
+        """Set slot ``slot`` from PEFT's A [E * r, in] and B [out, r * E] (None: a zero delta)."""
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        if a is not None:
+            self.lora_A[slot, :, :r].copy_(a.reshape(self.num_experts, r, self.in_features))
+            self.lora_B[slot, :, :, :r].copy_(b.reshape(self.out_features, r, self.num_experts).permute(2, 0, 1))
+
+
+class GroupedLoRAExperts(nn.Module):
+    """An MoE experts module (see ``experts_parameters``), frozen, plus D LoRA slots on each of its 3-D
+    parameters (``adapters``, by parameter name); each sequence's tokens use the slot set in ``ids``.
+
+    The delta is in weight space, as PEFT's: the tokens of each slot in the batch run the experts' own
+    forward (whatever its implementation) with W + delta in place of W, so a forward holds one delta
+    the size of the experts' weights per slot present. Tokens of no slot (-1) run the base experts."""
+
+    def __init__(self, base: nn.Module, param_names: Sequence[str], num_adapters: int, rank: int, alpha: float,
+                 ids: AdapterIds):
+        super().__init__()
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        transposed = bool(getattr(base, "is_transposed", False))
+        self.adapters = nn.ModuleDict({n: GroupedLoRAExpertWeight(getattr(base, n), num_adapters, rank, alpha,
+                                                                  transposed) for n in param_names})
+        self._ids = ids
+
+    def __getattr__(self, name: str):
+        # the MoE block, or a model's own code, may read the experts' attributes (num_experts, act_fn, a
+        # weight's dtype): they are the base module's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base":
+                raise
+            return getattr(self.base, name)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        ids = self._ids
+        if not ids.any_active and not torch.is_grad_enabled():
+            return self.base(hidden_states, *args, **kwargs)  # the teacher pass: no sequence has an adapter
+        lead = hidden_states.shape[:-1]
+        try:
+            row_ids, _ = ids.rows(lead, hidden_states.device, "torch")
+        except ValueError as e:
+            name = getattr(self, "module_name", None)
+            raise ValueError(f"{'the LoRA experts ' + name if name else 'LoRA experts'} {e}") from None
+        n = row_ids.numel()
+        flat = hidden_states.reshape(n, hidden_states.shape[-1])
+
+        def rows_of(t, idx):  # the routing tensors are per token: [*lead, ...]
+            if idx is None or not isinstance(t, torch.Tensor) or t.shape[:len(lead)] != lead:
+                return t
+            return t.reshape(n, *t.shape[len(lead):]).index_select(0, idx)
+
+        slots = row_ids.unique().tolist()
+        out = None
+        for s in slots:
+            idx = None if len(slots) == 1 else (row_ids == s).nonzero().squeeze(1)
+            x = flat if idx is None else flat.index_select(0, idx)
+            a = [rows_of(t, idx) for t in args]
+            kw = {k: rows_of(v, idx) for k, v in kwargs.items()}
+            if s < 0:
+                y = self.base(x, *a, **kw)
+            else:
+                weights = {p: getattr(self.base, p) + u.delta(s, getattr(self.base, p).dtype)
+                           for p, u in self.adapters.items()}
+                y = torch.func.functional_call(self.base, weights, (x, *a), kw)
+            if idx is None:
+                out = y
+            else:
+                if out is None:
+                    out = y.new_zeros((n, *y.shape[1:]))
+                out = out.index_copy(0, idx, y)
+        return out.reshape(*lead, *out.shape[1:])
+
+    def extra_repr(self) -> str:
+        u = next(iter(self.adapters.values()))
+        return (f"experts={u.num_experts}, parameters={', '.join(self.adapters)}, adapters={u.num_adapters}, "
+                f"rank={u.rank}")
+
+
 def _module_seed(seed: int, slot_key: str) -> int:
     # A fixed hash (not Python's salted hash()) so that an init is reproducible across processes.
     h = 1469598103934665603
@@ -775,12 +933,56 @@ def lora_targets(model: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGE
                          f"a linear layer's (an MoE router's scores and logits?), so an adapter cannot be added to "
                          f"it; leave them out of the targets")
     found = [(name, m) for name, m in found if not odd[type(m)]]
-    if not found:
+    if not found and not expert_targets(model, target_modules):
         have = sorted({name.rsplit(".", 1)[-1] for name, _ in linears})
         wanted = ("every linear layer but the output head (all-linear)" if ALL_LINEAR in targets
                   else f"the LoRA targets {', '.join(target_modules)}")
         raise ValueError(f"no linear layer to adapt: wanted {wanted}; its linear layers: {', '.join(have) or 'none'}")
     return found
+
+
+def expert_targets(model: nn.Module,
+                   target_modules: Sequence[str] = DEFAULT_TARGETS) -> List[Tuple[str, nn.Module, List[str]]]:
+    """(name, module, parameter names) of each MoE experts module of the language model (see
+    ``experts_parameters``) with parameters to adapt: every 3-D one for "all-linear" (a KM adapts all of
+    the model's projections), else those named "<module's last name>.<parameter>" in ``target_modules``
+    (PEFT's ``target_parameters`` form: "experts.gate_up_proj")."""
+    targets = set(target_modules)
+    decoder = _decoder_of(model)
+    in_decoder = None if decoder is None else {id(m) for m in decoder.modules()}
+    found = []
+    for name, m in model.named_modules():
+        if in_decoder is not None and id(m) not in in_decoder:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        chosen = [p for p in experts_parameters(m) if ALL_LINEAR in targets or f"{leaf}.{p}" in targets]
+        if chosen:
+            found.append((name, m, chosen))
+    return found
+
+
+def _matches_target_parameter(full_name: str, targets: Sequence[str]) -> bool:
+    # PEFT's rule for target_parameters: the full name, or a suffix of it at a dot
+    return any(full_name == t or full_name.endswith("." + t) for t in targets)
+
+
+def _expert_peft_paths(model: nn.Module,
+                       target_parameters: Sequence[str]) -> Dict[str, Tuple[str, Optional[GroupedLoRAExpertWeight]]]:
+    """PEFT module path -> (the parameter's full name, its slots here or None) of every expert parameter that
+    an adapter with these ``target_parameters`` holds weights for. PEFT wraps a module once per targeted
+    parameter, in the module's registration order, each wrapper around the one before: of k parameters
+    targeted in one module, the i-th's weights sit under ``<module>`` + ".base_layer" * (k - 1 - i)."""
+    paths = {}
+    wrapped = {id(m.base) for m in model.modules() if isinstance(m, GroupedLoRAExperts)}
+    for name, m in model.named_modules():
+        if id(m) in wrapped:
+            continue
+        base, adapters = (m.base, m.adapters) if isinstance(m, GroupedLoRAExperts) else (m, {})
+        chosen = [p for p in experts_parameters(base) if _matches_target_parameter(f"{name}.{p}", target_parameters)]
+        for i, p in enumerate(chosen):
+            unit = adapters[p] if p in adapters else None
+            paths[name + ".base_layer" * (len(chosen) - 1 - i)] = (f"{name}.{p}", unit)
+    return paths
 
 
 def attach_grouped_lora(
@@ -808,11 +1010,14 @@ def attach_grouped_lora(
         raise ValueError("this model already has grouped LoRA attached")
     ids = AdapterIds(num_adapters, backend)
     found = lora_targets(model, target_modules)
+    experts = expert_targets(model, target_modules)
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, module in found:
+    wrappers = [(name, GroupedLoRALinear(module, num_adapters, rank, alpha, ids)) for name, module in found]
+    wrappers += [(name, GroupedLoRAExperts(module, params, num_adapters, rank, alpha, ids))
+                 for name, module, params in experts]
+    for name, wrapper in wrappers:
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        wrapper = GroupedLoRALinear(module, num_adapters, rank, alpha, ids)
         wrapper.module_name = name  # for its errors
         setattr(parent, name.rsplit(".", 1)[-1], wrapper)
     # the tokens per sequence, from the inputs, for layers that read the batch flattened (AdapterIds.note_inputs)
@@ -823,6 +1028,8 @@ def attach_grouped_lora(
     for entry in entries:
         entry.register_forward_pre_hook(ids.note_inputs, with_kwargs=True)
     model._grouped_lora = {"ids": ids, "rank": rank, "alpha": alpha, "targets": sorted({n.rsplit('.', 1)[-1] for n, _ in found}),
+                           "expert_targets": sorted({f"{n.rsplit('.', 1)[-1]}.{p}" for n, _, ps in experts
+                                                     for p in ps}),
                            "slot_rank": [rank] * num_adapters, "slot_alpha": [alpha] * num_adapters}
     for slot in range(num_adapters):
         reset_slot(model, slot, seed)
@@ -836,8 +1043,10 @@ def _state(model) -> dict:
     return st
 
 
-def grouped_lora_modules(model: nn.Module) -> Dict[str, GroupedLoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, GroupedLoRALinear)}
+def grouped_lora_modules(model: nn.Module) -> Dict[str, Union[GroupedLoRALinear, GroupedLoRAExpertWeight]]:
+    """Every set of LoRA slots, by module name: each wrapped linear layer's, and each adapted expert
+    parameter's. Each has ``lora_A`` and ``lora_B`` with the slot first, ``scaling`` [D] and ``reset_slot``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (GroupedLoRALinear, GroupedLoRAExpertWeight))}
 
 
 def reset_slot(model: nn.Module, slot: int, seed: int) -> None:
@@ -887,10 +1096,24 @@ def export_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike], *,
     _check_slot(model, slot)
     r, alpha = st["slot_rank"][slot], st["slot_alpha"][slot]
     tensors = {}
-    wrapped = grouped_lora_modules(model)
+    wrapped = {n: m for n, m in grouped_lora_modules(model).items() if isinstance(m, GroupedLoRALinear)}
     for name, m in wrapped.items():
         tensors[_peft_key(name, "lora_A")] = m.lora_A[slot, :r].detach().to("cpu").contiguous().clone()
         tensors[_peft_key(name, "lora_B")] = m.lora_B[slot, :, :r].detach().to("cpu").contiguous().clone()
+    # MoE experts' 3-D weights: PEFT's target_parameters, named "<module's last name>.<parameter>" (as full
+    # names where a module outside the KM would match one, as for the linear layers below)
+    target_parameters = list(st["expert_targets"])
+    if target_parameters:
+        adapted = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, GroupedLoRAExperts)
+                   for p in m.adapters}
+        if any(f"{n.rsplit('.', 1)[-1]}.{p}" in st["expert_targets"] and f"{n}.{p}" not in adapted
+               for n, m in model.named_modules() if not isinstance(m, GroupedLoRAExperts)
+               for p in experts_parameters(m)):
+            target_parameters = sorted(adapted)
+        for peft_path, (_, unit) in _expert_peft_paths(model, target_parameters).items():
+            a, b = unit.peft_tensors(slot, r)
+            tensors[_peft_key(peft_path, "lora_A")] = a.to("cpu").contiguous().clone()
+            tensors[_peft_key(peft_path, "lora_B")] = b.to("cpu").contiguous().clone()
     base_name = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None
     # PEFT takes a target name for every module whose name ends with it. Where a linear layer that holds
     # no adapter shares one (a multimodal model's vision tower has its own q_proj), PEFT would add LoRA
@@ -903,7 +1126,8 @@ def export_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike], *,
     # A and B weights have the same shapes either way)
     fan_in_fan_out = any(m.fan_in_fan_out for m in wrapped.values())
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none",
-                     task_type="CAUSAL_LM", base_model_name_or_path=base_name, fan_in_fan_out=fan_in_fan_out)
+                     task_type="CAUSAL_LM", base_model_name_or_path=base_name, fan_in_fan_out=fan_in_fan_out,
+                     **({"target_parameters": target_parameters} if target_parameters else {}))
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
@@ -950,8 +1174,26 @@ def adapter_targets(path: Union[str, os.PathLike]) -> List[str]:
             keys = list(f.keys())
     except Exception as e:  # missing, truncated or not safetensors
         raise ValueError(f"{weights_path}: unreadable safetensors file ({e})") from None
-    names = (m.group("module").rsplit(".", 1)[-1] for m in map(_KEY_RE.match, keys) if m is not None)
-    return list(dict.fromkeys(names))
+    # MoE experts' weights (PEFT's target_parameters): "<module's last name>.<parameter>", from the config, as
+    # their tensors are named by the module alone (with ".base_layer" once per parameter wrapped after it)
+    cfg_path = os.path.join(os.fspath(path), "adapter_config.json")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            params = json.load(f).get("target_parameters") or []
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        params = []
+    if isinstance(params, str) or not all(isinstance(t, str) for t in params):
+        raise ValueError(f"{cfg_path}: target_parameters must be a list of parameter names, got {params!r}")
+    experts = [".".join(t.split(".")[-2:]) for t in params]
+    expert_leaves = {t.split(".")[0] for t in experts if "." in t}
+    names = []
+    for m in filter(None, map(_KEY_RE.match, keys)):
+        module = m.group("module")
+        while module.endswith(".base_layer"):
+            module = module[:-len(".base_layer")]
+        if module.rsplit(".", 1)[-1] not in expert_leaves:
+            names.append(module.rsplit(".", 1)[-1])
+    return list(dict.fromkeys(names + experts))
 
 
 def read_adapter_config(path: Union[str, os.PathLike]) -> dict:
@@ -1005,34 +1247,56 @@ def load_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike]) -> Non
     except Exception as e:  # safetensors raises its own error type for a truncated or damaged file
         raise ValueError(f"{weights_path}: unreadable safetensors file ({e})") from None
     modules = grouped_lora_modules(model)
+    linear = {n: m for n, m in modules.items() if isinstance(m, GroupedLoRALinear)}
+    params = cfg.get("target_parameters") or []
+    if isinstance(params, str) or not all(isinstance(t, str) for t in params):
+        raise ValueError(f"{path}: target_parameters must be a list of parameter names, got {params!r}")
+    experts = _expert_peft_paths(model, params)  # PEFT module path -> (parameter, its slots here)
+    wrapped = st["targets"] + st["expert_targets"]
     staged: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY_RE.match(key)
         if m is None:
             raise ValueError(f"{path}: unexpected tensor {key!r} (not a LoRA A/B weight)")
         mod_name = m.group("module")
-        if mod_name not in modules:
+        if mod_name in experts and experts[mod_name][1] is None:
+            param = experts[mod_name][0]
+            raise ValueError(f"{path}: adapter targets the experts' parameter {param!r}, which this model did not "
+                             f"wrap (wrapped targets: {wrapped}); different targets?")
+        if mod_name not in linear and mod_name not in experts:
             leaf = mod_name.rsplit(".", 1)[-1]
             raise ValueError(f"{path}: adapter targets module {mod_name!r} ({leaf}), which this model "
-                             f"does not have or did not wrap (wrapped targets: {st['targets']}); different base model or targets?")
+                             f"does not have or did not wrap (wrapped targets: {wrapped}); different base model or "
+                             f"targets?")
         staged.setdefault(mod_name, {})[m.group("which")] = t
     if not staged:
         raise ValueError(f"{path}: the adapter holds no LoRA weights")
     for mod_name, ab in staged.items():
-        mod = modules[mod_name]
         a, b = ab.get("lora_A"), ab.get("lora_B")
         if a is None or b is None:
             raise ValueError(f"{path}: module {mod_name} has only one of lora_A / lora_B")
-        if tuple(a.shape) != (r, mod.in_features) or tuple(b.shape) != (mod.out_features, r):
-            raise ValueError(f"{path}: {mod_name} expects lora_A ({r}, {mod.in_features}) and lora_B "
-                             f"({mod.out_features}, {r}) for r={r}, got {tuple(a.shape)} and {tuple(b.shape)}: different base model?")
+        if mod_name in linear:
+            mod = linear[mod_name]
+            want = ((r, mod.in_features), (mod.out_features, r))
+        else:  # named by the parameter, which says more than PEFT's nesting
+            mod_name, unit = experts[mod_name]
+            want = unit.peft_shapes(r)
+        if (tuple(a.shape), tuple(b.shape)) != want:
+            raise ValueError(f"{path}: {mod_name} expects lora_A {want[0]} and lora_B {want[1]} for r={r}, "
+                             f"got {tuple(a.shape)} and {tuple(b.shape)}: different base model?")
     with torch.no_grad():
-        for mod_name, mod in modules.items():
+        for mod_name, mod in linear.items():
             mod.lora_A[slot].zero_()
             mod.lora_B[slot].zero_()
             if mod_name in staged:  # modules the adapter does not target keep a zero delta
                 mod.lora_A[slot, :r].copy_(staged[mod_name]["lora_A"])
                 mod.lora_B[slot, :, :r].copy_(staged[mod_name]["lora_B"])
             mod.scaling[slot] = alpha / r
+        held = {id(unit): staged[p] for p, (_, unit) in experts.items() if p in staged}
+        for unit in modules.values():
+            if isinstance(unit, GroupedLoRAExpertWeight):
+                ab = held.get(id(unit), {})
+                unit.load_slot(slot, ab.get("lora_A"), ab.get("lora_B"), r)
+                unit.scaling[slot] = alpha / r
     st["slot_rank"][slot] = r
     st["slot_alpha"][slot] = alpha

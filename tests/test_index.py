@@ -1,4 +1,5 @@
 """kmtrain.index: index + ask end to end (tiny random Llama, and the bundled SmolLM2), resume, precision choices."""
+import copy
 import dataclasses
 import errno
 import hashlib
@@ -1392,6 +1393,44 @@ def test_a_multimodal_model_indexes_its_language_model(tiny_model, docs_dir, tmp
         adapted = {k.split(".lora_")[0] for k in f.keys()}
     assert len(adapted) == 14 and all("language_model" in k for k in adapted)  # 2 layers x 7 projections
     assert len(ask([(str(tmp_path / "kms" / "alpha"), "Which bell?")], max_new_tokens=3)) == 1
+
+
+def test_an_moe_model_indexes_its_experts_weights_too(tiny_model, docs_dir, tmp_path):
+    """Mixtral's experts are 3-D parameters in transformers 5: its KMs adapted the attention alone. Now
+    they adapt every expert's projections too, each document's in its own slot, and the KM loads in
+    plain PEFT (target_parameters) to the outputs `ask` gets from it."""
+    import transformers
+    from peft import PeftModel
+
+    vocab = transformers.AutoConfig.from_pretrained(tiny_model).vocab_size
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, num_local_experts=4, num_experts_per_tok=2))
+    folder = tmp_path / "mixtral"
+    model.save_pretrained(folder)
+    _copy_tiny_tokenizer(tiny_model, folder)
+    got = index(str(docs_dir), tiny_cfg(str(folder), tmp_path / "kms", steps=2))
+    assert {s["status"] for s in got} == {"trained"}
+    km = tmp_path / "kms" / "alpha"
+    from safetensors.torch import load_file
+
+    weights = load_file(str(km / "adapter_model.safetensors"))
+    expert_b = [t for k, t in weights.items() if ".mlp.experts." in k and "lora_B" in k]
+    assert len(expert_b) == 4 and all(bool(t.abs().sum() > 0) for t in expert_b)  # trained, 2 layers x 2 weights
+    config = json.loads((km / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == ["experts.down_proj", "experts.gate_up_proj"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), str(km)).eval()
+    kindex = importlib.import_module("kmtrain.index")
+    grouped = kindex.attach_grouped_lora(copy.deepcopy(base), 1, rank=16, alpha=16,
+                                         target_modules=tuple(kindex.adapter_targets(str(km))), backend="torch")
+    kindex.load_peft(grouped, 0, str(km))
+    kindex.set_adapter_ids(grouped, [0])
+    ids = torch.randint(0, vocab, (1, 9))
+    with torch.no_grad():
+        assert torch.allclose(grouped(input_ids=ids).logits, peft(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+    assert len(ask([(str(km), "Which bell?"), (str(tmp_path / "kms" / "beta"), "What grows?")], max_new_tokens=3)) == 2
 
 
 def _copy_tiny_tokenizer(tiny_model, folder) -> None:

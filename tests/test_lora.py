@@ -722,6 +722,164 @@ def test_a_flattened_layer_before_any_other_reads_its_sequences_from_the_inputs(
                 assert rel_err(batched[b:b + 1], run(input_ids[b:b + 1])) < 1e-5
 
 
+def tiny_moe(family: str):
+    """A tiny random MoE model of transformers 5 (experts fused in 3-D parameters), fp32, eval."""
+    import transformers
+
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    config = {
+        "mixtral": lambda: transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),
+        # experts stored [E, in, out] (is_transposed), with biases
+        "gpt_oss": lambda: transformers.GptOssConfig(**common, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+                                                     layer_types=["full_attention"] * 2),
+    }[family]()
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).float().eval().to(DEVICE)
+
+
+def _perturb(model, scale=0.05):
+    with torch.no_grad():
+        for p in slot_parameters(model):
+            p.add_(torch.randn_like(p) * scale)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_moe_experts_weights_get_each_sequences_own_lora(family, tmp_path):
+    """In transformers 5 an MoE block's experts are 3-D parameters, not linear layers: a KM on Mixtral
+    adapted the attention alone. Now each 3-D expert weight gets D slots (PEFT's target_parameters LoRA:
+    expert e's weight W_e + s B_e A_e), each sequence's routed tokens its own: a mixed batch gives each
+    sequence what it gives alone, and an exported slot loads in plain PEFT to the same outputs."""
+    from peft import PeftModel
+
+    from kmkernels.lora import GroupedLoRAExperts, GroupedLoRAExpertWeight
+
+    base = tiny_moe(family)
+    grouped = attach_grouped_lora(copy.deepcopy(base), 2, rank=4, alpha=8, seed=1, backend="torch")
+    experts = {n: m for n, m in grouped.named_modules() if isinstance(m, GroupedLoRAExperts)}
+    moe_layers = [0, 1]
+    assert sorted(experts) == [f"model.layers.{i}.mlp.experts" for i in moe_layers]
+    assert all(list(m.adapters) == ["gate_up_proj", "down_proj"] for m in experts.values())
+    units = [m for m in grouped_lora_modules(grouped).values() if isinstance(m, GroupedLoRAExpertWeight)]
+    assert len(units) == 2 * len(moe_layers) and all(u.lora_A.shape[:2] == (2, 4) for u in units)
+    assert grouped._grouped_lora["expert_targets"] == ["experts.down_proj", "experts.gate_up_proj"]
+    _perturb(grouped)
+    input_ids = torch.randint(0, 97, (3, 7)).to(DEVICE)
+    ids = [1, -1, 0]
+    with torch.no_grad():
+        set_adapter_ids(grouped, ids)
+        batched = grouped(input_ids=input_ids).logits
+        for b, d in enumerate(ids):
+            set_adapter_ids(grouped, [d])
+            assert rel_err(batched[b:b + 1], grouped(input_ids=input_ids[b:b + 1]).logits) < 1e-5
+        assert rel_err(batched[1:2], base(input_ids=input_ids[1:2]).logits) < 1e-6  # no slot: the base model
+        export_peft(grouped, 0, tmp_path / "km")
+        cfg = json.loads((tmp_path / "km" / "adapter_config.json").read_text())
+        assert {"experts.down_proj", "experts.gate_up_proj"} <= set(cfg["target_parameters"])
+        peft = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "km")
+        assert rel_err(batched[2:3], peft(input_ids=input_ids[2:3]).logits) < 1e-5
+        # the experts' slots matter on their own: zeroed, the outputs move
+        for u in units:
+            u.lora_B[0].zero_()
+        set_adapter_ids(grouped, [0])
+        assert rel_err(batched[2:3], grouped(input_ids=input_ids[2:3]).logits) > 1e-3
+    assert set(adapter_targets(tmp_path / "km")) >= {"q_proj", "o_proj", "experts.gate_up_proj", "experts.down_proj"}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_moe_experts_lora_against_float64_weights_forward_and_backward(family):
+    """One experts module, two sequences on slots 1 and 0: its output and every slot's gradient against
+    float64 experts whose weights are W + s B_e A_e, run a sequence at a time."""
+    from kmkernels.lora import GroupedLoRAExperts
+
+    grouped = attach_grouped_lora(tiny_moe(family), 2, rank=4, alpha=8, seed=3, backend="torch")
+    _perturb(grouped, 0.1)
+    name, mod = next((n, m) for n, m in grouped.named_modules() if isinstance(m, GroupedLoRAExperts))
+    B, T, H, E, k = 2, 5, 32, 4, 2
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B * T, H, generator=g).to(DEVICE)
+    top_k_index = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(B * T)]).to(DEVICE)
+    top_k_weights = torch.rand(B * T, k, generator=g).softmax(-1).to(DEVICE)
+    upstream = torch.randn(B * T, H, generator=g).to(DEVICE)
+    ids = [1, 0]
+    set_adapter_ids(grouped, ids)
+    grouped._grouped_lora["ids"].tokens = T
+    out = mod(x, top_k_index, top_k_weights)
+    (out * upstream).sum().backward()
+
+    ref64 = copy.deepcopy(mod.base).double()
+    ref64.config._experts_implementation = "eager"  # torch's grouped_mm, the CPU default, takes no float64
+    leaves = {p: (u.lora_A.detach().double().requires_grad_(), u.lora_B.detach().double().requires_grad_())
+              for p, u in mod.adapters.items()}
+    want = []
+    for b, slot in enumerate(ids):
+        rows = slice(b * T, (b + 1) * T)
+        weights = {}
+        for p, (a, bb) in leaves.items():
+            d = torch.bmm(bb[slot], a[slot]) * 2.0  # alpha / r = 8 / 4
+            weights[p] = getattr(ref64, p) + (d.transpose(1, 2) if mod.adapters[p].transposed else d)
+        want.append(torch.func.functional_call(ref64, weights,
+                                               (x[rows].double(), top_k_index[rows], top_k_weights[rows].double())))
+    want = torch.cat(want)
+    (want * upstream.double()).sum().backward()
+    assert rel_err(out, want) < 1e-5, name
+    for p, u in mod.adapters.items():
+        a, bb = leaves[p]
+        assert rel_err(u.lora_A.grad, a.grad) < 1e-5 and rel_err(u.lora_B.grad, bb.grad) < 1e-5, p
+
+
+def test_moe_experts_lora_loads_peft_adapters_and_pads_smaller_ranks(tmp_path):
+    """A target_parameters adapter that PEFT itself made (its layout: A [E * r, in], B [out, r * E], two
+    parameters of one module nested) loads into a slot to PEFT's outputs, at a smaller rank than the one
+    attached (zero-padded, keeping its own alpha / r); an adapter on an expert parameter that was not
+    wrapped is refused by name, the slot left as it was."""
+    import peft
+
+    base = tiny_moe("mixtral")
+    made = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=2, lora_alpha=6, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
+    with torch.no_grad():
+        for n, p in made.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    made.save_pretrained(tmp_path / "made")
+    grouped = attach_grouped_lora(copy.deepcopy(base), 3, rank=4, alpha=4, seed=0, backend="torch")
+    load_peft(grouped, 2, tmp_path / "made")
+    input_ids = torch.randint(0, 97, (1, 6)).to(DEVICE)
+    with torch.no_grad():
+        set_adapter_ids(grouped, [2])
+        got = grouped(input_ids=input_ids).logits
+        want = made(input_ids=input_ids).logits
+        assert rel_err(got, want) < 1e-5 and rel_err(want, base(input_ids=input_ids).logits) > 1e-3
+    assert sorted(adapter_targets(tmp_path / "made")) == ["experts.down_proj", "experts.gate_up_proj", "q_proj"]
+    only_attention = attach_grouped_lora(copy.deepcopy(base), 1, rank=4, target_modules=("q_proj",), backend="torch")
+    before = [p.detach().clone() for p in slot_parameters(only_attention)]
+    with pytest.raises(ValueError, match=r"adapter targets the experts' parameter 'model\.layers\.0\.mlp\.experts\."
+                                         r"(gate_up|down)_proj', which this model did not wrap"):
+        load_peft(only_attention, 0, tmp_path / "made")
+    assert all(torch.equal(p, q) for p, q in zip(slot_parameters(only_attention), before))
+
+
+def test_moe_experts_targets_by_name_and_experts_that_take_sorted_tokens_are_left_out():
+    """Targets name an experts' parameter as PEFT's target_parameters do ("experts.down_proj"); a list
+    naming experts alone is enough. Experts that take tokens sorted by expert (JetMoE's) cannot tell one
+    sequence's tokens from another's, and keep no slots."""
+    from transformers import JetMoeConfig, JetMoeForCausalLM
+
+    from kmkernels.lora import GroupedLoRAExperts, expert_targets, experts_parameters
+
+    m = attach_grouped_lora(tiny_moe("mixtral"), 2, rank=4, target_modules=("experts.down_proj",), backend="torch")
+    assert not [n for n, x in m.named_modules() if isinstance(x, GroupedLoRALinear)]
+    assert [list(x.adapters) for x in m.modules() if isinstance(x, GroupedLoRAExperts)] == [["down_proj"]] * 2
+    assert m.model.layers[0].mlp.experts.num_experts == 4  # the experts' own attributes read through
+    jet = JetMoeForCausalLM(JetMoeConfig(vocab_size=97, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, kv_channels=16, intermediate_size=64,
+                                         num_local_experts=4, num_experts_per_tok=2))
+    assert any(p.dim() == 3 for p in jet.parameters())
+    assert expert_targets(jet) == [] and not any(experts_parameters(x) for x in jet.modules())
+    assert experts_parameters(torch.nn.Conv1d(2, 2, 3)) == []
+
+
 def test_attach_names_the_linear_layers_when_no_target_matches():
     with pytest.raises(ValueError, match=r"no linear layer to adapt: wanted the LoRA targets wq, wo; its linear "
                                          r"layers: down_proj, gate_proj, k_proj, .*v_proj$"):
