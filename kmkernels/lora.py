@@ -1079,6 +1079,22 @@ def _peft_key(module_name: str, which: str) -> str:
     return f"base_model.model.{module_name}.{which}.weight"
 
 
+def _peft_renamed_targets(model: nn.Module) -> set:
+    """Names in target_modules that the installed PEFT, loading an adapter onto this model's type under
+    transformers 5, takes for transformers 4's MoE expert projections and moves to the fused experts'
+    parameters (PEFT's ``transformers_weight_conversion``; empty where it has none, as before 0.18)."""
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except Exception:  # an older PEFT or transformers: nothing is renamed
+        return set()
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    pattern = getattr(conversion, "_MODEL_TO_CONVERSION_PATTERN", {}).get(model_type)
+    if pattern is None or get_checkpoint_conversion_mapping(model_type) is None:
+        return set()
+    return set(getattr(conversion, "_MOE_TARGET_MODULE_MAPPING", {}).get(pattern, {}))
+
+
 def export_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike], *,
                 base_model_name_or_path: Optional[str] = None,
                 extra_files: Optional[Dict[str, Union[str, Callable[[str], str]]]] = None) -> str:
@@ -1122,6 +1138,16 @@ def export_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike], *,
     if any(name.rsplit(".", 1)[-1] in st["targets"] and name not in wrapped
            for name, m in model.named_modules() if linear_features(m) is not None):
         targets = sorted(wrapped)
+    # Loading onto some MoE model types on transformers 5 (DeepSeek-V2/V3, GLM-4 MoE, Qwen3-Next, ...), PEFT
+    # takes the names of transformers 4's expert projections (gate_proj, up_proj, down_proj) in target_modules
+    # for those experts, now fused: it moved a shared expert's or a dense layer's LoRA there, and the KM
+    # loaded without a word to other outputs. Their weights are named as target_parameters instead, which
+    # PEFT leaves as they are: for a linear layer that is the same LoRA, under the same tensor names.
+    renamed = _peft_renamed_targets(model)
+    moved = [t for t in targets if t.rsplit(".", 1)[-1] in renamed]
+    if moved:
+        targets = [t for t in targets if t not in moved]
+        target_parameters = target_parameters + [f"{t}.weight" for t in moved]
     # GPT-2's Conv1D stores its weight [in, out]: PEFT's fan_in_fan_out (only its merge reads it; the
     # A and B weights have the same shapes either way)
     fan_in_fan_out = any(m.fan_in_fan_out for m in wrapped.values())
@@ -1184,7 +1210,9 @@ def adapter_targets(path: Union[str, os.PathLike]) -> List[str]:
         params = []
     if isinstance(params, str) or not all(isinstance(t, str) for t in params):
         raise ValueError(f"{cfg_path}: target_parameters must be a list of parameter names, got {params!r}")
-    experts = [".".join(t.split(".")[-2:]) for t in params]
+    # "<linear layer>.weight" is a linear layer's LoRA written as a target parameter (see export_peft)
+    linears = [t.split(".")[-2] for t in params if t.endswith(".weight") and "." in t]
+    experts = [".".join(t.split(".")[-2:]) for t in params if not t.endswith(".weight")]
     expert_leaves = {t.split(".")[0] for t in experts if "." in t}
     names = []
     for m in filter(None, map(_KEY_RE.match, keys)):
@@ -1193,7 +1221,7 @@ def adapter_targets(path: Union[str, os.PathLike]) -> List[str]:
             module = module[:-len(".base_layer")]
         if module.rsplit(".", 1)[-1] not in expert_leaves:
             names.append(module.rsplit(".", 1)[-1])
-    return list(dict.fromkeys(names + experts))
+    return list(dict.fromkeys(names + linears + experts))
 
 
 def read_adapter_config(path: Union[str, os.PathLike]) -> dict:

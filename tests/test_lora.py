@@ -733,6 +733,11 @@ def tiny_moe(family: str):
         # experts stored [E, in, out] (is_transposed), with biases
         "gpt_oss": lambda: transformers.GptOssConfig(**common, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
                                                      layer_types=["full_attention"] * 2),
+        # a dense first layer and shared experts, whose gate/up/down_proj PEFT takes for transformers 4's experts
+        "deepseek_v3": lambda: transformers.DeepseekV3Config(
+            **common, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1,
+            n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4,
+            v_head_dim=8),
     }[family]()
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).float().eval().to(DEVICE)
@@ -744,12 +749,15 @@ def _perturb(model, scale=0.05):
             p.add_(torch.randn_like(p) * scale)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3"])
 def test_moe_experts_weights_get_each_sequences_own_lora(family, tmp_path):
     """In transformers 5 an MoE block's experts are 3-D parameters, not linear layers: a KM on Mixtral
     adapted the attention alone. Now each 3-D expert weight gets D slots (PEFT's target_parameters LoRA:
     expert e's weight W_e + s B_e A_e), each sequence's routed tokens its own: a mixed batch gives each
-    sequence what it gives alone, and an exported slot loads in plain PEFT to the same outputs."""
+    sequence what it gives alone, and an exported slot loads in plain PEFT to the same outputs. On
+    DeepSeek-V3, PEFT took the shared experts' and the dense layer's gate/up/down_proj for transformers
+    4's experts and loaded the KM 9.5% off the model that trained it; they are now written where PEFT
+    leaves them."""
     from peft import PeftModel
 
     from kmkernels.lora import GroupedLoRAExperts, GroupedLoRAExpertWeight
@@ -757,7 +765,7 @@ def test_moe_experts_weights_get_each_sequences_own_lora(family, tmp_path):
     base = tiny_moe(family)
     grouped = attach_grouped_lora(copy.deepcopy(base), 2, rank=4, alpha=8, seed=1, backend="torch")
     experts = {n: m for n, m in grouped.named_modules() if isinstance(m, GroupedLoRAExperts)}
-    moe_layers = [0, 1]
+    moe_layers = [1] if family == "deepseek_v3" else [0, 1]
     assert sorted(experts) == [f"model.layers.{i}.mlp.experts" for i in moe_layers]
     assert all(list(m.adapters) == ["gate_up_proj", "down_proj"] for m in experts.values())
     units = [m for m in grouped_lora_modules(grouped).values() if isinstance(m, GroupedLoRAExpertWeight)]
@@ -784,6 +792,21 @@ def test_moe_experts_weights_get_each_sequences_own_lora(family, tmp_path):
         set_adapter_ids(grouped, [0])
         assert rel_err(batched[2:3], grouped(input_ids=input_ids[2:3]).logits) > 1e-3
     assert set(adapter_targets(tmp_path / "km")) >= {"q_proj", "o_proj", "experts.gate_up_proj", "experts.down_proj"}
+    if family == "deepseek_v3":  # the shared experts' and the dense layer's MLP are adapted, and PEFT loads them
+        assert {"gate_proj", "up_proj", "down_proj"} <= set(adapter_targets(tmp_path / "km"))
+        assert "gate_proj" not in cfg["target_modules"] and "gate_proj.weight" in cfg["target_parameters"]
+        assert any("shared_experts.gate_proj.lora_A" in n for n, _ in peft.named_parameters())
+        # without the experts' weights (what a KM held before they were adapted), PEFT loaded to other outputs
+        # without a word: 9.5% off
+        linear_only = attach_grouped_lora(copy.deepcopy(base), 1, rank=4, alpha=8, seed=1, backend="torch",
+                                          target_modules=("q_proj", "gate_proj", "up_proj", "down_proj"))
+        _perturb(linear_only)
+        export_peft(linear_only, 0, tmp_path / "linear_km")
+        with torch.no_grad():
+            set_adapter_ids(linear_only, [0, 0, 0])
+            want = linear_only(input_ids=input_ids).logits
+            got = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "linear_km")(input_ids=input_ids).logits
+        assert rel_err(got, want) < 1e-5 and rel_err(want, base(input_ids=input_ids).logits) > 1e-3
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
