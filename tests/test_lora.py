@@ -652,6 +652,15 @@ def test_ids_errors():
         GroupedLoRALinear(torch.nn.Conv2d(2, 2, 1), 2, 2, 2.0, None)
 
 
+def _each_sequence_as_alone(model, input_ids, ids):
+    """The logits of a mixed batch (slot ``ids[b]`` for sequence b), checked to be each sequence's alone."""
+    set_adapter_ids(model, ids)
+    batched = model(input_ids=input_ids).logits
+    for b, d in enumerate(ids):
+        set_adapter_ids(model, [d])
+        assert rel_err(batched[b:b + 1], model(input_ids=input_ids[b:b + 1]).logits) < 1e-5, (b, d)
+    return batched
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layers_that_read_the_batch_flattened_keep_each_sequences_adapter(backend, tmp_path):
     """Qwen2-MoE's shared expert reads [B * T, in], the batch's tokens flattened in order: the grouped
@@ -674,13 +683,8 @@ def test_layers_that_read_the_batch_flattened_keep_each_sequences_adapter(backen
         for p in slot_parameters(grouped):
             p.add_(torch.randn_like(p) * 0.05)
     input_ids = torch.randint(0, 97, (3, 7)).to(DEVICE)
-    ids = [1, -1, 0]
     with torch.no_grad():
-        set_adapter_ids(grouped, ids)
-        batched = grouped(input_ids=input_ids).logits
-        for b, d in enumerate(ids):
-            set_adapter_ids(grouped, [d])
-            assert rel_err(batched[b:b + 1], grouped(input_ids=input_ids[b:b + 1]).logits) < 1e-5
+        batched = _each_sequence_as_alone(grouped, input_ids, [1, -1, 0])
         export_peft(grouped, 0, tmp_path / "km")
         peft = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "km")
         assert rel_err(batched[2:3], peft(input_ids=input_ids[2:3]).logits) < 1e-5
@@ -773,13 +777,8 @@ def test_moe_experts_weights_get_each_sequences_own_lora(family, tmp_path):
     assert grouped._grouped_lora["expert_targets"] == ["experts.down_proj", "experts.gate_up_proj"]
     _perturb(grouped)
     input_ids = torch.randint(0, 97, (3, 7)).to(DEVICE)
-    ids = [1, -1, 0]
     with torch.no_grad():
-        set_adapter_ids(grouped, ids)
-        batched = grouped(input_ids=input_ids).logits
-        for b, d in enumerate(ids):
-            set_adapter_ids(grouped, [d])
-            assert rel_err(batched[b:b + 1], grouped(input_ids=input_ids[b:b + 1]).logits) < 1e-5
+        batched = _each_sequence_as_alone(grouped, input_ids, [1, -1, 0])
         assert rel_err(batched[1:2], base(input_ids=input_ids[1:2]).logits) < 1e-6  # no slot: the base model
         export_peft(grouped, 0, tmp_path / "km")
         cfg = json.loads((tmp_path / "km" / "adapter_config.json").read_text())
