@@ -5,8 +5,9 @@
 #   make gpu-carry                        # here, once: .gpu_carry/ (wheels the GPU image lacks, a tokenizer)
 #   bash bench/gpu_session.sh indexing    # there (limit 400 s): the >= 8x indexing target at Llama-3.1-8B shapes
 #   bash bench/gpu_session.sh kernels     # there (limit 420 s): the kernel tests in bf16, bench.lora, bench.losses
-#   bash bench/gpu_session.sh memory      # there, if time is left (limit 300 s): the paper preset's training
-#                                         #   step at 8B shapes by --micro-batch-tokens (bench.train_memory)
+#   bash bench/gpu_session.sh memory      # there, if time is left (limit 390 s): the paper preset's training
+#                                         #   step at 8B shapes by --micro-batch-tokens (bench.train_memory),
+#                                         #   and one MoE layer's experts LoRA (bench.lora_experts)
 #   bash bench/gpu_session.sh tests       # there, if time is left: the rest of the suite (-m "not slow")
 #
 # with .gpu_carry carried along, and a call's own time limit the stage's plus ~60 s (the wheels'
@@ -82,7 +83,11 @@ for stage in "$@"; do
     # the paper preset's step (8 documents x 8 examples of 768 tokens) in one pass and in passes of the
     # preset's 4096 and of 8192 tokens: peak memory and step time; the random weights of `indexing` are reused
     step train-memory 300 "$py" -m bench.train_memory --random-shape "$shape" --tokenizer "$carry/tokenizer" \
-      --work "$work" --micro 0 4096 8192 --out "$out/train_memory_${shape}.md" ;;
+      --work "$work" --micro 0 4096 8192 --out "$out/train_memory_${shape}.md"
+    # one MoE layer at Qwen3-30B-A3B's expert shapes, 8 documents: the experts' LoRA in training with each
+    # slot's W + delta made again in the backward (the default) and kept
+    step lora-experts 90 "$py" -m bench.lora_experts --experts 128 --hidden 2048 --intermediate 768 --top-k 8 \
+      --docs 8 --tokens 512 --out "$out/lora_experts_gpu.md" ;;
   tests)
     # shellcheck disable=SC2046
     step other-tests 240 "$py" -m pytest -q -p no:cacheprovider -m "not slow" tests $(printf -- '--ignore=%s ' $kernel_tests) ;;

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .utils import HAS_TRITON, check_operands, naming_file_on_error, resolve_backend
@@ -798,8 +799,13 @@ class GroupedLoRAExperts(nn.Module):
     parameters (``adapters``, by parameter name); each sequence's tokens use the slot set in ``ids``.
 
     The delta is in weight space, as PEFT's: the tokens of each slot in the batch run the experts' own
-    forward (whatever its implementation) with W + delta in place of W, so a forward holds one delta
-    the size of the experts' weights per slot present. Tokens of no slot (-1) run the base experts."""
+    forward (whatever its implementation) with W + delta in place of W. One W + delta, the size of the
+    experts' weights, exists at a time: with autograd it is not kept for the backward but made again
+    there (activation checkpointing of that call). Tokens of no slot (-1) run the base experts."""
+
+    # False: keep W + delta for the backward instead of making it again (faster, for experts small
+    # enough that one copy per slot and layer fits; ``python -m bench.lora_experts`` measures both)
+    recompute: bool = True
 
     def __init__(self, base: nn.Module, param_names: Sequence[str], num_adapters: int, rank: int, alpha: float,
                  ids: AdapterIds):
@@ -849,10 +855,12 @@ class GroupedLoRAExperts(nn.Module):
             kw = {k: rows_of(v, idx) for k, v in kwargs.items()}
             if s < 0:
                 y = self.base(x, *a, **kw)
+            elif torch.is_grad_enabled() and self.recompute:
+                # W + delta is as large as the experts' weights, and autograd would keep it, per slot and layer,
+                # for the backward (Qwen3-30B-A3B: 1.2 GB in bf16 each): it is remade there instead
+                y = torch.utils.checkpoint.checkpoint(self._slot_forward, s, x, *a, use_reentrant=False, **kw)
             else:
-                weights = {p: getattr(self.base, p) + u.delta(s, getattr(self.base, p).dtype)
-                           for p, u in self.adapters.items()}
-                y = torch.func.functional_call(self.base, weights, (x, *a), kw)
+                y = self._slot_forward(s, x, *a, **kw)
             if idx is None:
                 out = y
             else:
@@ -860,6 +868,12 @@ class GroupedLoRAExperts(nn.Module):
                     out = y.new_zeros((n, *y.shape[1:]))
                 out = out.index_copy(0, idx, y)
         return out.reshape(*lead, *out.shape[1:])
+
+    def _slot_forward(self, slot: int, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The experts' own forward on ``x`` with W + slot ``slot``'s delta in place of each adapted W."""
+        weights = {p: getattr(self.base, p) + u.delta(slot, getattr(self.base, p).dtype)
+                   for p, u in self.adapters.items()}
+        return torch.func.functional_call(self.base, weights, (x, *args), kwargs)
 
     def extra_repr(self) -> str:
         u = next(iter(self.adapters.values()))

@@ -850,6 +850,43 @@ def test_moe_experts_lora_against_float64_weights_forward_and_backward(family):
         assert rel_err(u.lora_A.grad, a.grad) < 1e-5 and rel_err(u.lora_B.grad, bb.grad) < 1e-5, p
 
 
+def test_moe_experts_lora_keeps_no_weight_sized_tensor_for_the_backward():
+    """W + delta is the size of the experts' weights: kept by autograd for every slot in every layer, a
+    batch of 8 documents on Qwen3-30B-A3B would hold ~460 GB. Each slot's call is checkpointed: what the
+    backward keeps is the inputs, 13 KB here, not 1.1 MB of weight-sized tensors (4 slots, one layer)."""
+    import transformers
+
+    from kmkernels.lora import GroupedLoRAExperts
+
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2)).eval().to(DEVICE)
+    grouped = attach_grouped_lora(model, 4, rank=4, backend="torch")
+    experts = next(m for m in grouped.modules() if isinstance(m, GroupedLoRAExperts))
+    T = 6
+    x = torch.randn(4 * T, 64, device=DEVICE)
+    top_k_index = torch.randint(0, 8, (4 * T, 2), device=DEVICE)
+    top_k_weights = torch.rand(4 * T, 2, device=DEVICE)
+    set_adapter_ids(grouped, [0, 1, 2, 3])
+    grouped._grouped_lora["ids"].tokens = T
+    params = {p.untyped_storage().data_ptr() for p in grouped.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = experts(x, top_k_index, top_k_weights)
+    weight_bytes = experts.base.down_proj.numel() * 4  # the smaller of the two
+    assert kept and max(kept.values()) < weight_bytes / 4, sorted(kept.values())[-3:]
+    out.square().sum().backward()  # made again in the backward: every slot gets its gradient
+    for u in experts.adapters.values():
+        assert all(bool(u.lora_B.grad[s].abs().sum() > 0) for s in range(4))  # (A's is 0 while B is)
+
+
 def test_moe_experts_lora_loads_peft_adapters_and_pads_smaller_ranks(tmp_path):
     """A target_parameters adapter that PEFT itself made (its layout: A [E * r, in], B [out, r * E], two
     parameters of one module nested) loads into a slot to PEFT's outputs, at a smaller rank than the one
