@@ -661,6 +661,7 @@ def _each_sequence_as_alone(model, input_ids, ids):
         assert rel_err(batched[b:b + 1], model(input_ids=input_ids[b:b + 1]).logits) < 1e-5, (b, d)
     return batched
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layers_that_read_the_batch_flattened_keep_each_sequences_adapter(backend, tmp_path):
     """Qwen2-MoE's shared expert reads [B * T, in], the batch's tokens flattened in order: the grouped
