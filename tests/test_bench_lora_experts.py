@@ -10,5 +10,6 @@ def test_report_shows_recompute_keeping_less_for_the_backward(tmp_path, capsys):
           "--out", str(out)])
     text = out.read_text()
     assert "4 experts, hidden 32, intermediate 48, top-2; 3 documents (slots) x 5 tokens; r=4" in text
-    kept = {m.group(1): float(m.group(2)) for m in re.finditer(r"^\| (made again|kept)[^|]* \| ([\d.]+) \|", text, re.M)}
+    rows = re.finditer(r"^\| (made again|kept)[^|]* \| ([\d.]+) \|", text, re.M)
+    kept = {m.group(1): float(m.group(2)) for m in rows}
     assert set(kept) == {"made again", "kept"} and kept["made again"] < kept["kept"] / 4, kept
