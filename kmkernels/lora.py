@@ -22,6 +22,9 @@ The torch path loops over the adapters present (fp32 math) and is the oracle's n
 whose input is [B, T, in] with one slot per sequence (training, generation) takes two bmm calls
 instead (``_sequence_lora_torch``); without autocast on a plain nn.Linear its adds go inside the
 base GEMMs' outputs, forward and backward (``SequenceLoRALinearFunction``).
+
+An MoE block's experts, 3-D weights in transformers 5, get slots of their own (``GroupedLoRAExperts``):
+PEFT's ``target_parameters`` LoRA, W_e + s B_e A_e in weight space, one slot's W + delta at a time.
 """
 from __future__ import annotations
 
