@@ -1,5 +1,7 @@
-"""MoE experts' grouped LoRA in training: memory kept for the backward and fwd+bwd time, with each
-slot's W + delta made again in the backward (``GroupedLoRAExperts.recompute``, the default) and kept.
+"""MoE experts' grouped LoRA in training: memory kept for the backward and fwd+bwd time, in activation
+space (each routed row's s B_e (A_e x), what experts on transformers' experts interface run) and in
+weight space (each slot's W + delta, what other experts run), that made again in the backward
+(``GroupedLoRAExperts.recompute``, the default) or kept.
 
     python -m bench.lora_experts [--experts 16] [--hidden 256] [--intermediate 512] [--docs 4]
         [--tokens 64] [--rank 16] [--top-k 2] [--out bench/results/lora_experts_<device>.md]
@@ -49,8 +51,8 @@ def build(args):
     return grouped, experts, (x, top_k_index, top_k_weights)
 
 
-def measure(grouped, experts, inputs, recompute: bool) -> Dict[str, float]:
-    experts.recompute = recompute
+def measure(grouped, experts, inputs, weight_space: bool, recompute: bool) -> Dict[str, float]:
+    experts.weight_space, experts.recompute = weight_space, recompute
     params = {p.untyped_storage().data_ptr() for p in grouped.parameters()}
     kept: Dict[int, int] = {}
 
@@ -93,11 +95,13 @@ def main(argv=None) -> None:
     weight_mb = sum(getattr(experts.base, p).numel() * getattr(experts.base, p).element_size()
                     for p in experts.adapters) / 2**20
     rows = []
-    for recompute in (True, False):
-        r = measure(grouped, experts, inputs, recompute)
-        rows.append(["made again in the backward (default)" if recompute else "kept for the backward",
-                     f"{r['kept']:.2f}", f"{r['ms']:.1f}"] + ([f"{r['peak']:.1f}"] if GPU else []))
-    header = ["each slot's W + delta", "MB kept for the backward", "fwd+bwd ms"] + (["peak MB"] if GPU else [])
+    modes = [("activation space (default)", False, True), ("weight space, W + delta made again in the backward",
+                                                           True, True),
+             ("weight space, W + delta kept for the backward", True, False)]
+    for label, weight_space, recompute in modes:
+        r = measure(grouped, experts, inputs, weight_space, recompute)
+        rows.append([label, f"{r['kept']:.2f}", f"{r['ms']:.1f}"] + ([f"{r['peak']:.1f}"] if GPU else []))
+    header = ["the experts' LoRA", "MB kept for the backward", "fwd+bwd ms"] + (["peak MB"] if GPU else [])
     text = (f"# MoE experts' grouped LoRA in training (`python -m bench.lora_experts`)\n\n{env_block(environment())}\n"
             f"- shape: {args.experts} experts, hidden {args.hidden}, intermediate {args.intermediate}, "
             f"top-{args.top_k}; {args.docs} documents (slots) x {args.tokens} tokens; r={args.rank}; "

@@ -24,7 +24,8 @@ instead (``_sequence_lora_torch``); without autocast on a plain nn.Linear its ad
 base GEMMs' outputs, forward and backward (``SequenceLoRALinearFunction``).
 
 An MoE block's experts, 3-D weights in transformers 5, get slots of their own (``GroupedLoRAExperts``):
-PEFT's ``target_parameters`` LoRA, W_e + s B_e A_e in weight space, one slot's W + delta at a time.
+PEFT's ``target_parameters`` LoRA, W_e + s B_e A_e, computed as s B_e (A_e x) per routed row where the
+experts are built on transformers' experts interface, else in weight space one slot's W + delta at a time.
 """
 from __future__ import annotations
 
@@ -743,6 +744,25 @@ def experts_parameters(m: nn.Module) -> List[str]:
     return [n for n, _ in params]
 
 
+def _experts_interface_projections(m: nn.Module) -> Optional[Tuple[str, str]]:
+    """(up, down) parameter names where ``m`` is built on transformers' experts interface
+    (``use_experts_implementation``, whose flags say how its weights are laid out and gated) with those
+    weights, "gate_up_proj" or "up_proj" and "down_proj"; else None."""
+    flags = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm", "_is_expert_parallel", "_apply_gate")
+    if not all(hasattr(m, f) for f in flags) or not isinstance(getattr(m, "num_experts", None), int):
+        return None
+    try:
+        from transformers.integrations import moe as hf_moe
+    except ImportError:
+        return None
+    if not hasattr(hf_moe, "_grouped_linear"):  # what the forward runs the experts' own weights with
+        return None
+    up = "gate_up_proj" if m.has_gate else "up_proj"
+    params = dict(m.named_parameters(recurse=False))
+    if up not in params or "down_proj" not in params or params[up].dim() != 3:
+        return None
+    return up, "down_proj"
+
 class GroupedLoRAExpertWeight(nn.Module):
     """D LoRA slots on one 3-D expert parameter W: [E, out, in], or [E, in, out] (``transposed``). As
     PEFT's ``target_parameters`` LoRA, expert e's weight in slot d is W_e + scaling[d] * B_{d,e} A_{d,e}
@@ -797,17 +817,49 @@ class GroupedLoRAExpertWeight(nn.Module):
             self.lora_B[slot, :, :, :r].copy_(b.reshape(self.out_features, r, self.num_experts).permute(2, 0, 1))
 
 
+def _experts_lora_torch(x: torch.Tensor, u: GroupedLoRAExpertWeight, slot: torch.Tensor,
+                        counts: List[int]) -> torch.Tensor:
+    """The LoRA delta of routed rows x [S, in], sorted by expert (``counts`` rows each), row i on slot
+    ``slot[i]`` (-1: none), one expert at a time: every slot's shrink at once (x @ [A_{1,e}; ...; A_{D,e}]^T,
+    [S_e, D * r]), masked to the row's own slot and scaled, then expanded through [B_{1,e} ... B_{D,e}].
+    D times the LoRA's FLOPs for E matmul pairs in place of one per (slot, expert) pair present: the
+    torch path's loop over D * E adapters ran 1.7x slower than the weight-space path on a CPU."""
+    D, E, r = u.lora_A.shape[0], u.num_experts, u.rank
+    a = u.lora_A.permute(1, 0, 2, 3).reshape(E, D * r, u.in_features)  # [E, D * r, in]
+    b = u.lora_B.permute(1, 2, 0, 3).reshape(E, u.out_features, D * r)  # [E, out, D * r]
+    dt = _math_dtype(x)
+    own = slot.clamp_min(0)
+    scale = u.scaling.index_select(0, own) * (slot >= 0)
+    mask = (torch.nn.functional.one_hot(own, D).to(torch.float32) * scale[:, None]).repeat_interleave(r, dim=1)
+    outs = []
+    for e, (x_e, m_e) in enumerate(zip(x.split(counts), mask.split(counts))):
+        if x_e.shape[0]:
+            h = (x_e.to(dt) @ a[e].T.to(dt)) * m_e.to(dt)
+            outs.append(h @ b[e].T.to(dt))
+        else:
+            outs.append(x.new_zeros((0, u.out_features), dtype=dt))
+    return torch.cat(outs)
+
 class GroupedLoRAExperts(nn.Module):
     """An MoE experts module (see ``experts_parameters``), frozen, plus D LoRA slots on each of its 3-D
     parameters (``adapters``, by parameter name); each sequence's tokens use the slot set in ``ids``.
 
-    The delta is in weight space, as PEFT's: the tokens of each slot in the batch run the experts' own
-    forward (whatever its implementation) with W + delta in place of W. One W + delta, the size of the
-    experts' weights, exists at a time: with autograd it is not kept for the backward but made again
-    there (activation checkpointing of that call). Tokens of no slot (-1) run the base experts."""
+    Experts built on transformers' experts interface (``use_experts_implementation``: Mixtral, Qwen-MoE,
+    DeepSeek, OLMoE, GPT-OSS, ...) run in activation space: their routed rows, sorted by expert, go
+    through the experts' weights as transformers' grouped_mm implementation does, and each row gets
+    its LoRA delta s B_e (A_e x) from ``grouped_lora``, one adapter per (slot, expert) pair. No
+    weight-sized tensor is made.
 
-    # False: keep W + delta for the backward instead of making it again (faster, for experts small
-    # enough that one copy per slot and layer fits; ``python -m bench.lora_experts`` measures both)
+    Any other experts module runs in weight space, as PEFT does: the tokens of each slot in the batch
+    run the experts' own forward with W + delta in place of W. One W + delta, the size of the experts'
+    weights, exists at a time: with autograd it is not kept for the backward but made again there
+    (activation checkpointing of that call). Tokens of no slot (-1) run the base experts."""
+
+    # True: the weight-space path for every experts module (the one other experts modules take; the
+    # tests' and the bench's way to compare the two)
+    weight_space: bool = False
+    # False: in weight space, keep W + delta for the backward instead of making it again (faster, for
+    # experts small enough that one copy per slot and layer fits; ``python -m bench.lora_experts``)
     recompute: bool = True
 
     def __init__(self, base: nn.Module, param_names: Sequence[str], num_adapters: int, rank: int, alpha: float,
@@ -820,6 +872,7 @@ class GroupedLoRAExperts(nn.Module):
         self.adapters = nn.ModuleDict({n: GroupedLoRAExpertWeight(getattr(base, n), num_adapters, rank, alpha,
                                                                   transposed) for n in param_names})
         self._ids = ids
+        self.interface = _experts_interface_projections(base)
 
     def __getattr__(self, name: str):
         # the MoE block, or a model's own code, may read the experts' attributes (num_experts, act_fn, a
@@ -843,6 +896,9 @@ class GroupedLoRAExperts(nn.Module):
             raise ValueError(f"{'the LoRA experts ' + name if name else 'LoRA experts'} {e}") from None
         n = row_ids.numel()
         flat = hidden_states.reshape(n, hidden_states.shape[-1])
+        if (self.interface is not None and not self.weight_space and not kwargs and len(args) == 2
+                and hidden_states.dim() == 2 and not self.base._is_expert_parallel):
+            return self._activation_space_forward(flat, *args, row_ids)
 
         def rows_of(t, idx):  # the routing tensors are per token: [*lead, ...]
             if idx is None or not isinstance(t, torch.Tensor) or t.shape[:len(lead)] != lead:
@@ -871,6 +927,50 @@ class GroupedLoRAExperts(nn.Module):
                     out = y.new_zeros((n, *y.shape[1:]))
                 out = out.index_copy(0, idx, y)
         return out.reshape(*lead, *out.shape[1:])
+
+    def _activation_space_forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                                  row_ids: torch.Tensor) -> torch.Tensor:
+        """transformers' grouped_mm experts forward (``grouped_mm_experts_forward``, which its experts
+        interface runs by default) on x [n, H], plus each routed row's LoRA delta on each adapted weight."""
+        from transformers.integrations.moe import _grouped_linear
+
+        base, (up, down) = self.base, self.interface
+        E, k = base.num_experts, top_k_index.shape[-1]
+        expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+        token = perm // k
+        x_g = x[token]
+        tokens_per_expert = torch.bincount(expert_ids, minlength=E)
+        offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+        slot = row_ids.to(x.device)[token]
+        pair = torch.where(slot >= 0, slot * E + expert_ids, torch.full_like(slot, -1))  # (slot, expert) adapter
+
+        backend = resolve_backend(self._ids.backend, x.device)
+        counts = tokens_per_expert.tolist() if backend == "torch" else None
+
+        def project(name: str, inp: torch.Tensor) -> torch.Tensor:
+            bias = getattr(base, name + "_bias")[expert_ids] if base.has_bias else None
+            out = _grouped_linear(inp, getattr(base, name), offsets, bias=bias, is_transposed=base.is_transposed)
+            if name in self.adapters:
+                u = self.adapters[name]
+                if backend == "torch":
+                    delta = _experts_lora_torch(inp, u, slot, counts)
+                else:  # one adapter per (slot, expert) pair, all in one launch
+                    D = u.lora_A.shape[0]
+                    delta = grouped_lora(inp, u.lora_A.reshape(D * E, u.rank, u.in_features),
+                                         u.lora_B.reshape(D * E, u.out_features, u.rank), pair,
+                                         u.scaling.repeat_interleave(E), backend=backend, check_ids=False)
+                out = out + delta.to(out.dtype)
+            return out
+
+        h = project(up, x_g)
+        h = base._apply_gate(h) if base.has_gate else base.act_fn(h)
+        y = project(down, h)
+        if base.has_post_expert_norm:
+            y = base.post_expert_norm(y)
+        y = y * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        return y[inverse].view(x.shape[0], k, -1).sum(dim=1).to(x.dtype)
 
     def _slot_forward(self, slot: int, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The experts' own forward on ``x`` with W + slot ``slot``'s delta in place of each adapted W."""

@@ -754,25 +754,29 @@ def _perturb(model, scale=0.05):
             p.add_(torch.randn_like(p) * scale)
 
 
+@pytest.mark.parametrize("path", ["activation", "weight"])
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3"])
-def test_moe_experts_weights_get_each_sequences_own_lora(family, tmp_path):
+def test_moe_experts_weights_get_each_sequences_own_lora(family, path, tmp_path, monkeypatch):
     """In transformers 5 an MoE block's experts are 3-D parameters, not linear layers: a KM on Mixtral
     adapted the attention alone. Now each 3-D expert weight gets D slots (PEFT's target_parameters LoRA:
     expert e's weight W_e + s B_e A_e), each sequence's routed tokens its own: a mixed batch gives each
     sequence what it gives alone, and an exported slot loads in plain PEFT to the same outputs. On
     DeepSeek-V3, PEFT took the shared experts' and the dense layer's gate/up/down_proj for transformers
     4's experts and loaded the KM 9.5% off the model that trained it; they are now written where PEFT
-    leaves them."""
+    leaves them. Both ways of computing it: in activation space (what experts built on transformers'
+    experts interface take) and in weight space (any other experts)."""
     from peft import PeftModel
 
     from kmkernels.lora import GroupedLoRAExperts, GroupedLoRAExpertWeight
 
+    monkeypatch.setattr(GroupedLoRAExperts, "weight_space", path == "weight")
     base = tiny_moe(family)
     grouped = attach_grouped_lora(copy.deepcopy(base), 2, rank=4, alpha=8, seed=1, backend="torch")
     experts = {n: m for n, m in grouped.named_modules() if isinstance(m, GroupedLoRAExperts)}
     moe_layers = [1] if family == "deepseek_v3" else [0, 1]
     assert sorted(experts) == [f"model.layers.{i}.mlp.experts" for i in moe_layers]
     assert all(list(m.adapters) == ["gate_up_proj", "down_proj"] for m in experts.values())
+    assert all(m.interface == ("gate_up_proj", "down_proj") for m in experts.values())
     units = [m for m in grouped_lora_modules(grouped).values() if isinstance(m, GroupedLoRAExpertWeight)]
     assert len(units) == 2 * len(moe_layers) and all(u.lora_A.shape[:2] == (2, 4) for u in units)
     assert grouped._grouped_lora["expert_targets"] == ["experts.down_proj", "experts.gate_up_proj"]
@@ -809,13 +813,18 @@ def test_moe_experts_weights_get_each_sequences_own_lora(family, tmp_path):
         assert rel_err(got, want) < 1e-5 and rel_err(want, base(input_ids=input_ids).logits) > 1e-3
 
 
+@pytest.mark.parametrize("path", ["activation, torch", "activation, triton", "weight"])
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
-def test_moe_experts_lora_against_float64_weights_forward_and_backward(family):
+def test_moe_experts_lora_against_float64_weights_forward_and_backward(family, path, monkeypatch):
     """One experts module, two sequences on slots 1 and 0: its output and every slot's gradient against
-    float64 experts whose weights are W + s B_e A_e, run a sequence at a time."""
+    float64 experts whose weights are W + s B_e A_e, run a sequence at a time: in activation space
+    (s B_e (A_e x) per routed row; the torch path one expert at a time, the Triton path one adapter per
+    (slot, expert) pair through grouped_lora's kernels) and in weight space."""
     from kmkernels.lora import GroupedLoRAExperts
 
-    grouped = attach_grouped_lora(tiny_moe(family), 2, rank=4, alpha=8, seed=3, backend="torch")
+    monkeypatch.setattr(GroupedLoRAExperts, "weight_space", path == "weight")
+    backend = "triton" if path.endswith("triton") else "torch"
+    grouped = attach_grouped_lora(tiny_moe(family), 2, rank=4, alpha=8, seed=3, backend=backend)
     _perturb(grouped, 0.1)
     name, mod = next((n, m) for n, m in grouped.named_modules() if isinstance(m, GroupedLoRAExperts))
     B, T, H, E, k = 2, 5, 32, 4, 2
@@ -851,14 +860,19 @@ def test_moe_experts_lora_against_float64_weights_forward_and_backward(family):
         assert rel_err(u.lora_A.grad, a.grad) < 1e-5 and rel_err(u.lora_B.grad, bb.grad) < 1e-5, p
 
 
-def test_moe_experts_lora_keeps_no_weight_sized_tensor_for_the_backward():
-    """W + delta is the size of the experts' weights: kept by autograd for every slot in every layer, a
-    batch of 8 documents on Qwen3-30B-A3B would hold ~460 GB. Each slot's call is checkpointed: what the
-    backward keeps is the inputs, 13 KB here, not 1.1 MB of weight-sized tensors (4 slots, one layer)."""
+@pytest.mark.parametrize("mode", ["activation", "weight, remade", "weight, kept"])
+def test_moe_experts_lora_keeps_no_weight_sized_tensor_for_the_backward(mode, monkeypatch):
+    """W + delta is the size of the experts' weights. Kept by autograd for every slot in every layer (what
+    the weight-space path did at first), about a third of it per document and layer (~150 GB for 8
+    documents on Qwen3-30B-A3B). The activation-space path never makes it, and the weight-space path
+    checkpoints each slot's call: what the backward keeps is the inputs and activations, 13 KB here
+    against 1.1 MB kept (4 slots, one layer)."""
     import transformers
 
     from kmkernels.lora import GroupedLoRAExperts
 
+    monkeypatch.setattr(GroupedLoRAExperts, "weight_space", mode != "activation")
+    monkeypatch.setattr(GroupedLoRAExperts, "recompute", mode != "weight, kept")
     torch.manual_seed(0)
     model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
         vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
@@ -882,8 +896,11 @@ def test_moe_experts_lora_keeps_no_weight_sized_tensor_for_the_backward():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = experts(x, top_k_index, top_k_weights)
     weight_bytes = experts.base.down_proj.numel() * 4  # the smaller of the two
-    assert kept and max(kept.values()) < weight_bytes / 4, sorted(kept.values())[-3:]
-    out.square().sum().backward()  # made again in the backward: every slot gets its gradient
+    if mode == "weight, kept":
+        assert max(kept.values()) >= weight_bytes, sorted(kept.values())[-3:]
+    else:  # activations, and the torch path's copies of the slots' own A and B (r x (in + out) per expert)
+        assert kept and max(kept.values()) < weight_bytes, sorted(kept.values())[-3:]
+    out.square().sum().backward()  # every slot gets its gradient, however it was kept
     for u in experts.adapters.values():
         assert all(bool(u.lora_B.grad[s].abs().sum() > 0) for s in range(4))  # (A's is 0 while B is)
 
