@@ -763,6 +763,7 @@ def _experts_interface_projections(m: nn.Module) -> Optional[Tuple[str, str]]:
         return None
     return up, "down_proj"
 
+
 class GroupedLoRAExpertWeight(nn.Module):
     """D LoRA slots on one 3-D expert parameter W: [E, out, in], or [E, in, out] (``transposed``). As
     PEFT's ``target_parameters`` LoRA, expert e's weight in slot d is W_e + scaling[d] * B_{d,e} A_{d,e}
@@ -832,12 +833,13 @@ def _experts_lora_torch(x: torch.Tensor, u: GroupedLoRAExpertWeight, slot: torch
     scale = u.scaling.index_select(0, own) * (slot >= 0)
     mask = (torch.nn.functional.one_hot(own, D).to(torch.float32) * scale[:, None]).repeat_interleave(r, dim=1)
     outs = []
-    for e, (x_e, m_e) in enumerate(zip(x.split(counts), mask.split(counts))):
-        if x_e.shape[0]:
+    rest = x.shape[0] - sum(counts)  # rows of no expert (an id outside [0, E)), sorted last: no delta
+    for e, (x_e, m_e) in enumerate(zip(x.split(counts + [rest]), mask.split(counts + [rest]))):
+        if x_e.shape[0] and e < E:
             h = (x_e.to(dt) @ a[e].T.to(dt)) * m_e.to(dt)
             outs.append(h @ b[e].T.to(dt))
         else:
-            outs.append(x.new_zeros((0, u.out_features), dtype=dt))
+            outs.append(x.new_zeros((x_e.shape[0], u.out_features), dtype=dt))
     return torch.cat(outs)
 
 class GroupedLoRAExperts(nn.Module):
@@ -939,13 +941,16 @@ class GroupedLoRAExperts(nn.Module):
         expert_ids, perm = torch.sort(top_k_index.reshape(-1))
         token = perm // k
         x_g = x[token]
-        tokens_per_expert = torch.bincount(expert_ids, minlength=E)
+        # histc, as transformers counts them: an id outside [0, E) (a dropped token's) is in no group, and its
+        # rows, sorted past the last group, get no expert's output there either
+        counted = expert_ids.float() if x.device.type in ("cpu", "mps") else expert_ids.int()
+        tokens_per_expert = torch.histc(counted, bins=E, min=0, max=E - 1)
         offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
         slot = row_ids.to(x.device)[token]
         pair = torch.where(slot >= 0, slot * E + expert_ids, torch.full_like(slot, -1))  # (slot, expert) adapter
 
         backend = resolve_backend(self._ids.backend, x.device)
-        counts = tokens_per_expert.tolist() if backend == "torch" else None
+        counts = [int(c) for c in tokens_per_expert.tolist()] if backend == "torch" else None
 
         def project(name: str, inp: torch.Tensor) -> torch.Tensor:
             bias = getattr(base, name + "_bias")[expert_ids] if base.has_bias else None
