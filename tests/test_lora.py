@@ -865,8 +865,8 @@ def test_moe_experts_lora_keeps_no_weight_sized_tensor_for_the_backward(mode, mo
     """W + delta is the size of the experts' weights. Kept by autograd for every slot in every layer (what
     the weight-space path did at first), about a third of it per document and layer (~150 GB for 8
     documents on Qwen3-30B-A3B). The activation-space path never makes it, and the weight-space path
-    checkpoints each slot's call: what the backward keeps is the inputs and activations, 13 KB here
-    against 1.1 MB kept (4 slots, one layer)."""
+    checkpoints each slot's call: what the backward keeps is activations, and the inputs alone for the
+    weight-space path (13 KB here, against 1.1 MB with W + delta kept; 4 slots, one layer)."""
     import transformers
 
     from kmkernels.lora import GroupedLoRAExperts
