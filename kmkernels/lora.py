@@ -849,8 +849,9 @@ class GroupedLoRAExperts(nn.Module):
     Experts built on transformers' experts interface (``use_experts_implementation``: Mixtral, Qwen-MoE,
     DeepSeek, OLMoE, GPT-OSS, ...) run in activation space: their routed rows, sorted by expert, go
     through the experts' weights as transformers' grouped_mm implementation does, and each row gets
-    its LoRA delta s B_e (A_e x) from ``grouped_lora``, one adapter per (slot, expert) pair. No
-    weight-sized tensor is made.
+    its LoRA delta s B_e (A_e x): on the torch path one expert at a time (``_experts_lora_torch``), on
+    the Triton path through ``grouped_lora``, one adapter per (slot, expert) pair. No weight-sized
+    tensor is made.
 
     Any other experts module runs in weight space, as PEFT does: the tokens of each slot in the batch
     run the experts' own forward with W + delta in place of W. One W + delta, the size of the experts'
@@ -1313,7 +1314,9 @@ def adapter_targets(path: Union[str, os.PathLike]) -> List[str]:
     """Last name components of the modules a PEFT folder's weights file holds LoRA weights for
     (what attach_grouped_lora's ``target_modules`` takes), read from its tensor names without
     loading a tensor. adapter_config.json's ``target_modules`` may be a regex or "all-linear";
-    the weights say what is there."""
+    the weights say what is there. Its ``target_parameters`` name MoE experts' weights, whose tensors
+    are named by their module alone: "<module's last name>.<parameter>" for those. A missing or damaged
+    adapter_config.json raises ValueError naming it (``read_adapter_config``)."""
     from safetensors import safe_open
 
     weights_path = os.path.join(os.fspath(path), "adapter_model.safetensors")
@@ -1324,14 +1327,7 @@ def adapter_targets(path: Union[str, os.PathLike]) -> List[str]:
         raise ValueError(f"{weights_path}: unreadable safetensors file ({e})") from None
     # MoE experts' weights (PEFT's target_parameters): "<module's last name>.<parameter>", from the config, as
     # their tensors are named by the module alone (with ".base_layer" once per parameter wrapped after it)
-    cfg_path = os.path.join(os.fspath(path), "adapter_config.json")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            params = json.load(f).get("target_parameters") or []
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        params = []
-    if isinstance(params, str) or not all(isinstance(t, str) for t in params):
-        raise ValueError(f"{cfg_path}: target_parameters must be a list of parameter names, got {params!r}")
+    params = _target_parameters(read_adapter_config(path), os.fspath(path))
     # "<linear layer>.weight" is a linear layer's LoRA written as a target parameter (see export_peft)
     linears = [t.split(".")[-2] for t in params if t.endswith(".weight") and "." in t]
     experts = [".".join(t.split(".")[-2:]) for t in params if not t.endswith(".weight")]
@@ -1344,6 +1340,15 @@ def adapter_targets(path: Union[str, os.PathLike]) -> List[str]:
         if module.rsplit(".", 1)[-1] not in expert_leaves:
             names.append(module.rsplit(".", 1)[-1])
     return list(dict.fromkeys(names + linears + experts))
+
+
+def _target_parameters(cfg: dict, where: str) -> List[str]:
+    """An adapter config's ``target_parameters`` (PEFT's LoRA on parameters: MoE experts' 3-D weights, or a
+    linear layer's ``<name>.weight``), checked to be a list of names; [] where it has none."""
+    params = cfg.get("target_parameters") or []
+    if isinstance(params, str) or not all(isinstance(t, str) for t in params):
+        raise ValueError(f"{where}: target_parameters must be a list of parameter names, got {params!r}")
+    return list(params)
 
 
 def read_adapter_config(path: Union[str, os.PathLike]) -> dict:
@@ -1398,10 +1403,8 @@ def load_peft(model: nn.Module, slot: int, path: Union[str, os.PathLike]) -> Non
         raise ValueError(f"{weights_path}: unreadable safetensors file ({e})") from None
     modules = grouped_lora_modules(model)
     linear = {n: m for n, m in modules.items() if isinstance(m, GroupedLoRALinear)}
-    params = cfg.get("target_parameters") or []
-    if isinstance(params, str) or not all(isinstance(t, str) for t in params):
-        raise ValueError(f"{path}: target_parameters must be a list of parameter names, got {params!r}")
-    experts = _expert_peft_paths(model, params)  # PEFT module path -> (parameter, its slots here)
+    # PEFT module path -> (parameter, its slots here)
+    experts = _expert_peft_paths(model, _target_parameters(cfg, path))
     wrapped = st["targets"] + st["expert_targets"]
     staged: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():

@@ -502,6 +502,11 @@ def test_export_peft_round_trip(tmp_path):
     assert sorted(adapter_targets(tmp_path / "km")) == sorted(TARGETS)
     loaded.save_pretrained(tmp_path / "peft_saved")
     assert sorted(adapter_targets(tmp_path / "peft_saved")) == sorted(TARGETS)
+    # its config says which weights are the experts' (target_parameters): read as load_peft reads it,
+    # so a missing or damaged one is named, not taken for an adapter without them
+    (tmp_path / "peft_saved" / "adapter_config.json").unlink()
+    with pytest.raises(ValueError, match="is not a PEFT adapter folder: no adapter_config.json"):
+        adapter_targets(tmp_path / "peft_saved")
     (tmp_path / "km" / "adapter_model.safetensors").write_bytes(b"\x08\x00")
     with pytest.raises(ValueError, match="adapter_model.safetensors: unreadable safetensors file"):
         adapter_targets(tmp_path / "km")
