@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .utils import (HAS_TRITON, check_operands, check_reduction, cpu_bf16_products, cpu_native_bf16, cpu_scratch,
-                    flatten_mask, is_16bit, resolve_backend)
+                    flatten_mask, is_16bit, reduce_rows, reduction_divisor, resolve_backend)
 
 if HAS_TRITON:
     import triton
@@ -462,7 +462,7 @@ class FusedLinearKLFunction(torch.autograd.Function):
         ctx.eager = reduction != "none" and (need_dh or need_dw or need_db)
         row_scale = None
         if ctx.eager:
-            row_scale = torch.full((N,), 1.0 / max(N, 1) if reduction == "mean" else 1.0,
+            row_scale = torch.full((N,), 1.0 / reduction_divisor(reduction, N),
                                    device=hs.device, dtype=torch.float32)
         loss, dh, dw, db = _linear_kl_chunks(hs, ws, ht, wt_, inv_temp, backend, chunk_size, row_scale, need_dh,
                                              need_dw, softcap, bs, bt, need_db)
@@ -474,10 +474,7 @@ class FusedLinearKLFunction(torch.autograd.Function):
             ctx.save_for_backward(dh, dw, db)
         else:
             ctx.save_for_backward(hs, ws, ht, wt_, bs, None if ctx.bias_shared else bt)
-        if reduction == "none":
-            return loss
-        total = loss.sum()
-        return total / max(N, 1) if reduction == "mean" else total
+        return reduce_rows(loss, reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -678,10 +675,7 @@ class KLDivLogitsFunction(torch.autograd.Function):
             loss[c0:c1], lse_s[c0:c1], lse_t[c0:c1] = _kl_rows_forward(s[c0:c1], t[c0:c1], inv_temp, backend)
         ctx.save_for_backward(s, t, lse_s, lse_t)
         ctx.inv_temp, ctx.reduction, ctx.chunk_size, ctx.backend = inv_temp, reduction, chunk_size, backend
-        if reduction == "none":
-            return loss
-        total = loss.sum()
-        return total / max(N, 1) if reduction == "mean" else total
+        return reduce_rows(loss, reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -690,7 +684,7 @@ class KLDivLogitsFunction(torch.autograd.Function):
         if ctx.reduction == "none":
             row_scale = grad_out.to(torch.float32) * ctx.inv_temp
         else:
-            g = grad_out.to(torch.float32) * ctx.inv_temp / (max(N, 1) if ctx.reduction == "mean" else 1)
+            g = grad_out.to(torch.float32) * ctx.inv_temp / reduction_divisor(ctx.reduction, N)
             row_scale = g.expand(N)
         row_scale = row_scale.contiguous()
         grad = torch.empty_like(s)

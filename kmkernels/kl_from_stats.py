@@ -49,7 +49,7 @@ from torch import nn
 from .fused_linear_kl import (_add_bias_, _check_temperature, _fp32_copy, _kept_rows, _logits_fp32, _mm_fp32_acc,
                               _pick_block, _scatter_rows, check_bias, chunk_rows)
 from .utils import (HAS_TRITON, check_operands, check_reduction, cpu_bf16_products, cpu_native_bf16, cpu_scratch,
-                    flatten_mask, resolve_backend)
+                    flatten_mask, reduce_rows, reduction_divisor, resolve_backend)
 
 if HAS_TRITON:
     import triton
@@ -252,15 +252,12 @@ class FusedLinearKLFromStatsFunction(torch.autograd.Function):
         ctx.eager = reduction != "none" and ctx.needs_input_grad[0]
         row_scale = None
         if ctx.eager:
-            row_scale = torch.full((N,), 1.0 / max(N, 1) if reduction == "mean" else 1.0,
+            row_scale = torch.full((N,), 1.0 / reduction_divisor(reduction, N),
                                    device=hs.device, dtype=torch.float32)
         loss, dh = _kl_stats_chunks(hs, w, bias, emb, negent, inv_temp, backend, chunk_size, row_scale)
         ctx.inv_temp, ctx.backend, ctx.chunk_size = inv_temp, backend, chunk_size
         ctx.save_for_backward(*((dh,) if ctx.eager else (hs, w, bias, emb, negent)))
-        if reduction == "none":
-            return loss
-        total = loss.sum()
-        return total / max(N, 1) if reduction == "mean" else total
+        return reduce_rows(loss, reduction)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -46,6 +46,17 @@ def check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
+def reduction_divisor(reduction: str, rows: int) -> int:
+    """What a sum of ``rows`` per-row losses is divided by: ``rows`` (at least 1) for 'mean', else 1.
+    A divisor, not its reciprocal as a factor, so that a loss and its gradient round as a division does."""
+    return max(rows, 1) if reduction == "mean" else 1
+
+
+def reduce_rows(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    """fp32 [N] per-row losses -> 'none': [N] as they are; 'sum': their sum; 'mean': the sum / N (0 for N = 0)."""
+    return loss if reduction == "none" else loss.sum() / reduction_divisor(reduction, loss.shape[0])
+
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
