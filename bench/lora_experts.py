@@ -95,8 +95,8 @@ def main(argv=None) -> None:
     weight_mb = sum(getattr(experts.base, p).numel() * getattr(experts.base, p).element_size()
                     for p in experts.adapters) / 2**20
     rows = []
-    modes = [("activation space (default)", False, True), ("weight space, W + delta made again in the backward",
-                                                           True, True),
+    modes = [("activation space (default)", False, True),  # (label, weight_space, recompute)
+             ("weight space, W + delta made again in the backward", True, True),
              ("weight space, W + delta kept for the backward", True, False)]
     for label, weight_space, recompute in modes:
         r = measure(grouped, experts, inputs, weight_space, recompute)

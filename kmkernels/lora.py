@@ -842,6 +842,7 @@ def _experts_lora_torch(x: torch.Tensor, u: GroupedLoRAExpertWeight, slot: torch
             outs.append(x.new_zeros((x_e.shape[0], u.out_features), dtype=dt))
     return torch.cat(outs)
 
+
 class GroupedLoRAExperts(nn.Module):
     """An MoE experts module (see ``experts_parameters``), frozen, plus D LoRA slots on each of its 3-D
     parameters (``adapters``, by parameter name); each sequence's tokens use the slot set in ``ids``.
