@@ -1150,7 +1150,7 @@ def ask(pairs: Iterable[Tuple[Optional[str], str]], *, model: Optional[str] = No
                 part = asked[i:i + ANSWER_BATCH]
                 got = generate_answers(m, tok, [question_prompt(pairs[k][1]) for k in part],
                                        [slot_of.get(pairs[k][0], -1) for k in part], max_new_tokens=max_new_tokens,
-                                       batch_size=ANSWER_BATCH)
+                                       batch_size=ANSWER_BATCH, share_prefixes=True)  # the chat header once per KM
                 for k, answer in zip(part, got):
                     answers[k] = answer
                     if on_answer is not None:

@@ -623,6 +623,37 @@ def left_padding_ok(model) -> bool:
     return ok
 
 
+@torch.no_grad()
+def gap_padding_ok(model) -> bool:
+    """Whether masked tokens inside a row, with positions counted from the attention mask as
+    ``generate`` counts them, are as if they were not there: ``generate_answers`` puts the prefix
+    its prompts share (a chat template, a document) in a batch's first columns and each prompt's
+    own tokens after a gap of padding. A model that places its tokens by column instead (MPT's
+    ALiBi) would read the prefix as further away. Checked once per model, as ``left_padding_ok``
+    is: 6 tokens after 3 masked ones, and the same 6 with the 3 masked ones after their third.
+    Same shapes and positions, so the same logits to rounding where the mask and positions hold."""
+    known = getattr(model, "_kmtrain_gap_padding_ok", None)
+    if known is not None:
+        return known
+    dev = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = (torch.arange(1, 7, device=dev) % vocab)[None]
+    pad = torch.zeros(1, 3, dtype=ids.dtype, device=dev)
+    one, zero = torch.ones(1, 3, dtype=torch.long, device=dev), torch.zeros(1, 3, dtype=torch.long, device=dev)
+    if getattr(model, "_grouped_lora", None) is not None:
+        set_adapter_ids(model, [-1])
+    logits = []
+    for row, mask in ((torch.cat([pad, ids], 1), torch.cat([zero, one, one], 1)),
+                      (torch.cat([ids[:, :3], pad, ids[:, 3:]], 1), torch.cat([one, zero, one], 1))):
+        kw = {}
+        if "position_ids" in forward_params(type(model)):
+            kw["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate counts
+        logits.append(model(input_ids=row, attention_mask=mask, **kw).logits[0, -1].float())
+    ok = bool(((logits[0] - logits[1]).abs().max() / logits[0].abs().max().clamp_min(1e-6)).item() <= 1e-3)
+    model._kmtrain_gap_padding_ok = ok
+    return ok
+
+
 def row_batches(lengths: Sequence[int], size: int, padding_ok: bool) -> List[Tuple[int, int]]:
     """[start, end) of each batch of rows, in order, for prompts of these ``lengths``: ``size`` rows at a
     time, or, for a model that lets left padding in (``left_padding_ok`` False), runs of consecutive rows
@@ -745,34 +776,43 @@ def _reserved_layer_class():
 def prompt_cache(model, batch: List[List[int]], width: int, kv: Dict[Tuple[int, ...], list], new_tokens: int):
     """The keys and values of every row's prompt but its last token, left-padded to ``width - 1``
     like the batch's input ids, as a cache ``generate`` continues from. Each distinct prompt not in
-    ``kv`` (keyed by prompt; a caller may fill it beforehand, e.g. from a prefix several prompts
-    share: ``prompt_kv``'s ``past``) runs once, alone and unpadded, and ``kv`` keeps it for the next
-    batch: the requests of a chunk share their prompt (12 summaries, 6 Q/A generations at the CPU
-    defaults), so the prompts are read once instead of once per request. Room for ``new_tokens`` more tokens is
-    reserved in each layer's buffers (``ReservedLayer``) where every layer of the model's cache
-    would be a plain DynamicLayer (no sliding window)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
+    ``kv`` (keyed by prompt; a caller may fill it beforehand) runs once, alone and unpadded, and
+    ``kv`` keeps it for the next batch: the requests of a chunk share their prompt (12 summaries,
+    6 Q/A generations at the CPU defaults), so the prompts are read once instead of once per
+    request. Room for ``new_tokens`` more tokens is reserved (``prefix_cache``)."""
     for p in map(tuple, batch):
         if p not in kv:
             kv[p] = prompt_kv(model, p[:-1])
-    first = kv[tuple(batch[0])]
+    return prefix_cache(model, [kv[tuple(p)] for p in batch], width - 1, new_tokens)
+
+
+@torch.no_grad()
+def prefix_cache(model, kvs: Sequence[Optional[List[Tuple[torch.Tensor, torch.Tensor]]]], width: int, reserve: int):
+    """A cache ``generate`` continues from, for a batch whose row r starts with the tokens whose keys
+    and values ``kvs[r]`` holds (``prompt_kv``'s result; None: a row with none), right-aligned in the
+    first ``width`` columns; the columns before them are padding (zeros, masked). Room for
+    ``reserve`` more tokens is reserved in each layer's buffers (``ReservedLayer``) where every
+    layer of the model's cache would be a plain DynamicLayer (no sliding window)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    first = next(kv for kv in kvs if kv is not None)
     cache = DynamicCache(config=model.config)
     plain = len(cache.layers) == len(first) and all(type(la) is DynamicLayer for la in cache.layers)
-    reserve = new_tokens if plain else 0
+    reserve = reserve if plain else 0
     layers = []
     for li, (k0, v0) in enumerate(first):
-        k = k0.new_zeros(len(batch), k0.shape[1], width - 1 + reserve, k0.shape[3])
-        v = v0.new_zeros(len(batch), v0.shape[1], width - 1 + reserve, v0.shape[3])
-        for j, p in enumerate(batch):
-            pk, pv = kv[tuple(p)][li]
-            k[j, :, width - len(p):width - 1] = pk[0]  # masked padding stays zero
-            v[j, :, width - len(p):width - 1] = pv[0]
+        k = k0.new_zeros(len(kvs), k0.shape[1], width + reserve, k0.shape[3])
+        v = v0.new_zeros(len(kvs), v0.shape[1], width + reserve, v0.shape[3])
+        for r, kv in enumerate(kvs):
+            if kv is not None:
+                pk, pv = kv[li]
+                k[r, :, width - pk.shape[2]:width] = pk[0]  # masked padding stays zero
+                v[r, :, width - pv.shape[2]:width] = pv[0]
         layers.append((k, v))
     if not reserve:
         return DynamicCache(layers, config=model.config)
-    cache.layers[:] = [_reserved_layer_class()(k, v, width - 1) for k, v in layers]
+    cache.layers[:] = [_reserved_layer_class()(k, v, width) for k, v in layers]
     return cache
 
 

@@ -197,6 +197,37 @@ def test_shared_prefixes_groups_sequences_by_their_long_common_start():
     assert alone == [1, 3, 6]  # 3 starts like 0 and 5, but they are equal and share their whole selves
 
 
+def test_gap_padding_ok_tells_a_model_that_places_tokens_by_column(tiny_model, monkeypatch):
+    """Masked tokens inside a row are as if absent for Llama (rotary positions from position_ids) and
+    Bloom (ALiBi from the mask), not for MPT (ALiBi by column), which left padding does not show.
+    Such a model answers with share_prefixes as without it, each prompt whole, no prefix read alone
+    (its cache turned on, which MPT's config has off)."""
+    from transformers import AutoTokenizer, BloomConfig, BloomForCausalLM, MptConfig, MptForCausalLM
+
+    import kmtrain.evaluate as ev
+    from kmtrain.evaluate import generate_answers, question_prompt
+    from kmtrain.models import gap_padding_ok, left_padding_ok, load_model
+
+    from conftest import DOCS
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    mpt = MptForCausalLM(MptConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=len(tok), max_seq_len=512)).eval()
+    bloom = BloomForCausalLM(BloomConfig(hidden_size=32, n_head=4, n_layer=2, vocab_size=len(tok))).eval()
+    assert gap_padding_ok(load_model(tiny_model)[0]) and gap_padding_ok(bloom)
+    assert left_padding_ok(mpt) and not gap_padding_ok(mpt)
+    mpt.config.use_cache = mpt.generation_config.use_cache = True
+    # words to compare: no end of turn, no token over and over (the random model's greedy answers)
+    mpt.generation_config.suppress_tokens = tok.all_special_ids
+    mpt.generation_config.no_repeat_ngram_size = 1
+    reads = []
+    monkeypatch.setattr(ev, "prompt_kv", lambda *a, **kw: reads.append(a) or [])
+    asked = [question_prompt(q, DOCS["alpha"]) for q in ("Which bell?", "Who rings it?", "When?")]
+    plain = generate_answers(mpt, tok, asked, max_new_tokens=5, batch_size=3)
+    assert generate_answers(mpt, tok, asked, max_new_tokens=5, batch_size=3, share_prefixes=True) == plain
+    assert not reads and all(plain)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_reserved_cache_decodes_exactly_as_a_growing_one(tiny_model, dtype):
     """Decoding from the prompt cache with room reserved for the new tokens (written in place) gives
