@@ -41,8 +41,8 @@ def test_demo_routes_each_condition_and_scores_its_own_answer(tiny_model, docs_d
     monkeypatch.setattr(demo, "generate_answers", fake_generate)
     answers = answer_corpus(str(out), tiny_model, ("base", "icl", "km"), corpus=docs_dir)
     # one condition per generation call: no condition's batches (padding, bf16 rounding) depend on
-    # another's; ICL's questions of a document share its reading (the base model's, no KM)
-    assert calls == [({"base"}, False), ({"icl"}, True), ({"km"}, False)], calls
+    # another's; each shares its prompts' common start (ICL's document, the chat header) per slot
+    assert calls == [({"base"}, True), ({"icl"}, True), ({"km"}, True)], calls
     for i, d in enumerate(ids):
         assert answers[d]["km"][0] == f"km{i} ctxnone First about {d}?"
         assert answers[d]["base"][1] == "nokm ctxnone Second?"
