@@ -607,20 +607,12 @@ def left_padding_ok(model) -> bool:
     and the two are the same to rounding in any dtype (the same shapes and positions); a comparison
     with the row alone would not be, in bf16. The grouped LoRA's slots are off for it where they are
     attached."""
-    known = getattr(model, "_kmtrain_left_padding_ok", None)
-    if known is not None:
-        return known
-    dev = next(model.parameters()).device
-    vocab = model.get_output_embeddings().weight.shape[0]
-    ids = (torch.arange(1, 7, device=dev) % vocab)[None]
-    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long, device=dev), torch.ones_like(ids)], dim=1)
-    if getattr(model, "_grouped_lora", None) is not None:
-        set_adapter_ids(model, [-1])
-    logits = [model(input_ids=torch.cat([pad[None], ids], dim=1), attention_mask=mask).logits[0, -1].float()
-              for pad in (torch.zeros(3, dtype=ids.dtype, device=dev), (torch.arange(7, 10, device=dev) % vocab))]
-    ok = bool(((logits[0] - logits[1]).abs().max() / logits[0].abs().max().clamp_min(1e-6)).item() <= 1e-3)
-    model._kmtrain_left_padding_ok = ok
-    return ok
+    def rows(ids, dev, vocab):
+        mask = torch.cat([torch.zeros(1, 3, dtype=torch.long, device=dev), torch.ones_like(ids)], dim=1)
+        return [(torch.cat([pad[None], ids], dim=1), mask, None)
+                for pad in (torch.zeros(3, dtype=ids.dtype, device=dev), (torch.arange(7, 10, device=dev) % vocab))]
+
+    return _last_logits_agree(model, "_kmtrain_left_padding_ok", rows)
 
 
 @torch.no_grad()
@@ -632,25 +624,36 @@ def gap_padding_ok(model) -> bool:
     ALiBi) would read the prefix as further away. Checked once per model, as ``left_padding_ok``
     is: 6 tokens after 3 masked ones, and the same 6 with the 3 masked ones after their third.
     Same shapes and positions, so the same logits to rounding where the mask and positions hold."""
-    known = getattr(model, "_kmtrain_gap_padding_ok", None)
+    def rows(ids, dev, vocab):
+        pad = torch.zeros(1, 3, dtype=ids.dtype, device=dev)
+        one, zero = torch.ones(1, 3, dtype=torch.long, device=dev), torch.zeros(1, 3, dtype=torch.long, device=dev)
+        takes_positions = "position_ids" in forward_params(type(model))
+        out = []
+        for row, mask in ((torch.cat([pad, ids], 1), torch.cat([zero, one, one], 1)),
+                          (torch.cat([ids[:, :3], pad, ids[:, 3:]], 1), torch.cat([one, zero, one], 1))):
+            # positions as generate counts them
+            out.append((row, mask, (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0) if takes_positions else None))
+        return out
+
+    return _last_logits_agree(model, "_kmtrain_gap_padding_ok", rows)
+
+
+@torch.no_grad()
+def _last_logits_agree(model, memo: str, rows) -> bool:
+    """Whether the model's last-position logits agree, to 1e-3 of the largest, on the rows that
+    ``rows(ids, device, vocab)`` makes of 6 tokens: [(input ids [1, T], mask [1, T], position ids or
+    None)], the grouped LoRA's slots off. Memoised on the model as ``memo``."""
+    known = getattr(model, memo, None)
     if known is not None:
         return known
     dev = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
-    ids = (torch.arange(1, 7, device=dev) % vocab)[None]
-    pad = torch.zeros(1, 3, dtype=ids.dtype, device=dev)
-    one, zero = torch.ones(1, 3, dtype=torch.long, device=dev), torch.zeros(1, 3, dtype=torch.long, device=dev)
     if getattr(model, "_grouped_lora", None) is not None:
         set_adapter_ids(model, [-1])
-    logits = []
-    for row, mask in ((torch.cat([pad, ids], 1), torch.cat([zero, one, one], 1)),
-                      (torch.cat([ids[:, :3], pad, ids[:, 3:]], 1), torch.cat([one, zero, one], 1))):
-        kw = {}
-        if "position_ids" in forward_params(type(model)):
-            kw["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate counts
-        logits.append(model(input_ids=row, attention_mask=mask, **kw).logits[0, -1].float())
+    logits = [model(input_ids=ids, attention_mask=mask, **({} if pos is None else {"position_ids": pos})).logits[0, -1]
+              .float() for ids, mask, pos in rows((torch.arange(1, 7, device=dev) % vocab)[None], dev, vocab)]
     ok = bool(((logits[0] - logits[1]).abs().max() / logits[0].abs().max().clamp_min(1e-6)).item() <= 1e-3)
-    model._kmtrain_gap_padding_ok = ok
+    setattr(model, memo, ok)
     return ok
 
 
