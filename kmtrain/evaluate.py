@@ -34,8 +34,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], slots: Optional[S
     values (``models.prefix_cache``), in its first columns, and each prompt's own tokens after a gap
     of padding, which the batched prefill reads; positions come from the mask, so the gap is as if
     absent (``models.gap_padding_ok``, or each prompt runs whole). The same answers up to rounding:
-    in bf16 a few may differ by a word or more (on the demo corpus, reading each document once:
-    10 of 64 ICL answers, the same 45/64 right, 15 s instead of 31 s on a 2-core CPU). Closed-book
+    in bf16 a few may differ by a word or more (on the demo corpus, when ICL first read each
+    document once: 10 of 64 answers, the same 45/64 right, 15 s instead of 31 s on a 2-core CPU). Closed-book
     questions share SmolLM2's 48-token chat header and instruction: 64 of them in 14.9 and 17.9 s
     against 23.5 and 26.6 s, the same answers (fp32, 2-core AVX2 CPU, 2026-12-08)."""
     dev = next(model.parameters()).device
